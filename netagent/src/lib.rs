@@ -1,0 +1,2 @@
+//! nestless host agent library.
+pub mod planner;

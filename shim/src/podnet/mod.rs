@@ -1,0 +1,50 @@
+//! The pod-network seam: what the task service needs to give a sandbox its
+//! host-provided NIC and to release it. The agent-backed implementation lives
+//! here too (agent client, NIC discovery by MAC, netns configuration).
+
+use std::{collections::HashMap, path::PathBuf};
+
+/// What the task service knows about a sandbox when it asks for its network.
+#[derive(Debug, Clone)]
+pub struct PodNetRequest {
+    /// The pod sandbox id (the CRI sandbox id, or the container id outside CRI).
+    pub sandbox_id: String,
+    /// Path of the sandbox's network namespace (a bind mount from CRI, or
+    /// `/proc/<pid>/ns/net` of the created init process).
+    pub netns: PathBuf,
+    /// Labels worth keeping with the NIC (pod name and namespace).
+    pub labels: HashMap<String, String>,
+}
+
+/// What the sandbox got.
+#[derive(Debug, Clone)]
+pub struct PodNetInfo {
+    /// Interface name inside the pod netns (normally `eth0`).
+    pub interface: String,
+    /// MAC address of the host-provided NIC.
+    pub mac: String,
+    /// Addresses in CIDR form.
+    pub addresses: Vec<String>,
+}
+
+/// Errors of the pod-network seam.
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetError {
+    /// The host agent could not be reached.
+    #[error("host agent at {address} unreachable: {reason}")]
+    AgentUnavailable {
+        /// The agent address dialled.
+        address: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// The pod-network seam.
+#[async_trait::async_trait]
+pub trait PodNetwork: Send + Sync {
+    /// Gives the sandbox its NIC, configured inside `req.netns`. Idempotent.
+    async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError>;
+    /// Releases the sandbox's NIC. Idempotent; succeeds when there is nothing to release.
+    async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError>;
+}

@@ -1,0 +1,1 @@
+//! Support code shared by nestless's integration and end-to-end tests.
