@@ -1,2 +1,33 @@
-//! nestless host agent library.
+//! nestless host agent: gives VMs host-provided NICs on demand (BrFusion).
+//!
+//! A shim inside a VM asks, over vsock, for a NIC for a pod sandbox; the agent
+//! leases an address, creates the host side (a tap or a veth on the network's
+//! bridge) and hot-plugs the NIC into the VM; the shim moves it into the pod's
+//! network namespace. Modules, from the outside in:
+//!
+//! * [`server`]: listeners (AF_VSOCK, per-VM unix sockets, admin socket) and
+//!   the ttrpc services; the caller VM is fixed at accept time.
+//! * [`convert`]: protobuf types to and from the agent's own.
+//! * [`agent`]: records, leases, per-VM locking, recovery after a crash.
+//! * [`lifecycle`]: the NIC state machine and the recovery table.
+//! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
+//! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
+//! * [`config`], [`state`], [`ipam`], [`types`]: configuration, the durable
+//!   state file, address allocation, names.
+//! * [`planner`]: the Hostlo placement planner behind `nestlessctl plan`.
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod backend;
+pub mod config;
+pub mod convert;
+pub mod ctl;
+pub mod error;
+pub mod ipam;
+pub mod lifecycle;
+pub mod links;
 pub mod planner;
+pub mod qmp;
+pub mod server;
+pub mod state;
+pub mod types;

@@ -1,0 +1,891 @@
+//! The agent core: NIC records, leases and the per-VM backends.
+//!
+//! Every operation on a VM holds that VM's operation lock, so the operations
+//! of one VM are serialised (slot choice, idempotency) while different VMs
+//! proceed concurrently. Records change in memory, are persisted, and only
+//! then do the side effects of the step happen (write-ahead, see
+//! [`crate::lifecycle`]). Saves are serialised and each writes the latest
+//! snapshot, so the file never goes back in time.
+//!
+//! ```text
+//! AttachNic(sandbox)                         DetachNic(nic)
+//!   lock VM                                    lock VM
+//!   same sandbox attached? ─▶ return it        find the VM's record ─▶ NotFound
+//!   quota, lease, MAC, id                      record Detaching, persist
+//!   record Attaching, persist                  backend.unplug (idempotent)
+//!   backend.plug ──fail──▶ drop record,        drop record, free lease, persist
+//!   record Attached,       free lease
+//!   persist, reply
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex as StdMutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    backend::{netns::NetnsBackend, qemu::QemuBackend, BackendError, NicPlan, VmBackend},
+    config::{BackendConfig, Config, NetworkConfig, VmConfig},
+    error::AgentError,
+    ipam::Ipam,
+    lifecycle::{self, Event, NicState, Presence, Recovery},
+    links::HostLinks,
+    qmp::QmpClient,
+    state::{NicRecord, StateFile},
+    types::{MacAddr, NicId, NicNames, HOST_IF_PREFIX},
+};
+
+/// Longest sandbox id accepted.
+pub const MAX_SANDBOX_ID: usize = 128;
+/// Most labels on one NIC.
+pub const MAX_LABELS: usize = 16;
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 253;
+
+/// An attach request, checked.
+#[derive(Debug, Clone, Default)]
+pub struct AttachRequest {
+    /// The sandbox (idempotency key within the VM).
+    pub sandbox_id: String,
+    /// Network; `None` for the VM's own.
+    pub network: Option<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl AttachRequest {
+    /// Checks the fields of a request.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        check_sandbox_id(&self.sandbox_id)?;
+        if let Some(n) = &self.network {
+            if n.is_empty() || n.len() > 64 {
+                return Err(invalid("network", "must be 1 to 64 characters"));
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(invalid("labels", format!("{} labels, at most {MAX_LABELS}", self.labels.len())));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+                return Err(invalid("labels", format!("key {k:?}: keys 1 to {MAX_LABEL_LEN} bytes, values up to {MAX_LABEL_LEN}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
+    AgentError::InvalidArgument {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Checks a sandbox id: 1 to 128 characters of `[A-Za-z0-9_.-]`.
+pub fn check_sandbox_id(id: &str) -> Result<(), AgentError> {
+    if id.is_empty() || id.len() > MAX_SANDBOX_ID {
+        return Err(invalid("sandbox_id", format!("must be 1 to {MAX_SANDBOX_ID} characters")));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+        return Err(invalid("sandbox_id", format!("{id:?} has characters outside [A-Za-z0-9_.-]")));
+    }
+    Ok(())
+}
+
+/// Which NIC a detach names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicSelector {
+    /// By NIC id.
+    Id(NicId),
+    /// By the sandbox it was attached for.
+    Sandbox(String),
+}
+
+/// A served VM: its configuration, backend and operation lock.
+pub struct Vm {
+    /// Configuration.
+    pub config: VmConfig,
+    /// Backend.
+    pub backend: Arc<dyn VmBackend>,
+    op: Mutex<()>,
+    seen_generation: StdMutex<u64>,
+}
+
+struct Inner {
+    records: BTreeMap<NicId, NicRecord>,
+    ipam: HashMap<String, Ipam>,
+}
+
+/// The agent.
+pub struct Agent {
+    config: Config,
+    state: StateFile,
+    links: Arc<dyn HostLinks>,
+    vms: BTreeMap<String, Arc<Vm>>,
+    inner: StdMutex<Inner>,
+    save_lock: Mutex<()>,
+    started: Instant,
+}
+
+/// Result of an attach.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// The record.
+    pub record: NicRecord,
+    /// False when the sandbox already had it.
+    pub created: bool,
+}
+
+/// What a reconciliation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Records kept.
+    pub kept: usize,
+    /// Half-done attaches undone.
+    pub rolled_back: usize,
+    /// Interrupted detaches finished.
+    pub detached: usize,
+    /// NICs the VM lost, released.
+    pub released: usize,
+    /// Records left for later (VM unreachable, or cleanup failed).
+    pub deferred: usize,
+    /// Objects found with no record, removed.
+    pub orphans: usize,
+}
+
+impl Agent {
+    /// An agent with real backends (QMP clients, netlink) for `config`.
+    pub fn new(config: Config, links: Arc<dyn HostLinks>) -> Result<Agent, AgentError> {
+        let mut backends: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        for vm in &config.vms {
+            let b: Arc<dyn VmBackend> = match &vm.backend {
+                BackendConfig::Qemu {
+                    qmp_socket,
+                    hotplug_slots,
+                } => Arc::new(QemuBackend::new(
+                    &vm.name,
+                    Arc::new(QmpClient::new(qmp_socket, config.agent.qmp_timeout)),
+                    links.clone(),
+                    hotplug_slots.clone(),
+                    config.agent.unplug_timeout,
+                )),
+                BackendConfig::Netns { netns } => Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone())),
+            };
+            backends.insert(vm.name.clone(), b);
+        }
+        Agent::with_backends(config, links, backends)
+    }
+
+    /// An agent with the given backends (tests use fakes), its records loaded
+    /// from the state file.
+    pub fn with_backends(
+        config: Config,
+        links: Arc<dyn HostLinks>,
+        mut backends: HashMap<String, Arc<dyn VmBackend>>,
+    ) -> Result<Agent, AgentError> {
+        let state = StateFile::in_dir(&config.agent.state_dir);
+        let mut inner = Inner {
+            records: BTreeMap::new(),
+            ipam: config.networks.values().map(|n| (n.name.clone(), Ipam::new(n))).collect(),
+        };
+        for rec in state.load()? {
+            let known_vm = config.vm(&rec.vm).is_some();
+            let leased = inner.ipam.get_mut(&rec.network).map(|i| i.reserve(rec.ipv4));
+            match (known_vm, leased) {
+                (true, Some(Ok(()))) => {}
+                (vm, lease) => {
+                    // The configuration changed under the record. Keep it so that
+                    // the reconciliation cleans it up, but say so.
+                    log::warn!(
+                        "state record {} (VM {}, {} on {}) does not fit the configuration (VM known: {vm}, lease: {lease:?})",
+                        rec.id,
+                        rec.vm,
+                        rec.ipv4,
+                        rec.network
+                    );
+                }
+            }
+            inner.records.insert(rec.id.clone(), rec);
+        }
+        let vms = config
+            .vms
+            .iter()
+            .filter_map(|vm| {
+                let backend = backends.remove(&vm.name)?;
+                Some((
+                    vm.name.clone(),
+                    Arc::new(Vm {
+                        config: vm.clone(),
+                        backend,
+                        op: Mutex::new(()),
+                        seen_generation: StdMutex::new(0),
+                    }),
+                ))
+            })
+            .collect();
+        Ok(Agent {
+            config,
+            state,
+            links,
+            vms,
+            inner: StdMutex::new(inner),
+            save_lock: Mutex::new(()),
+            started: Instant::now(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> &StateFile {
+        &self.state
+    }
+
+    /// How long the agent has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The served VMs.
+    pub fn vms(&self) -> impl Iterator<Item = &Arc<Vm>> {
+        self.vms.values()
+    }
+
+    /// A served VM by name.
+    pub fn vm(&self, name: &str) -> Result<&Arc<Vm>, AgentError> {
+        self.vms.get(name).ok_or_else(|| AgentError::UnknownVm(name.to_string()))
+    }
+
+    /// A network by name.
+    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
+        self.config.networks.get(name)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("agent state lock poisoned")
+    }
+
+    /// All records (a snapshot), optionally of one VM.
+    pub fn records(&self, vm: Option<&str>) -> Vec<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .filter(|r| vm.is_none_or(|v| r.vm == v))
+            .cloned()
+            .collect()
+    }
+
+    async fn persist(&self) -> Result<(), AgentError> {
+        let _g = self.save_lock.lock().await;
+        let snapshot: Vec<NicRecord> = self.lock().records.values().cloned().collect();
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || state.save(&snapshot))
+            .await
+            .expect("state save task panicked")?;
+        Ok(())
+    }
+
+    fn set_state(&self, id: &NicId, event: Event) -> Option<NicState> {
+        let mut inner = self.lock();
+        let rec = inner.records.get_mut(id)?;
+        match lifecycle::transition(Some(rec.state), event) {
+            Ok(Some(next)) => {
+                rec.state = next;
+                Some(next)
+            }
+            Ok(None) | Err(_) => {
+                log::error!("NIC {id}: event {event:?} in state {:?} ignored", rec.state);
+                None
+            }
+        }
+    }
+
+    fn drop_record(&self, id: &NicId) -> Option<NicRecord> {
+        let mut inner = self.lock();
+        let rec = inner.records.remove(id)?;
+        if let Some(ipam) = inner.ipam.get_mut(&rec.network) {
+            ipam.release(rec.ipv4);
+        }
+        Some(rec)
+    }
+
+    /// Gives VM `vm` a NIC for `req.sandbox_id` (or returns the one it has).
+    pub async fn attach(&self, vm: &str, req: AttachRequest) -> Result<Attached, AgentError> {
+        req.validate()?;
+        let vmh = self.vm(vm)?.clone();
+        let network = req.network.clone().unwrap_or_else(|| vmh.config.network.clone());
+        if network != vmh.config.network {
+            return Err(AgentError::NetworkNotAllowed {
+                vm: vm.to_string(),
+                network,
+                allowed: vmh.config.network.clone(),
+            });
+        }
+        let _op = vmh.op.lock().await;
+        let existing = self.lock().records.values().find(|r| r.vm == vm && r.sandbox_id == req.sandbox_id).cloned();
+        if let Some(rec) = existing {
+            if rec.state == NicState::Attached {
+                return Ok(Attached {
+                    record: rec,
+                    created: false,
+                });
+            }
+            // A failed rollback or detach left it: finish that first.
+            self.remove_nic(&vmh, &rec.id).await?;
+        }
+        let net = self.network(&network).expect("VM networks are checked at config load").clone();
+        let record = {
+            let mut inner = self.lock();
+            let count = inner.records.values().filter(|r| r.vm == vm).count() as u32;
+            if count >= vmh.config.max_nics {
+                return Err(AgentError::QuotaExceeded {
+                    vm: vm.to_string(),
+                    quota: vmh.config.max_nics,
+                });
+            }
+            let ipam = inner.ipam.get_mut(&network).expect("an allocator per network");
+            let ipv4 = ipam.allocate()?;
+            let ipv6 = ipam.ipv6_for(ipv4);
+            let used_macs: HashSet<MacAddr> = inner.records.values().map(|r| r.mac).collect();
+            let mac = loop {
+                let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
+                if !used_macs.contains(&m) && !m.is_multicast() {
+                    break m;
+                }
+            };
+            let id = loop {
+                let id = NicId::random();
+                if !inner.records.contains_key(&id) {
+                    break id;
+                }
+            };
+            let rec = NicRecord {
+                id: id.clone(),
+                vm: vm.to_string(),
+                sandbox_id: req.sandbox_id.clone(),
+                network: network.clone(),
+                mac,
+                ipv4,
+                ipv6,
+                state: NicState::Attaching,
+                slot: None,
+                labels: req.labels.clone(),
+                created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+            };
+            inner.records.insert(id, rec.clone());
+            rec
+        };
+        if let Err(e) = self.persist().await {
+            self.drop_record(&record.id);
+            return Err(e);
+        }
+        let plan = NicPlan {
+            id: record.id.clone(),
+            mac: record.mac,
+            bridge: net.bridge.clone(),
+            mtu: net.mtu,
+        };
+        match vmh.backend.plug(&plan).await {
+            Ok(plugged) => {
+                {
+                    let mut inner = self.lock();
+                    if let Some(r) = inner.records.get_mut(&record.id) {
+                        r.slot = plugged.slot;
+                    }
+                }
+                self.set_state(&record.id, Event::Plugged);
+                if let Err(e) = self.persist().await {
+                    // Not durable: undo, so that a restart cannot find a NIC the caller never got.
+                    if let Err(undo) = self.remove_nic(&vmh, &record.id).await {
+                        log::error!("NIC {}: undo after a failed save failed: {undo}", record.id);
+                    }
+                    return Err(e);
+                }
+                let record = self.lock().records.get(&record.id).cloned().expect("record just written");
+                log::info!(
+                    "VM {vm}: attached NIC {} ({}, {}) for sandbox {}{}",
+                    record.id,
+                    record.mac,
+                    record.ipv4,
+                    record.sandbox_id,
+                    record.slot.as_deref().map(|s| format!(" on {s}")).unwrap_or_default()
+                );
+                Ok(Attached { record, created: true })
+            }
+            Err(e) => {
+                // The backend undid its own steps; forget the record.
+                self.set_state(&record.id, Event::Failed);
+                self.drop_record(&record.id);
+                if let Err(pe) = self.persist().await {
+                    log::error!("NIC {}: cannot persist the rollback: {pe}", record.id);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes back a NIC of VM `vm`.
+    pub async fn detach(&self, vm: &str, which: NicSelector) -> Result<NicRecord, AgentError> {
+        if let NicSelector::Sandbox(s) = &which {
+            check_sandbox_id(s)?;
+        }
+        let vmh = self.vm(vm)?.clone();
+        let _op = vmh.op.lock().await;
+        let found = self
+            .lock()
+            .records
+            .values()
+            .find(|r| {
+                r.vm == vm
+                    && match &which {
+                        NicSelector::Id(id) => &r.id == id,
+                        NicSelector::Sandbox(s) => &r.sandbox_id == s,
+                    }
+            })
+            .cloned();
+        let Some(rec) = found else {
+            return Err(AgentError::NicNotFound {
+                vm: vm.to_string(),
+                what: match which {
+                    NicSelector::Id(id) => format!("with id {id}"),
+                    NicSelector::Sandbox(s) => format!("for sandbox {s}"),
+                },
+            });
+        };
+        self.remove_nic(&vmh, &rec.id).await?;
+        log::info!("VM {vm}: detached NIC {} ({}) of sandbox {}", rec.id, rec.ipv4, rec.sandbox_id);
+        Ok(rec)
+    }
+
+    /// Records Detaching, unplugs, drops the record. Caller holds the VM lock.
+    async fn remove_nic(&self, vmh: &Vm, id: &NicId) -> Result<(), AgentError> {
+        if self.set_state(id, Event::Detach).is_some() {
+            self.persist().await?;
+        }
+        vmh.backend.unplug(id).await?;
+        self.set_state(id, Event::Unplugged);
+        self.drop_record(id);
+        self.persist().await
+    }
+
+    /// Brings VM `vm`'s records in line with what its backend has.
+    pub async fn reconcile_vm(&self, vm: &str) -> Result<ReconcileReport, AgentError> {
+        let vmh = self.vm(vm)?.clone();
+        let _op = vmh.op.lock().await;
+        let mut report = ReconcileReport::default();
+        let generation = match vmh.backend.probe().await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                log::warn!("VM {vm}: not reachable, reconciliation deferred: {e}");
+                None
+            }
+        };
+        let records = self.records(Some(vm));
+        let ids: Vec<NicId> = records.iter().map(|r| r.id.clone()).collect();
+        let presence = if generation.is_some() {
+            vmh.backend.presence(&ids).await
+        } else {
+            ids.iter().map(|i| (i.clone(), Presence::Unknown)).collect()
+        };
+        for rec in &records {
+            let p = presence.get(&rec.id).copied().unwrap_or(Presence::Unknown);
+            let action = lifecycle::recovery(rec.state, p);
+            match action {
+                Recovery::Keep => {
+                    report.kept += 1;
+                    continue;
+                }
+                Recovery::Defer => {
+                    report.deferred += 1;
+                    continue;
+                }
+                _ => {}
+            }
+            match self.remove_nic(&vmh, &rec.id).await {
+                Ok(()) => {
+                    log::info!("VM {vm}: NIC {} ({:?}, {}) cleaned up: {action:?}", rec.id, rec.state, rec.ipv4);
+                    match action {
+                        Recovery::RollBack => report.rolled_back += 1,
+                        Recovery::FinishDetach => report.detached += 1,
+                        _ => report.released += 1,
+                    }
+                }
+                Err(e) => {
+                    log::warn!("VM {vm}: cleanup of NIC {} deferred: {e}", rec.id);
+                    report.deferred += 1;
+                }
+            }
+        }
+        if generation.is_some() {
+            let known: Vec<NicId> = self.lock().records.keys().cloned().collect();
+            match vmh.backend.orphans(&known).await {
+                Ok(orphans) => {
+                    for id in orphans {
+                        match vmh.backend.unplug(&id).await {
+                            Ok(()) => {
+                                log::info!("VM {vm}: removed orphaned NIC objects of {id}");
+                                report.orphans += 1;
+                            }
+                            Err(e) => log::warn!("VM {vm}: cannot remove orphaned NIC {id}: {e}"),
+                        }
+                    }
+                }
+                Err(e) => log::warn!("VM {vm}: cannot list orphans: {e}"),
+            }
+        }
+        if let Some(g) = generation {
+            *vmh.seen_generation.lock().expect("generation lock") = g;
+        }
+        Ok(report)
+    }
+
+    /// Deletes host links the agent made that no record accounts for.
+    /// Call only when no operation is in flight (at start).
+    pub async fn sweep_host_links(&self) -> Result<usize, AgentError> {
+        let names = self.links.list_owned(HOST_IF_PREFIX).await.map_err(BackendError::from)?;
+        let known: HashSet<NicId> = self.lock().records.keys().cloned().collect();
+        let mut removed = 0;
+        for name in names {
+            match NicNames::id_from_name(&name) {
+                Some(id) if known.contains(&id) => {}
+                _ => {
+                    if self.links.delete(&name).await.map_err(BackendError::from)? {
+                        log::info!("removed orphaned host interface {name}");
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Everything the agent does at start before serving: bridges, then
+    /// every VM reconciled, then the host links swept.
+    pub async fn recover(&self) -> Result<ReconcileReport, AgentError> {
+        for net in self.config.networks.values() {
+            if net.manage_bridge {
+                self.links
+                    .ensure_bridge(&net.bridge, Some((net.gateway.into(), net.subnet.prefix_len())), net.mtu)
+                    .await
+                    .map_err(BackendError::from)?;
+            } else if !self.links.exists(&net.bridge).await.map_err(BackendError::from)? {
+                log::warn!("network {}: bridge {} does not exist (yet); attaches will fail until it does", net.name, net.bridge);
+            }
+        }
+        let mut total = ReconcileReport::default();
+        for name in self.vms.keys() {
+            let r = self.reconcile_vm(name).await?;
+            total.kept += r.kept;
+            total.rolled_back += r.rolled_back;
+            total.detached += r.detached;
+            total.released += r.released;
+            total.deferred += r.deferred;
+            total.orphans += r.orphans;
+        }
+        // Records of VMs no longer configured: nothing can unplug them; drop
+        // them (their host links go with the sweep below).
+        let stale: Vec<NicId> = self
+            .lock()
+            .records
+            .values()
+            .filter(|r| !self.vms.contains_key(&r.vm))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &stale {
+            if let Some(r) = self.drop_record(id) {
+                log::warn!("dropped NIC {} of VM {} which is no longer configured", r.id, r.vm);
+                total.released += 1;
+            }
+        }
+        if !stale.is_empty() {
+            self.persist().await?;
+        }
+        total.orphans += self.sweep_host_links().await?;
+        Ok(total)
+    }
+
+    /// One round of the background upkeep of VM `vm`: if its backend was
+    /// reconnected (QEMU restarted) or a cleanup is pending, reconcile.
+    pub async fn tend_vm(&self, vm: &str) -> Result<Option<ReconcileReport>, AgentError> {
+        let vmh = self.vm(vm)?.clone();
+        let pending = self.lock().records.values().any(|r| r.vm == vm && r.state != NicState::Attached);
+        let generation = match vmh.backend.probe().await {
+            Ok(g) => g,
+            Err(_) => return Ok(None),
+        };
+        let seen = *vmh.seen_generation.lock().expect("generation lock");
+        if generation != seen || pending {
+            if generation != seen && seen != 0 {
+                log::info!("VM {vm}: backend reconnected (generation {seen} -> {generation}), reconciling");
+            }
+            return self.reconcile_vm(vm).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Waits until no VM operation is in flight (each VM's lock is taken and
+    /// held: nothing new starts). False when `timeout` passed first.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let all = async {
+            let mut guards = Vec::new();
+            for vm in self.vms.values() {
+                guards.push(vm.op.lock().await);
+            }
+            std::mem::forget(guards);
+        };
+        tokio::time::timeout(timeout, all).await.is_ok()
+    }
+
+    /// Leases: (network, address, record) for every record.
+    pub fn leases(&self) -> Vec<NicRecord> {
+        self.records(None)
+    }
+
+    /// Number of NICs VM `vm` has.
+    pub fn nic_count(&self, vm: &str) -> usize {
+        self.lock().records.values().filter(|r| r.vm == vm).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{backend::qemu::fake::FakeQemu, links::fake::FakeLinks};
+    use std::path::Path;
+
+    fn config(dir: &Path, range_end: &str) -> Config {
+        Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                r#"
+                [agent]
+                state_dir = "{}"
+                unplug_timeout_ms = 200
+                [[network]]
+                name = "n"
+                bridge = "br0"
+                subnet = "10.9.0.0/24"
+                gateway = "10.9.0.1"
+                range_end = "{range_end}"
+                [[vm]]
+                name = "vm1"
+                backend = "qemu"
+                qmp_socket = "/q1"
+                cid = 3
+                max_nics = 3
+                [[vm]]
+                name = "vm2"
+                backend = "qemu"
+                qmp_socket = "/q2"
+                cid = 4
+                "#,
+                dir.display()
+            ),
+        )
+        .unwrap()
+    }
+
+    struct Rig {
+        agent: Agent,
+        q1: Arc<FakeQemu>,
+        q2: Arc<FakeQemu>,
+        links: Arc<FakeLinks>,
+    }
+
+    fn rig(dir: &Path, range_end: &str) -> Rig {
+        let links = Arc::new(FakeLinks::default());
+        let q1 = Arc::new(FakeQemu::new(4));
+        let q2 = Arc::new(FakeQemu::new(4));
+        rig_with(dir, range_end, links, q1, q2)
+    }
+
+    fn rig_with(dir: &Path, range_end: &str, links: Arc<FakeLinks>, q1: Arc<FakeQemu>, q2: Arc<FakeQemu>) -> Rig {
+        let cfg = config(dir, range_end);
+        let t = Duration::from_millis(200);
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
+        b.insert("vm2".into(), Arc::new(QemuBackend::new("vm2", q2.clone(), links.clone(), vec![], t)));
+        Rig {
+            agent: Agent::with_backends(cfg, links.clone(), b).unwrap(),
+            q1,
+            q2,
+            links,
+        }
+    }
+
+    fn req(sb: &str) -> AttachRequest {
+        AttachRequest {
+            sandbox_id: sb.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn attach_is_idempotent_per_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let a = r.agent.attach("vm1", req("sb1")).await.unwrap();
+        assert!(a.created);
+        let b = r.agent.attach("vm1", req("sb1")).await.unwrap();
+        assert!(!b.created);
+        assert_eq!(a.record.id, b.record.id);
+        assert_eq!(r.q1.devices.lock().unwrap().len(), 1);
+        // Same sandbox id from another VM is another NIC.
+        let c = r.agent.attach("vm2", req("sb1")).await.unwrap();
+        assert_ne!(c.record.id, a.record.id);
+        assert_ne!(c.record.ipv4, a.record.ipv4);
+    }
+
+    #[tokio::test]
+    async fn bad_input_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.3");
+        let before = r.agent.records(None);
+        for (vm, rq, code) in [
+            ("nope", req("sb"), ttrpc::Code::PERMISSION_DENIED),
+            ("vm1", req(""), ttrpc::Code::INVALID_ARGUMENT),
+            ("vm1", req("a/b"), ttrpc::Code::INVALID_ARGUMENT),
+            ("vm1", req(&"x".repeat(129)), ttrpc::Code::INVALID_ARGUMENT),
+            (
+                "vm1",
+                AttachRequest {
+                    sandbox_id: "s".into(),
+                    network: Some("other".into()),
+                    ..Default::default()
+                },
+                ttrpc::Code::PERMISSION_DENIED,
+            ),
+        ] {
+            let e = r.agent.attach(vm, rq).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e}");
+        }
+        assert_eq!(r.agent.records(None), before);
+        // Subnet of two addresses (10.9.0.2, .3): the third attach fails cleanly.
+        r.agent.attach("vm1", req("a")).await.unwrap();
+        r.agent.attach("vm2", req("b")).await.unwrap();
+        let e = r.agent.attach("vm2", req("c")).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::RESOURCE_EXHAUSTED, "{e}");
+        assert!(e.to_string().contains("no free address"), "{e}");
+        assert_eq!(r.agent.records(None).len(), 2);
+        assert_eq!(r.q2.devices.lock().unwrap().len(), 1);
+        // A VM naming another's NIC: not found, nothing changes.
+        let theirs = r.agent.records(Some("vm1"))[0].id.clone();
+        let e = r.agent.detach("vm2", NicSelector::Id(theirs)).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(r.q1.devices.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn quota_and_detach_free_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        for s in ["a", "b", "c"] {
+            r.agent.attach("vm1", req(s)).await.unwrap();
+        }
+        let e = r.agent.attach("vm1", req("d")).await.unwrap_err();
+        assert!(matches!(e, AgentError::QuotaExceeded { quota: 3, .. }), "{e}");
+        let rec = r.agent.detach("vm1", NicSelector::Sandbox("b".into())).await.unwrap();
+        assert!(!r.agent.lock().ipam["n"].is_leased(rec.ipv4));
+        r.agent.attach("vm1", req("d")).await.unwrap();
+        let e = r.agent.detach("vm1", NicSelector::Sandbox("b".into())).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn failed_plug_leaves_no_record_or_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        *r.q1.fail.lock().unwrap() = Some("device_add");
+        assert!(r.agent.attach("vm1", req("a")).await.is_err());
+        assert!(r.agent.records(None).is_empty());
+        assert_eq!(r.agent.lock().ipam["n"].leased(), 0);
+        assert!(StateFile::in_dir(dir.path()).load().unwrap().is_empty());
+        assert!(r.links.links.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn restart_recovers_every_interrupted_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = Arc::new(FakeLinks::default());
+        let q1 = Arc::new(FakeQemu::new(4));
+        let q2 = Arc::new(FakeQemu::new(4));
+        let keep;
+        {
+            let r = rig_with(dir.path(), "10.9.0.254", links.clone(), q1.clone(), q2.clone());
+            keep = r.agent.attach("vm1", req("keep")).await.unwrap().record;
+            r.agent.attach("vm1", req("detaching")).await.unwrap();
+            r.agent.attach("vm2", req("lost")).await.unwrap();
+        }
+        // Simulate crashes mid-way by editing the durable state: one record
+        // stuck in Detaching, one in Attaching whose device was half made.
+        let sf = StateFile::in_dir(dir.path());
+        let mut recs = sf.load().unwrap();
+        for r in recs.iter_mut() {
+            if r.sandbox_id == "detaching" {
+                r.state = NicState::Detaching;
+            }
+        }
+        let half = NicRecord {
+            id: "00000000ee".parse().unwrap(),
+            sandbox_id: "half".into(),
+            state: NicState::Attaching,
+            ipv4: "10.9.0.200".parse().unwrap(),
+            ..keep.clone()
+        };
+        recs.push(half.clone());
+        sf.save(&recs).unwrap();
+        q1.netdevs.lock().unwrap().insert(half.id.names().netdev);
+        links.links.lock().unwrap().insert(half.id.names().host_if);
+        // An orphan netdev no record knows, and VM2's QEMU lost its device (restart).
+        q1.netdevs.lock().unwrap().insert("nln-00000000ff".into());
+        links.links.lock().unwrap().insert("nlh00000000ff".into());
+        q2.devices.lock().unwrap().clear();
+
+        let r = rig_with(dir.path(), "10.9.0.254", links.clone(), q1.clone(), q2.clone());
+        let report = r.agent.recover().await.unwrap();
+        assert_eq!(
+            report,
+            ReconcileReport {
+                kept: 1,
+                rolled_back: 1,
+                detached: 1,
+                released: 1,
+                deferred: 0,
+                // ff's netdev (VM1's orphan sweep also removes its tap).
+                orphans: 1,
+            }
+        );
+        let left = r.agent.records(None);
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].id, keep.id);
+        assert_eq!(sf.load().unwrap(), left);
+        assert_eq!(r.agent.lock().ipam["n"].leased(), 1);
+        assert_eq!(q1.devices.lock().unwrap().len(), 1);
+        assert_eq!(q1.netdevs.lock().unwrap().len(), 1);
+        assert_eq!(links.links.lock().unwrap().iter().cloned().collect::<Vec<_>>(), vec![keep.id.names().host_if]);
+    }
+
+    #[tokio::test]
+    async fn unreachable_vm_defers_and_stuck_unplug_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let a = r.agent.attach("vm1", req("a")).await.unwrap().record;
+        *r.q1.guest_releases.lock().unwrap() = false;
+        let e = r.agent.detach("vm1", NicSelector::Id(a.id.clone())).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::DEADLINE_EXCEEDED, "{e}");
+        assert_eq!(r.agent.records(None)[0].state, NicState::Detaching, "lease held until the device is gone");
+        *r.q1.down.lock().unwrap() = true;
+        assert_eq!(r.agent.tend_vm("vm1").await.unwrap(), None, "unreachable: nothing to do yet");
+        *r.q1.down.lock().unwrap() = false;
+        *r.q1.guest_releases.lock().unwrap() = true;
+        let rep = r.agent.tend_vm("vm1").await.unwrap().unwrap();
+        assert_eq!(rep.detached, 1);
+        assert!(r.agent.records(None).is_empty());
+    }
+}

@@ -1,0 +1,128 @@
+//! The hot-plug seam: how a VM gets a NIC.
+//!
+//! A [`VmBackend`] plugs and unplugs one NIC at a time for one VM and can say
+//! which of the agent's NICs it still has. The agent calls it with the VM's
+//! operation lock held, so a backend never sees two operations on one VM at once.
+//!
+//! * [`qemu::QemuBackend`]: a tap on the host bridge, hot-plugged as a
+//!   virtio-net-pci device over QMP.
+//! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
+//!   guest end of a veth pair whose host end is on the bridge.
+
+pub mod netns;
+pub mod qemu;
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use crate::{
+    lifecycle::Presence,
+    links::LinkError,
+    qmp::QmpError,
+    types::{MacAddr, NicId},
+};
+
+/// What a backend needs to plug one NIC.
+#[derive(Debug, Clone)]
+pub struct NicPlan {
+    /// The NIC's id (all names derive from it).
+    pub id: NicId,
+    /// The MAC the guest will see.
+    pub mac: MacAddr,
+    /// The host bridge.
+    pub bridge: String,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// What plugging produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plugged {
+    /// Hot-plug bus used (qemu).
+    pub slot: Option<String>,
+}
+
+/// Backend failures.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A host link operation failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// QMP failed.
+    #[error("VM {vm}: {source}")]
+    Qmp {
+        /// The VM.
+        vm: String,
+        /// The QMP failure.
+        source: QmpError,
+    },
+    /// QEMU answered something this agent does not understand.
+    #[error("VM {vm}: unexpected reply to QMP {command}: {detail}")]
+    BadReply {
+        /// The VM.
+        vm: String,
+        /// The command.
+        command: &'static str,
+        /// What was wrong.
+        detail: String,
+    },
+    /// No hot-plug slot is free.
+    #[error("VM {vm} has no free hot-plug slot ({detail})")]
+    NoFreeSlot {
+        /// The VM.
+        vm: String,
+        /// What was considered.
+        detail: String,
+    },
+    /// The guest did not give the device back.
+    #[error("VM {vm} did not release device {device} within {after:?} (does the guest handle ACPI hot-unplug?)")]
+    UnplugTimeout {
+        /// The VM.
+        vm: String,
+        /// The device id.
+        device: String,
+        /// How long the agent waited.
+        after: Duration,
+    },
+    /// The VM's network namespace cannot be used.
+    #[error("network namespace {path} of VM {vm} is unusable: {source}")]
+    Netns {
+        /// The VM.
+        vm: String,
+        /// The namespace path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    /// True when the VM (QEMU, its namespace) cannot be reached right now.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            BackendError::Qmp { source, .. } => source.is_unavailable(),
+            BackendError::Netns { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// One VM's way of getting NICs.
+#[async_trait::async_trait]
+pub trait VmBackend: Send + Sync {
+    /// `qemu` or `netns`.
+    fn kind(&self) -> &'static str;
+    /// Creates the host side and plugs the NIC into the VM. On failure it
+    /// undoes its own steps before returning.
+    async fn plug(&self, nic: &NicPlan) -> Result<Plugged, BackendError>;
+    /// Removes whatever exists of the NIC (device, netdev, tap, veth).
+    /// Idempotent: removing a NIC that is gone succeeds.
+    async fn unplug(&self, id: &NicId) -> Result<(), BackendError>;
+    /// Whether each NIC is still in the VM.
+    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence>;
+    /// Ids of the agent's objects the VM holds that are not in `known`
+    /// (left by a crash between steps); the host's links are swept by the agent.
+    async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError>;
+    /// Checks that the VM can be reached; returns its connection generation,
+    /// which changes when the VM (QEMU) was restarted.
+    async fn probe(&self) -> Result<u64, BackendError>;
+}

@@ -1,0 +1,145 @@
+//! The netns backend: the "VM" is a network namespace on this host.
+//!
+//! Plugging a NIC creates a veth pair in one netlink request: the host end
+//! (`nlh<id>`) in the agent's namespace, the guest end (`nlg<id>`, with the
+//! NIC's MAC) directly in the VM's namespace; the host end then joins the
+//! bridge. Unplugging deletes the host end, which takes the pair with it
+//! wherever the guest end has been moved (the pod's namespace). When the
+//! namespace the guest end lives in is destroyed, the kernel deletes the pair
+//! too, so a NIC is present exactly when its host end exists.
+//!
+//! This is the single-machine mode (the namespace may be the host's own,
+//! `/proc/1/ns/net`, when containerd on this host plays the VM) and what the
+//! fast tests use.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use super::{BackendError, NicPlan, Plugged, VmBackend};
+use crate::{lifecycle::Presence, links::HostLinks, types::NicId};
+
+/// NICs as veth pairs into a network namespace.
+pub struct NetnsBackend {
+    vm: String,
+    netns: PathBuf,
+    links: Arc<dyn HostLinks>,
+}
+
+impl NetnsBackend {
+    /// The backend of VM `vm`, whose namespace is at `netns`.
+    pub fn new(vm: &str, netns: PathBuf, links: Arc<dyn HostLinks>) -> NetnsBackend {
+        NetnsBackend {
+            vm: vm.to_string(),
+            netns,
+            links,
+        }
+    }
+
+    fn check_netns(&self) -> Result<(), BackendError> {
+        std::fs::metadata(&self.netns).map(|_| ()).map_err(|source| BackendError::Netns {
+            vm: self.vm.clone(),
+            path: self.netns.clone(),
+            source,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl VmBackend for NetnsBackend {
+    fn kind(&self) -> &'static str {
+        "netns"
+    }
+
+    async fn plug(&self, nic: &NicPlan) -> Result<Plugged, BackendError> {
+        self.check_netns()?;
+        let names = nic.id.names();
+        self.links
+            .create_veth(&names.host_if, &names.guest_if, nic.mac, nic.mtu, &self.netns)
+            .await
+            .map_err(|e| match e.source.raw_os_error() {
+                Some(libc::ENOENT | libc::EBADF | libc::EINVAL) if std::fs::metadata(&self.netns).is_err() => {
+                    BackendError::Netns {
+                        vm: self.vm.clone(),
+                        path: self.netns.clone(),
+                        source: e.source,
+                    }
+                }
+                _ => BackendError::Link(e),
+            })?;
+        if let Err(e) = self.links.join_bridge(&names.host_if, &nic.bridge, nic.mtu).await {
+            if let Err(undo) = self.links.delete(&names.host_if).await {
+                log::warn!("VM {}: rollback of {} failed: {undo}", self.vm, names.host_if);
+            }
+            return Err(e.into());
+        }
+        Ok(Plugged::default())
+    }
+
+    async fn unplug(&self, id: &NicId) -> Result<(), BackendError> {
+        self.links.delete(&id.names().host_if).await?;
+        Ok(())
+    }
+
+    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        let mut out = HashMap::new();
+        for id in ids {
+            let p = match self.links.exists(&id.names().host_if).await {
+                Ok(true) => Presence::Present,
+                Ok(false) => Presence::Gone,
+                Err(e) => {
+                    log::warn!("VM {}: cannot check NIC {id}: {e}", self.vm);
+                    Presence::Unknown
+                }
+            };
+            out.insert(id.clone(), p);
+        }
+        out
+    }
+
+    async fn orphans(&self, _known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
+        // Everything this backend creates is a host link: the agent's sweep covers it.
+        Ok(Vec::new())
+    }
+
+    async fn probe(&self) -> Result<u64, BackendError> {
+        self.check_netns()?;
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::links::fake::FakeLinks;
+
+    fn plan() -> NicPlan {
+        NicPlan {
+            id: "00000000aa".parse().unwrap(),
+            mac: "52:54:00:00:00:aa".parse().unwrap(),
+            bridge: "br0".into(),
+            mtu: 1500,
+        }
+    }
+
+    #[tokio::test]
+    async fn plug_failure_on_bridge_rolls_back_the_veth() {
+        let links = Arc::new(FakeLinks::default());
+        let b = NetnsBackend::new("vm", "/proc/self/ns/net".into(), links.clone());
+        *links.fail.lock().unwrap() = Some("join_bridge");
+        assert!(b.plug(&plan()).await.is_err());
+        assert!(links.links.lock().unwrap().is_empty(), "veth left behind");
+        b.plug(&plan()).await.unwrap();
+        let id = plan().id;
+        assert_eq!(b.presence(std::slice::from_ref(&id)).await[&id], Presence::Present);
+        b.unplug(&id).await.unwrap();
+        b.unplug(&id).await.unwrap();
+        assert_eq!(b.presence(std::slice::from_ref(&id)).await[&id], Presence::Gone);
+    }
+
+    #[tokio::test]
+    async fn missing_namespace_is_a_clear_error() {
+        let b = NetnsBackend::new("vm", "/run/netns/does-not-exist-xyz".into(), Arc::new(FakeLinks::default()));
+        let e = b.plug(&plan()).await.unwrap_err();
+        assert!(e.is_unavailable());
+        assert!(e.to_string().contains("/run/netns/does-not-exist-xyz"), "{e}");
+    }
+}

@@ -1,0 +1,674 @@
+//! The qemu backend: a tap on the host bridge, hot-plugged over QMP.
+//!
+//! Plug, with each step undone if a later one fails:
+//!
+//! ```text
+//! agent                          kernel                      QEMU (QMP)
+//!   │ open /dev/net/tun, TUNSETIFF ─▶ tap nlh<id> (lives while an fd does)
+//!   │ set master=bridge, mtu, up ───▶
+//!   │ getfd fdname=nlf-<id> + SCM_RIGHTS(tap fd) ──────────────▶ holds a dup
+//!   │ close own fd
+//!   │ netdev_add type=tap id=nln-<id> fd=nlf-<id> ─────────────▶ takes the named fd
+//!   │ device_add virtio-net-pci id=nl-<id> netdev mac bus=<slot> ▶ ACPI hot-plug
+//! ```
+//!
+//! The tap is *not* persistent: QEMU's fd keeps it alive, so a crash of the
+//! agent before `getfd` leaves no tap, and `netdev_del` (or QEMU exiting)
+//! removes it. Unplug is `device_del`, waiting for `DEVICE_DELETED` (the guest
+//! must release the device), then `netdev_del`, `closefd`, and a last delete
+//! of the tap link in case something still held it.
+//!
+//! Slots: on q35 each `pcie-root-port` takes one device; a `pci-bridge` takes
+//! 31; on i440fx the root bus `pci.0` takes the free slots of 32. Buses are
+//! discovered with `query-pci` unless the configuration lists them.
+
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::AsFd,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+use super::{BackendError, NicPlan, Plugged, VmBackend};
+use crate::{
+    lifecycle::Presence,
+    links::HostLinks,
+    qmp::{Qmp, QmpError, DISCONNECTED_EVENT},
+    types::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
+};
+
+const VENDOR_REDHAT: u64 = 0x1b36;
+const VENDOR_INTEL: u64 = 0x8086;
+const DEV_PCIE_ROOT_PORT: u64 = 0x000c;
+const DEV_PCI_BRIDGE: u64 = 0x0001;
+const DEV_IOH3420: u64 = 0x3420;
+const DEV_Q35_HOST: u64 = 0x29c0;
+const CLASS_PCI_BRIDGE: u64 = 0x0604;
+
+/// A bus a NIC can be hot-plugged on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotplugBus {
+    /// The id `device_add bus=` takes.
+    pub id: String,
+    /// How many devices it takes.
+    pub capacity: u32,
+    /// How many it has.
+    pub used: u32,
+}
+
+/// The hot-pluggable buses described by a `query-pci` reply.
+pub fn hotplug_buses(query_pci: &Value) -> Vec<HotplugBus> {
+    let mut out = Vec::new();
+    let Some(buses) = query_pci.as_array() else {
+        return out;
+    };
+    let root = buses.iter().find(|b| b["bus"].as_u64() == Some(0));
+    let root_devices = root.and_then(|b| b["devices"].as_array()).cloned().unwrap_or_default();
+    let is_q35 = root_devices
+        .iter()
+        .any(|d| d["id"]["vendor"].as_u64() == Some(VENDOR_INTEL) && d["id"]["device"].as_u64() == Some(DEV_Q35_HOST));
+    if !is_q35 && root.is_some() {
+        out.push(HotplugBus {
+            id: "pci.0".into(),
+            capacity: 32,
+            used: slots_used(&root_devices),
+        });
+    }
+    fn walk(devices: &[Value], out: &mut Vec<HotplugBus>) {
+        for d in devices {
+            let Some(bridge) = d.get("pci_bridge") else { continue };
+            let children = bridge["devices"].as_array().cloned().unwrap_or_default();
+            let id = d["qdev_id"].as_str().unwrap_or("");
+            let vendor = d["id"]["vendor"].as_u64();
+            let device = d["id"]["device"].as_u64();
+            let class = d["class_info"]["class"].as_u64();
+            let capacity = match (vendor, device) {
+                (Some(VENDOR_REDHAT), Some(DEV_PCIE_ROOT_PORT)) | (Some(VENDOR_INTEL), Some(DEV_IOH3420)) => Some(1),
+                (Some(VENDOR_REDHAT), Some(DEV_PCI_BRIDGE)) => Some(31),
+                _ if class == Some(CLASS_PCI_BRIDGE) => None,
+                _ => None,
+            };
+            if let (Some(capacity), false) = (capacity, id.is_empty()) {
+                out.push(HotplugBus {
+                    id: id.to_string(),
+                    capacity,
+                    used: slots_used(&children),
+                });
+            }
+            walk(&children, out);
+        }
+    }
+    for b in buses {
+        walk(b["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]), &mut out);
+    }
+    out
+}
+
+fn slots_used(devices: &[Value]) -> u32 {
+    devices
+        .iter()
+        .filter_map(|d| d["slot"].as_u64())
+        .collect::<HashSet<_>>()
+        .len() as u32
+}
+
+/// Natural order of bus ids, so that `rp2` comes before `rp10`.
+fn natural_key(id: &str) -> (String, u64) {
+    let digits = id.len() - id.chars().rev().take_while(|c| c.is_ascii_digit()).count();
+    (id[..digits].to_string(), id[digits..].parse().unwrap_or(0))
+}
+
+/// Picks the bus for the next NIC: the first single-device port that is
+/// free, else the bridge or root bus with a free slot. `configured` restricts
+/// the choice when not empty.
+pub fn choose_slot(buses: &[HotplugBus], configured: &[String]) -> Result<String, String> {
+    let mut candidates: Vec<&HotplugBus> = if configured.is_empty() {
+        buses.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for c in configured {
+            match buses.iter().find(|b| &b.id == c) {
+                Some(b) => v.push(b),
+                None => return Err(format!("configured hot-plug slot {c:?} is not a hot-pluggable bus of this VM")),
+            }
+        }
+        v
+    };
+    if candidates.is_empty() {
+        return Err("the VM has no pcie-root-port, pci-bridge or i440fx root bus with an id".into());
+    }
+    candidates.sort_by_key(|b| (b.capacity != 1, natural_key(&b.id)));
+    candidates
+        .iter()
+        .find(|b| b.used < b.capacity)
+        .map(|b| b.id.clone())
+        .ok_or_else(|| format!("all {} hot-plug buses are full", candidates.len()))
+}
+
+/// The qemu backend of one VM.
+pub struct QemuBackend {
+    vm: String,
+    qmp: Arc<dyn Qmp>,
+    links: Arc<dyn HostLinks>,
+    slots: Vec<String>,
+    unplug_timeout: Duration,
+}
+
+impl QemuBackend {
+    /// The backend of VM `vm`.
+    pub fn new(vm: &str, qmp: Arc<dyn Qmp>, links: Arc<dyn HostLinks>, slots: Vec<String>, unplug_timeout: Duration) -> QemuBackend {
+        QemuBackend {
+            vm: vm.to_string(),
+            qmp,
+            links,
+            slots,
+            unplug_timeout,
+        }
+    }
+
+    fn qmp_err(&self, source: QmpError) -> BackendError {
+        BackendError::Qmp {
+            vm: self.vm.clone(),
+            source,
+        }
+    }
+
+    async fn run(&self, command: &str, args: Value) -> Result<Value, BackendError> {
+        self.qmp.execute(command, args).await.map_err(|e| self.qmp_err(e))
+    }
+
+    /// Runs a removal command; "not found" counts as done.
+    async fn remove(&self, command: &str, args: Value) -> Result<(), BackendError> {
+        match self.qmp.execute(command, args).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(self.qmp_err(e)),
+        }
+    }
+
+    /// Ids of the user-created devices (`/machine/peripheral`).
+    async fn devices(&self) -> Result<HashSet<String>, BackendError> {
+        let v = self.run("qom-list", json!({ "path": "/machine/peripheral" })).await?;
+        let list = v.as_array().ok_or_else(|| BackendError::BadReply {
+            vm: self.vm.clone(),
+            command: "qom-list",
+            detail: format!("expected a list, got {v}"),
+        })?;
+        Ok(list
+            .iter()
+            .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Ids of the netdevs (QMP has no query for them in QEMU 7.2: read HMP).
+    async fn netdevs(&self) -> Result<HashSet<String>, BackendError> {
+        let v = self.run("human-monitor-command", json!({ "command-line": "info network" })).await?;
+        let text = v.as_str().unwrap_or("");
+        Ok(text
+            .split(|c: char| c.is_whitespace() || c == '\\')
+            .filter_map(|w| w.strip_suffix(':'))
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn choose(&self) -> Result<String, BackendError> {
+        let pci = self.run("query-pci", Value::Null).await?;
+        choose_slot(&hotplug_buses(&pci), &self.slots).map_err(|detail| BackendError::NoFreeSlot {
+            vm: self.vm.clone(),
+            detail,
+        })
+    }
+
+    async fn plug_steps(&self, nic: &NicPlan, names: &NicNames, slot: &str) -> Result<(), BackendError> {
+        let tap = self.links.open_tap(&names.host_if)?;
+        self.links.join_bridge(&names.host_if, &nic.bridge, nic.mtu).await?;
+        self.qmp
+            .execute_with_fd("getfd", json!({ "fdname": names.fd_name }), tap.as_fd())
+            .await
+            .map_err(|e| self.qmp_err(e))?;
+        // QEMU holds its own copy now; ours must not keep the tap alive.
+        drop(tap);
+        self.run(
+            "netdev_add",
+            json!({ "type": "tap", "id": names.netdev, "fd": names.fd_name, "vhost": false }),
+        )
+        .await?;
+        let mut dev = json!({
+            "driver": "virtio-net-pci",
+            "id": names.device,
+            "netdev": names.netdev,
+            "mac": nic.mac.to_string(),
+            "bus": slot,
+            "romfile": "",
+        });
+        if nic.mtu != 1500 {
+            dev["host_mtu"] = json!(nic.mtu);
+        }
+        self.run("device_add", dev).await?;
+        Ok(())
+    }
+
+    async fn wait_deleted(&self, device: &str, events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>) -> Result<bool, BackendError> {
+        let deadline = tokio::time::Instant::now() + self.unplug_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(false),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                    // Missed events: ask QEMU directly.
+                    if !self.devices().await?.contains(device) {
+                        return Ok(true);
+                    }
+                }
+                Ok(Err(_)) => return Ok(false),
+                Ok(Ok(ev)) if ev.name == "DEVICE_DELETED" && ev.data["device"].as_str() == Some(device) => return Ok(true),
+                Ok(Ok(ev)) if ev.name == DISCONNECTED_EVENT => {
+                    return Err(self.qmp_err(QmpError::Disconnected {
+                        path: Default::default(),
+                        command: format!("device_del {device}"),
+                    }))
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmBackend for QemuBackend {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn plug(&self, nic: &NicPlan) -> Result<Plugged, BackendError> {
+        let slot = self.choose().await?;
+        let names = nic.id.names();
+        if let Err(e) = self.plug_steps(nic, &names, &slot).await {
+            if let Err(undo) = self.unplug(&nic.id).await {
+                log::warn!("VM {}: rollback of NIC {} failed: {undo}", self.vm, nic.id);
+            }
+            return Err(e);
+        }
+        Ok(Plugged { slot: Some(slot) })
+    }
+
+    async fn unplug(&self, id: &NicId) -> Result<(), BackendError> {
+        let names = id.names();
+        if self.devices().await?.contains(&names.device) {
+            let mut events = self.qmp.subscribe();
+            match self.qmp.execute("device_del", json!({ "id": names.device })).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                // A second device_del while the first is pending is refused: keep waiting.
+                Err(QmpError::Command { ref desc, .. }) if desc.contains("in progress") || desc.contains("already") => {}
+                Err(e) => return Err(self.qmp_err(e)),
+            }
+            if !self.wait_deleted(&names.device, &mut events).await? && self.devices().await?.contains(&names.device) {
+                return Err(BackendError::UnplugTimeout {
+                    vm: self.vm.clone(),
+                    device: names.device,
+                    after: self.unplug_timeout,
+                });
+            }
+        }
+        self.remove("netdev_del", json!({ "id": names.netdev })).await?;
+        self.remove("closefd", json!({ "fdname": names.fd_name })).await?;
+        self.links.delete(&names.host_if).await?;
+        Ok(())
+    }
+
+    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        let devices = match self.devices().await {
+            Ok(d) => d,
+            Err(e) => {
+                log::warn!("VM {}: cannot list devices: {e}", self.vm);
+                return ids.iter().map(|id| (id.clone(), Presence::Unknown)).collect();
+            }
+        };
+        ids.iter()
+            .map(|id| {
+                let p = if devices.contains(&id.names().device) {
+                    Presence::Present
+                } else {
+                    Presence::Gone
+                };
+                (id.clone(), p)
+            })
+            .collect()
+    }
+
+    async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
+        let mut ids: HashSet<NicId> = HashSet::new();
+        for name in self.devices().await?.iter().chain(self.netdevs().await?.iter()) {
+            if name.starts_with(QEMU_DEVICE_PREFIX) || name.starts_with(QEMU_NETDEV_PREFIX) {
+                if let Some(id) = NicNames::id_from_name(name) {
+                    ids.insert(id);
+                }
+            }
+        }
+        let known: HashSet<&NicId> = known.iter().collect();
+        let mut out: Vec<NicId> = ids.into_iter().filter(|id| !known.contains(id)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn probe(&self) -> Result<u64, BackendError> {
+        self.qmp.connect().await.map_err(|e| self.qmp_err(e))
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A simulated QEMU behind the [`Qmp`] seam: buses, devices, netdevs and
+    //! named fds, with DEVICE_DELETED events and injectable failures.
+    use super::*;
+    use crate::qmp::QmpEvent;
+    use std::{os::fd::BorrowedFd, sync::Mutex};
+    use tokio::sync::broadcast;
+
+    /// The simulated machine.
+    pub struct FakeQemu {
+        /// Root ports `rp1..rpN`.
+        pub ports: u32,
+        /// device id -> (driver, bus).
+        pub devices: Mutex<HashMap<String, (String, String)>>,
+        /// netdev ids.
+        pub netdevs: Mutex<HashSet<String>>,
+        /// named fds.
+        pub fds: Mutex<HashSet<String>>,
+        /// Commands run.
+        pub log: Mutex<Vec<String>>,
+        /// A command that fails once.
+        pub fail: Mutex<Option<&'static str>>,
+        /// Whether the guest answers device_del.
+        pub guest_releases: Mutex<bool>,
+        /// QMP down.
+        pub down: Mutex<bool>,
+        events: broadcast::Sender<QmpEvent>,
+    }
+
+    impl FakeQemu {
+        /// A q35 machine with `ports` root ports.
+        pub fn new(ports: u32) -> FakeQemu {
+            FakeQemu {
+                ports,
+                devices: Mutex::default(),
+                netdevs: Mutex::default(),
+                fds: Mutex::default(),
+                log: Mutex::default(),
+                fail: Mutex::default(),
+                guest_releases: Mutex::new(true),
+                down: Mutex::new(false),
+                events: broadcast::channel(64).0,
+            }
+        }
+
+        fn err(cmd: &str, desc: &str) -> QmpError {
+            QmpError::Command {
+                command: cmd.into(),
+                class: "GenericError".into(),
+                desc: desc.into(),
+            }
+        }
+
+        pub(crate) fn query_pci(&self) -> Value {
+            let devices = self.devices.lock().unwrap();
+            let mut root = vec![json!({"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": DEV_Q35_HOST}, "class_info": {"class": 0x0600}})];
+            for i in 1..=self.ports {
+                let id = format!("rp{i}");
+                let children: Vec<Value> = devices
+                    .values()
+                    .filter(|(_, bus)| *bus == id)
+                    .map(|_| json!({"slot": 0, "id": {"vendor": 0x1af4, "device": 0x1000}}))
+                    .collect();
+                root.push(json!({
+                    "slot": 2 + i, "qdev_id": id,
+                    "id": {"vendor": VENDOR_REDHAT, "device": DEV_PCIE_ROOT_PORT},
+                    "class_info": {"class": CLASS_PCI_BRIDGE},
+                    "pci_bridge": {"devices": children}
+                }));
+            }
+            json!([{ "bus": 0, "devices": root }])
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Qmp for FakeQemu {
+        async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+            if *self.down.lock().unwrap() {
+                return Err(QmpError::Connect {
+                    path: "/fake".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
+                });
+            }
+            self.log.lock().unwrap().push(cmd.to_string());
+            if *self.fail.lock().unwrap() == Some(cmd_static(cmd)) {
+                *self.fail.lock().unwrap() = None;
+                return Err(Self::err(cmd, "injected failure"));
+            }
+            let s = |k: &str| args[k].as_str().unwrap_or("").to_string();
+            match cmd {
+                "query-pci" => Ok(self.query_pci()),
+                "qom-list" => Ok(Value::Array(
+                    self.devices
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(id, (drv, _))| json!({"name": id, "type": format!("child<{drv}>")}))
+                        .collect(),
+                )),
+                "human-monitor-command" => {
+                    let nd = self.netdevs.lock().unwrap();
+                    Ok(json!(nd.iter().map(|n| format!("{n}: index=0,type=tap\r\n")).collect::<String>()))
+                }
+                "netdev_add" => {
+                    if !self.fds.lock().unwrap().remove(&s("fd")) {
+                        return Err(Self::err(cmd, "No file descriptor named x found"));
+                    }
+                    self.netdevs.lock().unwrap().insert(s("id"));
+                    Ok(json!({}))
+                }
+                "device_add" => {
+                    let bus = s("bus");
+                    if self.devices.lock().unwrap().values().any(|(_, b)| *b == bus) {
+                        return Err(Self::err(cmd, "Bus has no free slot"));
+                    }
+                    if !self.netdevs.lock().unwrap().contains(&s("netdev")) {
+                        return Err(Self::err(cmd, "netdev not found"));
+                    }
+                    self.devices.lock().unwrap().insert(s("id"), (s("driver"), bus));
+                    Ok(json!({}))
+                }
+                "device_del" => {
+                    let id = s("id");
+                    if !self.devices.lock().unwrap().contains_key(&id) {
+                        return Err(Self::err(cmd, &format!("Device '{id}' not found")));
+                    }
+                    if *self.guest_releases.lock().unwrap() {
+                        self.devices.lock().unwrap().remove(&id);
+                        let _ = self.events.send(QmpEvent {
+                            name: "DEVICE_DELETED".into(),
+                            data: json!({"device": id}),
+                        });
+                    }
+                    Ok(json!({}))
+                }
+                "netdev_del" => {
+                    if self.netdevs.lock().unwrap().remove(&s("id")) {
+                        Ok(json!({}))
+                    } else {
+                        Err(Self::err(cmd, "Device 'x' not found"))
+                    }
+                }
+                "closefd" => {
+                    if self.fds.lock().unwrap().remove(&s("fdname")) {
+                        Ok(json!({}))
+                    } else {
+                        Err(Self::err(cmd, "File descriptor named 'x' not found"))
+                    }
+                }
+                other => Err(QmpError::Command {
+                    command: other.into(),
+                    class: "CommandNotFound".into(),
+                    desc: "unknown".into(),
+                }),
+            }
+        }
+
+        async fn execute_with_fd(&self, cmd: &str, args: Value, _fd: BorrowedFd<'_>) -> Result<Value, QmpError> {
+            self.log.lock().unwrap().push(cmd.to_string());
+            if *self.fail.lock().unwrap() == Some(cmd_static(cmd)) {
+                *self.fail.lock().unwrap() = None;
+                return Err(Self::err(cmd, "injected failure"));
+            }
+            self.fds.lock().unwrap().insert(args["fdname"].as_str().unwrap().to_string());
+            Ok(json!({}))
+        }
+
+        fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
+            self.events.subscribe()
+        }
+
+        async fn connect(&self) -> Result<u64, QmpError> {
+            if *self.down.lock().unwrap() {
+                return Err(QmpError::Connect {
+                    path: "/fake".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
+                });
+            }
+            Ok(1)
+        }
+
+        fn generation(&self) -> u64 {
+            1
+        }
+    }
+
+    fn cmd_static(cmd: &str) -> &'static str {
+        match cmd {
+            "getfd" => "getfd",
+            "netdev_add" => "netdev_add",
+            "device_add" => "device_add",
+            "device_del" => "device_del",
+            "query-pci" => "query-pci",
+            _ => "",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fake::FakeQemu, *};
+    use crate::links::fake::FakeLinks;
+
+    fn plan(id: &str) -> NicPlan {
+        NicPlan {
+            id: id.parse().unwrap(),
+            mac: "52:54:00:00:00:01".parse().unwrap(),
+            bridge: "br0".into(),
+            mtu: 1500,
+        }
+    }
+
+    fn backend(ports: u32) -> (Arc<FakeQemu>, Arc<FakeLinks>, QemuBackend) {
+        let q = Arc::new(FakeQemu::new(ports));
+        let l = Arc::new(FakeLinks::default());
+        let b = QemuBackend::new("vm1", q.clone(), l.clone(), vec![], Duration::from_millis(200));
+        (q, l, b)
+    }
+
+    #[test]
+    fn slot_choice() {
+        let bus = |id: &str, capacity, used| HotplugBus {
+            id: id.into(),
+            capacity,
+            used,
+        };
+        let buses = vec![bus("rp10", 1, 0), bus("rp2", 1, 1), bus("rp3", 1, 0), bus("br1", 31, 30)];
+        assert_eq!(choose_slot(&buses, &[]).unwrap(), "rp3", "natural order, free ports first");
+        assert_eq!(choose_slot(&buses, &["rp10".into()]).unwrap(), "rp10");
+        assert!(choose_slot(&buses, &["rp2".into()]).unwrap_err().contains("full"));
+        assert!(choose_slot(&buses, &["nope".into()]).unwrap_err().contains("\"nope\""));
+        let full = vec![bus("rp1", 1, 1), bus("br1", 31, 30)];
+        assert_eq!(choose_slot(&full, &[]).unwrap(), "br1");
+        assert!(choose_slot(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn parses_query_pci_of_q35_and_i440fx() {
+        let q = FakeQemu::new(3);
+        let buses = hotplug_buses(&q.query_pci());
+        assert_eq!(buses.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["rp1", "rp2", "rp3"]);
+        assert!(buses.iter().all(|b| b.capacity == 1 && b.used == 0));
+        let pc = json!([{ "bus": 0, "devices": [
+            {"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": 0x1237}},
+            {"slot": 1, "function": 0, "id": {"vendor": VENDOR_INTEL, "device": 0x7000}},
+            {"slot": 1, "function": 1, "id": {"vendor": VENDOR_INTEL, "device": 0x7010}},
+            {"slot": 2, "id": {"vendor": 0x1234, "device": 0x1111}}
+        ]}]);
+        assert_eq!(hotplug_buses(&pc), vec![HotplugBus { id: "pci.0".into(), capacity: 32, used: 3 }]);
+    }
+
+    #[tokio::test]
+    async fn plug_and_unplug_leave_nothing() {
+        let (q, l, b) = backend(2);
+        let p = b.plug(&plan("00000000a1")).await.unwrap();
+        assert_eq!(p.slot.as_deref(), Some("rp1"));
+        let p2 = b.plug(&plan("00000000a2")).await.unwrap();
+        assert_eq!(p2.slot.as_deref(), Some("rp2"));
+        let e = b.plug(&plan("00000000a3")).await.unwrap_err();
+        assert!(matches!(e, BackendError::NoFreeSlot { .. }), "{e}");
+        let ids: Vec<NicId> = ["00000000a1", "00000000a2"].iter().map(|s| s.parse().unwrap()).collect();
+        assert!(b.presence(&ids).await.values().all(|p| *p == Presence::Present));
+        for id in &ids {
+            b.unplug(id).await.unwrap();
+            b.unplug(id).await.unwrap(); // idempotent
+        }
+        assert!(q.devices.lock().unwrap().is_empty());
+        assert!(q.netdevs.lock().unwrap().is_empty());
+        assert!(q.fds.lock().unwrap().is_empty());
+        assert!(l.links.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_failing_step_is_rolled_back() {
+        for step in ["getfd", "netdev_add", "device_add"] {
+            let (q, l, b) = backend(1);
+            *q.fail.lock().unwrap() = Some(step);
+            let e = b.plug(&plan("00000000b1")).await.unwrap_err();
+            assert!(e.to_string().contains(step), "{step}: {e}");
+            assert!(q.devices.lock().unwrap().is_empty(), "{step}: device left");
+            assert!(q.netdevs.lock().unwrap().is_empty(), "{step}: netdev left");
+            assert!(q.fds.lock().unwrap().is_empty(), "{step}: fd left");
+            assert!(l.links.lock().unwrap().is_empty(), "{step}: tap left");
+        }
+        let (_q, l, b) = backend(1);
+        *l.fail.lock().unwrap() = Some("join_bridge");
+        assert!(b.plug(&plan("00000000b2")).await.is_err());
+        assert!(l.links.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn unplug_times_out_when_the_guest_keeps_the_device() {
+        let (q, _l, b) = backend(1);
+        b.plug(&plan("00000000c1")).await.unwrap();
+        *q.guest_releases.lock().unwrap() = false;
+        let e = b.unplug(&"00000000c1".parse().unwrap()).await.unwrap_err();
+        assert!(matches!(e, BackendError::UnplugTimeout { .. }), "{e}");
+        assert_eq!(q.netdevs.lock().unwrap().len(), 1, "netdev kept while the device is");
+    }
+
+    #[tokio::test]
+    async fn orphans_and_unreachable_qemu() {
+        let (q, _l, b) = backend(2);
+        b.plug(&plan("00000000d1")).await.unwrap();
+        b.plug(&plan("00000000d2")).await.unwrap();
+        let known: Vec<NicId> = vec!["00000000d1".parse().unwrap()];
+        assert_eq!(b.orphans(&known).await.unwrap(), vec!["00000000d2".parse::<NicId>().unwrap()]);
+        *q.down.lock().unwrap() = true;
+        assert!(b.presence(&known).await.values().all(|p| *p == Presence::Unknown));
+        assert!(b.probe().await.unwrap_err().is_unavailable());
+    }
+}

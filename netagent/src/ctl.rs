@@ -1,0 +1,164 @@
+//! `nestlessctl`'s agent commands: ask the admin socket, print a table or JSON.
+
+use std::path::Path;
+
+use nestless_protos::{agent as pb, agent_ttrpc::AdminClient};
+use serde_json::{json, Value};
+
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/nestless/admin.sock";
+
+/// What to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Agent status.
+    Status,
+    /// VMs.
+    Vms,
+    /// NICs (of one VM or all).
+    Nics,
+    /// Leases.
+    Leases,
+}
+
+/// Connects to the admin socket.
+pub async fn connect(socket: &Path) -> anyhow::Result<AdminClient> {
+    if !socket.exists() {
+        anyhow::bail!("admin socket {} does not exist (is nestless-netagent running?)", socket.display());
+    }
+    let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to admin socket {}: {e}", socket.display()))?;
+    Ok(AdminClient::new(client))
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(10_000_000_000)
+}
+
+fn rpc_err(what: &str, e: ttrpc::Error) -> anyhow::Error {
+    match e {
+        ttrpc::Error::RpcStatus(s) => anyhow::anyhow!("{what}: {}", s.message()),
+        other => anyhow::anyhow!("{what}: {other}"),
+    }
+}
+
+/// Fetches a view as JSON.
+pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow::Result<Value> {
+    Ok(match view {
+        View::Status => {
+            let s = client.status(ctx(), &pb::StatusRequest::default()).await.map_err(|e| rpc_err("Status", e))?;
+            json!({
+                "agent_version": s.agent_version, "protocol_version": s.protocol_version,
+                "uptime_seconds": s.uptime_seconds, "state_file": s.state_file,
+                "vms": s.vms, "nics": s.nics,
+            })
+        }
+        View::Vms => {
+            let r = client.list_vms(ctx(), &pb::ListVmsRequest::default()).await.map_err(|e| rpc_err("ListVms", e))?;
+            Value::Array(
+                r.vms
+                    .iter()
+                    .map(|v| {
+                        json!({
+                            "name": v.name, "backend": v.backend, "endpoint": v.endpoint, "network": v.network,
+                            "cid": v.cid, "unix_socket": v.unix_socket, "nics": v.nics, "max_nics": v.max_nics,
+                            "status": v.status,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        View::Nics => {
+            let req = pb::ListAllNicsRequest {
+                vm: vm.unwrap_or_default().to_string(),
+                ..Default::default()
+            };
+            let r = client.list_all_nics(ctx(), &req).await.map_err(|e| rpc_err("ListAllNics", e))?;
+            Value::Array(
+                r.nics
+                    .iter()
+                    .map(|n| {
+                        let nic = n.nic.as_ref().cloned().unwrap_or_default();
+                        json!({
+                            "vm": n.vm, "id": nic.id, "sandbox_id": nic.sandbox_id, "state": n.state,
+                            "mac": nic.mac, "addresses": nic.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>(),
+                            "network": nic.network, "host_ifname": n.host_ifname, "slot": n.slot,
+                            "created_unix": n.created_unix,
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        View::Leases => {
+            let r = client.list_leases(ctx(), &pb::ListLeasesRequest::default()).await.map_err(|e| rpc_err("ListLeases", e))?;
+            Value::Array(
+                r.leases
+                    .iter()
+                    .map(|l| json!({"network": l.network, "address": l.address, "vm": l.vm, "nic_id": l.nic_id, "sandbox_id": l.sandbox_id}))
+                    .collect(),
+            )
+        }
+    })
+}
+
+/// Renders a view as an aligned text table.
+pub fn table(view: View, v: &Value) -> String {
+    let cols: &[&str] = match view {
+        View::Status => {
+            let obj = v.as_object().cloned().unwrap_or_default();
+            return obj.iter().map(|(k, v)| format!("{k:<18}{}\n", cell(v))).collect();
+        }
+        View::Vms => &["name", "backend", "network", "cid", "nics", "max_nics", "endpoint", "status"],
+        View::Nics => &["vm", "id", "sandbox_id", "state", "mac", "addresses", "host_ifname", "slot"],
+        View::Leases => &["network", "address", "vm", "nic_id", "sandbox_id"],
+    };
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| a.iter().map(|r| cols.iter().map(|c| cell(&r[*c])).collect()).collect())
+        .unwrap_or_default();
+    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| -> String {
+        let mut s: String = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}  ")).collect();
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_show_dashes() {
+        let v = json!([
+            {"network": "default", "address": "10.0.0.2", "vm": "vm1", "nic_id": "0000000001", "sandbox_id": ""},
+            {"network": "default", "address": "10.0.0.10", "vm": "vm-long", "nic_id": "0000000002", "sandbox_id": "sb"}
+        ]);
+        let t = table(View::Leases, &v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "NETWORK  ADDRESS    VM       NIC_ID      SANDBOX_ID");
+        assert_eq!(lines[1], "default  10.0.0.2   vm1      0000000001  -");
+        assert_eq!(lines[2], "default  10.0.0.10  vm-long  0000000002  sb");
+    }
+}

@@ -1,0 +1,85 @@
+//! The agent's errors and their one mapping onto ttrpc status codes.
+
+use crate::{backend::BackendError, ipam::IpamError, state::StateError};
+
+/// What can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The caller is not a VM this agent serves.
+    #[error("unknown VM: {0}")]
+    UnknownVm(String),
+    /// A request field is malformed.
+    #[error("invalid request: {field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The VM has no such NIC (it may be another VM's: that is not told).
+    #[error("VM {vm} has no NIC {what}")]
+    NicNotFound {
+        /// The calling VM.
+        vm: String,
+        /// What was asked for ("id X", "for sandbox Y").
+        what: String,
+    },
+    /// The VM may not use that network.
+    #[error("VM {vm} may not use network {network:?} (its network is {allowed:?})")]
+    NetworkNotAllowed {
+        /// The calling VM.
+        vm: String,
+        /// The network asked for.
+        network: String,
+        /// The VM's network.
+        allowed: String,
+    },
+    /// The VM has as many NICs as it may.
+    #[error("VM {vm} already has {quota} NICs, its quota")]
+    QuotaExceeded {
+        /// The VM.
+        vm: String,
+        /// Its quota.
+        quota: u32,
+    },
+    /// Address allocation failed.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl AgentError {
+    /// The ttrpc status code for this error.
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            AgentError::UnknownVm(_) => Code::PERMISSION_DENIED,
+            AgentError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
+            AgentError::NicNotFound { .. } => Code::NOT_FOUND,
+            AgentError::NetworkNotAllowed { .. } => Code::PERMISSION_DENIED,
+            AgentError::QuotaExceeded { .. } => Code::RESOURCE_EXHAUSTED,
+            AgentError::Ipam(_) => Code::RESOURCE_EXHAUSTED,
+            AgentError::Backend(BackendError::NoFreeSlot { .. }) => Code::RESOURCE_EXHAUSTED,
+            AgentError::Backend(BackendError::UnplugTimeout { .. }) => Code::DEADLINE_EXCEEDED,
+            AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
+            AgentError::Backend(_) => Code::INTERNAL,
+            AgentError::State(_) => Code::INTERNAL,
+        }
+    }
+
+    /// The error as a ttrpc error carrying a status.
+    pub fn to_ttrpc(&self) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))
+    }
+}
+
+impl From<AgentError> for ttrpc::Error {
+    fn from(e: AgentError) -> ttrpc::Error {
+        e.to_ttrpc()
+    }
+}

@@ -1,0 +1,391 @@
+//! The link seam: host-side interfaces (taps, veth pairs, bridges).
+//!
+//! [`HostLinks`] is what the backends need from the host's network stack;
+//! [`Netlink`] implements it with `rtnetlink` (and the tun ioctl, since the
+//! kernel does not create taps over netlink). Tests of backend logic use a
+//! recording fake instead.
+
+use std::{
+    net::IpAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    path::Path,
+};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
+};
+
+use crate::types::MacAddr;
+
+/// A failed link operation: what was being done, to which interface, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {op} {ifname}: {source}")]
+pub struct LinkError {
+    /// The operation, e.g. "create veth".
+    pub op: &'static str,
+    /// The interface (or namespace) concerned.
+    pub ifname: String,
+    /// The kernel's answer.
+    pub source: std::io::Error,
+}
+
+impl LinkError {
+    fn new(op: &'static str, ifname: &str, source: std::io::Error) -> LinkError {
+        LinkError {
+            op,
+            ifname: ifname.to_string(),
+            source,
+        }
+    }
+
+    /// True when the interface does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.source.raw_os_error() == Some(libc::ENODEV)
+    }
+}
+
+/// What the backends need from the host's links.
+#[async_trait::async_trait]
+pub trait HostLinks: Send + Sync {
+    /// True when a link of this name exists in the agent's namespace.
+    async fn exists(&self, ifname: &str) -> Result<bool, LinkError>;
+    /// Creates the bridge if missing, gives it `address` if it lacks it, sets it up.
+    async fn ensure_bridge(&self, bridge: &str, address: Option<(IpAddr, u8)>, mtu: u32) -> Result<(), LinkError>;
+    /// Creates a veth pair: `host` in the agent's namespace, `guest` (with
+    /// `guest_mac`) directly in the namespace at `netns`.
+    async fn create_veth(
+        &self,
+        host: &str,
+        guest: &str,
+        guest_mac: MacAddr,
+        mtu: u32,
+        netns: &Path,
+    ) -> Result<(), LinkError>;
+    /// Opens a tap (non-persistent: it disappears with the last fd) with a
+    /// virtio-net header, returning its fd.
+    fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError>;
+    /// Sets the MTU, joins `ifname` to `bridge` and sets it up.
+    async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError>;
+    /// Deletes a link; `Ok(false)` when it did not exist.
+    async fn delete(&self, ifname: &str) -> Result<bool, LinkError>;
+    /// Names of the links this agent made (marked with its owner alias)
+    /// whose name starts with `prefix`.
+    async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError>;
+}
+
+fn nl_io(e: rtnetlink::Error) -> std::io::Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+/// [`HostLinks`] over rtnetlink.
+///
+/// Every host link it creates carries `owner` as its alias (`ip link show`
+/// prints it), so that an agent sweeping orphans never touches the links of
+/// another agent (tests run several on one host).
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+    owner: String,
+}
+
+/// The owner alias for an agent whose state lives in `state_dir`.
+pub fn owner_alias(state_dir: &Path) -> String {
+    let mut s = format!("nestless-netagent {}", state_dir.display());
+    s.truncate(200);
+    s
+}
+
+impl Netlink {
+    /// Opens a netlink connection (its task runs on the current tokio runtime);
+    /// links created get the alias `owner`.
+    pub fn new(owner: &str) -> std::io::Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink {
+            handle,
+            owner: owner.to_string(),
+        })
+    }
+
+    async fn get(&self, ifname: &str) -> Result<Option<LinkMessage>, LinkError> {
+        match self.handle.link().get().match_name(ifname.to_string()).execute().try_next().await {
+            Ok(m) => Ok(m),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => Ok(None),
+            Err(e) => Err(LinkError::new("look up", ifname, nl_io(e))),
+        }
+    }
+
+    async fn index(&self, op: &'static str, ifname: &str) -> Result<u32, LinkError> {
+        self.get(ifname)
+            .await?
+            .map(|m| m.header.index)
+            .ok_or_else(|| LinkError::new(op, ifname, std::io::Error::from_raw_os_error(libc::ENODEV)))
+    }
+}
+
+fn same_netns(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let a = std::fs::metadata(path)?;
+    let b = std::fs::metadata("/proc/self/ns/net")?;
+    Ok(a.dev() == b.dev() && a.ino() == b.ino())
+}
+
+#[async_trait::async_trait]
+impl HostLinks for Netlink {
+    async fn exists(&self, ifname: &str) -> Result<bool, LinkError> {
+        Ok(self.get(ifname).await?.is_some())
+    }
+
+    async fn ensure_bridge(&self, bridge: &str, address: Option<(IpAddr, u8)>, mtu: u32) -> Result<(), LinkError> {
+        let index = match self.get(bridge).await? {
+            Some(m) => m.header.index,
+            None => {
+                self.handle
+                    .link()
+                    .add(LinkBridge::new(bridge).mtu(mtu).build())
+                    .execute()
+                    .await
+                    .map_err(|e| LinkError::new("create bridge", bridge, nl_io(e)))?;
+                self.index("create bridge", bridge).await?
+            }
+        };
+        if let Some((addr, prefix)) = address {
+            let has = self
+                .handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(|e| LinkError::new("list addresses of", bridge, nl_io(e)))?
+                .iter()
+                .any(|m| {
+                    m.attributes.iter().any(|a| {
+                        matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(x) if *x == addr)
+                    })
+                });
+            if !has {
+                self.handle
+                    .address()
+                    .add(index, addr, prefix)
+                    .execute()
+                    .await
+                    .map_err(|e| LinkError::new("add the gateway address to", bridge, nl_io(e)))?;
+            }
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| LinkError::new("set up", bridge, nl_io(e)))
+    }
+
+    async fn create_veth(
+        &self,
+        host: &str,
+        guest: &str,
+        guest_mac: MacAddr,
+        mtu: u32,
+        netns: &Path,
+    ) -> Result<(), LinkError> {
+        let ns_file = std::fs::File::open(netns).map_err(|e| LinkError::new("open network namespace", &netns.display().to_string(), e))?;
+        let same = same_netns(netns).map_err(|e| LinkError::new("inspect network namespace", &netns.display().to_string(), e))?;
+        let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(guest.to_string())
+            .address(guest_mac.0.to_vec())
+            .mtu(mtu);
+        if !same {
+            peer = peer.setns_by_fd(ns_file.as_raw_fd());
+        }
+        let msg = LinkVeth::new(host, guest)
+            .mtu(mtu)
+            .alias(self.owner.clone())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| LinkError::new("create veth", host, nl_io(e)))
+    }
+
+    fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError> {
+        tap::open(name).map_err(|e| LinkError::new("create tap", name, e))
+    }
+
+    async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError> {
+        let br = self.index("find bridge", bridge).await?;
+        let idx = self.index("attach to bridge", ifname).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(idx)
+                    .mtu(mtu)
+                    .controller(br)
+                    .alias(self.owner.clone())
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| LinkError::new("attach to bridge", ifname, nl_io(e)))
+    }
+
+    async fn delete(&self, ifname: &str) -> Result<bool, LinkError> {
+        let Some(m) = self.get(ifname).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(m.header.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => Ok(false),
+            Err(e) => Err(LinkError::new("delete", ifname, nl_io(e))),
+        }
+    }
+
+    async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| LinkError::new("list", "links", nl_io(e)))?;
+        Ok(links
+            .iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfAlias(x) if *x == self.owner))
+            })
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) if n.starts_with(prefix) => Some(n.clone()),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+}
+
+/// The kind of a link message (`veth`, `tun`, `bridge`...), for diagnostics.
+pub fn link_kind(m: &LinkMessage) -> Option<&InfoKind> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The tun/tap ioctl, which netlink does not offer.
+mod tap {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: libc::c_short,
+        _pad: [u8; 22],
+    }
+
+    nix::ioctl_write_int!(tunsetiff, b'T', 202);
+
+    /// Opens (creating if needed) the tap `name`; it lives while the fd does.
+    pub fn open(name: &str) -> std::io::Result<OwnedFd> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: a plain open(2) of a fixed path; the fd is owned below.
+        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by open(2) and is not owned elsewhere.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads an ifreq, which `req` is laid out as; it outlives the call.
+        unsafe { tunsetiff(fd, &mut req as *mut IfReq as u64) }.map_err(std::io::Error::from)?;
+        Ok(owned)
+    }
+}
+
+#[cfg(test)]
+pub mod fake {
+    //! A recording [`HostLinks`] for unit tests.
+    use super::*;
+    use std::{collections::BTreeSet, sync::Mutex};
+
+    /// Links that "exist", and calls made.
+    #[derive(Default)]
+    pub struct FakeLinks {
+        /// Existing link names.
+        pub links: Mutex<BTreeSet<String>>,
+        /// Calls, in order.
+        pub calls: Mutex<Vec<String>>,
+        /// Operation name that fails next (`create_veth`, `join_bridge`...).
+        pub fail: Mutex<Option<&'static str>>,
+    }
+
+    impl FakeLinks {
+        fn call(&self, op: &'static str, what: &str) -> Result<(), LinkError> {
+            self.calls.lock().unwrap().push(format!("{op} {what}"));
+            if *self.fail.lock().unwrap() == Some(op) {
+                *self.fail.lock().unwrap() = None;
+                return Err(LinkError::new(op, what, std::io::Error::from_raw_os_error(libc::EIO)));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl HostLinks for FakeLinks {
+        async fn exists(&self, ifname: &str) -> Result<bool, LinkError> {
+            Ok(self.links.lock().unwrap().contains(ifname))
+        }
+        async fn ensure_bridge(&self, bridge: &str, _: Option<(IpAddr, u8)>, _: u32) -> Result<(), LinkError> {
+            self.call("ensure_bridge", bridge)?;
+            self.links.lock().unwrap().insert(bridge.to_string());
+            Ok(())
+        }
+        async fn create_veth(&self, host: &str, guest: &str, _: MacAddr, _: u32, _: &Path) -> Result<(), LinkError> {
+            self.call("create_veth", host)?;
+            self.links.lock().unwrap().insert(host.to_string());
+            let _ = guest;
+            Ok(())
+        }
+        fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError> {
+            self.call("open_tap", name)?;
+            self.links.lock().unwrap().insert(name.to_string());
+            Ok(std::fs::File::open("/dev/null").unwrap().into())
+        }
+        async fn join_bridge(&self, ifname: &str, bridge: &str, _: u32) -> Result<(), LinkError> {
+            self.call("join_bridge", &format!("{ifname} {bridge}"))
+        }
+        async fn delete(&self, ifname: &str) -> Result<bool, LinkError> {
+            self.call("delete", ifname)?;
+            Ok(self.links.lock().unwrap().remove(ifname))
+        }
+        async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
+            Ok(self.links.lock().unwrap().iter().filter(|l| l.starts_with(prefix)).cloned().collect())
+        }
+    }
+}

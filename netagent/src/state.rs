@@ -1,0 +1,202 @@
+//! The agent's durable state: one JSON file of NIC records.
+//!
+//! Writes are crash-safe: the new content goes to a temporary file in the same
+//! directory, is fsynced, renamed over `state.json`, and the directory is
+//! fsynced. A reader therefore sees either the old or the new file, whole.
+//! Leases are not stored on their own; they are the addresses of the records.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    lifecycle::NicState,
+    types::{MacAddr, NicId},
+};
+
+/// Version of the file format.
+pub const STATE_VERSION: u32 = 1;
+
+/// One NIC the agent handed out (or is handing out, or taking back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicRecord {
+    /// The NIC's id; every external name derives from it.
+    pub id: NicId,
+    /// The VM it belongs to.
+    pub vm: String,
+    /// The sandbox it was attached for (idempotency key within the VM).
+    pub sandbox_id: String,
+    /// The network its addresses come from.
+    pub network: String,
+    /// Its MAC.
+    pub mac: MacAddr,
+    /// Its IPv4 lease.
+    pub ipv4: Ipv4Addr,
+    /// Its IPv6 address, when the network has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
+    /// Where it is in its life.
+    pub state: NicState,
+    /// The hot-plug bus it was plugged on (qemu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// Labels from the request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateDoc {
+    version: u32,
+    nics: Vec<NicRecord>,
+}
+
+/// State file errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing failed.
+    #[error("cannot {op} state file {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a state file this agent understands.
+    #[error("state file {path} is unreadable: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The state file.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// `state.json` in `dir`.
+    pub fn in_dir(dir: &Path) -> StateFile {
+        StateFile {
+            path: dir.join("state.json"),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+        move |source| StateError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The records; none when the file does not exist yet.
+    pub fn load(&self) -> Result<Vec<NicRecord>, StateError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("read")(e)),
+        };
+        let doc: StateDoc = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        if doc.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: self.path.clone(),
+                message: format!("version {} (this agent reads {STATE_VERSION})", doc.version),
+            });
+        }
+        Ok(doc.nics)
+    }
+
+    /// Replaces the file's content with `records`, atomically and durably.
+    pub fn save<'a>(&self, records: impl IntoIterator<Item = &'a NicRecord>) -> Result<(), StateError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir).map_err(self.io("create the directory of"))?;
+        let doc = StateDoc {
+            version: STATE_VERSION,
+            nics: records.into_iter().cloned().collect(),
+        };
+        let body = serde_json::to_vec_pretty(&doc).map_err(|e| StateError::Corrupt {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = fs::File::create(&tmp).map_err(self.io("create a temporary for"))?;
+        f.write_all(&body).map_err(self.io("write"))?;
+        f.sync_all().map_err(self.io("fsync"))?;
+        drop(f);
+        fs::rename(&tmp, &self.path).map_err(self.io("rename into"))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io("fsync the directory of"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str) -> NicRecord {
+        NicRecord {
+            id: id.parse().unwrap(),
+            vm: "vm1".into(),
+            sandbox_id: "sb".into(),
+            network: "default".into(),
+            mac: "52:54:00:00:00:01".parse().unwrap(),
+            ipv4: "10.0.0.2".parse().unwrap(),
+            ipv6: None,
+            state: NicState::Attached,
+            slot: Some("rp1".into()),
+            labels: BTreeMap::new(),
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn missing_file_is_empty_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::in_dir(&dir.path().join("sub"));
+        assert!(sf.load().unwrap().is_empty());
+        let recs = vec![rec("00000000aa"), rec("00000000bb")];
+        sf.save(&recs).unwrap();
+        assert_eq!(sf.load().unwrap(), recs);
+        sf.save(&recs[..1]).unwrap();
+        assert_eq!(sf.load().unwrap(), recs[..1]);
+        assert!(!sf.path().with_extension("json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_or_future_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::in_dir(dir.path());
+        fs::write(sf.path(), "{not json").unwrap();
+        let e = sf.load().unwrap_err().to_string();
+        assert!(e.contains("state.json"), "{e}");
+        fs::write(sf.path(), r#"{"version": 9, "nics": []}"#).unwrap();
+        assert!(sf.load().unwrap_err().to_string().contains("version 9"));
+    }
+}

@@ -1,0 +1,255 @@
+//! Small domain newtypes shared by the agent: MAC addresses, NIC ids and the
+//! names derived from them on the host and in QEMU.
+
+use std::{fmt, str::FromStr};
+
+use rand::Rng;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A 48-bit Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random unicast MAC under `prefix` (the first bytes of the address).
+    pub fn random_with_prefix(prefix: &[u8]) -> MacAddr {
+        let mut bytes = [0u8; 6];
+        rand::rng().fill(&mut bytes[..]);
+        bytes[..prefix.len()].copy_from_slice(prefix);
+        if prefix.is_empty() {
+            // Locally administered, unicast.
+            bytes[0] = (bytes[0] | 0x02) & 0xfe;
+        }
+        MacAddr(bytes)
+    }
+
+    /// True for a multicast (group) address, which a NIC must not use.
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 0x01 == 0x01
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Why a MAC address (or prefix) did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")]
+pub struct MacParseError(pub String);
+
+/// Parses colon- or dash-separated hex bytes; `want` is the exact byte count.
+pub(crate) fn parse_hex_bytes(s: &str, want: usize) -> Option<Vec<u8>> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != want {
+        return None;
+    }
+    parts
+        .iter()
+        .map(|p| {
+            if p.len() == 2 {
+                u8::from_str_radix(p, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+impl FromStr for MacAddr {
+    type Err = MacParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = parse_hex_bytes(s, 6).ok_or_else(|| MacParseError(s.to_string()))?;
+        let mut out = [0u8; 6];
+        out.copy_from_slice(&bytes);
+        Ok(MacAddr(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The agent's id for a NIC: 10 lower-case hex digits.
+///
+/// Every name the NIC has on the host and in QEMU is derived from it, so that
+/// a restarted agent can find what a NIC left behind (see [`NicNames`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NicId(String);
+
+impl NicId {
+    /// Length of the hex id.
+    pub const LEN: usize = 10;
+
+    /// A fresh random id.
+    pub fn random() -> NicId {
+        let n: u64 = rand::rng().random::<u64>() & 0xff_ffff_ffff;
+        NicId(format!("{n:010x}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The names derived from this id.
+    pub fn names(&self) -> NicNames {
+        NicNames::for_id(self)
+    }
+}
+
+impl TryFrom<String> for NicId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.len() == Self::LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            Ok(NicId(s))
+        } else {
+            Err(format!("{s:?} is not a NIC id (10 lower-case hex digits)"))
+        }
+    }
+}
+
+impl FromStr for NicId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NicId::try_from(s.to_string())
+    }
+}
+
+impl From<NicId> for String {
+    fn from(id: NicId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for NicId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NicId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Prefix of every host interface the agent creates (taps, veth host ends).
+pub const HOST_IF_PREFIX: &str = "nlh";
+/// Prefix of the guest end of a veth (netns backend) before the guest renames it.
+pub const GUEST_IF_PREFIX: &str = "nlg";
+/// Prefix of QEMU device ids the agent creates.
+pub const QEMU_DEVICE_PREFIX: &str = "nl-";
+/// Prefix of QEMU netdev ids the agent creates.
+pub const QEMU_NETDEV_PREFIX: &str = "nln-";
+/// Prefix of file descriptor names the agent passes to QEMU.
+pub const QEMU_FD_PREFIX: &str = "nlf-";
+
+/// Every name a NIC has outside the agent, derived from its [`NicId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicNames {
+    /// Host interface: the tap (qemu) or the host end of the veth (netns).
+    pub host_if: String,
+    /// Guest end of the veth (netns backend).
+    pub guest_if: String,
+    /// QEMU device id (`device_add id=`).
+    pub device: String,
+    /// QEMU netdev id (`netdev_add id=`).
+    pub netdev: String,
+    /// Name of the tap fd passed to QEMU with `getfd`.
+    pub fd_name: String,
+}
+
+impl NicNames {
+    fn for_id(id: &NicId) -> NicNames {
+        NicNames {
+            host_if: format!("{HOST_IF_PREFIX}{id}"),
+            guest_if: format!("{GUEST_IF_PREFIX}{id}"),
+            device: format!("{QEMU_DEVICE_PREFIX}{id}"),
+            netdev: format!("{QEMU_NETDEV_PREFIX}{id}"),
+            fd_name: format!("{QEMU_FD_PREFIX}{id}"),
+        }
+    }
+
+    /// The NIC id a host interface, device or netdev name was derived from.
+    pub fn id_from_name(name: &str) -> Option<NicId> {
+        [
+            HOST_IF_PREFIX,
+            GUEST_IF_PREFIX,
+            QEMU_NETDEV_PREFIX,
+            QEMU_DEVICE_PREFIX,
+            QEMU_FD_PREFIX,
+        ]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .and_then(|rest| rest.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_errors() {
+        let m: MacAddr = "52:54:00:AB:cd:01".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
+        assert_eq!("52-54-00-ab-cd-01".parse::<MacAddr>().unwrap(), m);
+        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "zz:54:00:ab:cd:01"] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn random_macs_keep_prefix_and_are_unicast() {
+        for _ in 0..100 {
+            let m = MacAddr::random_with_prefix(&[0x52, 0x54, 0x00]);
+            assert_eq!(&m.0[..3], &[0x52, 0x54, 0x00]);
+            let m = MacAddr::random_with_prefix(&[]);
+            assert!(!m.is_multicast());
+            assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
+        }
+    }
+
+    #[test]
+    fn names_fit_in_ifnamsiz_and_map_back() {
+        let id = NicId::random();
+        let names = id.names();
+        assert!(names.host_if.len() <= 15 && names.guest_if.len() <= 15);
+        for n in [&names.host_if, &names.guest_if, &names.device, &names.netdev, &names.fd_name] {
+            assert_eq!(NicNames::id_from_name(n), Some(id.clone()), "{n}");
+        }
+        assert_eq!(NicNames::id_from_name("nlhxyz"), None);
+        assert_eq!(NicNames::id_from_name("eth0"), None);
+    }
+
+    #[test]
+    fn nic_id_validation() {
+        assert!("0123456789".parse::<NicId>().is_ok());
+        assert!("0123456789a".parse::<NicId>().is_err());
+        assert!("ABCDEF0123".parse::<NicId>().is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! Running the real `nestless-netagent` binary in tests, and talking to it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use nestless_protos::agent_ttrpc::{AdminClient, NetAgentClient};
+
+/// Path of a binary built from this workspace (`cargo build --workspace`),
+/// next to the test executable's directory, or in `$NESTLESS_BIN_DIR`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("NESTLESS_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/<profile>/deps/<test> -> target/<profile>
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        }
+    };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace) or set NESTLESS_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// A running agent with its own directory (config, state, sockets, log).
+pub struct AgentProc {
+    /// The private directory.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// The admin socket.
+    pub admin: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Writes `config(dir)` as the config and starts the agent; `config`
+    /// gets the private directory to place state and sockets in. The config
+    /// must set `state_dir = "<dir>/state"` and `admin_socket = "<dir>/admin.sock"`
+    /// (see [`AgentProc::agent_section`]).
+    pub fn start(config: impl FnOnce(&Path) -> String) -> AgentProc {
+        let dir = tempfile::Builder::new()
+            .prefix("nestless-agent-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("netagent.toml");
+        std::fs::write(&cfg, config(dir.path())).expect("write config");
+        let mut a = AgentProc {
+            admin: dir.path().join("admin.sock"),
+            log: dir.path().join("agent.log"),
+            config: cfg,
+            dir,
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// The `[agent]` section for a private directory.
+    pub fn agent_section(dir: &Path) -> String {
+        format!(
+            "[agent]\nstate_dir = \"{0}/state\"\nadmin_socket = \"{0}/admin.sock\"\nlisten_vsock = false\nunplug_timeout_ms = 5000\n",
+            dir.display()
+        )
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open agent log");
+        let child = Command::new(bin_path("nestless-netagent"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nestless-netagent");
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(30));
+    }
+
+    /// Waits until the admin socket accepts connections; panics (with the
+    /// agent's log) if the agent exits or the deadline passes.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(status) = c.try_wait().expect("try_wait") {
+                    panic!(
+                        "nestless-netagent exited ({status}) during start:\n{}",
+                        self.log()
+                    );
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(&self.admin).is_ok()
+                && self.log().contains("ready:")
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "agent not ready within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().expect("wait agent")
+    }
+
+    /// Starts the agent again (after [`AgentProc::kill9`] or [`AgentProc::stop`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        self.spawn();
+    }
+
+    /// Reads the state file.
+    pub fn state(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dir.path().join("state/state.json"))
+            .unwrap_or_else(|_| "{\"nics\":[]}".into());
+        serde_json::from_str(&text).expect("state.json is JSON")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A NetAgent client over a VM's unix socket.
+pub async fn vm_client(socket: &Path) -> NetAgentClient {
+    let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    NetAgentClient::new(c)
+}
+
+/// An Admin client.
+pub async fn admin_client(socket: &Path) -> AdminClient {
+    let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    AdminClient::new(c)
+}
+
+/// A request context with a deadline.
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+/// The status code and message of a failed call.
+pub fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
+    match e {
+        ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+        other => (ttrpc::Code::UNKNOWN, other.to_string()),
+    }
+}

@@ -1,0 +1,498 @@
+//! The host agent with the netns backend, for real: namespaces, a bridge,
+//! veth pairs, the agent binary over its unix sockets. Needs root.
+
+use std::{collections::HashSet, path::Path, time::Duration};
+
+use nestless_protos::agent as pb;
+use nestless_tests::{
+    agent::{admin_client, bin_path, ctx, status_of, vm_client, AgentProc},
+    netenv::{check, host_links, random_subnet, require_root, run, Bridge, Netns},
+};
+
+struct Rig {
+    agent: AgentProc,
+    bridge: Bridge,
+    vms: Vec<Netns>,
+    net: String,
+}
+
+impl Rig {
+    fn new(vms: usize, max_nics: u32) -> Rig {
+        require_root();
+        let net = random_subnet();
+        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        let vms: Vec<Netns> = (0..vms).map(|i| Netns::new(&format!("vm{i}"))).collect();
+        let agent = AgentProc::start(|dir| {
+            let mut s = AgentProc::agent_section(dir);
+            s += &format!(
+                "[[network]]\nname = \"test\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                bridge.name
+            );
+            for (i, ns) in vms.iter().enumerate() {
+                s += &format!(
+                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
+                    ns.name,
+                    dir.display()
+                );
+            }
+            s
+        });
+        Rig {
+            agent,
+            bridge,
+            vms,
+            net,
+        }
+    }
+
+    fn socket(&self, i: usize) -> std::path::PathBuf {
+        self.agent.dir.path().join(format!("vm{i}.sock"))
+    }
+}
+
+fn attach_req(sb: &str) -> pb::AttachNicRequest {
+    pb::AttachNicRequest {
+        sandbox_id: sb.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_configure_ping_detach() {
+    let rig = Rig::new(1, 8);
+    let c = vm_client(&rig.socket(0)).await;
+    let health = c
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.vm, "vm0");
+    assert_eq!(health.protocol_version, "nestless.agent.v1");
+
+    let mut req = attach_req("sandbox-1");
+    req.labels
+        .insert("io.kubernetes.pod.name".into(), "web".into());
+    let resp = c.attach_nic(ctx(), &req).await.unwrap();
+    assert!(resp.created);
+    let nic = resp.nic.unwrap();
+    let addr = &nic.addresses[0];
+    assert!(
+        addr.address.starts_with(&rig.net) && addr.prefix_len == 24,
+        "{addr:?}"
+    );
+    assert_eq!(addr.gateway, format!("{}.1", rig.net));
+    assert_eq!(nic.mtu, 1500);
+    assert_eq!(nic.routes[0].destination, "0.0.0.0/0");
+
+    // The NIC is in the VM's namespace with the returned MAC; its host end is on the bridge.
+    let ns = &rig.vms[0];
+    let guest = ns
+        .links()
+        .into_iter()
+        .find(|l| l["address"].as_str() == Some(nic.mac.as_str()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no link with MAC {} in {}: {:?}",
+                nic.mac,
+                ns.name,
+                ns.links()
+            )
+        });
+    let guest_if = guest["ifname"].as_str().unwrap().to_string();
+    let host_if = format!("nlh{}", nic.id);
+    assert_eq!(rig.bridge.ports(), vec![host_if.clone()]);
+
+    // Configure it as the shim would, then ping both ways across the bridge.
+    let cidr = format!("{}/{}", addr.address, addr.prefix_len);
+    check(&["ip", "-n", &ns.name, "addr", "add", &cidr, "dev", &guest_if]);
+    check(&["ip", "-n", &ns.name, "link", "set", &guest_if, "up"]);
+    check(&[
+        "ip",
+        "-n",
+        &ns.name,
+        "route",
+        "add",
+        "default",
+        "via",
+        &addr.gateway,
+    ]);
+    let out = ns.exec(&["busybox", "ping", "-c", "2", "-W", "3", &addr.gateway]);
+    assert!(
+        out.status.success(),
+        "ping from the VM namespace to the bridge failed: {out:?}"
+    );
+    let out = run(&["busybox", "ping", "-c", "2", "-W", "3", &addr.address]);
+    assert!(
+        out.status.success(),
+        "ping from the host to the NIC failed: {out:?}"
+    );
+
+    let admin = admin_client(&rig.agent.admin).await;
+    let leases = admin
+        .list_leases(ctx(), &pb::ListLeasesRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(leases.leases.len(), 1);
+    assert_eq!(leases.leases[0].address, addr.address);
+    assert_eq!(leases.leases[0].sandbox_id, "sandbox-1");
+
+    c.detach_nic(
+        ctx(),
+        &pb::DetachNicRequest {
+            nic_id: nic.id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        ns.links()
+            .iter()
+            .all(|l| l["address"].as_str() != Some(nic.mac.as_str())),
+        "guest end left"
+    );
+    assert!(host_links(&host_if).is_empty(), "host end left");
+    assert!(rig.bridge.ports().is_empty());
+    let leases = admin
+        .list_leases(ctx(), &pb::ListLeasesRequest::default())
+        .await
+        .unwrap();
+    assert!(leases.leases.is_empty(), "lease kept: {:?}", leases.leases);
+    assert_eq!(rig.agent.state()["nics"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_bad_input_and_isolation() {
+    let rig = Rig::new(2, 2);
+    let c0 = vm_client(&rig.socket(0)).await;
+    let c1 = vm_client(&rig.socket(1)).await;
+
+    // A retried attach (lost reply) returns the same NIC.
+    let a = c0.attach_nic(ctx(), &attach_req("sb-a")).await.unwrap();
+    let again = c0.attach_nic(ctx(), &attach_req("sb-a")).await.unwrap();
+    assert!(a.created && !again.created);
+    assert_eq!(a.nic.id, again.nic.id);
+    assert_eq!(a.nic.addresses, again.nic.addresses);
+
+    let state_before = rig.agent.state();
+    let links_before = host_links("nlh");
+    let cases: Vec<(pb::AttachNicRequest, ttrpc::Code, &str)> = vec![
+        (attach_req(""), ttrpc::Code::INVALID_ARGUMENT, "sandbox_id"),
+        (
+            attach_req("../etc"),
+            ttrpc::Code::INVALID_ARGUMENT,
+            "sandbox_id",
+        ),
+        (
+            pb::AttachNicRequest {
+                sandbox_id: "x".into(),
+                network: "other".into(),
+                ..Default::default()
+            },
+            ttrpc::Code::PERMISSION_DENIED,
+            "may not use network",
+        ),
+        (
+            pb::AttachNicRequest {
+                sandbox_id: "x".into(),
+                labels: (0..17)
+                    .map(|i| (format!("k{i}"), "v".to_string()))
+                    .collect(),
+                ..Default::default()
+            },
+            ttrpc::Code::INVALID_ARGUMENT,
+            "labels",
+        ),
+    ];
+    for (req, code, text) in cases {
+        let e = c0.attach_nic(ctx(), &req).await.unwrap_err();
+        let (got, msg) = status_of(&e);
+        assert_eq!(got, code, "{msg}");
+        assert!(msg.contains(text), "{msg}");
+    }
+    // Oversized message: refused, and the agent carries on.
+    let mut huge = attach_req("big");
+    huge.labels.insert("k".into(), "v".repeat(5 << 20));
+    assert!(c0.attach_nic(ctx(), &huge).await.is_err());
+    // Garbage on the socket: the connection dies, the agent does not.
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(rig.socket(0)).unwrap();
+        let _ = s.write_all(&[0xff; 64]);
+        let _ = s.write_all(b"\x00\x00\x00\x10not a ttrpc frame");
+    }
+    let c0 = vm_client(&rig.socket(0)).await;
+    c0.health(ctx(), &pb::HealthRequest::default())
+        .await
+        .expect("agent alive after bad input");
+    assert_eq!(
+        rig.agent.state(),
+        state_before,
+        "bad input changed the state"
+    );
+    assert_eq!(
+        host_links("nlh"),
+        links_before,
+        "bad input changed the host links"
+    );
+
+    // VM1 cannot see or detach VM0's NIC.
+    let listed = c1
+        .list_nics(ctx(), &pb::ListNicsRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.nics.is_empty());
+    let e = c1
+        .detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: a.nic.id.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    let (code, msg) = status_of(&e);
+    assert_eq!(code, ttrpc::Code::NOT_FOUND, "{msg}");
+    assert!(msg.contains("VM vm1 has no NIC"), "{msg}");
+    assert_eq!(
+        c0.list_nics(ctx(), &pb::ListNicsRequest::default())
+            .await
+            .unwrap()
+            .nics
+            .len(),
+        1
+    );
+
+    // Quota (2 per VM).
+    c0.attach_nic(ctx(), &attach_req("sb-b")).await.unwrap();
+    let e = c0.attach_nic(ctx(), &attach_req("sb-c")).await.unwrap_err();
+    let (code, msg) = status_of(&e);
+    assert_eq!(code, ttrpc::Code::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(msg.contains("quota"), "{msg}");
+
+    // Detach by sandbox; unknown NIC id.
+    c0.detach_nic(
+        ctx(),
+        &pb::DetachNicRequest {
+            sandbox_id: "sb-b".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = c0
+        .detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: "0123456789".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&e).0, ttrpc::Code::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cli_lists_vms_nics_and_leases() {
+    let rig = Rig::new(2, 4);
+    let c1 = vm_client(&rig.socket(1)).await;
+    let nic = c1
+        .attach_nic(ctx(), &attach_req("pod-x"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin_path("nestlessctl"))
+            .args(args)
+            .arg("--socket")
+            .arg(&rig.agent.admin)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nestlessctl {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let vms = ctl(&["vms"]);
+    assert!(
+        vms.starts_with("NAME")
+            && vms.contains("vm0")
+            && vms.contains("vm1")
+            && vms.contains("netns"),
+        "{vms}"
+    );
+    let nics: serde_json::Value = serde_json::from_str(&ctl(&["nics", "--json"])).unwrap();
+    assert_eq!(nics[0]["id"], nic.id.as_str());
+    assert_eq!(nics[0]["vm"], "vm1");
+    assert_eq!(nics[0]["state"], "attached");
+    let leases = ctl(&["leases"]);
+    assert!(
+        leases.contains(&nic.addresses[0].address) && leases.contains("pod-x"),
+        "{leases}"
+    );
+    let status = ctl(&["status"]);
+    assert!(status.contains("nestless.agent.v1"), "{status}");
+    // An unknown VM filter is a clear error.
+    let out = std::process::Command::new(bin_path("nestlessctl"))
+        .args(["nics", "--vm", "nope", "--socket"])
+        .arg(&rig.agent.admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown VM: nope"),
+        "{out:?}"
+    );
+}
+
+/// Everything the agent made must be accounted for by its state file, and
+/// the state must be fully recovered (no half-done records).
+fn assert_consistent(rig: &Rig) -> HashSet<String> {
+    let state = rig.agent.state();
+    let nics = state["nics"].as_array().unwrap();
+    let mut ids = HashSet::new();
+    let mut addrs = HashSet::new();
+    for n in nics {
+        assert_eq!(n["state"], "attached", "unrecovered record {n}");
+        assert!(
+            addrs.insert(n["ipv4"].as_str().unwrap().to_string()),
+            "address leased twice: {n}"
+        );
+        ids.insert(n["id"].as_str().unwrap().to_string());
+    }
+    let host: HashSet<String> = host_links("nlh")
+        .into_iter()
+        .map(|n| n[3..].to_string())
+        .collect();
+    // Only this rig's bridge ports count: other tests may run beside.
+    let mine: HashSet<String> = rig
+        .bridge
+        .ports()
+        .into_iter()
+        .map(|n| n[3..].to_string())
+        .collect();
+    assert_eq!(mine, ids, "bridge ports vs records");
+    for id in &ids {
+        assert!(host.contains(id), "NIC {id} lost its host end");
+    }
+    let mut guests = HashSet::new();
+    for ns in &rig.vms {
+        for l in ns.links() {
+            if let Some(n) = l["ifname"].as_str().and_then(|n| n.strip_prefix("nlg")) {
+                guests.insert(n.to_string());
+            }
+        }
+    }
+    assert_eq!(guests, ids, "guest ends vs records");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_attach_detach_loops_leaks_nothing() {
+    let mut rig = Rig::new(2, 6);
+    let rounds = 25;
+    for round in 0..rounds {
+        let sockets = [rig.socket(0), rig.socket(1)];
+        let mut loops = Vec::new();
+        for (v, sock) in sockets.iter().enumerate() {
+            let sock = sock.clone();
+            loops.push(tokio::spawn(async move {
+                let c = vm_client(&sock).await;
+                for i in 0.. {
+                    let sb = format!("r{round}-v{v}-{}", i % 4);
+                    if c.attach_nic(ctx(), &attach_req(&sb)).await.is_err() {
+                        // The agent is down (killed): this round's load is over.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if i % 2 == 1 {
+                        let _ = c
+                            .detach_nic(
+                                ctx(),
+                                &pb::DetachNicRequest {
+                                    sandbox_id: format!("r{round}-v{v}-{}", (i + 2) % 4),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                    }
+                }
+            }));
+        }
+        let delay = Duration::from_millis(20 + rand::random::<u64>() % 200);
+        tokio::time::sleep(delay).await;
+        rig.agent.kill9();
+        for l in loops {
+            l.abort();
+        }
+        rig.agent.restart();
+        let ids = assert_consistent(&rig);
+        // The surviving NICs are known: a retried attach returns them.
+        let state = rig.agent.state();
+        for n in state["nics"].as_array().unwrap() {
+            let vm: usize = n["vm"].as_str().unwrap()[2..].parse().unwrap();
+            let c = vm_client(&rig.socket(vm)).await;
+            let r = c
+                .attach_nic(ctx(), &attach_req(n["sandbox_id"].as_str().unwrap()))
+                .await
+                .unwrap();
+            assert!(
+                !r.created && ids.contains(&r.nic.id),
+                "round {round}: {n} not known after restart"
+            );
+        }
+    }
+    // Finally take everything back: nothing is left anywhere.
+    let state = rig.agent.state();
+    for n in state["nics"].as_array().unwrap() {
+        let vm: usize = n["vm"].as_str().unwrap()[2..].parse().unwrap();
+        let c = vm_client(&rig.socket(vm)).await;
+        c.detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: n["id"].as_str().unwrap().into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    assert!(assert_consistent(&rig).is_empty());
+    let log = rig.agent.log();
+    assert!(
+        log.matches("recovered:").count() >= rounds,
+        "every restart recovered"
+    );
+}
+
+#[test]
+fn sigterm_keeps_nics_and_a_restart_finds_them() {
+    let mut rig = Rig::new(1, 4);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let id = rt.block_on(async {
+        let c = vm_client(&rig.socket(0)).await;
+        c.attach_nic(ctx(), &attach_req("keep"))
+            .await
+            .unwrap()
+            .nic
+            .unwrap()
+            .id
+    });
+    assert!(rig.agent.stop().success());
+    assert!(
+        !Path::new(&rig.socket(0)).exists(),
+        "socket removed at shutdown"
+    );
+    assert_eq!(
+        rig.bridge.ports(),
+        vec![format!("nlh{id}")],
+        "NIC kept across a clean stop"
+    );
+    rig.agent.restart();
+    assert!(
+        rig.agent.log().contains("1 NIC(s) kept"),
+        "{}",
+        rig.agent.log()
+    );
+    let ids = assert_consistent(&rig);
+    assert!(ids.contains(&id));
+}
