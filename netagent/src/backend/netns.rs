@@ -9,7 +9,7 @@
 //! too, so a NIC is present exactly when its host end exists.
 //!
 //! This is the single-machine mode (the namespace may be the host's own,
-//! `/proc/1/ns/net`, when containerd on this host plays the VM) and what the
+//! `/proc/self/ns/net`, when containerd on this host plays the VM) and what the
 //! fast tests use.
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
