@@ -124,7 +124,7 @@ impl Ipam {
         let mut i = self.cursor % size;
         let mut scanned = 0u32;
         while scanned < size {
-            if i % 64 == 0 && self.bits[(i / 64) as usize] == u64::MAX && size - i >= 64 {
+            if i.is_multiple_of(64) && self.bits[(i / 64) as usize] == u64::MAX && size - i >= 64 {
                 i = (i + 64) % size;
                 scanned += 64;
                 continue;

@@ -33,7 +33,15 @@ fn plans_a_pods_csv_with_all_outputs() {
     let svg = dir.path().join("cdf.svg");
     let ann = dir.path().join("ann.jsonl");
     let out = ctl()
-        .args(["plan", "--format", "json", "--families", "m5", "--threads", "2"])
+        .args([
+            "plan",
+            "--format",
+            "json",
+            "--families",
+            "m5",
+            "--threads",
+            "2",
+        ])
         .arg("--pods")
         .arg(&pods)
         .arg("--prices")
@@ -44,7 +52,11 @@ fn plans_a_pods_csv_with_all_outputs() {
         .arg(&ann)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let clients = v["clients"].as_array().unwrap();
     assert_eq!(clients.len(), 2);
@@ -58,20 +70,32 @@ fn plans_a_pods_csv_with_all_outputs() {
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<path"));
     let ann = std::fs::read_to_string(&ann).unwrap();
-    let docs: Vec<serde_json::Value> = ann.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let docs: Vec<serde_json::Value> = ann
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(docs.len(), 1);
     assert_eq!(docs[0]["pod"], "web");
     let parts = docs[0]["parts"].as_array().unwrap();
     assert_eq!(parts.len(), 2);
     let mut containers: Vec<String> = parts
         .iter()
-        .flat_map(|p| p["containers"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()))
+        .flat_map(|p| {
+            p["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+        })
         .collect();
     containers.sort();
     assert_eq!(containers, ["a", "b", "c", "d", "e"]);
     for (k, p) in parts.iter().enumerate() {
         assert_eq!(p["annotations"]["io.nestless.hostlo/part"], k.to_string());
-        assert_eq!(p["annotations"]["io.nestless.hostlo/pod"], docs[0]["hostlo_pod"]);
+        assert_eq!(
+            p["annotations"]["io.nestless.hostlo/pod"],
+            docs[0]["hostlo_pod"]
+        );
     }
 
     // CSV output: a header and one row per client.
@@ -88,23 +112,54 @@ fn plans_a_pods_csv_with_all_outputs() {
     assert!(csv.starts_with("client,pods,containers,"));
     assert_eq!(csv.lines().count(), 3);
     // Table output ends with the summary.
-    let out = ctl().arg("plan").arg("--pods").arg(&pods).arg("--prices").arg(&prices).output().unwrap();
+    let out = ctl()
+        .arg("plan")
+        .arg("--pods")
+        .arg(&pods)
+        .arg("--prices")
+        .arg(&prices)
+        .output()
+        .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("clients with a saving: 1 of 2 = 50.0 %"), "{text}");
+    assert!(
+        text.contains("clients with a saving: 1 of 2 = 50.0 %"),
+        "{text}"
+    );
 }
 
 #[test]
 fn malformed_rows_fail_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let prices = write(dir.path(), "prices.csv", PRICES);
-    let pods = write(dir.path(), "pods.csv", "client,pod,container,cpu,memory\nalice,web,a,1,4\nalice,web,b,one,4\n");
-    let out = ctl().arg("plan").arg("--pods").arg(&pods).arg("--prices").arg(&prices).output().unwrap();
+    let pods = write(
+        dir.path(),
+        "pods.csv",
+        "client,pod,container,cpu,memory\nalice,web,a,1,4\nalice,web,b,one,4\n",
+    );
+    let out = ctl()
+        .arg("plan")
+        .arg("--pods")
+        .arg(&pods)
+        .arg("--prices")
+        .arg(&prices)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pods.csv:3: field `cpu` = \"one\" is not a valid non-negative number"), "{err}");
+    assert!(
+        err.contains("pods.csv:3: field `cpu` = \"one\" is not a valid non-negative number"),
+        "{err}"
+    );
 
     let bad_prices = write(dir.path(), "bad.csv", &PRICES.replace("0.085", ""));
-    let out = ctl().arg("plan").arg("--pods").arg(&pods).arg("--prices").arg(&bad_prices).output().unwrap();
+    let out = ctl()
+        .arg("plan")
+        .arg("--pods")
+        .arg(&pods)
+        .arg("--prices")
+        .arg(&bad_prices)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.csv:6: field `price` is empty"), "{err}");
@@ -113,12 +168,26 @@ fn malformed_rows_fail_with_file_and_line() {
     let gz = dir.path().join("task_events.csv.gz");
     {
         use std::io::Write;
-        let mut e = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
-        e.write_all(b"0,,1,0,,0,u,3,9,0.1,0.1,0,0\n0,,1,1,,0,u,3,9,0.1\n").unwrap();
+        let mut e = flate2::write::GzEncoder::new(
+            std::fs::File::create(&gz).unwrap(),
+            flate2::Compression::fast(),
+        );
+        e.write_all(b"0,,1,0,,0,u,3,9,0.1,0.1,0,0\n0,,1,1,,0,u,3,9,0.1\n")
+            .unwrap();
         e.finish().unwrap();
     }
-    let out = ctl().arg("plan").arg("--google").arg(&gz).arg("--prices").arg(&prices).output().unwrap();
+    let out = ctl()
+        .arg("plan")
+        .arg("--google")
+        .arg(&gz)
+        .arg("--prices")
+        .arg(&prices)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("task_events.csv.gz:2: expected 13 fields, found 10"), "{err}");
+    assert!(
+        err.contains("task_events.csv.gz:2: expected 13 fields, found 10"),
+        "{err}"
+    );
 }

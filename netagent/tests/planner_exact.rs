@@ -3,7 +3,9 @@
 use nestless_netagent::planner::exact::{exact_hostlo, exact_whole};
 use nestless_netagent::planner::model::group_clients;
 use nestless_netagent::planner::pack::SearchOptions;
-use nestless_netagent::planner::{plan_client, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res, VmType};
+use nestless_netagent::planner::{
+    plan_client, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res, VmType,
+};
 use rand::{Rng, SeedableRng};
 
 /// m, c and r shapes of AWS (4, 2 and 8 GiB per vCPU) in three sizes, us-east-1 prices.
@@ -27,7 +29,12 @@ fn client(pods: &[Vec<(f64, f64)>]) -> Client {
     let mut rows = Vec::new();
     for (p, cs) in pods.iter().enumerate() {
         for (c, &(vcpu, gib)) in cs.iter().enumerate() {
-            rows.push(("u".to_string(), format!("p{p}"), format!("c{c}"), Res::from_vcpu_gib(vcpu, gib)));
+            rows.push((
+                "u".to_string(),
+                format!("p{p}"),
+                format!("c{c}"),
+                Res::from_vcpu_gib(vcpu, gib),
+            ));
         }
     }
     group_clients(rows).remove(0)
@@ -44,9 +51,16 @@ fn random_client(rng: &mut rand::rngs::StdRng) -> Client {
         let cs = (0..n)
             .map(|_| {
                 // Mostly small containers, some large; memory-heavy or CPU-heavy shapes.
-                let vcpu = if rng.random_bool(0.7) { rng.random_range(0.1..2.0) } else { rng.random_range(2.0..5.0) };
+                let vcpu = if rng.random_bool(0.7) {
+                    rng.random_range(0.1..2.0)
+                } else {
+                    rng.random_range(2.0..5.0)
+                };
                 let gib = vcpu * rng.random_range(0.5..8.0);
-                ((vcpu * 10.0_f64).round() / 10.0, (gib * 4.0_f64).round() / 4.0)
+                (
+                    (vcpu * 10.0_f64).round() / 10.0,
+                    (gib * 4.0_f64).round() / 4.0,
+                )
             })
             .collect();
         out.push(cs);
@@ -63,10 +77,18 @@ struct Tally {
 
 impl Tally {
     fn new() -> Self {
-        Self { n: 0, equal: 0, max_gap: 0.0, sum_gap: 0.0 }
+        Self {
+            n: 0,
+            equal: 0,
+            max_gap: 0.0,
+            sum_gap: 0.0,
+        }
     }
-    fn add(&mut self, heur: u64, exact: u64) {
-        assert!(heur >= exact, "heuristic {heur} below the optimum {exact}: the exact search is wrong");
+    fn plus(&mut self, heur: u64, exact: u64) {
+        assert!(
+            heur >= exact,
+            "heuristic {heur} below the optimum {exact}: the exact search is wrong"
+        );
         self.n += 1;
         if heur == exact {
             self.equal += 1;
@@ -90,10 +112,19 @@ impl Tally {
 /// The search without its exact neighbourhoods (small packings solved exactly, small
 /// groups re-split over every pod partition): the bare heuristic.
 fn heuristic_only() -> SearchOptions {
-    SearchOptions { exact_items: 0, exact_pods: 0, ..Default::default() }
+    SearchOptions {
+        exact_items: 0,
+        exact_pods: 0,
+        ..Default::default()
+    }
 }
 
-fn check_against_exact(host: HostModel, search: SearchOptions, seed: u64, count: usize) -> (Tally, Tally) {
+fn check_against_exact(
+    host: HostModel,
+    search: SearchOptions,
+    seed: u64,
+    count: usize,
+) -> (Tally, Tally) {
     let cat = catalogue();
     let cfg = PlanConfig { host, search };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -102,12 +133,20 @@ fn check_against_exact(host: HostModel, search: SearchOptions, seed: u64, count:
         let cl = random_client(&mut rng);
         let plan = plan_client(&cl, &cat, &cfg);
         let (ea, eb) = (exact_whole(&cl, &cat, host), exact_hostlo(&cl, &cat, host));
-        assert_eq!(plan.whole.is_some(), ea.is_some(), "(a) feasibility differs for {cl:?}");
-        assert_eq!(plan.hostlo.is_some(), eb.is_some(), "(b) feasibility differs for {cl:?}");
+        assert_eq!(
+            plan.whole.is_some(),
+            ea.is_some(),
+            "(a) feasibility differs for {cl:?}"
+        );
+        assert_eq!(
+            plan.hostlo.is_some(),
+            eb.is_some(),
+            "(b) feasibility differs for {cl:?}"
+        );
         if let (Some(a), Some(ea)) = (&plan.whole, ea) {
             validate(&cl, &cat, host, Mode::Whole, a).unwrap();
             assert!(plan.lower_bound <= ea as f64 + 1e-6);
-            ta.add(a.cost(&cat), ea);
+            ta.plus(a.cost(&cat), ea);
         }
         if let (Some(b), Some(eb)) = (&plan.hostlo, eb) {
             validate(&cl, &cat, host, Mode::Hostlo, b).unwrap();
@@ -118,7 +157,7 @@ fn check_against_exact(host: HostModel, search: SearchOptions, seed: u64, count:
             if let Some(ea) = ea {
                 assert!(eb <= ea, "exact (b) above exact (a)");
             }
-            tb.add(b.cost(&cat), eb);
+            tb.plus(b.cost(&cat), eb);
         }
     }
     (ta, tb)
@@ -127,10 +166,22 @@ fn check_against_exact(host: HostModel, search: SearchOptions, seed: u64, count:
 /// Bounds documented in docs/planner.md ("Checked against the optimum").
 fn assert_quality(ta: &Tally, tb: &Tally, min_optimal: f64, max_gap: f64) {
     assert!(ta.n >= 300 && tb.n >= 300, "too few feasible instances");
-    assert!(ta.sum_gap / (ta.n as f64) < 0.01 && tb.sum_gap / (tb.n as f64) < 0.01, "mean gap of 1 % or more");
-    assert!(ta.equal as f64 >= min_optimal * ta.n as f64, "(a) optimal too rarely");
-    assert!(tb.equal as f64 >= min_optimal * tb.n as f64, "(b) optimal too rarely");
-    assert!(ta.max_gap <= max_gap && tb.max_gap <= max_gap, "gap too large");
+    assert!(
+        ta.sum_gap / (ta.n as f64) < 0.01 && tb.sum_gap / (tb.n as f64) < 0.01,
+        "mean gap of 1 % or more"
+    );
+    assert!(
+        ta.equal as f64 >= min_optimal * ta.n as f64,
+        "(a) optimal too rarely"
+    );
+    assert!(
+        tb.equal as f64 >= min_optimal * tb.n as f64,
+        "(b) optimal too rarely"
+    );
+    assert!(
+        ta.max_gap <= max_gap && tb.max_gap <= max_gap,
+        "gap too large"
+    );
 }
 
 fn run(name: &str, host: HostModel, seed: u64) {
@@ -156,7 +207,11 @@ fn random_instances_unlimited_hosts() {
 
 #[test]
 fn random_instances_uniform_hosts() {
-    run("uniform 12x48", HostModel::Uniform(Res::from_vcpu_gib(12.0, 48.0)), 0x5eed_0003);
+    run(
+        "uniform 12x48",
+        HostModel::Uniform(Res::from_vcpu_gib(12.0, 48.0)),
+        0x5eed_0003,
+    );
 }
 
 #[test]
@@ -172,7 +227,14 @@ fn hand_made_instances() {
     // with hosts that mix families, m.xlarge (4 x 1/4) + c.large (1/4) = 0.277.
     assert_eq!(cost(&p.hostlo), Some(288_000));
     assert_eq!(exact_hostlo(&cl, &cat, HostModel::PerFamily), Some(288_000));
-    let p = plan_client(&cl, &cat, &PlanConfig { host: HostModel::Unlimited, ..cfg });
+    let p = plan_client(
+        &cl,
+        &cat,
+        &PlanConfig {
+            host: HostModel::Unlimited,
+            ..cfg
+        },
+    );
     assert_eq!(cost(&p.hostlo), Some(277_000));
     assert_eq!(exact_hostlo(&cl, &cat, HostModel::Unlimited), Some(277_000));
     // A single-container pod: Hostlo cannot help.
@@ -190,40 +252,12 @@ fn hand_made_instances() {
     let p = plan_client(&cl, &cat, &cfg);
     assert!(p.whole.is_none() && p.hostlo.is_none());
     // ... but Hostlo places it on a 16-vCPU uniform host: two c.2xlarge.
-    let cfg_u = PlanConfig { host: HostModel::Uniform(Res::from_vcpu_gib(16.0, 64.0)), ..cfg };
+    let cfg_u = PlanConfig {
+        host: HostModel::Uniform(Res::from_vcpu_gib(16.0, 64.0)),
+        ..cfg
+    };
     let p = plan_client(&cl, &cat, &cfg_u);
     assert!(p.whole.is_none());
     assert_eq!(cost(&p.hostlo), Some(680_000));
     assert_eq!(exact_hostlo(&cl, &cat, cfg_u.host), Some(680_000));
-}
-
-#[test]
-#[ignore]
-fn debug_gaps() {
-    let cat = catalogue();
-    for host in [HostModel::PerFamily, HostModel::Unlimited] {
-        let cfg = PlanConfig { host, ..Default::default() };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_0002);
-        let mut shown = 0;
-        for _ in 0..400 {
-            let cl = random_client(&mut rng);
-            let plan = plan_client(&cl, &cat, &cfg);
-            let (ea, eb) = (exact_whole(&cl, &cat, host), exact_hostlo(&cl, &cat, host));
-            let ha = plan.whole.as_ref().map(|p| p.cost(&cat));
-            let hb = plan.hostlo.as_ref().map(|p| p.cost(&cat));
-            if (ha != ea || hb != eb) && shown < 6 {
-                shown += 1;
-                eprintln!("{host:?} a {ha:?}/{ea:?} b {hb:?}/{eb:?}");
-                for p in &cl.pods {
-                    eprintln!("  pod {}: {:?}", p.name, p.containers.iter().map(|c| (c.req.cpu, c.req.mem / 1024)).collect::<Vec<_>>());
-                }
-                for vm in &plan.hostlo.as_ref().unwrap().vms {
-                    eprintln!("  b vm {} {:?}", cat.types()[vm.ty].name, vm.items.iter().map(|i| (i.pod, i.container)).collect::<Vec<_>>());
-                }
-                for vm in &plan.whole.as_ref().map(|p| p.vms.clone()).unwrap_or_default() {
-                    eprintln!("  a vm {} {:?}", cat.types()[vm.ty].name, vm.items.iter().map(|i| (i.pod, i.container)).collect::<Vec<_>>());
-                }
-            }
-        }
-    }
 }

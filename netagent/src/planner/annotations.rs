@@ -43,7 +43,9 @@ pub struct PodAnnotations {
 
 /// FNV-1a, 32 bits: a short stable tag for names that are not DNS labels.
 fn fnv1a(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// A DNS-label Hostlo pod name for `(client, pod)`: `hl-<hash of client>-<pod>`, lower
@@ -62,7 +64,11 @@ pub fn hostlo_pod_name(client: &str, pod: &str) -> String {
 }
 
 /// The documents of one client's Hostlo placement.
-pub fn pod_annotations(client: &Client, placement: &Placement, cat: &Catalogue) -> Vec<PodAnnotations> {
+pub fn pod_annotations(
+    client: &Client,
+    placement: &Placement,
+    cat: &Catalogue,
+) -> Vec<PodAnnotations> {
     let mut out = Vec::new();
     for (pod, vms) in placement.spanning_pods() {
         let p = &client.pods[pod as usize];
@@ -109,7 +115,9 @@ mod tests {
         let n = hostlo_pod_name("70s3v5qRyCO/1PCdI6fVXnrW8FU/w+5CKRSa72xgcIo=", "Web_Front");
         assert!(n.starts_with("hl-") && n.ends_with("-web-front"), "{n}");
         assert!(n.len() <= 63);
-        assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+        assert!(n
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
         assert!(hostlo_pod_name("c", &"x".repeat(100)).len() == 63);
     }
 

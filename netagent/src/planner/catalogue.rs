@@ -80,10 +80,7 @@ pub fn parse_catalogue<R: Read>(
         .has_headers(true)
         .flexible(true)
         .from_reader(reader);
-    let headers = rdr
-        .headers()
-        .map_err(|e| csv_error(path, 1, e))?
-        .clone();
+    let headers = rdr.headers().map_err(|e| csv_error(path, 1, e))?.clone();
     let col = |name: &'static str| {
         headers
             .iter()
@@ -93,7 +90,8 @@ pub fn parse_catalogue<R: Read>(
                 column: name,
             })
     };
-    let (c_name, c_vcpu, c_mem, c_price) = (col("name")?, col("vcpu")?, col("memory")?, col("price")?);
+    let (c_name, c_vcpu, c_mem, c_price) =
+        (col("name")?, col("vcpu")?, col("memory")?, col("price")?);
     let c_class = headers.iter().position(|h| h.trim() == "class");
     let mut stats = CatalogueStats::default();
     let mut types: Vec<VmType> = Vec::new();
@@ -241,19 +239,49 @@ mod tests {
     fn bad_rows_have_line_numbers() {
         let bad = LIST.replace("0.192", "cheap");
         let e = parse_catalogue(bad.as_bytes(), p(), &FamilyFilter::All).unwrap_err();
-        assert_eq!(e.to_string(), "prices.csv:4: field `price` = \"cheap\" is not a valid positive number");
+        assert_eq!(
+            e.to_string(),
+            "prices.csv:4: field `price` = \"cheap\" is not a valid positive number"
+        );
         let short = LIST.replace("c5.large,c5,4,2,x,0.085", "c5.large,c5,4,2");
         let e = parse_catalogue(short.as_bytes(), p(), &FamilyFilter::All).unwrap_err();
         assert!(
-            matches!(e, PlanError::Malformed { line: 5, problem: RowProblem::WrongFieldCount { expected: 6, found: 4 }, .. }),
+            matches!(
+                e,
+                PlanError::Malformed {
+                    line: 5,
+                    problem: RowProblem::WrongFieldCount {
+                        expected: 6,
+                        found: 4
+                    },
+                    ..
+                }
+            ),
             "{e}"
         );
         let dup = format!("{LIST}m5.large,m5,8,2,x,0.096\n");
         let e = parse_catalogue(dup.as_bytes(), p(), &FamilyFilter::All).unwrap_err();
-        assert!(matches!(e, PlanError::Malformed { line: 7, problem: RowProblem::Duplicate { first_line: 3, .. }, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PlanError::Malformed {
+                    line: 7,
+                    problem: RowProblem::Duplicate { first_line: 3, .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = parse_catalogue("name,vcpu\n".as_bytes(), p(), &FamilyFilter::All).unwrap_err();
-        assert!(matches!(e, PlanError::MissingColumn { column: "memory", .. }));
-        let e = parse_catalogue(LIST.as_bytes(), p(), &FamilyFilter::parse("z9").unwrap()).unwrap_err();
+        assert!(matches!(
+            e,
+            PlanError::MissingColumn {
+                column: "memory",
+                ..
+            }
+        ));
+        let e =
+            parse_catalogue(LIST.as_bytes(), p(), &FamilyFilter::parse("z9").unwrap()).unwrap_err();
         assert!(matches!(e, PlanError::EmptyCatalogue { .. }));
     }
 }

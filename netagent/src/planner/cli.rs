@@ -48,7 +48,10 @@ pub struct PlanArgs {
     #[arg(long, num_args = 1..)]
     pub google: Vec<PathBuf>,
     /// Price list CSV (header with name, vcpu, memory, price; optional class).
-    #[arg(long, default_value = "../shared/data/prices/aws_ec2_instances_us-east-1.csv")]
+    #[arg(
+        long,
+        default_value = "../shared/data/prices/aws_ec2_instances_us-east-1.csv"
+    )]
     pub prices: PathBuf,
     /// Instance families to use, comma-separated, or `all`.
     #[arg(long, default_value = "m5,c5,r5")]
@@ -93,8 +96,10 @@ pub fn parse_host(s: &str) -> anyhow::Result<HostModel> {
                 bail!("--host must be per-family, unlimited or <vCPU>x<GiB>, not {s:?}");
             };
             let (c, m): (f64, f64) = (
-                c.parse().with_context(|| format!("--host {s:?}: bad vCPU"))?,
-                m.parse().with_context(|| format!("--host {s:?}: bad GiB"))?,
+                c.parse()
+                    .with_context(|| format!("--host {s:?}: bad vCPU"))?,
+                m.parse()
+                    .with_context(|| format!("--host {s:?}: bad GiB"))?,
             );
             if !(c > 0.0 && m > 0.0 && c.is_finite() && m.is_finite()) {
                 bail!("--host {s:?}: sizes must be positive");
@@ -116,7 +121,11 @@ pub struct Dropped {
 }
 
 /// Removes pods that fit no VM type of `cat` usable on `host`, and clients left empty.
-pub fn drop_oversized(clients: Vec<Client>, cat: &Catalogue, host: HostModel) -> (Vec<Client>, Dropped) {
+pub fn drop_oversized(
+    clients: Vec<Client>,
+    cat: &Catalogue,
+    host: HostModel,
+) -> (Vec<Client>, Dropped) {
     let all = super::plan::usable_types(cat, host);
     let mut d = Dropped::default();
     let mut out = Vec::with_capacity(clients.len());
@@ -201,13 +210,19 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let t_plan = t1.elapsed();
     for (c, p) in clients.iter().zip(&plans) {
         if let Some(a) = &p.whole {
-            validate(c, &cat, host, Mode::Whole, a).with_context(|| format!("plan (a) of client {}", c.name))?;
+            validate(c, &cat, host, Mode::Whole, a)
+                .with_context(|| format!("plan (a) of client {}", c.name))?;
         }
         if let Some(b) = &p.hostlo {
-            validate(c, &cat, host, Mode::Hostlo, b).with_context(|| format!("plan (b) of client {}", c.name))?;
+            validate(c, &cat, host, Mode::Hostlo, b)
+                .with_context(|| format!("plan (b) of client {}", c.name))?;
         }
     }
-    let rows: Vec<_> = clients.iter().zip(&plans).map(|(c, p)| client_row(c, p, &cat)).collect();
+    let rows: Vec<_> = clients
+        .iter()
+        .zip(&plans)
+        .map(|(c, p)| client_row(c, p, &cat))
+        .collect();
     let summary = summarise(&rows);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -233,11 +248,13 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             "Hostlo saving per client ({} clients, families {}, host {})",
             summary.planned, args.families, args.host
         );
-        std::fs::write(path, cdf_svg(&rows, &title)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, cdf_svg(&rows, &title))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.emit_annotations {
         let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
         );
         let mut n = 0;
         for (c, p) in clients.iter().zip(&plans) {
@@ -269,7 +286,10 @@ mod tests {
     fn host_argument() {
         assert_eq!(parse_host("per-family").unwrap(), HostModel::PerFamily);
         assert_eq!(parse_host("unlimited").unwrap(), HostModel::Unlimited);
-        assert_eq!(parse_host("96x384").unwrap(), HostModel::Uniform(Res::new(96_000, 384 * 1024)));
+        assert_eq!(
+            parse_host("96x384").unwrap(),
+            HostModel::Uniform(Res::new(96_000, 384 * 1024))
+        );
         assert!(parse_host("96").is_err());
         assert!(parse_host("0x1").is_err());
     }

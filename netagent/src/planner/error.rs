@@ -154,7 +154,9 @@ pub enum Violation {
     #[error("VMs linked by spanning pods mix families {0:?} on one host")]
     MixedFamilies(Vec<String>),
     /// VMs linked by a spanning pod exceed the host.
-    #[error("VMs linked by spanning pods need {cpu_milli} mvCPU / {mem_mib} MiB, more than the host")]
+    #[error(
+        "VMs linked by spanning pods need {cpu_milli} mvCPU / {mem_mib} MiB, more than the host"
+    )]
     HostOverflow {
         /// Summed milli-vCPU of the VMs.
         cpu_milli: u64,

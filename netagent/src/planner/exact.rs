@@ -25,8 +25,9 @@ pub fn exact_whole(client: &Client, cat: &Catalogue, host: HostModel) -> Option<
     let block = |mask: usize| {
         let load = (0..n)
             .filter(|i| mask & (1 << i) != 0)
-            .fold(Res::default(), |a, i| a.add(demands[i]));
-        cat.cheapest_fitting(load, &all).map(|t| cat.types()[t].price)
+            .fold(Res::default(), |a, i| a.plus(demands[i]));
+        cat.cheapest_fitting(load, &all)
+            .map(|t| cat.types()[t].price)
     };
     partition_dp(n, block)
 }
@@ -63,7 +64,9 @@ pub fn exact_hostlo(client: &Client, cat: &Catalogue, host: HostModel) -> Option
 /// `min over set partitions of {0..n} of Σ block(B)`, `None` if no partition is finite.
 fn partition_dp(n: usize, block: impl Fn(usize) -> Option<u64>) -> Option<u64> {
     let full = (1usize << n) - 1;
-    let costs: Vec<Option<u64>> = (0..=full).map(|m| if m == 0 { Some(0) } else { block(m) }).collect();
+    let costs: Vec<Option<u64>> = (0..=full)
+        .map(|m| if m == 0 { Some(0) } else { block(m) })
+        .collect();
     let mut best: Vec<Option<u64>> = vec![None; full + 1];
     best[0] = Some(0);
     for s in 1..=full {
@@ -98,15 +101,24 @@ fn one_host(items: &[Res], types: &[usize], bound: Option<Res>, cat: &Catalogue)
         .map(|m| {
             (0..n)
                 .filter(|i| m & (1 << i) != 0)
-                .fold(Res::default(), |a, i| a.add(items[i]))
+                .fold(Res::default(), |a, i| a.plus(items[i]))
         })
         .collect();
     match bound {
-        None => partition_dp(n, |m| cat.cheapest_fitting(loads[m], types).map(|t| cat.types()[t].price)),
+        None => partition_dp(n, |m| {
+            cat.cheapest_fitting(loads[m], types)
+                .map(|t| cat.types()[t].price)
+        }),
         Some(b) => {
             let fitting: Vec<Vec<usize>> = loads
                 .iter()
-                .map(|&l| types.iter().copied().filter(|&t| l.fits_in(cat.types()[t].cap)).collect())
+                .map(|&l| {
+                    types
+                        .iter()
+                        .copied()
+                        .filter(|&t| l.fits_in(cat.types()[t].cap))
+                        .collect()
+                })
                 .collect();
             let mut best: Option<u64> = None;
             dfs(full, b, 0, &fitting, cat, &mut best);
@@ -115,7 +127,14 @@ fn one_host(items: &[Res], types: &[usize], bound: Option<Res>, cat: &Catalogue)
     }
 }
 
-fn dfs(rem: usize, room: Res, cost: u64, fitting: &[Vec<usize>], cat: &Catalogue, best: &mut Option<u64>) {
+fn dfs(
+    rem: usize,
+    room: Res,
+    cost: u64,
+    fitting: &[Vec<usize>],
+    cat: &Catalogue,
+    best: &mut Option<u64>,
+) {
     if best.is_some_and(|b| cost >= b) {
         return;
     }
@@ -131,7 +150,14 @@ fn dfs(rem: usize, room: Res, cost: u64, fitting: &[Vec<usize>], cat: &Catalogue
         for &ty in &fitting[blockm] {
             let cap = cat.types()[ty].cap;
             if cap.fits_in(room) {
-                dfs(rem & !blockm, room.sub(cap), cost + cat.types()[ty].price, fitting, cat, best);
+                dfs(
+                    rem & !blockm,
+                    room.saturating_sub(cap),
+                    cost + cat.types()[ty].price,
+                    fitting,
+                    cat,
+                    best,
+                );
             }
         }
         if t == 0 {
@@ -153,14 +179,23 @@ mod tests {
             cap: Res::new(c, m),
             price: p,
         };
-        Catalogue::new(vec![t("m1", "m", 2, 8, 10), t("m2", "m", 4, 16, 20), t("m4", "m", 8, 32, 40)])
+        Catalogue::new(vec![
+            t("m1", "m", 2, 8, 10),
+            t("m2", "m", 4, 16, 20),
+            t("m4", "m", 8, 32, 40),
+        ])
     }
 
     fn client(pods: &[&[(u64, u64)]]) -> Client {
         let mut rows = Vec::new();
         for (p, cs) in pods.iter().enumerate() {
             for (c, &(cpu, mem)) in cs.iter().enumerate() {
-                rows.push(("u".to_string(), p.to_string(), c.to_string(), Res::new(cpu, mem)));
+                rows.push((
+                    "u".to_string(),
+                    p.to_string(),
+                    c.to_string(),
+                    Res::new(cpu, mem),
+                ));
             }
         }
         group_clients(rows).remove(0)
@@ -181,7 +216,13 @@ mod tests {
         let cl = client(&[&[(3, 1), (3, 1), (3, 1)]]);
         assert_eq!(exact_whole(&cl, &c, HostModel::PerFamily), None);
         assert_eq!(exact_hostlo(&cl, &c, HostModel::PerFamily), None);
-        assert_eq!(exact_hostlo(&cl, &c, HostModel::Uniform(Res::new(12, 48))), Some(60));
-        assert_eq!(exact_hostlo(&cl, &c, HostModel::Uniform(Res::new(11, 48))), None);
+        assert_eq!(
+            exact_hostlo(&cl, &c, HostModel::Uniform(Res::new(12, 48))),
+            Some(60)
+        );
+        assert_eq!(
+            exact_hostlo(&cl, &c, HostModel::Uniform(Res::new(11, 48))),
+            None
+        );
     }
 }

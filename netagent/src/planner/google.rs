@@ -166,7 +166,10 @@ fn parse_req(v: &str, column: &'static str) -> std::result::Result<Option<f64>, 
 impl GoogleTrace {
     /// A new, empty accumulator. Rejects a non-positive scale.
     pub fn new(opts: GoogleOptions) -> Result<Self> {
-        for (name, v) in [("cpu-scale", opts.scale.vcpu), ("mem-scale", opts.scale.gib)] {
+        for (name, v) in [
+            ("cpu-scale", opts.scale.vcpu),
+            ("mem-scale", opts.scale.gib),
+        ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(PlanError::InvalidArgument {
                     name,
@@ -201,16 +204,22 @@ impl GoogleTrace {
                 Err(e) => return Err(csv_error(path, line, e)),
             }
             let line = rec.position().map_or(line, |p| p.line());
-            self.row(&rec, path, line).map_err(|problem| PlanError::Malformed {
-                path: path.to_path_buf(),
-                line,
-                problem,
-            })?;
+            self.row(&rec, path, line)
+                .map_err(|problem| PlanError::Malformed {
+                    path: path.to_path_buf(),
+                    line,
+                    problem,
+                })?;
         }
         Ok(())
     }
 
-    fn row(&mut self, rec: &csv::StringRecord, path: &Path, line: u64) -> std::result::Result<(), RowProblem> {
+    fn row(
+        &mut self,
+        rec: &csv::StringRecord,
+        path: &Path,
+        line: u64,
+    ) -> std::result::Result<(), RowProblem> {
         if rec.len() != 13 {
             return Err(RowProblem::WrongFieldCount {
                 expected: 13,
@@ -305,11 +314,18 @@ impl GoogleTrace {
                     continue;
                 }
             };
-            rows.push((t.user, job, idx, Res::from_vcpu_gib(c * scale.vcpu, m * scale.gib)));
+            rows.push((
+                t.user,
+                job,
+                idx,
+                Res::from_vcpu_gib(c * scale.vcpu, m * scale.gib),
+            ));
         }
         stats.kept_tasks = rows.len();
         let users = self.users;
-        rows.sort_by(|a, b| (&users[a.0 as usize], a.1, a.2).cmp(&(&users[b.0 as usize], b.1, b.2)));
+        rows.sort_by(|a, b| {
+            (&users[a.0 as usize], a.1, a.2).cmp(&(&users[b.0 as usize], b.1, b.2))
+        });
         let mut clients: Vec<Client> = Vec::new();
         for (u, job, idx, req) in rows {
             if clients.last().is_none_or(|c| c.name != users[u as usize]) {
@@ -326,10 +342,14 @@ impl GoogleTrace {
                     containers: Vec::new(),
                 });
             }
-            c.pods.last_mut().expect("pushed").containers.push(Container {
-                name: idx.to_string(),
-                req,
-            });
+            c.pods
+                .last_mut()
+                .expect("pushed")
+                .containers
+                .push(Container {
+                    name: idx.to_string(),
+                    req,
+                });
         }
         (clients, stats)
     }
@@ -389,15 +409,35 @@ mod tests {
     #[test]
     fn malformed_rows_name_the_line() {
         let cases = [
-            ("0,,1,0,,0,u,3,9,0.1,0.1,0\n", "t.csv:1: expected 13 fields, found 12"),
-            ("0,,1,0,,0,u,3,9,0.1,0.1,0,0\n0,,1,0,,9,u,3,9,0.1,0.1,0,0\n", "t.csv:2: event_type 9 is not one of 0..=8"),
-            ("0,,x,0,,0,u,3,9,0.1,0.1,0,0\n", "t.csv:1: field `job_id` = \"x\" is not a valid non-negative integer"),
-            ("0,,1,0,,0,u,3,9,-0.1,0.1,0,0\n", "t.csv:1: field `cpu_request` = \"-0.1\" is not a valid non-negative number"),
-            ("0,,1,0,,0,,3,9,0.1,0.1,0,0\n", "t.csv:1: field `user` is empty"),
-            ("0,,1,0,,0,u,3,9,0.1,0.1,0,0\n1,,1,1,,0,v,3,9,0.1,0.1,0,0\n", "t.csv:2: job 1 belongs to user"),
+            (
+                "0,,1,0,,0,u,3,9,0.1,0.1,0\n",
+                "t.csv:1: expected 13 fields, found 12",
+            ),
+            (
+                "0,,1,0,,0,u,3,9,0.1,0.1,0,0\n0,,1,0,,9,u,3,9,0.1,0.1,0,0\n",
+                "t.csv:2: event_type 9 is not one of 0..=8",
+            ),
+            (
+                "0,,x,0,,0,u,3,9,0.1,0.1,0,0\n",
+                "t.csv:1: field `job_id` = \"x\" is not a valid non-negative integer",
+            ),
+            (
+                "0,,1,0,,0,u,3,9,-0.1,0.1,0,0\n",
+                "t.csv:1: field `cpu_request` = \"-0.1\" is not a valid non-negative number",
+            ),
+            (
+                "0,,1,0,,0,,3,9,0.1,0.1,0,0\n",
+                "t.csv:1: field `user` is empty",
+            ),
+            (
+                "0,,1,0,,0,u,3,9,0.1,0.1,0,0\n1,,1,1,,0,v,3,9,0.1,0.1,0,0\n",
+                "t.csv:2: job 1 belongs to user",
+            ),
         ];
         for (text, msg) in cases {
-            let e = read(text, GoogleOptions::default()).unwrap_err().to_string();
+            let e = read(text, GoogleOptions::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(msg), "{e} vs {msg}");
         }
     }
@@ -405,9 +445,15 @@ mod tests {
     #[test]
     fn rejects_bad_scale() {
         let opts = GoogleOptions {
-            scale: Scale { vcpu: 0.0, gib: 1.0 },
+            scale: Scale {
+                vcpu: 0.0,
+                gib: 1.0,
+            },
             at_us: None,
         };
-        assert!(matches!(GoogleTrace::new(opts), Err(PlanError::InvalidArgument { .. })));
+        assert!(matches!(
+            GoogleTrace::new(opts),
+            Err(PlanError::InvalidArgument { .. })
+        ));
     }
 }

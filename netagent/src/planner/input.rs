@@ -70,7 +70,11 @@ pub fn parse_pods<R: Read>(reader: R, path: &Path) -> Result<Vec<Client>> {
                 Ok(v.to_string())
             }
         };
-        let (client, pod, container) = (field(0, "client")?, field(1, "pod")?, field(2, "container")?);
+        let (client, pod, container) = (
+            field(0, "client")?,
+            field(1, "pod")?,
+            field(2, "container")?,
+        );
         let num = |i: usize, column: &'static str| -> Result<f64> {
             let v = field(i, column)?;
             match v.parse::<f64>() {
@@ -124,14 +128,38 @@ mod tests {
     fn bad_rows_are_errors_with_lines() {
         let h = "client,pod,container,cpu,memory\n";
         let cases = [
-            (format!("{h}a,p,c,1,1\na,p,d,1\n"), 3, "expected 5 fields, found 4"),
-            (format!("{h}a,p,c,1,1\na,p,d,-1,1\n"), 3, "field `cpu` = \"-1\" is not a valid non-negative number"),
-            (format!("{h}a,p,c,1,x\n"), 2, "field `memory` = \"x\" is not a valid non-negative number"),
-            (format!("{h}a,p,c,NaN,1\n"), 2, "field `cpu` = \"NaN\" is not a valid non-negative number"),
+            (
+                format!("{h}a,p,c,1,1\na,p,d,1\n"),
+                3,
+                "expected 5 fields, found 4",
+            ),
+            (
+                format!("{h}a,p,c,1,1\na,p,d,-1,1\n"),
+                3,
+                "field `cpu` = \"-1\" is not a valid non-negative number",
+            ),
+            (
+                format!("{h}a,p,c,1,x\n"),
+                2,
+                "field `memory` = \"x\" is not a valid non-negative number",
+            ),
+            (
+                format!("{h}a,p,c,NaN,1\n"),
+                2,
+                "field `cpu` = \"NaN\" is not a valid non-negative number",
+            ),
             (format!("{h}a,,c,1,1\n"), 2, "field `pod` is empty"),
-            (format!("{h}a,p,c,1,1\na,p,c,2,2\n"), 3, "duplicate container a/p/c (first seen on line 2)"),
+            (
+                format!("{h}a,p,c,1,1\na,p,c,2,2\n"),
+                3,
+                "duplicate container a/p/c (first seen on line 2)",
+            ),
             ("client,pod,cpu,memory\n".to_string(), 1, "header must be"),
-            (format!("{h}a,p,c,1,1\n\"a,p,c,1,1\n"), 3, "expected 5 fields"),
+            (
+                format!("{h}a,p,c,1,1\n\"a,p,c,1,1\n"),
+                3,
+                "expected 5 fields",
+            ),
         ];
         for (text, line, msg) in cases {
             let e = parse(&text).unwrap_err();

@@ -38,5 +38,8 @@ pub mod plan;
 pub mod report;
 
 pub use error::{PlanError, Result, RowProblem, Violation};
-pub use model::{validate, Catalogue, Client, Container, HostModel, ItemRef, Mode, Placement, Pod, Res, Vm, VmType};
+pub use model::{
+    validate, Catalogue, Client, Container, HostModel, ItemRef, Mode, Placement, Pod, Res, Vm,
+    VmType,
+};
 pub use plan::{plan_all, plan_client, ClientPlan, PlanConfig};

@@ -39,14 +39,16 @@ impl Res {
     }
 
     /// Component-wise sum.
-    #[allow(clippy::should_implement_trait)]
-    pub fn add(self, o: Res) -> Res {
+    pub fn plus(self, o: Res) -> Res {
         Res::new(self.cpu + o.cpu, self.mem + o.mem)
     }
 
     /// Component-wise saturating difference.
-    pub fn sub(self, o: Res) -> Res {
-        Res::new(self.cpu.saturating_sub(o.cpu), self.mem.saturating_sub(o.mem))
+    pub fn saturating_sub(self, o: Res) -> Res {
+        Res::new(
+            self.cpu.saturating_sub(o.cpu),
+            self.mem.saturating_sub(o.mem),
+        )
     }
 
     /// Component-wise maximum.
@@ -216,7 +218,7 @@ impl Pod {
     pub fn demand(&self) -> Res {
         self.containers
             .iter()
-            .fold(Res::default(), |acc, c| acc.add(c.req))
+            .fold(Res::default(), |acc, c| acc.plus(c.req))
     }
 }
 
@@ -234,7 +236,7 @@ impl Client {
     pub fn demand(&self) -> Res {
         self.pods
             .iter()
-            .fold(Res::default(), |acc, p| acc.add(p.demand()))
+            .fold(Res::default(), |acc, p| acc.plus(p.demand()))
     }
 
     /// Number of containers.
@@ -407,7 +409,7 @@ pub fn validate(
                     })
                 }
             }
-            load = load.add(client.pods[it.pod as usize].containers[it.container as usize].req);
+            load = load.plus(client.pods[it.pod as usize].containers[it.container as usize].req);
         }
         let ty = &cat.types()[vm.ty];
         if !load.fits_in(ty.cap) {
@@ -459,7 +461,7 @@ pub(crate) fn check_group(
 ) -> Result<(), Violation> {
     let total = types
         .clone()
-        .fold(Res::default(), |acc, t| acc.add(cat.types()[t].cap));
+        .fold(Res::default(), |acc, t| acc.plus(cat.types()[t].cap));
     let over = || Violation::HostOverflow {
         cpu_milli: total.cpu,
         mem_mib: total.mem,
@@ -550,11 +552,17 @@ mod tests {
             vms: vec![
                 Vm {
                     ty: 1,
-                    items: vec![ItemRef { pod: 0, container: 0 }],
+                    items: vec![ItemRef {
+                        pod: 0,
+                        container: 0,
+                    }],
                 },
                 Vm {
                     ty: 1,
-                    items: vec![ItemRef { pod: 0, container: 1 }],
+                    items: vec![ItemRef {
+                        pod: 0,
+                        container: 1,
+                    }],
                 },
             ],
         };
@@ -569,11 +577,17 @@ mod tests {
             vms: vec![
                 Vm {
                     ty: 0,
-                    items: vec![ItemRef { pod: 0, container: 0 }],
+                    items: vec![ItemRef {
+                        pod: 0,
+                        container: 0,
+                    }],
                 },
                 Vm {
                     ty: 1,
-                    items: vec![ItemRef { pod: 0, container: 1 }],
+                    items: vec![ItemRef {
+                        pod: 0,
+                        container: 1,
+                    }],
                 },
             ],
         };
@@ -595,8 +609,14 @@ mod tests {
             vms: vec![Vm {
                 ty: 0,
                 items: vec![
-                    ItemRef { pod: 0, container: 0 },
-                    ItemRef { pod: 0, container: 1 },
+                    ItemRef {
+                        pod: 0,
+                        container: 0,
+                    },
+                    ItemRef {
+                        pod: 0,
+                        container: 1,
+                    },
                 ],
             }],
         };
@@ -607,7 +627,10 @@ mod tests {
         let missing = Placement {
             vms: vec![Vm {
                 ty: 2,
-                items: vec![ItemRef { pod: 0, container: 0 }],
+                items: vec![ItemRef {
+                    pod: 0,
+                    container: 0,
+                }],
             }],
         };
         assert!(matches!(

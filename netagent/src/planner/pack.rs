@@ -4,7 +4,8 @@
 //! minimising the summed price, optionally under a bound on the summed VM capacity (a
 //! host). It is a multi-start construction followed by local search:
 //!
-//! 1. **Construction.** Items are sorted by decreasing dominant share. For each allowed
+//! 1. **Construction.** One VM per item (of the cheapest type holding it) is the first
+//!    candidate. Items are sorted by decreasing dominant share. For each allowed
 //!    type `o` (the *opening type*) and each of first-fit and best-fit, items are packed
 //!    into bins of `o`'s capacity (an item larger than `o` opens a bin of the cheapest type
 //!    that holds it); every bin is then right-sized to the cheapest type that holds its
@@ -79,7 +80,7 @@ impl Packing {
     pub fn total_cap(&self, cat: &Catalogue) -> Res {
         self.bins
             .iter()
-            .fold(Res::default(), |a, b| a.add(cat.types()[b.ty].cap))
+            .fold(Res::default(), |a, b| a.plus(cat.types()[b.ty].cap))
     }
 }
 
@@ -104,6 +105,11 @@ impl<'a> Packer<'a> {
     /// An engine over `items` (requests) and the catalogue.
     pub fn new(cat: &'a Catalogue, items: &'a [Res], opts: SearchOptions) -> Self {
         Self { cat, items, opts }
+    }
+
+    /// The catalogue.
+    pub fn catalogue(&self) -> &'a Catalogue {
+        self.cat
     }
 
     /// Packs the items `ids` on types `allowed` (cheapest first) with the summed capacity
@@ -131,9 +137,12 @@ impl<'a> Packer<'a> {
         let mut load = vec![Res::default(); full + 1];
         for m in 1..=full {
             let low = m.trailing_zeros() as usize;
-            load[m] = load[m & (m - 1)].add(self.items[ids[low]]);
+            load[m] = load[m & (m - 1)].plus(self.items[ids[low]]);
         }
-        let block: Vec<Option<usize>> = load.iter().map(|&l| cat.cheapest_fitting(l, allowed)).collect();
+        let block: Vec<Option<usize>> = load
+            .iter()
+            .map(|&l| cat.cheapest_fitting(l, allowed))
+            .collect();
         let mut best: Vec<Option<(u64, usize)>> = vec![None; full + 1];
         best[0] = Some((0, 0));
         for s in 1..=full {
@@ -162,7 +171,10 @@ impl<'a> Packer<'a> {
             bins.push(Bin {
                 ty: block[b].expect("chosen block fits"),
                 load: load[b],
-                items: (0..n).filter(|i| b & (1 << i) != 0).map(|i| ids[i]).collect(),
+                items: (0..n)
+                    .filter(|i| b & (1 << i) != 0)
+                    .map(|i| ids[i])
+                    .collect(),
             });
             s &= !b;
         }
@@ -170,7 +182,12 @@ impl<'a> Packer<'a> {
     }
 
     /// Construction only (step 1).
-    pub fn construct_all(&self, ids: &[usize], allowed: &[usize], bound: Option<Res>) -> Option<Packing> {
+    pub fn construct_all(
+        &self,
+        ids: &[usize],
+        allowed: &[usize],
+        bound: Option<Res>,
+    ) -> Option<Packing> {
         if ids.is_empty() {
             return Some(Packing {
                 cost: 0,
@@ -192,13 +209,39 @@ impl<'a> Packer<'a> {
             .map(|&i| {
                 let r = self.items[i];
                 let share = (r.dominant_share(maxcap) * 1e12) as u64;
-                (share, r.cpu.saturating_mul(maxcap.mem).saturating_add(r.mem.saturating_mul(maxcap.cpu)), i)
+                (
+                    share,
+                    r.cpu
+                        .saturating_mul(maxcap.mem)
+                        .saturating_add(r.mem.saturating_mul(maxcap.cpu)),
+                    i,
+                )
             })
             .collect();
         order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
         let order: Vec<usize> = order.into_iter().map(|x| x.2).collect();
         let openers = self.openers(allowed, ids.len());
-        let mut best: Option<Packing> = None;
+        // One VM per item, each of the cheapest type that holds it: the plan every other
+        // start must beat, so the result never costs more than it.
+        let mut best: Option<Packing> = {
+            let bins: Vec<Bin> = ids
+                .iter()
+                .map(|&i| Bin {
+                    ty: cat
+                        .cheapest_fitting(self.items[i], allowed)
+                        .expect("checked above"),
+                    load: self.items[i],
+                    items: vec![i],
+                })
+                .collect();
+            let p = Packing {
+                cost: bins.iter().map(|b| price(cat, b.ty)).sum(),
+                bins,
+            };
+            bound
+                .is_none_or(|b| p.total_cap(cat).fits_in(b))
+                .then_some(p)
+        };
         for &o in &openers {
             for rule in [Rule::FirstFit, Rule::BestFit] {
                 let p = self.construct(&order, o, rule, allowed);
@@ -228,14 +271,20 @@ impl<'a> Packer<'a> {
                     .filter(|&t| cat.family_of(t) == f)
                     .max_by(|&a, &b| {
                         let (ca, cb) = (cat.types()[a].cap, cat.types()[b].cap);
-                        (ca.cpu, ca.mem, std::cmp::Reverse(price(cat, a)))
-                            .cmp(&(cb.cpu, cb.mem, std::cmp::Reverse(price(cat, b))))
+                        (ca.cpu, ca.mem, std::cmp::Reverse(price(cat, a))).cmp(&(
+                            cb.cpu,
+                            cb.mem,
+                            std::cmp::Reverse(price(cat, b)),
+                        ))
                     });
                 out.extend(t);
             }
         } else {
             for &t in allowed {
-                if !out.iter().any(|&u| cat.types()[u].cap == cat.types()[t].cap) {
+                if !out
+                    .iter()
+                    .any(|&u| cat.types()[u].cap == cat.types()[t].cap)
+                {
                     out.push(t);
                 }
             }
@@ -256,13 +305,13 @@ impl<'a> Packer<'a> {
                     chosen = open
                         .iter()
                         .copied()
-                        .find(|&b| bins[b].1.load.add(r).fits_in(bins[b].0));
+                        .find(|&b| bins[b].1.load.plus(r).fits_in(bins[b].0));
                 }
                 Rule::BestFit => {
                     let mut best_slack = f64::INFINITY;
                     for &b in &open {
                         let (cap, bin) = &bins[b];
-                        let nl = bin.load.add(r);
+                        let nl = bin.load.plus(r);
                         if nl.fits_in(*cap) {
                             let slack = (cap.cpu - nl.cpu) as f64 / cap.cpu.max(1) as f64
                                 + (cap.mem - nl.mem) as f64 / cap.mem.max(1) as f64;
@@ -299,7 +348,7 @@ impl<'a> Packer<'a> {
                 }
             };
             let bin = &mut bins[b].1;
-            bin.load = bin.load.add(r);
+            bin.load = bin.load.plus(r);
             bin.items.push(i);
         }
         let mut cost = 0;
@@ -354,8 +403,8 @@ impl<'a> Packer<'a> {
                 if let Some(sub) = self.construct_all(&bin.items, &cheaper, None) {
                     let new_cap = p
                         .total_cap(cat)
-                        .sub(cat.types()[bin.ty].cap)
-                        .add(sub.total_cap(cat));
+                        .saturating_sub(cat.types()[bin.ty].cap)
+                        .plus(sub.total_cap(cat));
                     if sub.cost < pr && self.within(new_cap, bound) {
                         p.cost = p.cost - pr + sub.cost;
                         p.bins.swap_remove(i);
@@ -399,7 +448,7 @@ impl<'a> Packer<'a> {
                         .iter()
                         .find(|x| x.0 == d)
                         .map_or((bin.load, bin.ty), |x| (x.1, x.2));
-                    let nl = load.add(r);
+                    let nl = load.plus(r);
                     let (nt, dd) = if nl.fits_in(cat.types()[ty].cap) {
                         (ty, 0i64)
                     } else {
@@ -432,7 +481,7 @@ impl<'a> Packer<'a> {
             let old_src = price(cat, p.bins[src].ty);
             let kept_load = kept
                 .iter()
-                .fold(Res::default(), |a, &i| a.add(self.items[i]));
+                .fold(Res::default(), |a, &i| a.plus(self.items[i]));
             let new_src_ty = if kept.is_empty() {
                 None
             } else {
@@ -451,19 +500,25 @@ impl<'a> Packer<'a> {
                 .iter()
                 .zip(&removed)
                 .filter(|(_, &r)| !r)
-                .fold(Res::default(), |a, (b, _)| a.add(cat.types()[b.ty].cap));
-            let mut cap = live_cap.sub(cat.types()[p.bins[src].ty].cap);
+                .fold(Res::default(), |a, (b, _)| a.plus(cat.types()[b.ty].cap));
+            let mut cap = live_cap.saturating_sub(cat.types()[p.bins[src].ty].cap);
             if let Some(t) = new_src_ty {
-                cap = cap.add(cat.types()[t].cap);
+                cap = cap.plus(cat.types()[t].cap);
             }
             for &(d, _, nt) in &tent {
-                cap = cap.sub(cat.types()[p.bins[d].ty].cap).add(cat.types()[nt].cap);
+                cap = cap
+                    .saturating_sub(cat.types()[p.bins[d].ty].cap)
+                    .plus(cat.types()[nt].cap);
             }
             if !self.within(cap, bound) {
                 continue;
             }
             // Commit: re-run the assignment to know which item went where.
-            let moved: Vec<usize> = items.iter().copied().filter(|i| !kept.contains(i)).collect();
+            let moved: Vec<usize> = items
+                .iter()
+                .copied()
+                .filter(|i| !kept.contains(i))
+                .collect();
             self.commit_moves(p, src, &moved, allowed);
             match new_src_ty {
                 None => removed[src] = true,
@@ -500,7 +555,7 @@ impl<'a> Packer<'a> {
                 if d == src || (bin.items.is_empty() && bin.load == Res::default()) {
                     continue;
                 }
-                let nl = bin.load.add(r);
+                let nl = bin.load.plus(r);
                 let (nt, dd) = if nl.fits_in(cat.types()[bin.ty].cap) {
                     (bin.ty, 0i64)
                 } else {
@@ -518,7 +573,7 @@ impl<'a> Packer<'a> {
             }
             let (_, d, nt) = best.expect("a destination was found in the trial");
             let bin = &mut p.bins[d];
-            bin.load = bin.load.add(r);
+            bin.load = bin.load.plus(r);
             bin.items.push(it);
             bin.ty = nt;
         }
@@ -545,7 +600,12 @@ impl<'a> Packer<'a> {
                     continue;
                 }
                 let old = price(cat, p.bins[a].ty) + price(cat, p.bins[b].ty);
-                let pool: Vec<usize> = p.bins[a].items.iter().chain(&p.bins[b].items).copied().collect();
+                let pool: Vec<usize> = p.bins[a]
+                    .items
+                    .iter()
+                    .chain(&p.bins[b].items)
+                    .copied()
+                    .collect();
                 if pool.len() > 256 {
                     continue;
                 }
@@ -560,11 +620,17 @@ impl<'a> Packer<'a> {
                     .iter()
                     .zip(&dead)
                     .filter(|(_, &d)| !d)
-                    .fold(Res::default(), |acc, (b, _)| acc.add(cat.types()[b.ty].cap))
-                    .sub(cat.types()[p.bins[a].ty].cap)
-                    .sub(cat.types()[p.bins[b].ty].cap)
-                    .add(sub.total_cap(cat))
-                    .add(added.iter().fold(Res::default(), |acc, b| acc.add(cat.types()[b.ty].cap)));
+                    .fold(Res::default(), |acc, (b, _)| {
+                        acc.plus(cat.types()[b.ty].cap)
+                    })
+                    .saturating_sub(cat.types()[p.bins[a].ty].cap)
+                    .saturating_sub(cat.types()[p.bins[b].ty].cap)
+                    .plus(sub.total_cap(cat))
+                    .plus(
+                        added
+                            .iter()
+                            .fold(Res::default(), |acc, b| acc.plus(cat.types()[b.ty].cap)),
+                    );
                 if !self.within(cap, bound) {
                     continue;
                 }
@@ -612,7 +678,10 @@ mod tests {
         let mut seen = vec![0; n];
         let mut cost = 0;
         for b in &p.bins {
-            let load = b.items.iter().fold(Res::default(), |a, &i| a.add(items[i]));
+            let load = b
+                .items
+                .iter()
+                .fold(Res::default(), |a, &i| a.plus(items[i]));
             assert_eq!(load, b.load);
             assert!(load.fits_in(cat.types()[b.ty].cap));
             for &i in &b.items {
@@ -643,10 +712,14 @@ mod tests {
         let items = vec![Res::new(1000, 4096); 5];
         let ids: Vec<usize> = (0..5).collect();
         let pk = Packer::new(&c, &items, SearchOptions::default());
-        let p = pk.pack(&ids, &c.all(), Some(Res::new(6000, 24 * 1024))).unwrap();
+        let p = pk
+            .pack(&ids, &c.all(), Some(Res::new(6000, 24 * 1024)))
+            .unwrap();
         check(&p, &items, &c, 5);
         assert!(p.total_cap(&c).fits_in(Res::new(6000, 24 * 1024)));
-        assert!(pk.pack(&ids, &c.all(), Some(Res::new(4000, 100_000))).is_none());
+        assert!(pk
+            .pack(&ids, &c.all(), Some(Res::new(4000, 100_000)))
+            .is_none());
     }
 
     #[test]

@@ -99,11 +99,17 @@ pub fn plan_whole(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Option<
 }
 
 /// Plans clients on `threads` threads, largest clients first; results in input order.
-pub fn plan_all(clients: &[Client], cat: &Catalogue, cfg: &PlanConfig, threads: usize) -> Vec<ClientPlan> {
+pub fn plan_all(
+    clients: &[Client],
+    cat: &Catalogue,
+    cfg: &PlanConfig,
+    threads: usize,
+) -> Vec<ClientPlan> {
     let mut order: Vec<usize> = (0..clients.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(clients[i].container_count()));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<Option<ClientPlan>>> = std::sync::Mutex::new(vec![None; clients.len()]);
+    let results: std::sync::Mutex<Vec<Option<ClientPlan>>> =
+        std::sync::Mutex::new(vec![None; clients.len()]);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
@@ -151,7 +157,7 @@ fn to_placement(g: &Groups, flat: &Flat) -> Placement {
 fn plan_whole_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig) -> Option<Groups> {
     let packer = Packer::new(cat, &flat.pod_demand, cfg.search);
     let pods: Vec<usize> = (0..flat.pod_demand.len()).collect();
-    let p = packer.pack(&pods, &usable_types(cat, cfg.host), None)?;
+    let p = packer.pack(&pods, &undominated(cat, &usable_types(cat, cfg.host)), None)?;
     Some(Groups {
         cost: p.cost,
         groups: p
@@ -161,7 +167,11 @@ fn plan_whole_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig) -> Option<Gro
                 vec![Bin {
                     ty: b.ty,
                     load: b.load,
-                    items: b.items.iter().flat_map(|&p| flat.pod_items[p].iter().copied()).collect(),
+                    items: b
+                        .items
+                        .iter()
+                        .flat_map(|&p| flat.pod_items[p].iter().copied())
+                        .collect(),
                 }]
             })
             .collect(),
@@ -172,9 +182,30 @@ fn plan_whole_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig) -> Option<Gro
 /// otherwise every type.
 pub fn usable_types(cat: &Catalogue, host: HostModel) -> Vec<usize> {
     match host {
-        HostModel::Uniform(h) => (0..cat.types().len()).filter(|&t| cat.types()[t].cap.fits_in(h)).collect(),
+        HostModel::Uniform(h) => (0..cat.types().len())
+            .filter(|&t| cat.types()[t].cap.fits_in(h))
+            .collect(),
         _ => cat.all(),
     }
+}
+
+/// `types` without those dominated by another: no smaller in either dimension and no
+/// dearer (ties kept once). Safe wherever VMs are chosen freely (plan (a), hosts without a
+/// bound); not inside a bounded host, where a larger VM may not fit.
+pub fn undominated(cat: &Catalogue, types: &[usize]) -> Vec<usize> {
+    let ty = cat.types();
+    types
+        .iter()
+        .copied()
+        .filter(|&t| {
+            !types.iter().any(|&u| {
+                u != t
+                    && ty[t].cap.fits_in(ty[u].cap)
+                    && ty[u].price <= ty[t].price
+                    && (ty[u].price < ty[t].price || ty[u].cap != ty[t].cap || u < t)
+            })
+        })
+        .collect()
 }
 
 /// Host options: allowed types and the bound on a group's summed capacity.
@@ -184,15 +215,20 @@ pub fn host_options(cat: &Catalogue, host: HostModel) -> Vec<(Vec<usize>, Option
             .map(|f| (cat.of_family(f), Some(cat.family_host(f))))
             .collect(),
         HostModel::Uniform(h) => vec![(usable_types(cat, host), Some(h))],
-        HostModel::Unlimited => vec![(cat.all(), None)],
+        HostModel::Unlimited => vec![(undominated(cat, &cat.all()), None)],
     }
 }
 
-fn plan_hostlo_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig, whole: Option<&Groups>) -> Option<Groups> {
+fn plan_hostlo_flat(
+    flat: &Flat,
+    cat: &Catalogue,
+    cfg: &PlanConfig,
+    whole: Option<&Groups>,
+) -> Option<Groups> {
     let options = host_options(cat, cfg.host);
     let packer = Packer::new(cat, &flat.items, cfg.search);
     let pod_packer = Packer::new(cat, &flat.pod_demand, cfg.search);
-    let all = usable_types(cat, cfg.host);
+    let all = undominated(cat, &usable_types(cat, cfg.host));
     let mut best: Option<Groups> = whole.cloned();
     // S2: pods into hosts, then containers into VMs per host.
     for (types, bound) in &options {
@@ -214,7 +250,7 @@ fn plan_hostlo_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig, whole: Optio
                     if hosts.is_empty() {
                         hosts.push((Res::default(), Vec::new()));
                     }
-                    hosts[0].0 = hosts[0].0.add(d);
+                    hosts[0].0 = hosts[0].0.plus(d);
                     hosts[0].1.push(p);
                 }
                 Some(b) => {
@@ -223,10 +259,10 @@ fn plan_hostlo_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig, whole: Optio
                         break;
                     }
                     let start = hosts.len().saturating_sub(cfg.search.window);
-                    match hosts[start..].iter().position(|h| h.0.add(d).fits_in(*b)) {
+                    match hosts[start..].iter().position(|h| h.0.plus(d).fits_in(*b)) {
                         Some(k) => {
                             let h = &mut hosts[start + k];
-                            h.0 = h.0.add(d);
+                            h.0 = h.0.plus(d);
                             h.1.push(p);
                         }
                         None => hosts.push((d, vec![p])),
@@ -245,7 +281,10 @@ fn plan_hostlo_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig, whole: Optio
         let mut queue: Vec<Vec<usize>> = hosts.into_iter().map(|h| h.1).collect();
         while let Some(hp) = queue.pop() {
             let hp = &hp;
-            let ids: Vec<usize> = hp.iter().flat_map(|&p| flat.pod_items[p].iter().copied()).collect();
+            let ids: Vec<usize> = hp
+                .iter()
+                .flat_map(|&p| flat.pod_items[p].iter().copied())
+                .collect();
             let split = packer.pack(&ids, types, *bound);
             let whole_h = pod_packer.pack(hp, &all, None);
             let use_split = match (&split, &whole_h) {
@@ -264,7 +303,11 @@ fn plan_hostlo_flat(flat: &Flat, cat: &Catalogue, cfg: &PlanConfig, whole: Optio
                         sol.groups.push(vec![Bin {
                             ty: b.ty,
                             load: b.load,
-                            items: b.items.iter().flat_map(|&p| flat.pod_items[p].iter().copied()).collect(),
+                            items: b
+                                .items
+                                .iter()
+                                .flat_map(|&p| flat.pod_items[p].iter().copied())
+                                .collect(),
                         }]);
                     }
                 }
@@ -291,12 +334,38 @@ fn repack(
     packer: &Packer<'_>,
     options: &[(Vec<usize>, Option<Res>)],
 ) -> Option<super::pack::Packing> {
-    let demand = ids.iter().fold(Res::default(), |a, &i| a.add(flat.items[i]));
+    /// With many host options (many families), only the most promising are tried.
+    const MAX_OPTIONS: usize = 6;
+    let demand = ids
+        .iter()
+        .fold(Res::default(), |a, &i| a.plus(flat.items[i]));
     let mut best: Option<super::pack::Packing> = None;
-    for (types, bound) in options {
-        if bound.is_some_and(|b| !demand.fits_in(b)) {
-            continue;
-        }
+    let mut cands: Vec<&(Vec<usize>, Option<Res>)> = options
+        .iter()
+        .filter(|(_, bound)| bound.is_none_or(|b| demand.fits_in(b)))
+        .collect();
+    if cands.len() > MAX_OPTIONS {
+        // Rank by the cheapest single type scaled to the demand (a per-option LP bound).
+        let cat = packer.catalogue();
+        let score = |types: &[usize]| {
+            types
+                .iter()
+                .map(|&t| {
+                    let ty = &cat.types()[t];
+                    let need = (demand.cpu as f64 / ty.cap.cpu.max(1) as f64)
+                        .max(demand.mem as f64 / ty.cap.mem.max(1) as f64);
+                    need * ty.price as f64
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        cands.sort_by(|a, b| {
+            score(&a.0)
+                .partial_cmp(&score(&b.0))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        cands.truncate(MAX_OPTIONS);
+    }
+    for (types, bound) in cands {
         if let Some(p) = packer.pack(ids, types, *bound) {
             if best.as_ref().is_none_or(|b| p.cost < b.cost) {
                 best = Some(p);
@@ -391,7 +460,9 @@ fn improve_groups(
                 continue;
             }
             let old = group_cost(cat, g);
-            if let Some((cost, parts)) = best_regroup(&ids, flat, packer, options, cfg.search.exact_pods) {
+            if let Some((cost, parts)) =
+                best_regroup(&ids, flat, packer, options, cfg.search.exact_pods)
+            {
                 if cost < old {
                     sol.cost = sol.cost - old + cost;
                     let mut parts = parts.into_iter();
@@ -426,7 +497,9 @@ fn improve_groups(
                     continue;
                 }
                 let old = group_cost(cat, &sol.groups[a]) + group_cost(cat, &sol.groups[b]);
-                if let Some((cost, parts)) = best_regroup(&ids, flat, packer, options, cfg.search.exact_pods) {
+                if let Some((cost, parts)) =
+                    best_regroup(&ids, flat, packer, options, cfg.search.exact_pods)
+                {
                     if cost < old {
                         dead[a] = true;
                         dead[b] = true;
@@ -472,7 +545,14 @@ mod tests {
 
     #[test]
     fn a_five_container_pod_is_cheaper_with_hostlo() {
-        let rows = (0..5).map(|i| ("u".to_string(), "p".to_string(), i.to_string(), Res::new(1000, 4096)));
+        let rows = (0..5).map(|i| {
+            (
+                "u".to_string(),
+                "p".to_string(),
+                i.to_string(),
+                Res::new(1000, 4096),
+            )
+        });
         let client = group_clients(rows).remove(0);
         let c = cat();
         let plan = plan_client(&client, &c, &PlanConfig::default());
@@ -487,7 +567,14 @@ mod tests {
 
     #[test]
     fn oversized_pod_is_infeasible_in_both() {
-        let rows = (0..3).map(|i| ("u".to_string(), "p".to_string(), i.to_string(), Res::new(3000, 1)));
+        let rows = (0..3).map(|i| {
+            (
+                "u".to_string(),
+                "p".to_string(),
+                i.to_string(),
+                Res::new(3000, 1),
+            )
+        });
         let client = group_clients(rows).remove(0);
         let plan = plan_client(&client, &cat(), &PlanConfig::default());
         assert!(plan.whole.is_none());

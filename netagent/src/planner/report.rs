@@ -147,25 +147,44 @@ fn pct(a: usize, b: usize) -> f64 {
 /// Summarises rows.
 pub fn summarise(rows: &[ClientRow]) -> Summary {
     let planned: Vec<&ClientRow> = rows.iter().filter(|r| r.status == Status::Ok).collect();
-    let savings: Vec<f64> = planned.iter().map(|r| r.saving_pct.unwrap_or(0.0)).collect();
+    let savings: Vec<f64> = planned
+        .iter()
+        .map(|r| r.saving_pct.unwrap_or(0.0))
+        .collect();
     let mut savers: Vec<f64> = savings.iter().copied().filter(|&s| s > 1e-9).collect();
     savers.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     let max = planned
         .iter()
         .filter(|r| r.saving_pct.unwrap_or(0.0) > 1e-9)
         .max_by(|a, b| a.saving_pct.partial_cmp(&b.saving_pct).expect("finite"));
-    let gap = |c: Option<f64>, lb: f64| c.map_or(0.0, |c| if c > 0.0 { 100.0 * (c - lb) / c } else { 0.0 });
+    let gap = |c: Option<f64>, lb: f64| {
+        c.map_or(0.0, |c| if c > 0.0 { 100.0 * (c - lb) / c } else { 0.0 })
+    };
     let n = planned.len().max(1) as f64;
     Summary {
         clients: rows.len(),
         planned: planned.len(),
-        hostlo_only: rows.iter().filter(|r| r.status == Status::HostloOnly).count(),
-        infeasible: rows.iter().filter(|r| r.status == Status::Infeasible).count(),
+        hostlo_only: rows
+            .iter()
+            .filter(|r| r.status == Status::HostloOnly)
+            .count(),
+        infeasible: rows
+            .iter()
+            .filter(|r| r.status == Status::Infeasible)
+            .count(),
         with_saving: savers.len(),
         share_with_saving_pct: pct(savers.len(), planned.len()),
         share_at_least_pct: [1.0, 5.0, 10.0, 20.0, 30.0, 40.0]
             .iter()
-            .map(|&t| (t, pct(savings.iter().filter(|&&s| s >= t - 1e-9).count(), planned.len())))
+            .map(|&t| {
+                (
+                    t,
+                    pct(
+                        savings.iter().filter(|&&s| s >= t - 1e-9).count(),
+                        planned.len(),
+                    ),
+                )
+            })
             .collect(),
         max_saving_pct: max.and_then(|r| r.saving_pct).unwrap_or(0.0),
         max_saving_client: max.map(|r| r.client.clone()),
@@ -183,15 +202,27 @@ pub fn summarise(rows: &[ClientRow]) -> Summary {
         },
         total_whole: planned.iter().filter_map(|r| r.cost_whole).sum(),
         total_hostlo: planned.iter().filter_map(|r| r.cost_hostlo).sum(),
-        mean_gap_whole_pct: planned.iter().map(|r| gap(r.cost_whole, r.lower_bound)).sum::<f64>() / n,
-        mean_gap_hostlo_pct: planned.iter().map(|r| gap(r.cost_hostlo, r.lower_bound)).sum::<f64>() / n,
+        mean_gap_whole_pct: planned
+            .iter()
+            .map(|r| gap(r.cost_whole, r.lower_bound))
+            .sum::<f64>()
+            / n,
+        mean_gap_hostlo_pct: planned
+            .iter()
+            .map(|r| gap(r.cost_hostlo, r.lower_bound))
+            .sum::<f64>()
+            / n,
     }
 }
 
 /// The summary as text.
 pub fn summary_text(s: &Summary) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "clients: {} read, {} planned, {} Hostlo-only, {} infeasible", s.clients, s.planned, s.hostlo_only, s.infeasible);
+    let _ = writeln!(
+        o,
+        "clients: {} read, {} planned, {} Hostlo-only, {} infeasible",
+        s.clients, s.planned, s.hostlo_only, s.infeasible
+    );
     let _ = writeln!(
         o,
         "clients with a saving: {} of {} = {:.1} % (paper: > 11 %)",
@@ -251,7 +282,18 @@ pub fn table_text(rows: &[ClientRow]) -> String {
     let _ = writeln!(
         o,
         "{:<46} {:>5} {:>6} {:>9} {:>9} {:>11} {:>10} {:>10} {:>8} {:>5} {:>5} {:>5}",
-        "client", "pods", "ctrs", "vCPU", "GiB", "status", "(a) $/h", "(b) $/h", "saving%", "VMa", "VMb", "span"
+        "client",
+        "pods",
+        "ctrs",
+        "vCPU",
+        "GiB",
+        "status",
+        "(a) $/h",
+        "(b) $/h",
+        "saving%",
+        "VMa",
+        "VMb",
+        "span"
     );
     for r in sorted {
         let status = match r.status {
@@ -300,7 +342,10 @@ pub fn table_csv(rows: &[ClientRow]) -> Result<String, csv::Error> {
         "types_hostlo",
     ])?;
     for r in rows {
-        let status = serde_json::to_value(r.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let status = serde_json::to_value(r.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
         w.write_record([
             r.client.clone(),
             r.pods.to_string(),
@@ -324,7 +369,9 @@ pub fn table_csv(rows: &[ClientRow]) -> Result<String, csv::Error> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The empirical CDF of savings over planned clients as a standalone SVG document.
@@ -339,28 +386,72 @@ pub fn cdf_svg(rows: &[ClientRow], title: &str) -> String {
     let (w, h) = (720.0, 440.0);
     let (l, r, t, b) = (70.0, 20.0, 50.0, 60.0);
     let xmax = (s.last().copied().unwrap_or(0.0) / 10.0).ceil().max(4.0) * 10.0;
-    let ymin = if n == 0 { 0.0 } else { ((s.iter().filter(|&&v| v <= 1e-9).count() as f64 / n as f64) * 10.0).floor() / 10.0 };
+    let ymin = if n == 0 {
+        0.0
+    } else {
+        ((s.iter().filter(|&&v| v <= 1e-9).count() as f64 / n as f64) * 10.0).floor() / 10.0
+    };
     let ymin = ymin.min(0.8);
     let px = |x: f64| l + (w - l - r) * x / xmax;
     let py = |y: f64| t + (h - t - b) * (1.0 - (y - ymin) / (1.0 - ymin));
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(o, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(o, r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#, w / 2.0, esc(title));
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
     // Grid and ticks.
     let mut x = 0.0;
     while x <= xmax + 1e-9 {
-        let _ = writeln!(o, r##"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="#ddd"/><text x="{0:.1}" y="{3:.1}" text-anchor="middle">{4:.0}</text>"##, px(x), t, h - b, h - b + 16.0, x);
+        let _ = writeln!(
+            o,
+            r##"<line x1="{0:.1}" y1="{1:.1}" x2="{0:.1}" y2="{2:.1}" stroke="#ddd"/><text x="{0:.1}" y="{3:.1}" text-anchor="middle">{4:.0}</text>"##,
+            px(x),
+            t,
+            h - b,
+            h - b + 16.0,
+            x
+        );
         x += if xmax > 50.0 { 10.0 } else { 5.0 };
     }
     let steps = ((1.0 - ymin) / 0.05).round() as usize;
     for k in 0..=steps {
         let y = ymin + k as f64 * 0.05;
-        let _ = writeln!(o, r##"<line x1="{0:.1}" y1="{1:.1}" x2="{2:.1}" y2="{1:.1}" stroke="#ddd"/><text x="{3:.1}" y="{4:.1}" text-anchor="end">{5:.2}</text>"##, l, py(y), w - r, l - 6.0, py(y) + 4.0, y);
+        let _ = writeln!(
+            o,
+            r##"<line x1="{0:.1}" y1="{1:.1}" x2="{2:.1}" y2="{1:.1}" stroke="#ddd"/><text x="{3:.1}" y="{4:.1}" text-anchor="end">{5:.2}</text>"##,
+            l,
+            py(y),
+            w - r,
+            l - 6.0,
+            py(y) + 4.0,
+            y
+        );
     }
-    let _ = writeln!(o, r#"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="black"/>"#, w - l - r, h - t - b);
-    let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">saving with Hostlo (% of the cost without)</text>"#, (l + w - r) / 2.0, h - 18.0);
-    let _ = writeln!(o, r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">fraction of clients with saving ≤ x</text>"#, (t + h - b) / 2.0, (t + h - b) / 2.0);
+    let _ = writeln!(
+        o,
+        r#"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="black"/>"#,
+        w - l - r,
+        h - t - b
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="{}" text-anchor="middle">saving with Hostlo (% of the cost without)</text>"#,
+        (l + w - r) / 2.0,
+        h - 18.0
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">fraction of clients with saving ≤ x</text>"#,
+        (t + h - b) / 2.0,
+        (t + h - b) / 2.0
+    );
     // Step curve.
     if n > 0 {
         let mut d = String::new();
@@ -372,11 +463,21 @@ pub fn cdf_svg(rows: &[ClientRow], title: &str) -> String {
             while j < n && (s[j] - v).abs() < 1e-12 {
                 j += 1;
             }
-            let _ = write!(d, " L{:.2},{:.2} L{:.2},{:.2}", px(v), py(((k as f64) / n as f64).max(ymin)), px(v), py(j as f64 / n as f64));
+            let _ = write!(
+                d,
+                " L{:.2},{:.2} L{:.2},{:.2}",
+                px(v),
+                py(((k as f64) / n as f64).max(ymin)),
+                px(v),
+                py(j as f64 / n as f64)
+            );
             k = j;
         }
         let _ = write!(d, " L{:.2},{:.2}", px(xmax), py(1.0));
-        let _ = writeln!(o, r##"<path d="{d}" fill="none" stroke="#1f5fbf" stroke-width="2"/>"##);
+        let _ = writeln!(
+            o,
+            r##"<path d="{d}" fill="none" stroke="#1f5fbf" stroke-width="2"/>"##
+        );
     }
     let savers = s.iter().filter(|&&v| v > 1e-9).count();
     let _ = writeln!(
@@ -443,7 +544,11 @@ mod tests {
         assert!(svg.contains("t &lt;&amp;&gt;"));
         let csv = table_csv(&rows).unwrap();
         assert_eq!(csv.lines().count(), 6);
-        assert!(csv.lines().nth(5).unwrap().starts_with("e,1,1,1.000,1.000,infeasible,,,"));
+        assert!(csv
+            .lines()
+            .nth(5)
+            .unwrap()
+            .starts_with("e,1,1,1.000,1.000,infeasible,,,"));
         assert!(table_text(&rows).lines().nth(1).unwrap().starts_with("c "));
     }
 }
