@@ -1,1 +1,6 @@
 //! Support code shared by nestless's integration and end-to-end tests.
+
+pub mod agent;
+pub mod containerd;
+pub mod netenv;
+pub mod vm;

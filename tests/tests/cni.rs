@@ -165,7 +165,7 @@ fn del_after_the_namespace_is_gone_releases_the_lease() {
     let del = cni(&rig, "DEL", &sb, &path, json!({}));
     assert!(del.ok, "{}", del.stderr);
     assert_eq!(leases(&rig), 0);
-    assert!(host_links(&format!("nlh")).iter().all(|l| !rig.bridge.ports().contains(l)));
+    assert!(host_links("nlh").iter().all(|l| !rig.bridge.ports().contains(l)));
 }
 
 #[test]

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# nestless's test command: on a fresh Debian 12 machine, as root, installs what the
+# tests need (apt packages, vhost-device-vsock), builds the workspace, checks
+# formatting and lints, builds the guest images, and runs every test: unit tests,
+# root tests with namespaces/bridges/taps, containerd + runc tests, and real-QEMU
+# tests. Prints each phase's duration at the end. CI runs exactly this (.ci/run).
+#
+#   bash tests/run.sh            everything
+#   bash tests/run.sh --no-lint  skip fmt/clippy (local iterations)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+LINT=1
+for a in "$@"; do
+	case $a in
+	--no-lint) LINT=0 ;;
+	*) echo "tests/run.sh: unknown argument $a" >&2 && exit 2 ;;
+	esac
+done
+
+if [ "$(id -u)" != 0 ]; then
+	echo "tests/run.sh: run as root (the tests create namespaces, bridges, taps and VMs)" >&2
+	exit 1
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR=never
+PHASES=()
+T_ALL=$(date +%s)
+phase() {
+	local name=$1
+	shift
+	local t0=$(date +%s)
+	echo
+	echo "=== phase: $name"
+	"$@"
+	local dt=$(($(date +%s) - t0))
+	PHASES+=("$(printf '%-28s %5ds' "$name" "$dt")")
+	echo "=== phase: $name done in ${dt}s"
+}
+summary() {
+	local rc=$?
+	echo
+	echo "=== phase durations"
+	printf '  %s\n' "${PHASES[@]}"
+	printf '  %-28s %5ds\n' "total" "$(($(date +%s) - T_ALL))"
+	[ $rc = 0 ] && echo "=== all tests passed" || echo "=== FAILED (exit $rc)"
+}
+trap summary EXIT
+
+APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 socat
+	iproute2 xz-utils zstd binutils util-linux kmod systemd)
+install_packages() {
+	local missing=()
+	for p in "${APT_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+	done
+	if ((${#missing[@]})); then
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	fi
+	# The system containerd is not used: the tests start their own.
+	systemctl disable --now containerd >/dev/null 2>&1 || true
+}
+
+install_vhost_device_vsock() {
+	if ! command -v vhost-device-vsock >/dev/null || ! vhost-device-vsock --version 2>/dev/null | grep -q "0.3.0"; then
+		cargo install --locked vhost-device-vsock@0.3.0
+	fi
+}
+
+build() {
+	cargo build --workspace --all-targets
+}
+
+lint() {
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+}
+
+guest_images() {
+	tests/vm/build-guest.sh --variant minimal --exec-bin target/debug/nestless-vm-exec
+	tests/vm/build-guest.sh --variant full --exec-bin target/debug/nestless-vm-exec
+}
+
+unit_tests() {
+	cargo test --workspace --lib --bins
+}
+
+integration_tests() {
+	cargo test -p nestless-tests --tests -- --test-threads 2
+}
+
+phase "apt packages" install_packages
+phase "vhost-device-vsock" install_vhost_device_vsock
+phase "build" build
+((LINT)) && phase "fmt + clippy" lint
+phase "guest images" guest_images
+phase "unit tests" unit_tests
+phase "integration + VM tests" integration_tests

@@ -1,0 +1,160 @@
+//! The agent binary's command line and packaging: `--check-config` on the
+//! shipped examples and on broken files, the systemd unit's commands, sd_notify
+//! readiness, and the admin socket refusing non-root callers.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use nestless_tests::{
+    agent::{bin_path, AgentProc},
+    netenv::{random_subnet, require_root, Bridge},
+};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn check_config(path: &Path) -> (i32, String) {
+    let out = Command::new(bin_path("nestless-netagent"))
+        .arg("--config")
+        .arg(path)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn shipped_examples_are_valid() {
+    for f in ["config/netagent.toml", "config/netagent-single-host.toml"] {
+        let (code, text) = check_config(&repo().join(f));
+        assert_eq!(code, 0, "{f}: {text}");
+        assert!(text.contains("valid"), "{text}");
+    }
+}
+
+#[test]
+fn broken_files_name_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[agent]\nstat_dir = \"/x\"\n", "stat_dir"),
+        (
+            "[[network]]\nname = \"n\"\nbridge = \"br0\"\nsubnet = \"10.0.0.0/33\"\ngateway = \"10.0.0.1\"\n",
+            "network[0] (\"n\").subnet",
+        ),
+        (
+            "[[network]]\nname = \"n\"\nbridge = \"br0\"\nsubnet = \"10.0.0.0/24\"\ngateway = \"10.1.0.1\"\n",
+            "network[0] (\"n\").gateway",
+        ),
+        ("[agent]\nmac_prefix = \"zz:00\"\n", "agent.mac_prefix"),
+        (
+            "[[network]]\nname = \"n\"\nbridge = \"br0\"\nsubnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\
+             [[vm]]\nname = \"a\"\nbackend = \"netns\"\nnetns = \"x\"\ncid = 7\n\
+             [[vm]]\nname = \"b\"\nbackend = \"netns\"\nnetns = \"y\"\ncid = 7\n",
+            "vm[1] (\"b\").cid",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let (code, out) = check_config(&p);
+        assert_eq!(code, 2, "{out}");
+        assert!(out.contains(&p.display().to_string()) && out.contains(key), "expected file and {key:?} in: {out}");
+    }
+    let (code, out) = check_config(&dir.path().join("missing.toml"));
+    assert_eq!(code, 2);
+    assert!(out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn systemd_unit_runs_the_binary_with_flags_it_accepts() {
+    let unit = std::fs::read_to_string(repo().join("config/nestless-netagent.service")).unwrap();
+    let get = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(get("Type"), ["notify"]);
+    let exec = get("ExecStart");
+    assert_eq!(exec.len(), 1);
+    let argv: Vec<&str> = exec[0].split_whitespace().collect();
+    assert!(argv[0].ends_with("/nestless-netagent"));
+    // The same flags, with the shipped example as the file, must be accepted.
+    let pre = get("ExecStartPre");
+    let pre_argv: Vec<&str> = pre[0].split_whitespace().collect();
+    assert!(pre_argv.contains(&"--check-config"));
+    let example = repo().join("config/netagent.toml");
+    let args: Vec<String> = pre_argv[1..]
+        .iter()
+        .map(|a| if a.ends_with(".toml") { example.display().to_string() } else { a.to_string() })
+        .collect();
+    let out = Command::new(bin_path("nestless-netagent")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    if Path::new("/usr/bin/systemd-analyze").exists() {
+        // Syntax check of the unit (systemd-analyze warns about the absent binary; that is fine).
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(repo().join("config/nestless-netagent.service"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        for line in err.lines() {
+            assert!(
+                line.contains("nestless-netagent") && (line.contains("No such file") || line.contains("is not executable") || line.contains("Command")),
+                "systemd-analyze: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
+    require_root();
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+            AgentProc::agent_section(dir.path()),
+            bridge.name
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin_path("nestless-netagent"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &notify)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("no sd_notify message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // A non-root caller is dropped at accept; root gets an answer.
+    let admin = dir.path().join("admin.sock");
+    let as_nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_path("nestlessctl"))
+        .args(["status", "--socket"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(!as_nobody.status.success(), "a non-root caller got an answer: {as_nobody:?}");
+    let as_root = Command::new(bin_path("nestlessctl")).args(["status", "--socket"]).arg(&admin).output().unwrap();
+    assert!(as_root.status.success(), "{as_root:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let n = sock.recv(&mut buf).expect("no STOPPING message");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+}
