@@ -112,6 +112,7 @@ pub struct Vm {
     pub backend: Arc<dyn VmBackend>,
     op: Mutex<()>,
     seen_generation: StdMutex<u64>,
+    wake: tokio::sync::Notify,
 }
 
 struct Inner {
@@ -222,6 +223,7 @@ impl Agent {
                         backend,
                         op: Mutex::new(()),
                         seen_generation: StdMutex::new(0),
+                        wake: tokio::sync::Notify::new(),
                     }),
                 ))
             })
@@ -339,7 +341,63 @@ impl Agent {
             // A failed rollback or detach left it: finish that first.
             self.remove_nic(&vmh, &rec.id).await?;
         }
-        let net = self.network(&network).expect("VM networks are checked at config load").clone();
+        // A warm NIC: already plugged and leased, only assigned here.
+        let pooled = self
+            .lock()
+            .records
+            .values()
+            .find(|r| r.vm == vm && r.pooled && r.state == NicState::Attached && r.network == network)
+            .map(|r| r.id.clone());
+        if let Some(id) = pooled {
+            let before = self.lock().records.get(&id).cloned().expect("pooled record");
+            {
+                let mut inner = self.lock();
+                let r = inner.records.get_mut(&id).expect("pooled record");
+                r.pooled = false;
+                r.sandbox_id = req.sandbox_id.clone();
+                r.labels = req.labels.clone();
+            }
+            if let Err(e) = self.persist().await {
+                self.lock().records.insert(id, before);
+                return Err(e);
+            }
+            vmh.wake.notify_one();
+            let record = self.lock().records.get(&id).cloned().expect("record just written");
+            log::info!(
+                "VM {vm}: gave warm NIC {} ({}, {}) to sandbox {}",
+                record.id,
+                record.mac,
+                record.ipv4,
+                record.sandbox_id
+            );
+            return Ok(Attached { record, created: true });
+        }
+        let record = self.plug_new(&vmh, &network, &req.sandbox_id, &req.labels, false).await?;
+        if vmh.config.warm_pool > 0 {
+            vmh.wake.notify_one();
+        }
+        log::info!(
+            "VM {vm}: attached NIC {} ({}, {}) for sandbox {}{}",
+            record.id,
+            record.mac,
+            record.ipv4,
+            record.sandbox_id,
+            record.slot.as_deref().map(|s| format!(" on {s}")).unwrap_or_default()
+        );
+        Ok(Attached { record, created: true })
+    }
+
+    /// Leases, names, records (write-ahead) and plugs a new NIC. Caller holds the VM lock.
+    async fn plug_new(
+        &self,
+        vmh: &Vm,
+        network: &str,
+        sandbox_id: &str,
+        labels: &BTreeMap<String, String>,
+        pooled: bool,
+    ) -> Result<NicRecord, AgentError> {
+        let vm = vmh.config.name.as_str();
+        let net = self.network(network).expect("VM networks are checked at config load").clone();
         let record = {
             let mut inner = self.lock();
             let count = inner.records.values().filter(|r| r.vm == vm).count() as u32;
@@ -349,7 +407,7 @@ impl Agent {
                     quota: vmh.config.max_nics,
                 });
             }
-            let ipam = inner.ipam.get_mut(&network).expect("an allocator per network");
+            let ipam = inner.ipam.get_mut(network).expect("an allocator per network");
             let ipv4 = ipam.allocate()?;
             let ipv6 = ipam.ipv6_for(ipv4);
             let used_macs: HashSet<MacAddr> = inner.records.values().map(|r| r.mac).collect();
@@ -368,15 +426,16 @@ impl Agent {
             let rec = NicRecord {
                 id: id.clone(),
                 vm: vm.to_string(),
-                sandbox_id: req.sandbox_id.clone(),
-                network: network.clone(),
+                sandbox_id: sandbox_id.to_string(),
+                network: network.to_string(),
                 mac,
                 ipv4,
                 ipv6,
                 state: NicState::Attaching,
                 slot: None,
-                labels: req.labels.clone(),
+                labels: labels.clone(),
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+                pooled,
             };
             inner.records.insert(id, rec.clone());
             rec
@@ -402,21 +461,12 @@ impl Agent {
                 self.set_state(&record.id, Event::Plugged);
                 if let Err(e) = self.persist().await {
                     // Not durable: undo, so that a restart cannot find a NIC the caller never got.
-                    if let Err(undo) = self.remove_nic(&vmh, &record.id).await {
+                    if let Err(undo) = self.remove_nic(vmh, &record.id).await {
                         log::error!("NIC {}: undo after a failed save failed: {undo}", record.id);
                     }
                     return Err(e);
                 }
-                let record = self.lock().records.get(&record.id).cloned().expect("record just written");
-                log::info!(
-                    "VM {vm}: attached NIC {} ({}, {}) for sandbox {}{}",
-                    record.id,
-                    record.mac,
-                    record.ipv4,
-                    record.sandbox_id,
-                    record.slot.as_deref().map(|s| format!(" on {s}")).unwrap_or_default()
-                );
-                Ok(Attached { record, created: true })
+                Ok(self.lock().records.get(&record.id).cloned().expect("record just written"))
             }
             Err(e) => {
                 // The backend undid its own steps; forget the record.
@@ -428,6 +478,34 @@ impl Agent {
                 Err(e.into())
             }
         }
+    }
+
+    /// Tops VM `vm`'s warm pool up to its configured size, one NIC per lock
+    /// hold (an attach waiting for the lock goes between two). Returns how
+    /// many NICs it plugged.
+    pub async fn refill_pool(&self, vm: &str) -> Result<usize, AgentError> {
+        let vmh = self.vm(vm)?.clone();
+        let mut plugged = 0;
+        loop {
+            let _op = vmh.op.lock().await;
+            let (pooled, total) = {
+                let inner = self.lock();
+                let mine = inner.records.values().filter(|r| r.vm == vm);
+                let pooled = mine.clone().filter(|r| r.pooled).count() as u32;
+                (pooled, mine.count() as u32)
+            };
+            if pooled >= vmh.config.warm_pool || total >= vmh.config.max_nics {
+                return Ok(plugged);
+            }
+            let rec = self.plug_new(&vmh, &vmh.config.network, "", &BTreeMap::new(), true).await?;
+            log::debug!("VM {vm}: warm NIC {} ({}) plugged", rec.id, rec.mac);
+            plugged += 1;
+        }
+    }
+
+    /// The VM's upkeep wake-up (an attach took a warm NIC).
+    pub fn wakeup(&self, vm: &str) -> Option<&tokio::sync::Notify> {
+        self.vms.get(vm).map(|v| &v.wake)
     }
 
     /// Takes back a NIC of VM `vm`.
@@ -620,13 +698,20 @@ impl Agent {
             Err(_) => return Ok(None),
         };
         let seen = *vmh.seen_generation.lock().expect("generation lock");
-        if generation != seen || pending {
+        let report = if generation != seen || pending {
             if generation != seen && seen != 0 {
                 log::info!("VM {vm}: backend reconnected (generation {seen} -> {generation}), reconciling");
             }
-            return self.reconcile_vm(vm).await.map(Some);
+            Some(self.reconcile_vm(vm).await?)
+        } else {
+            None
+        };
+        if vmh.config.warm_pool > 0 {
+            if let Err(e) = self.refill_pool(vm).await {
+                log::warn!("VM {vm}: cannot refill the warm pool: {e}");
+            }
         }
-        Ok(None)
+        Ok(report)
     }
 
     /// Waits until no VM operation is in flight (each VM's lock is taken and
@@ -869,6 +954,41 @@ mod tests {
         assert_eq!(q1.devices.lock().unwrap().len(), 1);
         assert_eq!(q1.netdevs.lock().unwrap().len(), 1);
         assert_eq!(links.links.lock().unwrap().iter().cloned().collect::<Vec<_>>(), vec![keep.id.names().host_if]);
+    }
+
+    #[tokio::test]
+    async fn warm_pool_is_claimed_without_a_hot_plug_and_refilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), "10.9.0.254");
+        cfg.vms[0].warm_pool = 2;
+        let links = Arc::new(FakeLinks::default());
+        let q1 = Arc::new(FakeQemu::new(4));
+        let t = Duration::from_millis(200);
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
+        b.insert("vm2".into(), Arc::new(QemuBackend::new("vm2", Arc::new(FakeQemu::new(1)), links.clone(), vec![], t)));
+        let agent = Agent::with_backends(cfg.clone(), links.clone(), b).unwrap();
+        assert_eq!(agent.refill_pool("vm1").await.unwrap(), 2);
+        assert_eq!(q1.devices.lock().unwrap().len(), 2);
+        let adds = |q: &FakeQemu| q.log.lock().unwrap().iter().filter(|c| *c == "device_add").count();
+        let before = adds(&q1);
+        let a = agent.attach("vm1", req("sb")).await.unwrap();
+        assert!(a.created && !a.record.pooled && a.record.sandbox_id == "sb");
+        assert_eq!(adds(&q1), before, "a warm attach plugs nothing");
+        assert_eq!(agent.records(Some("vm1")).iter().filter(|r| r.pooled).count(), 1);
+        // The pool is topped up; the quota (3) caps it: 1 assigned + 2 pooled.
+        assert_eq!(agent.refill_pool("vm1").await.unwrap(), 1);
+        assert_eq!(agent.nic_count("vm1"), 3);
+        // Pooled NICs survive a restart like any other.
+        drop(agent);
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
+        let agent = Agent::with_backends(cfg, links, b).unwrap();
+        let rep = agent.recover().await.unwrap();
+        assert_eq!(rep.kept, 3);
+        assert_eq!(agent.records(Some("vm1")).iter().filter(|r| r.pooled).count(), 2);
+        let again = agent.attach("vm1", req("sb")).await.unwrap();
+        assert!(!again.created && again.record.id == a.record.id);
     }
 
     #[tokio::test]

@@ -134,6 +134,7 @@ struct RawVm {
     vsock_uds: Option<PathBuf>,
     socket: Option<PathBuf>,
     max_nics: Option<u32>,
+    warm_pool: Option<u32>,
     // qemu
     qmp_socket: Option<PathBuf>,
     hotplug_slots: Option<Vec<String>>,
@@ -255,8 +256,10 @@ pub struct VmConfig {
     pub cid: Option<u32>,
     /// Unix socket the agent listens on for this VM.
     pub unix_socket: Option<PathBuf>,
-    /// At most this many NICs at once.
+    /// At most this many NICs at once (pooled ones included).
     pub max_nics: u32,
+    /// NICs kept plugged and unassigned, so that an attach only assigns one.
+    pub warm_pool: u32,
 }
 
 /// The checked configuration.
@@ -632,7 +635,12 @@ impl Checker<'_> {
         if !(1..=1024).contains(&max_nics) {
             return Err(self.err(format!("{key}.max_nics"), format!("{max_nics} is not between 1 and 1024")));
         }
+        let warm_pool = v.warm_pool.unwrap_or(0);
+        if warm_pool > max_nics {
+            return Err(self.err(format!("{key}.warm_pool"), format!("{warm_pool} is more than max_nics ({max_nics})")));
+        }
         Ok(VmConfig {
+            warm_pool,
             name: v.name,
             backend,
             network,
@@ -764,6 +772,7 @@ mod tests {
             ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nnetwork=\"zz\"", ".network", "no [[network]]"),
             ("name=\"a b\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3", ".name", "characters"),
             ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=0", ".max_nics", "between 1"),
+            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=2\nwarm_pool=3", ".warm_pool", "more than max_nics"),
             ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\nsocket=\"rel\"", ".socket", "absolute"),
         ];
         for (vm, key, msg) in cases {

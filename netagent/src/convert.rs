@@ -89,7 +89,7 @@ pub fn nic_record(rec: &NicRecord, net: Option<&NetworkConfig>) -> pb::NicRecord
     pb::NicRecord {
         vm: rec.vm.clone(),
         nic: protobuf::MessageField::from_option(net.map(|n| nic(rec, n))),
-        state: rec.state.as_str().to_string(),
+        state: if rec.pooled { "pooled".to_string() } else { rec.state.as_str().to_string() },
         host_ifname: rec.id.names().host_if,
         slot: rec.slot.clone().unwrap_or_default(),
         created_unix: rec.created_unix,
@@ -145,6 +145,7 @@ mod tests {
             slot: None,
             labels: [("k".to_string(), "v".to_string())].into(),
             created_unix: 0,
+            pooled: false,
         };
         let n = nic(&rec, net);
         assert_eq!(n.mtu, 9000);

@@ -139,7 +139,7 @@ impl agent_ttrpc::NetAgent for VmService {
             .agent
             .records(Some(vm))
             .iter()
-            .filter(|r| r.state == NicState::Attached)
+            .filter(|r| r.state == NicState::Attached && !r.pooled)
             .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, n)))
             .collect();
         Ok(pb::ListNicsResponse {
@@ -394,8 +394,12 @@ pub fn spawn_upkeep(agent: Arc<Agent>, period: std::time::Duration) -> Vec<JoinH
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let wake = agent.wakeup(&name).expect("a served VM");
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = wake.notified() => {}
+                    }
                     match agent.tend_vm(&name).await {
                         Ok(Some(report)) if report != Default::default() => log::info!("VM {name}: upkeep {report:?}"),
                         Ok(_) => {}

@@ -52,6 +52,9 @@ pub struct NicRecord {
     pub labels: BTreeMap<String, String>,
     /// Creation time, seconds since the epoch.
     pub created_unix: i64,
+    /// In the VM's warm pool: plugged, leased, not yet given to a sandbox.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pooled: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -173,6 +176,7 @@ mod tests {
             slot: Some("rp1".into()),
             labels: BTreeMap::new(),
             created_unix: 1,
+            pooled: false,
         }
     }
 

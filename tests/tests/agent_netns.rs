@@ -481,6 +481,60 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_nics_are_ready_before_the_request() {
+    require_root();
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let ns = Netns::new("warm");
+    let agent = AgentProc::start(|dir| {
+        format!(
+            "{}[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n\
+             [[vm]]\nname = \"vm0\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm0.sock\"\nmax_nics = 4\nwarm_pool = 2\n",
+            AgentProc::agent_section(dir),
+            bridge.name,
+            ns.name,
+            dir.display()
+        )
+    });
+    let pooled = || {
+        agent.state()["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["pooled"] == true)
+            .map(|n| n["mac"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pooled().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "pool not filled: {}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let warm = pooled();
+    // The pooled NICs are already in the VM namespace, invisible to ListNics.
+    let in_ns: Vec<String> = ns.links().iter().filter_map(|l| l["address"].as_str().map(str::to_string)).collect();
+    assert!(warm.iter().all(|m| in_ns.contains(m)), "{warm:?} vs {in_ns:?}");
+    let c = vm_client(&agent.dir.path().join("vm0.sock")).await;
+    assert!(c.list_nics(ctx(), &pb::ListNicsRequest::default()).await.unwrap().nics.is_empty());
+    let nic = c.attach_nic(ctx(), &attach_req("hot")).await.unwrap().nic.unwrap();
+    assert!(warm.contains(&nic.mac), "attach did not take a warm NIC");
+    assert_eq!(c.list_nics(ctx(), &pb::ListNicsRequest::default()).await.unwrap().nics.len(), 1);
+    // The pool refills in the background, within the quota of 4.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pooled().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "pool not refilled: {}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(agent.state()["nics"].as_array().unwrap().len(), 3);
+    let out = std::process::Command::new(bin_path("nestlessctl"))
+        .args(["nics", "--socket"])
+        .arg(&agent.admin)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("pooled").count(), 2);
+}
+
 #[test]
 fn sigterm_keeps_nics_and_a_restart_finds_them() {
     let mut rig = Rig::new(1, 4);
