@@ -34,6 +34,7 @@ use crate::{
     lifecycle::{self, Event, NicState, Presence, Recovery},
     links::HostLinks,
     qmp::QmpClient,
+    hostlo::{self, HostloRef, PodView, PortSpec},
     state::{NicRecord, StateFile},
     types::{MacAddr, NicId, NicNames, HOST_IF_PREFIX},
 };
@@ -118,6 +119,24 @@ pub struct Vm {
 struct Inner {
     records: BTreeMap<NicId, NicRecord>,
     ipam: HashMap<String, Ipam>,
+    /// Version of each Hostlo pod's last change (see [`Agent::hostlo_watch`]).
+    pod_versions: HashMap<String, u64>,
+    /// Source of versions: starts at the start time in microseconds, so that
+    /// versions keep growing across restarts.
+    next_version: u64,
+}
+
+/// How a new NIC is addressed and where it is plugged.
+struct NewNic<'a> {
+    network: &'a str,
+    bridge: String,
+    mtu: u32,
+    /// A fixed address (Hostlo segment) instead of a lease from the network.
+    fixed_ipv4: Option<std::net::Ipv4Addr>,
+    sandbox_id: &'a str,
+    labels: BTreeMap<String, String>,
+    pooled: bool,
+    hostlo: Option<HostloRef>,
 }
 
 /// The agent.
@@ -129,6 +148,7 @@ pub struct Agent {
     inner: StdMutex<Inner>,
     save_lock: Mutex<()>,
     started: Instant,
+    hostlo_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Result of an attach.
@@ -191,10 +211,16 @@ impl Agent {
         let mut inner = Inner {
             records: BTreeMap::new(),
             ipam: config.networks.values().map(|n| (n.name.clone(), Ipam::new(n))).collect(),
+            pod_versions: HashMap::new(),
+            next_version: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1),
         };
         for rec in state.load()? {
             let known_vm = config.vm(&rec.vm).is_some();
-            let leased = inner.ipam.get_mut(&rec.network).map(|i| i.reserve(rec.ipv4));
+            let leased = if rec.hostlo.is_some() {
+                Some(Ok(()))
+            } else {
+                inner.ipam.get_mut(&rec.network).map(|i| i.reserve(rec.ipv4))
+            };
             match (known_vm, leased) {
                 (true, Some(Ok(()))) => {}
                 (vm, lease) => {
@@ -236,6 +262,7 @@ impl Agent {
             inner: StdMutex::new(inner),
             save_lock: Mutex::new(()),
             started: Instant::now(),
+            hostlo_changed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -311,8 +338,10 @@ impl Agent {
     fn drop_record(&self, id: &NicId) -> Option<NicRecord> {
         let mut inner = self.lock();
         let rec = inner.records.remove(id)?;
-        if let Some(ipam) = inner.ipam.get_mut(&rec.network) {
-            ipam.release(rec.ipv4);
+        if rec.hostlo.is_none() {
+            if let Some(ipam) = inner.ipam.get_mut(&rec.network) {
+                ipam.release(rec.ipv4);
+            }
         }
         Some(rec)
     }
@@ -330,7 +359,12 @@ impl Agent {
             });
         }
         let _op = vmh.op.lock().await;
-        let existing = self.lock().records.values().find(|r| r.vm == vm && r.sandbox_id == req.sandbox_id).cloned();
+        let existing = self
+            .lock()
+            .records
+            .values()
+            .find(|r| r.vm == vm && r.hostlo.is_none() && r.sandbox_id == req.sandbox_id)
+            .cloned();
         if let Some(rec) = existing {
             if rec.state == NicState::Attached {
                 return Ok(Attached {
@@ -346,7 +380,7 @@ impl Agent {
             .lock()
             .records
             .values()
-            .find(|r| r.vm == vm && r.pooled && r.state == NicState::Attached && r.network == network)
+            .find(|r| r.vm == vm && r.pooled && r.hostlo.is_none() && r.state == NicState::Attached && r.network == network)
             .map(|r| r.id.clone());
         if let Some(id) = pooled {
             let before = self.lock().records.get(&id).cloned().expect("pooled record");
@@ -372,7 +406,7 @@ impl Agent {
             );
             return Ok(Attached { record, created: true });
         }
-        let record = self.plug_new(&vmh, &network, &req.sandbox_id, &req.labels, false).await?;
+        let record = self.plug_new(&vmh, self.brfusion_nic(&network, &req.sandbox_id, &req.labels, false)).await?;
         if vmh.config.warm_pool > 0 {
             vmh.wake.notify_one();
         }
@@ -387,17 +421,24 @@ impl Agent {
         Ok(Attached { record, created: true })
     }
 
+    fn brfusion_nic<'a>(&self, network: &'a str, sandbox_id: &'a str, labels: &BTreeMap<String, String>, pooled: bool) -> NewNic<'a> {
+        let net = self.network(network).expect("VM networks are checked at config load");
+        NewNic {
+            network,
+            bridge: net.bridge.clone(),
+            mtu: net.mtu,
+            fixed_ipv4: None,
+            sandbox_id,
+            labels: labels.clone(),
+            pooled,
+            hostlo: None,
+        }
+    }
+
     /// Leases, names, records (write-ahead) and plugs a new NIC. Caller holds the VM lock.
-    async fn plug_new(
-        &self,
-        vmh: &Vm,
-        network: &str,
-        sandbox_id: &str,
-        labels: &BTreeMap<String, String>,
-        pooled: bool,
-    ) -> Result<NicRecord, AgentError> {
+    async fn plug_new(&self, vmh: &Vm, new: NewNic<'_>) -> Result<NicRecord, AgentError> {
         let vm = vmh.config.name.as_str();
-        let net = self.network(network).expect("VM networks are checked at config load").clone();
+        let network = new.network;
         let record = {
             let mut inner = self.lock();
             let count = inner.records.values().filter(|r| r.vm == vm).count() as u32;
@@ -407,9 +448,14 @@ impl Agent {
                     quota: vmh.config.max_nics,
                 });
             }
-            let ipam = inner.ipam.get_mut(network).expect("an allocator per network");
-            let ipv4 = ipam.allocate()?;
-            let ipv6 = ipam.ipv6_for(ipv4);
+            let (ipv4, ipv6) = match new.fixed_ipv4 {
+                Some(a) => (a, None),
+                None => {
+                    let ipam = inner.ipam.get_mut(network).expect("an allocator per network");
+                    let ipv4 = ipam.allocate()?;
+                    (ipv4, ipam.ipv6_for(ipv4))
+                }
+            };
             let used_macs: HashSet<MacAddr> = inner.records.values().map(|r| r.mac).collect();
             let mac = loop {
                 let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
@@ -426,16 +472,17 @@ impl Agent {
             let rec = NicRecord {
                 id: id.clone(),
                 vm: vm.to_string(),
-                sandbox_id: sandbox_id.to_string(),
+                sandbox_id: new.sandbox_id.to_string(),
                 network: network.to_string(),
                 mac,
                 ipv4,
                 ipv6,
                 state: NicState::Attaching,
                 slot: None,
-                labels: labels.clone(),
+                labels: new.labels.clone(),
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
-                pooled,
+                hostlo: new.hostlo.clone(),
+                pooled: new.pooled,
             };
             inner.records.insert(id, rec.clone());
             rec
@@ -447,8 +494,8 @@ impl Agent {
         let plan = NicPlan {
             id: record.id.clone(),
             mac: record.mac,
-            bridge: net.bridge.clone(),
-            mtu: net.mtu,
+            bridge: new.bridge.clone(),
+            mtu: new.mtu,
         };
         match vmh.backend.plug(&plan).await {
             Ok(plugged) => {
@@ -497,7 +544,9 @@ impl Agent {
             if pooled >= vmh.config.warm_pool || total >= vmh.config.max_nics {
                 return Ok(plugged);
             }
-            let rec = self.plug_new(&vmh, &vmh.config.network, "", &BTreeMap::new(), true).await?;
+            let rec = self
+                .plug_new(&vmh, self.brfusion_nic(&vmh.config.network, "", &BTreeMap::new(), true))
+                .await?;
             log::debug!("VM {vm}: warm NIC {} ({}) plugged", rec.id, rec.mac);
             plugged += 1;
         }
@@ -506,6 +555,242 @@ impl Agent {
     /// The VM's upkeep wake-up (an attach took a warm NIC).
     pub fn wakeup(&self, vm: &str) -> Option<&tokio::sync::Notify> {
         self.vms.get(vm).map(|v| &v.wake)
+    }
+
+    fn bump(&self, pod: &str) {
+        let v = {
+            let mut inner = self.lock();
+            inner.next_version += 1;
+            let v = inner.next_version;
+            inner.pod_versions.insert(pod.to_string(), v);
+            v
+        };
+        self.hostlo_changed.send_replace(v);
+    }
+
+    fn hostlo_record(&self, pod: &str, part: u32) -> Option<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .find(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod && h.part == part))
+            .cloned()
+    }
+
+    /// The Hostlo pods the agent knows.
+    pub fn hostlo_pods(&self) -> Vec<String> {
+        let mut pods: Vec<String> = self.lock().records.values().filter_map(|r| r.hostlo.as_ref().map(|h| h.pod.clone())).collect();
+        pods.sort();
+        pods.dedup();
+        pods
+    }
+
+    /// The pod as its parts see it; `None` when no part is in.
+    pub fn hostlo_view(&self, pod: &str) -> Option<PodView> {
+        let inner = self.lock();
+        let mut parts = BTreeMap::new();
+        let mut part0 = None;
+        for r in inner.records.values() {
+            if let Some(h) = r.hostlo.as_ref().filter(|h| h.pod == pod) {
+                parts.insert(h.part, (r.ipv4, h.ports.clone()));
+                if h.part == 0 {
+                    part0 = Some((r.vm.clone(), r.sandbox_id.clone()));
+                }
+            }
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        let pod_ip = part0.and_then(|(vm, sb)| {
+            inner
+                .records
+                .values()
+                .find(|r| r.vm == vm && r.hostlo.is_none() && !r.pooled && r.sandbox_id == sb)
+                .map(|r| r.ipv4)
+        });
+        let ports: BTreeMap<u32, Vec<PortSpec>> = parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
+        Some(PodView {
+            version: inner.pod_versions.get(pod).copied().unwrap_or(self.boot_version()),
+            conflicts: hostlo::conflicts(&ports),
+            parts,
+            pod_ip,
+            prefix_len: self.config.hostlo.subnet.prefix_len(),
+        })
+    }
+
+    fn boot_version(&self) -> u64 {
+        // Versions of pods loaded from the state file: the agent's start time,
+        // newer than anything a previous run handed out.
+        (SystemTime::now() - self.started.elapsed()).duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1)
+    }
+
+    /// Puts part `part` of Hostlo pod `pod` in VM `vm`: a NIC on the pod's segment.
+    pub async fn hostlo_join(&self, vm: &str, pod: &str, part: u32, sandbox_id: &str) -> Result<(NicRecord, PodView), AgentError> {
+        hostlo::check_pod(pod)?;
+        hostlo::check_part(part)?;
+        check_sandbox_id(sandbox_id)?;
+        let vmh = self.vm(vm)?.clone();
+        let _op = vmh.op.lock().await;
+        if let Some(r) = self.hostlo_record(pod, part) {
+            if r.vm != vm {
+                return Err(AgentError::HostloPartTaken {
+                    pod: pod.to_string(),
+                    part,
+                    vm: r.vm,
+                });
+            }
+            if r.state == NicState::Attached && r.sandbox_id == sandbox_id {
+                let view = self.hostlo_view(pod).expect("the pod has this part");
+                return Ok((r, view));
+            }
+            // A restarted part (new sandbox) or a half-done one: start afresh.
+            self.remove_nic(&vmh, &r.id).await?;
+        }
+        let bridge = hostlo::segment_bridge(pod);
+        {
+            let inner = self.lock();
+            for r in inner.records.values() {
+                let Some(h) = r.hostlo.as_ref() else { continue };
+                if h.pod == pod && r.network != vmh.config.network {
+                    return Err(AgentError::HostloTenant {
+                        pod: pod.to_string(),
+                        network: r.network.clone(),
+                        vm: vm.to_string(),
+                        vm_network: vmh.config.network.clone(),
+                    });
+                }
+                if h.pod != pod && hostlo::segment_bridge(&h.pod) == bridge {
+                    return Err(AgentError::InvalidArgument {
+                        field: "pod",
+                        reason: format!("{pod:?} and the running pod {:?} map to the same segment {bridge}: rename one", h.pod),
+                    });
+                }
+            }
+        }
+        self.links.ensure_segment(&bridge, self.config.hostlo.mtu).await.map_err(BackendError::from)?;
+        let new = NewNic {
+            network: &vmh.config.network,
+            bridge: bridge.clone(),
+            mtu: self.config.hostlo.mtu,
+            fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part)),
+            sandbox_id,
+            labels: BTreeMap::new(),
+            pooled: false,
+            hostlo: Some(HostloRef {
+                pod: pod.to_string(),
+                part,
+                ports: Vec::new(),
+            }),
+        };
+        let rec = match self.plug_new(&vmh, new).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.remove_segment_if_empty(pod).await;
+                return Err(e);
+            }
+        };
+        self.bump(pod);
+        log::info!("Hostlo pod {pod}: part {part} joined from VM {vm} ({} on {bridge})", rec.ipv4);
+        let view = self.hostlo_view(pod).expect("the pod has this part");
+        Ok((rec, view))
+    }
+
+    async fn remove_segment_if_empty(&self, pod: &str) {
+        if self.hostlo_view(pod).is_some() {
+            return;
+        }
+        let bridge = hostlo::segment_bridge(pod);
+        match self.links.delete(&bridge).await {
+            Ok(true) => log::info!("Hostlo pod {pod}: last part gone, segment {bridge} removed"),
+            Ok(false) => {}
+            Err(e) => log::warn!("Hostlo pod {pod}: cannot remove segment {bridge}: {e}"),
+        }
+        self.lock().pod_versions.remove(pod);
+    }
+
+    /// Takes part `part` of Hostlo pod `pod` out of VM `vm`.
+    pub async fn hostlo_leave(&self, vm: &str, pod: &str, part: u32) -> Result<(), AgentError> {
+        hostlo::check_pod(pod)?;
+        hostlo::check_part(part)?;
+        let vmh = self.vm(vm)?.clone();
+        let _op = vmh.op.lock().await;
+        let rec = self.hostlo_record(pod, part).filter(|r| r.vm == vm).ok_or_else(|| AgentError::NicNotFound {
+            vm: vm.to_string(),
+            what: format!("for part {part} of Hostlo pod {pod:?}"),
+        })?;
+        self.remove_nic(&vmh, &rec.id).await?;
+        log::info!("Hostlo pod {pod}: part {part} left VM {vm}");
+        self.bump(pod);
+        self.remove_segment_if_empty(pod).await;
+        Ok(())
+    }
+
+    /// Sets the ports part `part` serves; returns the conflicts it is in.
+    pub async fn hostlo_publish(&self, vm: &str, pod: &str, part: u32, ports: &[PortSpec]) -> Result<Vec<hostlo::Conflict>, AgentError> {
+        hostlo::check_pod(pod)?;
+        hostlo::check_part(part)?;
+        let ports = hostlo::check_ports(ports)?;
+        let vmh = self.vm(vm)?.clone();
+        let _op = vmh.op.lock().await;
+        let rec = self.hostlo_record(pod, part).filter(|r| r.vm == vm).ok_or_else(|| AgentError::NicNotFound {
+            vm: vm.to_string(),
+            what: format!("for part {part} of Hostlo pod {pod:?}"),
+        })?;
+        let old = rec.hostlo.as_ref().map(|h| h.ports.clone()).unwrap_or_default();
+        if old != ports {
+            if let Some(h) = self.lock().records.get_mut(&rec.id).and_then(|r| r.hostlo.as_mut()) {
+                h.ports = ports.clone();
+            }
+            if let Err(e) = self.persist().await {
+                if let Some(h) = self.lock().records.get_mut(&rec.id).and_then(|r| r.hostlo.as_mut()) {
+                    h.ports = old;
+                }
+                return Err(e);
+            }
+            self.bump(pod);
+        }
+        let view = self.hostlo_view(pod).expect("the pod has this part");
+        let mine: Vec<hostlo::Conflict> = view.conflicts.into_iter().filter(|c| c.parts.contains(&part)).collect();
+        for c in &mine {
+            log::warn!(
+                "Hostlo pod {pod}: port {}/{} is served by parts {:?}: not forwarded",
+                c.port.port,
+                c.port.proto.as_str(),
+                c.parts
+            );
+        }
+        Ok(mine)
+    }
+
+    /// The pod's view once its version passes `since` (or at `timeout`).
+    /// Only a VM holding a part of the pod may watch it.
+    pub async fn hostlo_watch(&self, vm: &str, pod: &str, since: u64, timeout: Duration) -> Result<PodView, AgentError> {
+        hostlo::check_pod(pod)?;
+        self.vm(vm)?;
+        let holds = self
+            .lock()
+            .records
+            .values()
+            .any(|r| r.vm == vm && r.hostlo.as_ref().is_some_and(|h| h.pod == pod));
+        if !holds {
+            return Err(AgentError::NicNotFound {
+                vm: vm.to_string(),
+                what: format!("in Hostlo pod {pod:?} (join it first)"),
+            });
+        }
+        let mut changes = self.hostlo_changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(60));
+        loop {
+            let view = self.hostlo_view(pod).ok_or_else(|| AgentError::NicNotFound {
+                vm: vm.to_string(),
+                what: format!("in Hostlo pod {pod:?} (it has no part left)"),
+            })?;
+            if view.version > since {
+                return Ok(view);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                return Ok(view);
+            }
+        }
     }
 
     /// Takes back a NIC of VM `vm`.
@@ -521,6 +806,7 @@ impl Agent {
             .values()
             .find(|r| {
                 r.vm == vm
+                    && r.hostlo.is_none()
                     && match &which {
                         NicSelector::Id(id) => &r.id == id,
                         NicSelector::Sandbox(s) => &r.sandbox_id == s,
@@ -588,6 +874,10 @@ impl Agent {
             match self.remove_nic(&vmh, &rec.id).await {
                 Ok(()) => {
                     log::info!("VM {vm}: NIC {} ({:?}, {}) cleaned up: {action:?}", rec.id, rec.state, rec.ipv4);
+                    if let Some(h) = &rec.hostlo {
+                        self.bump(&h.pod);
+                        self.remove_segment_if_empty(&h.pod).await;
+                    }
                     match action {
                         Recovery::RollBack => report.rolled_back += 1,
                         Recovery::FinishDetach => report.detached += 1,
@@ -685,6 +975,14 @@ impl Agent {
             self.persist().await?;
         }
         total.orphans += self.sweep_host_links().await?;
+        // Segments of Hostlo pods that no part holds any more.
+        let live: HashSet<String> = self.hostlo_pods().iter().map(|p| hostlo::segment_bridge(p)).collect();
+        for name in self.links.list_owned(hostlo::SEGMENT_PREFIX).await.map_err(BackendError::from)? {
+            if !live.contains(&name) && self.links.delete(&name).await.map_err(BackendError::from)? {
+                log::info!("removed orphaned Hostlo segment {name}");
+                total.orphans += 1;
+            }
+        }
         Ok(total)
     }
 
@@ -989,6 +1287,114 @@ mod tests {
         assert_eq!(agent.records(Some("vm1")).iter().filter(|r| r.pooled).count(), 2);
         let again = agent.attach("vm1", req("sb")).await.unwrap();
         assert!(!again.created && again.record.id == a.record.id);
+    }
+
+    #[tokio::test]
+    async fn hostlo_pod_spans_vms_of_one_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                r#"
+                [agent]
+                state_dir = "{}"
+                [[network]]
+                name = "a"
+                bridge = "bra"
+                subnet = "10.9.0.0/24"
+                gateway = "10.9.0.1"
+                [[network]]
+                name = "b"
+                bridge = "brb"
+                subnet = "10.10.0.0/24"
+                gateway = "10.10.0.1"
+                [[vm]]
+                name = "vm1"
+                backend = "qemu"
+                qmp_socket = "/q1"
+                cid = 3
+                network = "a"
+                [[vm]]
+                name = "vm2"
+                backend = "qemu"
+                qmp_socket = "/q2"
+                cid = 4
+                network = "a"
+                [[vm]]
+                name = "other"
+                backend = "qemu"
+                qmp_socket = "/q3"
+                cid = 5
+                network = "b"
+                "#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let links = Arc::new(FakeLinks::default());
+        let t = Duration::from_millis(200);
+        let qs: Vec<Arc<FakeQemu>> = (0..3).map(|_| Arc::new(FakeQemu::new(4))).collect();
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
+            b.insert(name.to_string(), Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)));
+        }
+        let agent = Arc::new(Agent::with_backends(cfg.clone(), links.clone(), b).unwrap());
+        // Part 0 has a BrFusion NIC: it becomes the pod IP.
+        let main = agent.attach("vm1", req("sb0")).await.unwrap().record;
+        let (n0, v0) = agent.hostlo_join("vm1", "web", 0, "sb0").await.unwrap();
+        assert_eq!(n0.ipv4, "169.254.77.1".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(v0.pod_ip, Some(main.ipv4));
+        let bridge = hostlo::segment_bridge("web");
+        assert!(links.links.lock().unwrap().contains(&bridge));
+        // The same join again is the same NIC.
+        assert_eq!(agent.hostlo_join("vm1", "web", 0, "sb0").await.unwrap().0.id, n0.id);
+        // Another tenant's VM is refused; a taken part is refused.
+        let e = agent.hostlo_join("other", "web", 1, "x").await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::PERMISSION_DENIED, "{e}");
+        let e = agent.hostlo_join("vm2", "web", 0, "x").await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::ALREADY_EXISTS, "{e}");
+        // A watcher of part 0 wakes when part 1 joins and publishes.
+        let since = v0.version;
+        let w = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.hostlo_watch("vm1", "web", since, Duration::from_secs(10)).await })
+        };
+        let (n1, _) = agent.hostlo_join("vm2", "web", 1, "sb1").await.unwrap();
+        assert_eq!(n1.ipv4, "169.254.77.2".parse::<std::net::Ipv4Addr>().unwrap());
+        let seen = w.await.unwrap().unwrap();
+        assert!(seen.version > since && seen.parts.len() == 2);
+        let tcp = |port| PortSpec { port, proto: hostlo::Proto::Tcp };
+        assert!(agent.hostlo_publish("vm2", "web", 1, &[tcp(8080)]).await.unwrap().is_empty());
+        let c = agent.hostlo_publish("vm1", "web", 0, &[tcp(80), tcp(8080)]).await.unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].parts, vec![0, 1]);
+        // Publishing, watching or leaving a part the VM does not hold: not found.
+        assert_eq!(agent.hostlo_publish("vm1", "web", 1, &[]).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(agent.hostlo_watch("other", "web", 0, t).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(agent.hostlo_leave("vm1", "web", 1).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
+        // Hostlo NICs are not BrFusion NICs: DetachNic cannot take them.
+        assert_eq!(
+            agent.detach("vm1", NicSelector::Id(n0.id.clone())).await.unwrap_err().code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        // A restart keeps the pod with its ports.
+        drop(agent);
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
+            b.insert(name.to_string(), Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)));
+        }
+        let agent = Agent::with_backends(cfg, links.clone(), b).unwrap();
+        agent.recover().await.unwrap();
+        let v = agent.hostlo_view("web").unwrap();
+        assert_eq!(v.parts[&0].1, vec![tcp(80), tcp(8080)]);
+        assert!(v.version > seen.version, "versions keep growing across restarts");
+        // The last part leaving removes the segment.
+        agent.hostlo_leave("vm1", "web", 0).await.unwrap();
+        assert!(links.links.lock().unwrap().contains(&bridge));
+        agent.hostlo_leave("vm2", "web", 1).await.unwrap();
+        assert!(!links.links.lock().unwrap().contains(&bridge));
+        assert!(agent.hostlo_view("web").is_none());
+        assert_eq!(agent.records(None).len(), 1, "only the BrFusion NIC is left");
     }
 
     #[tokio::test]

@@ -85,6 +85,15 @@ struct RawConfig {
     network: Vec<RawNetwork>,
     #[serde(default)]
     vm: Vec<RawVm>,
+    #[serde(default)]
+    hostlo: RawHostlo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHostlo {
+    subnet: Option<String>,
+    mtu: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,6 +271,16 @@ pub struct VmConfig {
     pub warm_pool: u32,
 }
 
+/// Hostlo settings (`[hostlo]`).
+#[derive(Debug, Clone)]
+pub struct HostloConfig {
+    /// Subnet of every pod segment (isolated bridges may share it); part k
+    /// gets address k + 1. At least a /24.
+    pub subnet: Ipv4Net,
+    /// MTU of segment NICs (large: it carries loopback traffic).
+    pub mtu: u32,
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -273,6 +292,8 @@ pub struct Config {
     pub networks: BTreeMap<String, NetworkConfig>,
     /// VMs, in file order.
     pub vms: Vec<VmConfig>,
+    /// `[hostlo]`.
+    pub hostlo: HostloConfig,
 }
 
 impl Config {
@@ -367,12 +388,32 @@ impl Checker<'_> {
             }
             vms.push(vm);
         }
+        let hostlo = self.check_hostlo(raw.hostlo, &networks)?;
         Ok(Config {
             path: self.path.to_path_buf(),
             agent,
             networks,
             vms,
+            hostlo,
         })
+    }
+
+    fn check_hostlo(&self, h: RawHostlo, networks: &BTreeMap<String, NetworkConfig>) -> Result<HostloConfig, ConfigError> {
+        let text = h.subnet.unwrap_or_else(|| "169.254.77.0/24".into());
+        let subnet: Ipv4Net = text
+            .parse()
+            .map_err(|_| self.err("hostlo.subnet", format!("{text:?} is not an IPv4 CIDR")))?;
+        if subnet.trunc() != subnet || subnet.prefix_len() > 24 {
+            return Err(self.err("hostlo.subnet", format!("{subnet} must be a network of at least /24")));
+        }
+        if let Some(n) = networks.values().find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network())) {
+            return Err(self.err("hostlo.subnet", format!("{subnet} overlaps network {:?} ({})", n.name, n.subnet)));
+        }
+        let mtu = h.mtu.unwrap_or(65520);
+        if !(68..=65535).contains(&mtu) {
+            return Err(self.err("hostlo.mtu", format!("{mtu} is not between 68 and 65535")));
+        }
+        Ok(HostloConfig { subnet, mtu })
     }
 
     fn check_agent(&self, a: RawAgent) -> Result<AgentSettings, ConfigError> {
@@ -792,5 +833,9 @@ mod tests {
         assert!(err("[agent]\nmac_prefix = \"xx\"").contains("agent.mac_prefix"));
         assert!(err("[agent]\nlisten_vsock = \"maybe\"").contains("agent.listen_vsock"));
         assert!(err("[agent]\nqmp_timeout_ms = 0").contains("agent.qmp_timeout_ms"));
+        let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
+        assert!(err(&format!("{net}[hostlo]\nsubnet = \"10.88.5.0/24\"")).contains("hostlo.subnet"));
+        assert!(err(&format!("{net}[hostlo]\nsubnet = \"169.254.1.0/25\"")).contains("at least /24"));
+        assert_eq!(parse(&net).unwrap().hostlo.subnet.to_string(), "169.254.77.0/24");
     }
 }

@@ -97,10 +97,69 @@ pub fn nic_record(rec: &NicRecord, net: Option<&NetworkConfig>) -> pb::NicRecord
     }
 }
 
+/// A Hostlo pod view.
+pub fn hostlo_view(v: &crate::hostlo::PodView) -> pb::HostloWatchResponse {
+    let port = |p: &crate::hostlo::PortSpec| pb::HostloPort {
+        port: u32::from(p.port),
+        protocol: p.proto.as_str().to_string(),
+        ..Default::default()
+    };
+    pb::HostloWatchResponse {
+        version: v.version,
+        parts: v
+            .parts
+            .iter()
+            .map(|(part, (addr, ports))| pb::HostloPart {
+                part: *part,
+                address: addr.to_string(),
+                ports: ports.iter().map(port).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        conflicts: v.conflicts.iter().map(|c| hostlo_conflict(c)).collect(),
+        pod_ip: v.pod_ip.map(|a| a.to_string()).unwrap_or_default(),
+        prefix_len: u32::from(v.prefix_len),
+        ..Default::default()
+    }
+}
+
+/// A Hostlo port conflict.
+pub fn hostlo_conflict(c: &crate::hostlo::Conflict) -> pb::HostloConflict {
+    pb::HostloConflict {
+        port: protobuf::MessageField::some(pb::HostloPort {
+            port: u32::from(c.port.port),
+            protocol: c.port.proto.as_str().to_string(),
+            ..Default::default()
+        }),
+        parts: c.parts.clone(),
+        ..Default::default()
+    }
+}
+
+/// Published ports from their protobuf form.
+pub fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<crate::hostlo::PortSpec>, AgentError> {
+    ports
+        .iter()
+        .map(|p| {
+            let port = u16::try_from(p.port).map_err(|_| AgentError::InvalidArgument {
+                field: "ports.port",
+                reason: format!("{} is not a port number", p.port),
+            })?;
+            Ok(crate::hostlo::PortSpec {
+                port,
+                proto: crate::hostlo::Proto::parse(&p.protocol)?,
+            })
+        })
+        .collect()
+}
+
 /// The lease a record holds.
 pub fn lease(rec: &NicRecord) -> pb::Lease {
     pb::Lease {
-        network: rec.network.clone(),
+        network: match &rec.hostlo {
+            Some(h) => format!("hostlo:{}", h.pod),
+            None => rec.network.clone(),
+        },
         address: rec.ipv4.to_string(),
         vm: rec.vm.clone(),
         nic_id: rec.id.to_string(),
@@ -145,6 +204,7 @@ mod tests {
             slot: None,
             labels: [("k".to_string(), "v".to_string())].into(),
             created_unix: 0,
+            hostlo: None,
             pooled: false,
         };
         let n = nic(&rec, net);

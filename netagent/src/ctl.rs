@@ -19,6 +19,8 @@ pub enum View {
     Nics,
     /// Leases.
     Leases,
+    /// Hostlo pods.
+    Hostlo,
 }
 
 /// Connects to the admin socket.
@@ -90,6 +92,31 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                     .collect(),
             )
         }
+        View::Hostlo => {
+            let r = client
+                .list_hostlo_pods(ctx(), &pb::ListHostloPodsRequest::default())
+                .await
+                .map_err(|e| rpc_err("ListHostloPods", e))?;
+            Value::Array(
+                r.pods
+                    .iter()
+                    .map(|p| {
+                        let v = p.view.as_ref().cloned().unwrap_or_default();
+                        let ports: Vec<String> = v
+                            .parts
+                            .iter()
+                            .flat_map(|part| part.ports.iter().map(move |q| format!("{}:{}/{}", part.part, q.port, q.protocol)))
+                            .collect();
+                        json!({
+                            "pod": p.pod, "network": p.network, "bridge": p.bridge, "members": p.members,
+                            "pod_ip": v.pod_ip, "ports": ports,
+                            "conflicts": v.conflicts.iter().map(|c| format!("{}/{}", c.port.port, c.port.protocol)).collect::<Vec<_>>(),
+                            "version": v.version,
+                        })
+                    })
+                    .collect(),
+            )
+        }
         View::Leases => {
             let r = client.list_leases(ctx(), &pb::ListLeasesRequest::default()).await.map_err(|e| rpc_err("ListLeases", e))?;
             Value::Array(
@@ -112,6 +139,7 @@ pub fn table(view: View, v: &Value) -> String {
         View::Vms => &["name", "backend", "network", "cid", "nics", "max_nics", "endpoint", "status"],
         View::Nics => &["vm", "id", "sandbox_id", "state", "mac", "addresses", "host_ifname", "slot"],
         View::Leases => &["network", "address", "vm", "nic_id", "sandbox_id"],
+        View::Hostlo => &["pod", "network", "bridge", "members", "pod_ip", "ports", "conflicts"],
     };
     let rows: Vec<Vec<String>> = v
         .as_array()

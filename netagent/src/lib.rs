@@ -23,6 +23,7 @@ pub mod config;
 pub mod convert;
 pub mod ctl;
 pub mod error;
+pub mod hostlo;
 pub mod ipam;
 pub mod lifecycle;
 pub mod links;

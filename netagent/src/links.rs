@@ -66,6 +66,9 @@ pub trait HostLinks: Send + Sync {
     /// Opens a tap (non-persistent: it disappears with the last fd) with a
     /// virtio-net header, returning its fd.
     fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError>;
+    /// Creates the bridge `name` (marked as the agent's) if missing, with no
+    /// address and no uplink, and sets it up: a Hostlo segment.
+    async fn ensure_segment(&self, name: &str, mtu: u32) -> Result<(), LinkError>;
     /// Sets the MTU, joins `ifname` to `bridge` and sets it up.
     async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError>;
     /// Deletes a link; `Ok(false)` when it did not exist.
@@ -185,6 +188,27 @@ impl HostLinks for Netlink {
             .execute()
             .await
             .map_err(|e| LinkError::new("set up", bridge, nl_io(e)))
+    }
+
+    async fn ensure_segment(&self, name: &str, mtu: u32) -> Result<(), LinkError> {
+        let index = match self.get(name).await? {
+            Some(m) => m.header.index,
+            None => {
+                self.handle
+                    .link()
+                    .add(LinkBridge::new(name).mtu(mtu).alias(self.owner.clone()).build())
+                    .execute()
+                    .await
+                    .map_err(|e| LinkError::new("create segment bridge", name, nl_io(e)))?;
+                self.index("create segment bridge", name).await?
+            }
+        };
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| LinkError::new("set up", name, nl_io(e)))
     }
 
     async fn create_veth(
@@ -364,6 +388,11 @@ pub mod fake {
         async fn ensure_bridge(&self, bridge: &str, _: Option<(IpAddr, u8)>, _: u32) -> Result<(), LinkError> {
             self.call("ensure_bridge", bridge)?;
             self.links.lock().unwrap().insert(bridge.to_string());
+            Ok(())
+        }
+        async fn ensure_segment(&self, name: &str, _: u32) -> Result<(), LinkError> {
+            self.call("ensure_segment", name)?;
+            self.links.lock().unwrap().insert(name.to_string());
             Ok(())
         }
         async fn create_veth(&self, host: &str, guest: &str, _: MacAddr, _: u32, _: &Path) -> Result<(), LinkError> {

@@ -133,13 +133,63 @@ impl agent_ttrpc::NetAgent for VmService {
         Ok(pb::DetachNicResponse::default())
     }
 
+    async fn hostlo_join(&self, _: &TtrpcContext, req: pb::HostloJoinRequest) -> ttrpc::Result<pb::HostloJoinResponse> {
+        let vm = self.caller()?;
+        let (rec, view) = self.agent.hostlo_join(vm, &req.pod, req.part, &req.sandbox_id).await.map_err(|e| {
+            log::warn!("VM {vm}: HostloJoin {:?}/{} failed: {e}", req.pod, req.part);
+            e
+        })?;
+        let h = &self.agent.config().hostlo;
+        let nic = pb::Nic {
+            id: rec.id.to_string(),
+            sandbox_id: rec.sandbox_id.clone(),
+            network: format!("hostlo:{}", req.pod),
+            mac: rec.mac.to_string(),
+            addresses: vec![pb::IpConfig {
+                address: rec.ipv4.to_string(),
+                prefix_len: u32::from(h.subnet.prefix_len()),
+                ..Default::default()
+            }],
+            mtu: h.mtu,
+            ..Default::default()
+        };
+        Ok(pb::HostloJoinResponse {
+            nic: protobuf::MessageField::some(nic),
+            pod: protobuf::MessageField::some(convert::hostlo_view(&view)),
+            ..Default::default()
+        })
+    }
+
+    async fn hostlo_leave(&self, _: &TtrpcContext, req: pb::HostloLeaveRequest) -> ttrpc::Result<pb::HostloLeaveResponse> {
+        let vm = self.caller()?;
+        self.agent.hostlo_leave(vm, &req.pod, req.part).await?;
+        Ok(pb::HostloLeaveResponse::default())
+    }
+
+    async fn hostlo_publish(&self, _: &TtrpcContext, req: pb::HostloPublishRequest) -> ttrpc::Result<pb::HostloPublishResponse> {
+        let vm = self.caller()?;
+        let ports = convert::hostlo_ports(&req.ports)?;
+        let conflicts = self.agent.hostlo_publish(vm, &req.pod, req.part, &ports).await?;
+        Ok(pb::HostloPublishResponse {
+            conflicts: conflicts.iter().map(convert::hostlo_conflict).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn hostlo_watch(&self, _: &TtrpcContext, req: pb::HostloWatchRequest) -> ttrpc::Result<pb::HostloWatchResponse> {
+        let vm = self.caller()?;
+        let timeout = std::time::Duration::from_millis(u64::from(req.timeout_ms));
+        let view = self.agent.hostlo_watch(vm, &req.pod, req.since_version, timeout).await?;
+        Ok(convert::hostlo_view(&view))
+    }
+
     async fn list_nics(&self, _: &TtrpcContext, _: pb::ListNicsRequest) -> ttrpc::Result<pb::ListNicsResponse> {
         let vm = self.caller()?;
         let nics = self
             .agent
             .records(Some(vm))
             .iter()
-            .filter(|r| r.state == NicState::Attached && !r.pooled)
+            .filter(|r| r.state == NicState::Attached && !r.pooled && r.hostlo.is_none())
             .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, n)))
             .collect();
         Ok(pb::ListNicsResponse {
@@ -206,6 +256,40 @@ impl agent_ttrpc::Admin for AdminService {
                 .iter()
                 .map(|r| convert::nic_record(r, self.agent.network(&r.network)))
                 .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn list_hostlo_pods(&self, _: &TtrpcContext, _: pb::ListHostloPodsRequest) -> ttrpc::Result<pb::ListHostloPodsResponse> {
+        let records = self.agent.records(None);
+        let pods = self
+            .agent
+            .hostlo_pods()
+            .into_iter()
+            .filter_map(|pod| {
+                let view = self.agent.hostlo_view(&pod)?;
+                let mut members: Vec<(u32, String)> = records
+                    .iter()
+                    .filter_map(|r| r.hostlo.as_ref().filter(|h| h.pod == pod).map(|h| (h.part, r.vm.clone())))
+                    .collect();
+                members.sort();
+                let network = records
+                    .iter()
+                    .find(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+                    .map(|r| r.network.clone())
+                    .unwrap_or_default();
+                Some(pb::HostloPodInfo {
+                    bridge: crate::hostlo::segment_bridge(&pod),
+                    pod,
+                    network,
+                    members: members.iter().map(|(p, vm)| format!("{p}:{vm}")).collect(),
+                    view: protobuf::MessageField::some(convert::hostlo_view(&view)),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        Ok(pb::ListHostloPodsResponse {
+            pods,
             ..Default::default()
         })
     }

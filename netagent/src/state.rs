@@ -52,6 +52,9 @@ pub struct NicRecord {
     pub labels: BTreeMap<String, String>,
     /// Creation time, seconds since the epoch.
     pub created_unix: i64,
+    /// For a Hostlo segment NIC: the pod and part it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostlo: Option<crate::hostlo::HostloRef>,
     /// In the VM's warm pool: plugged, leased, not yet given to a sandbox.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pooled: bool,
@@ -176,6 +179,7 @@ mod tests {
             slot: Some("rp1".into()),
             labels: BTreeMap::new(),
             created_unix: 1,
+            hostlo: None,
             pooled: false,
         }
     }

@@ -44,6 +44,8 @@ enum Command {
     },
     /// The address leases.
     Leases(AgentArgs),
+    /// Hostlo pods: their parts, segments, ports and conflicts.
+    Hostlo(AgentArgs),
     /// Plan VM placements with and without Hostlo and report the saving.
     Plan(planner::cli::PlanArgs),
 }
@@ -56,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Vms(a) => (View::Vms, a, None),
         Command::Nics { args, vm } => (View::Nics, args, vm),
         Command::Leases(a) => (View::Leases, a, None),
+        Command::Hostlo(a) => (View::Hostlo, a, None),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let value = rt.block_on(async {

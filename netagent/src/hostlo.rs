@@ -1,0 +1,233 @@
+//! Hostlo, host side: pods whose parts run in several VMs of this host.
+//!
+//! Every part's VM gets a NIC on the pod's *segment*, a host bridge of its own
+//! (`nls<hash>`, no uplink), with the address `.<part + 1>` of the segment
+//! subnet (every segment uses the same subnet: they never meet). The guest
+//! side (the shim) uses the segment to carry the pod's localhost traffic
+//! between parts; the agent keeps who is in the pod and which ports each part
+//! serves, and wakes watchers when that changes.
+//!
+//! ```text
+//! part 0 (VM1)                host agent                         part 1 (VM2)
+//!  HostloJoin(p,0,sb) ─────▶ bridge nls<h> (first part)
+//!                            NIC on it (.1) ──hot-plug──▶ VM1
+//!                                               ◀───────── HostloJoin(p,1,sb)
+//!                            same tenant network? NIC (.2) ──▶ VM2
+//!  HostloPublish(p,0,[80/tcp]) ─▶ version++ ──▶ wakes HostloWatch ─▶ part 1
+//!                                               ◀───────── HostloPublish(p,1,[53/udp])
+//!  HostloWatch ◀──────────── parts, ports, conflicts, pod IP
+//!  HostloLeave(p,0) ───────▶ unplug; last part gone: bridge removed
+//! ```
+//!
+//! The parts and their ports live in the NIC records (`NicRecord::hostlo`), so
+//! they survive restarts like any NIC.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+
+/// Prefix of segment bridges (distinct from `nlh`, the NICs' host ends).
+pub const SEGMENT_PREFIX: &str = "nls";
+/// Most parts in one pod (`.1` to `.253` of a /24).
+pub const MAX_PARTS: u32 = 253;
+/// Most ports one part may publish.
+pub const MAX_PORTS: usize = 1024;
+
+/// Transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// `tcp` or `udp`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+
+    /// Parses `tcp` / `udp`.
+    pub fn parse(s: &str) -> Result<Proto, AgentError> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(AgentError::InvalidArgument {
+                field: "ports.protocol",
+                reason: format!("{other:?} is not \"tcp\" or \"udp\""),
+            }),
+        }
+    }
+}
+
+/// A port a part serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// The port number.
+    pub port: u16,
+    /// Its protocol.
+    pub proto: Proto,
+}
+
+/// The Hostlo side of a NIC record: which pod and part it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostloRef {
+    /// The Hostlo pod.
+    pub pod: String,
+    /// The part index.
+    pub part: u32,
+    /// The ports the part serves (sorted, unique).
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+}
+
+/// Checks a Hostlo pod name: 1 to 63 characters of `[a-z0-9.-]`.
+pub fn check_pod(pod: &str) -> Result<(), AgentError> {
+    if pod.is_empty() || pod.len() > 63 || !pod.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+        return Err(AgentError::InvalidArgument {
+            field: "pod",
+            reason: format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a part index.
+pub fn check_part(part: u32) -> Result<(), AgentError> {
+    if part >= MAX_PARTS {
+        return Err(AgentError::InvalidArgument {
+            field: "part",
+            reason: format!("{part} is not between 0 and {}", MAX_PARTS - 1),
+        });
+    }
+    Ok(())
+}
+
+/// Checks and normalises (sorts, dedups) a published port list.
+pub fn check_ports(ports: &[PortSpec]) -> Result<Vec<PortSpec>, AgentError> {
+    if ports.len() > MAX_PORTS {
+        return Err(AgentError::InvalidArgument {
+            field: "ports",
+            reason: format!("{} ports, at most {MAX_PORTS}", ports.len()),
+        });
+    }
+    if let Some(p) = ports.iter().find(|p| p.port == 0) {
+        return Err(AgentError::InvalidArgument {
+            field: "ports.port",
+            reason: format!("port 0/{} is not a port", p.proto.as_str()),
+        });
+    }
+    let mut v = ports.to_vec();
+    v.sort();
+    v.dedup();
+    Ok(v)
+}
+
+/// The segment bridge of `pod`: `nls` + 8 hex digits of a stable hash (FNV-1a).
+pub fn segment_bridge(pod: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in pod.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{SEGMENT_PREFIX}{h:08x}")
+}
+
+/// The segment address of `part`.
+pub fn part_address(subnet: ipnet::Ipv4Net, part: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + part + 1)
+}
+
+/// A port served by more than one part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The port.
+    pub port: PortSpec,
+    /// The parts serving it.
+    pub parts: Vec<u32>,
+}
+
+/// The ports served by more than one part, given each part's ports.
+pub fn conflicts(parts: &BTreeMap<u32, Vec<PortSpec>>) -> Vec<Conflict> {
+    let mut by_port: BTreeMap<PortSpec, Vec<u32>> = BTreeMap::new();
+    for (part, ports) in parts {
+        for p in ports {
+            by_port.entry(*p).or_default().push(*part);
+        }
+    }
+    by_port
+        .into_iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(port, parts)| Conflict { port, parts })
+        .collect()
+}
+
+/// A pod as its parts see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// Changes with every join, leave and publish.
+    pub version: u64,
+    /// part -> (segment address, ports).
+    pub parts: BTreeMap<u32, (Ipv4Addr, Vec<PortSpec>)>,
+    /// Ports more than one part serves.
+    pub conflicts: Vec<Conflict>,
+    /// Part 0's BrFusion address.
+    pub pod_ip: Option<Ipv4Addr>,
+    /// Prefix length of the segment.
+    pub prefix_len: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(port: u16, proto: Proto) -> PortSpec {
+        PortSpec { port, proto }
+    }
+
+    #[test]
+    fn names_and_addresses() {
+        let b = segment_bridge("web-frontend");
+        assert!(b.starts_with("nls") && b.len() == 11, "{b}");
+        assert_eq!(b, segment_bridge("web-frontend"), "stable");
+        assert_ne!(b, segment_bridge("web-frontenc"));
+        assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 0), "169.254.77.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 252), "169.254.77.253".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(check_pod("a.b-1").is_ok());
+        for bad in ["", "Upper", "a_b", &"x".repeat(64)] {
+            assert!(check_pod(bad).is_err(), "{bad}");
+        }
+        assert!(check_part(252).is_ok() && check_part(253).is_err());
+        assert_eq!(check_ports(&[p(80, Proto::Tcp), p(53, Proto::Udp), p(80, Proto::Tcp)]).unwrap(), vec![p(53, Proto::Udp), p(80, Proto::Tcp)]);
+        assert!(check_ports(&[p(0, Proto::Tcp)]).is_err());
+        assert!(check_ports(&vec![p(1, Proto::Tcp); 1025]).is_err());
+        assert!(Proto::parse("sctp").is_err());
+    }
+
+    #[test]
+    fn conflicts_are_ports_of_several_parts() {
+        let mut parts = BTreeMap::new();
+        parts.insert(0, vec![p(80, Proto::Tcp), p(53, Proto::Udp)]);
+        parts.insert(1, vec![p(53, Proto::Tcp), p(80, Proto::Tcp)]);
+        parts.insert(2, vec![p(80, Proto::Tcp)]);
+        assert_eq!(
+            conflicts(&parts),
+            vec![Conflict {
+                port: p(80, Proto::Tcp),
+                parts: vec![0, 1, 2]
+            }]
+        );
+    }
+}
