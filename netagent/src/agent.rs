@@ -133,6 +133,9 @@ struct NewNic<'a> {
     mtu: u32,
     /// A fixed address (Hostlo segment) instead of a lease from the network.
     fixed_ipv4: Option<std::net::Ipv4Addr>,
+    /// A preferred MAC (Hostlo: stable per pod and part, so that a restarted
+    /// part's neighbours need not relearn it); random when taken or absent.
+    mac: Option<MacAddr>,
     sandbox_id: &'a str,
     labels: BTreeMap<String, String>,
     pooled: bool,
@@ -428,6 +431,7 @@ impl Agent {
             bridge: net.bridge.clone(),
             mtu: net.mtu,
             fixed_ipv4: None,
+            mac: None,
             sandbox_id,
             labels: labels.clone(),
             pooled,
@@ -457,11 +461,14 @@ impl Agent {
                 }
             };
             let used_macs: HashSet<MacAddr> = inner.records.values().map(|r| r.mac).collect();
-            let mac = loop {
+            let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
+                Some(m) => m,
+                None => loop {
                 let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
-                if !used_macs.contains(&m) && !m.is_multicast() {
-                    break m;
-                }
+                    if !used_macs.contains(&m) && !m.is_multicast() {
+                        break m;
+                    }
+                },
             };
             let id = loop {
                 let id = NicId::random();
@@ -672,6 +679,7 @@ impl Agent {
             bridge: bridge.clone(),
             mtu: self.config.hostlo.mtu,
             fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part)),
+            mac: Some(hostlo::part_mac(&self.config.agent.mac_prefix, pod, part)),
             sandbox_id,
             labels: BTreeMap::new(),
             pooled: false,

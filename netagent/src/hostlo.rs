@@ -131,14 +131,35 @@ pub fn check_ports(ports: &[PortSpec]) -> Result<Vec<PortSpec>, AgentError> {
     Ok(v)
 }
 
-/// The segment bridge of `pod`: `nls` + 8 hex digits of a stable hash (FNV-1a).
-pub fn segment_bridge(pod: &str) -> String {
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in pod.bytes() {
+    for b in bytes {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("{SEGMENT_PREFIX}{h:08x}")
+    h
+}
+
+/// The segment bridge of `pod`: `nls` + 8 hex digits of a stable hash (FNV-1a).
+pub fn segment_bridge(pod: &str) -> String {
+    format!("{SEGMENT_PREFIX}{:08x}", fnv1a(pod.bytes()))
+}
+
+/// The MAC of part `part`'s segment NIC: `prefix` then a stable hash of the
+/// pod and part, so that a part that comes back has the same MAC and its
+/// peers' neighbour caches stay right.
+pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> crate::types::MacAddr {
+    let h = fnv1a(pod.bytes().chain(part.to_be_bytes()).chain(*b"hostlo")).to_be_bytes();
+    let mut m = [0u8; 6];
+    // Hash bytes fill whatever the prefix leaves, last bytes first.
+    for (i, b) in m.iter_mut().enumerate() {
+        *b = h[(i + 2) % 4];
+    }
+    m[..prefix.len()].copy_from_slice(prefix);
+    if prefix.is_empty() {
+        m[0] = (m[0] | 0x02) & 0xfe;
+    }
+    crate::types::MacAddr(m)
 }
 
 /// The segment address of `part`.
@@ -201,6 +222,16 @@ mod tests {
         assert_ne!(b, segment_bridge("web-frontenc"));
         assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 0), "169.254.77.1".parse::<Ipv4Addr>().unwrap());
         assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 252), "169.254.77.253".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn part_macs_are_stable_and_distinct() {
+        let p = [0x52, 0x54, 0x00];
+        assert_eq!(part_mac(&p, "web", 1), part_mac(&p, "web", 1));
+        assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "web", 2));
+        assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "api", 1));
+        assert_eq!(&part_mac(&p, "web", 1).0[..3], &p);
+        assert!(!part_mac(&[], "web", 1).is_multicast());
     }
 
     #[test]

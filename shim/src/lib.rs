@@ -1,3 +1,40 @@
-//! containerd-shim-nestless-v2: a containerd runtime v2 shim (runc underneath)
-//! that gives each pod sandbox a NIC provided by the host agent.
+//! containerd-shim-nestless-v2: a containerd runtime v2 shim (task API v2,
+//! runc underneath) that gives each pod sandbox a NIC provided by the host
+//! agent.
+//!
+//! How the pieces fit:
+//!
+//! ```text
+//! containerd ──ttrpc (task API v2)──> service::TaskService ──> runc::Runc ──> runc binary
+//!      ^                                   │   │   │
+//!      └──── events (publisher) ───────────┘   │   └──> stdio (FIFOs, pty, logging binary)
+//!                                              ├──> podnet::PodNetwork (sandbox NIC, chosen by network::backend_for)
+//!                                              └──> cgroup (stats, OOM)
+//! reaper::Reaper: the one waitpid(-1) of the process (runc commands, container processes)
+//! shim::NestlessShim: start (one shim per pod, policy::grouping_id) / delete / serve
+//! ```
+//!
+//! - [`config`]: `/etc/nestless/shim.toml` (or the runtime options' `config_path`).
+//! - [`options`]: the runtime options containerd sends.
+//! - [`policy`]: pure decisions from the OCI spec (grouping, network owner).
+//! - [`service`]: the Task API.
+//! - [`shim`]: containerd's `start` and `delete` subcommands.
+
+#![warn(missing_docs)]
+
+pub mod bundle;
+pub mod cgroup;
+pub mod cni;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod hostlo;
+pub mod network;
+pub mod options;
 pub mod podnet;
+pub mod policy;
+pub mod reaper;
+pub mod runc;
+pub mod service;
+pub mod shim;
+pub mod stdio;

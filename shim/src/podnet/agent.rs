@@ -135,6 +135,57 @@ impl AgentClient {
         Ok(r.nics)
     }
 
+    /// `HostloJoin`: the segment NIC and the pod's view.
+    pub async fn hostlo_join(&self, pod: &str, part: u32, sandbox_id: &str) -> Result<(pb::Nic, pb::HostloWatchResponse), PodNetError> {
+        let req = pb::HostloJoinRequest {
+            pod: pod.into(),
+            part,
+            sandbox_id: sandbox_id.into(),
+            ..Default::default()
+        };
+        let r = self.client.hostlo_join(self.ctx(), &req).await.map_err(|e| self.refused("HostloJoin", e))?;
+        let nic = r.nic.into_option().ok_or(PodNetError::BadReply("HostloJoin returned no NIC".into()))?;
+        Ok((nic, r.pod.into_option().unwrap_or_default()))
+    }
+
+    /// `HostloLeave`; a part already gone is success.
+    pub async fn hostlo_leave(&self, pod: &str, part: u32) -> Result<(), PodNetError> {
+        let req = pb::HostloLeaveRequest {
+            pod: pod.into(),
+            part,
+            ..Default::default()
+        };
+        match self.client.hostlo_leave(self.ctx(), &req).await {
+            Ok(_) => Ok(()),
+            Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::NOT_FOUND => Ok(()),
+            Err(e) => Err(self.refused("HostloLeave", e)),
+        }
+    }
+
+    /// `HostloPublish`: returns the conflicts the part is in.
+    pub async fn hostlo_publish(&self, pod: &str, part: u32, ports: Vec<pb::HostloPort>) -> Result<Vec<pb::HostloConflict>, PodNetError> {
+        let req = pb::HostloPublishRequest {
+            pod: pod.into(),
+            part,
+            ports,
+            ..Default::default()
+        };
+        let r = self.client.hostlo_publish(self.ctx(), &req).await.map_err(|e| self.refused("HostloPublish", e))?;
+        Ok(r.conflicts)
+    }
+
+    /// `HostloWatch`, waiting up to `wait` for a version past `since`.
+    pub async fn hostlo_watch(&self, pod: &str, since: u64, wait: Duration) -> Result<pb::HostloWatchResponse, PodNetError> {
+        let req = pb::HostloWatchRequest {
+            pod: pod.into(),
+            since_version: since,
+            timeout_ms: wait.as_millis() as u32,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout((wait + self.request_timeout).as_nanos() as i64);
+        self.client.hostlo_watch(ctx, &req).await.map_err(|e| self.refused("HostloWatch", e))
+    }
+
     /// `Health`.
     pub async fn health(&self) -> Result<pb::HealthResponse, PodNetError> {
         self.client
@@ -221,23 +272,40 @@ pub async fn plug_into_pod(spec: &NicSpec, netns: &Path, wait: Duration) -> Resu
 }
 
 /// [`PodNetwork`] through the host agent.
+///
+/// A sandbox annotated as part of a Hostlo pod (see [`crate::hostlo`]) also
+/// joins that pod after its own NIC is configured, and leaves it first on
+/// teardown.
 pub struct AgentNetwork {
     agent: AgentConfig,
     network: NetworkConfig,
+    parts: tokio::sync::Mutex<HashMap<String, crate::hostlo::part::Part>>,
 }
 
 impl AgentNetwork {
     /// A pod network using the agent at `agent` and the guest settings `network`.
     pub fn new(agent: AgentConfig, network: NetworkConfig) -> AgentNetwork {
-        AgentNetwork { agent, network }
+        AgentNetwork {
+            agent,
+            network,
+            parts: Default::default(),
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl PodNetwork for AgentNetwork {
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError> {
+        let hostlo = crate::hostlo::spec_from_annotations(&req.labels).map_err(|e| PodNetError::BadReply(e.to_string()))?;
         let client = AgentClient::connect(&self.agent).await?;
-        let nic = client.attach(&req.sandbox_id, &req.labels).await?;
+        // The agent keeps short labels; the Hostlo port list is for the part.
+        let labels: HashMap<String, String> = req
+            .labels
+            .iter()
+            .filter(|(k, _)| k.as_str() != crate::hostlo::PORTS_ANNOTATION)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let nic = client.attach(&req.sandbox_id, &labels).await?;
         let ifname = self.network.interface.as_str().to_string();
         let result = async {
             let spec = nic_spec(&nic, &ifname)?;
@@ -251,6 +319,19 @@ impl PodNetwork for AgentNetwork {
                 log::error!("sandbox {}: releasing NIC {} after a failed setup failed: {undo}", req.sandbox_id, nic.id);
             }
             return Err(e);
+        }
+        if let Some(spec) = hostlo {
+            match crate::hostlo::part::join(&self.agent, self.network.nic_wait, &spec, &req.sandbox_id, &req.netns).await {
+                Ok(part) => {
+                    self.parts.lock().await.insert(req.sandbox_id.clone(), part);
+                }
+                Err(e) => {
+                    if let Err(undo) = client.detach(&req.sandbox_id).await {
+                        log::error!("sandbox {}: releasing NIC {} after a failed Hostlo join failed: {undo}", req.sandbox_id, nic.id);
+                    }
+                    return Err(PodNetError::Hostlo(e.to_string()));
+                }
+            }
         }
         log::info!(
             "sandbox {}: NIC {} ({}) configured as {ifname} in {}",
@@ -267,6 +348,9 @@ impl PodNetwork for AgentNetwork {
     }
 
     async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError> {
+        if let Some(part) = self.parts.lock().await.remove(sandbox_id) {
+            part.stop().await;
+        }
         let client = AgentClient::connect(&self.agent).await?;
         client.detach(sandbox_id).await?;
         log::info!("sandbox {sandbox_id}: NIC released");

@@ -294,6 +294,28 @@ pub async fn check_configured(handle: &Handle, spec: &NicSpec) -> Result<bool, G
     Ok(spec.addresses.iter().all(|(ip, _)| have.contains(ip)))
 }
 
+/// Inside a namespace: adds `ip/prefix` to the link `ifname` (present: fine).
+pub async fn add_address(handle: &Handle, ifname: &str, ip: IpAddr, prefix: u8) -> Result<(), GuestNetError> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(ifname.to_string())
+        .execute()
+        .try_next()
+        .await
+        .map_err(nl("find", ifname.to_string()))?
+        .ok_or_else(|| GuestNetError::Netlink {
+            op: "find",
+            what: ifname.to_string(),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })?;
+    match handle.address().add(link.header.index, ip, prefix).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => Ok(()),
+        Err(e) => Err(nl("add address to", format!("{ifname} ({ip}/{prefix})"))(e)),
+    }
+}
+
 /// Inside the pod namespace: names, sizes, addresses and routes the NIC
 /// (found by MAC), brings it and `lo` up. Idempotent.
 pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetError> {

@@ -4,6 +4,11 @@
 
 use std::{collections::HashMap, path::PathBuf};
 
+pub mod agent;
+mod disabled;
+pub mod guest;
+pub use disabled::Disabled;
+
 /// What the task service knows about a sandbox when it asks for its network.
 #[derive(Debug, Clone)]
 pub struct PodNetRequest {
@@ -30,6 +35,25 @@ pub struct PodNetInfo {
 /// Errors of the pod-network seam.
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
+    /// The host agent refused a request.
+    #[error("host agent refused {op}: {code}: {message}")]
+    AgentRefused {
+        /// The request.
+        op: &'static str,
+        /// The ttrpc status code.
+        code: String,
+        /// The agent's message.
+        message: String,
+    },
+    /// Joining the sandbox's Hostlo pod failed.
+    #[error("Hostlo: {0}")]
+    Hostlo(String),
+    /// The agent's reply cannot be used.
+    #[error("unusable reply from the host agent: {0}")]
+    BadReply(String),
+    /// Plugging the NIC into the pod failed.
+    #[error(transparent)]
+    Guest(#[from] guest::GuestNetError),
     /// The host agent could not be reached.
     #[error("host agent at {address} unreachable: {reason}")]
     AgentUnavailable {

@@ -1,0 +1,333 @@
+//! One part of a Hostlo pod, running inside the shim of its sandbox.
+//!
+//! ```text
+//! join:  HostloJoin ─▶ segment NIC ─▶ hostlo0 in the pod netns
+//!        mux (TCP+UDP) on <segment address>:7071
+//! loop:  every second  discover served ports ─▶ HostloPublish when changed
+//!        watcher task  HostloWatch (long poll) ─▶ new view ─▶ re-plan relays:
+//!                      for each port of another part (not in conflict):
+//!                      relay on 127.0.0.1:P (+ pod IP:P) ─▶ that part's mux
+//! stop:  relays end, HostloLeave
+//! ```
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use nestless_protos::agent as pb;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{
+    discover::{self, Listening},
+    relay::{self, Targets},
+    sockets::NetnsSockets,
+    HostloError, HostloSpec, Port, Proto, MUX_PORT, SEGMENT_IFNAME,
+};
+use crate::{
+    config::AgentConfig,
+    podnet::agent::{nic_spec, plug_into_pod, AgentClient},
+};
+
+/// A running part. Stop it with [`Part::stop`].
+pub struct Part {
+    /// The part's segment address.
+    pub address: Ipv4Addr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Part {
+    /// Stops the relays and leaves the pod (the agent unplugs the segment NIC).
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+fn proto_of(s: &str) -> Option<Proto> {
+    match s {
+        "tcp" => Some(Proto::Tcp),
+        "udp" => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
+/// Joins the pod and starts the part's relays.
+pub async fn join(
+    agent: &AgentConfig,
+    nic_wait: Duration,
+    spec: &HostloSpec,
+    sandbox_id: &str,
+    netns: &Path,
+) -> Result<Part, HostloError> {
+    let client = AgentClient::connect(agent).await?;
+    let (nic, view) = client.hostlo_join(&spec.pod, spec.part, sandbox_id).await?;
+    let attempt = async {
+        let nspec = nic_spec(&nic, SEGMENT_IFNAME)?;
+        plug_into_pod(&nspec, netns, nic_wait).await.map_err(crate::podnet::PodNetError::from)?;
+        let address = match nspec.addresses.first() {
+            Some((IpAddr::V4(a), _)) => *a,
+            _ => return Err(HostloError::Agent(crate::podnet::PodNetError::BadReply("segment NIC without an IPv4 address".into()))),
+        };
+        let sockets = Arc::new(NetnsSockets::open(netns).map_err(|source| HostloError::Socket {
+            op: format!("enter {}", netns.display()),
+            source,
+        })?);
+        let mux = SocketAddr::new(IpAddr::V4(address), MUX_PORT);
+        let tcp = sockets.tcp_listener(mux).await.map_err(|source| HostloError::Socket {
+            op: format!("listen on {mux}/tcp"),
+            source,
+        })?;
+        let udp = sockets.udp_bind(mux).await.map_err(|source| HostloError::Socket {
+            op: format!("bind {mux}/udp"),
+            source,
+        })?;
+        Ok((address, sockets, tcp, udp))
+    }
+    .await;
+    let (address, sockets, tcp, udp) = match attempt {
+        Ok(x) => x,
+        Err(e) => {
+            if let Err(undo) = client.hostlo_leave(&spec.pod, spec.part).await {
+                log::error!("hostlo {}: leaving after a failed join failed: {undo}", spec.pod);
+            }
+            return Err(e);
+        }
+    };
+    let targets: Targets = Arc::default();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let run = Runner {
+        agent: agent.clone(),
+        spec: spec.clone(),
+        segment: IpAddr::V4(address),
+        sockets,
+        targets,
+        relays: HashMap::new(),
+        published: None,
+    };
+    log::info!("hostlo {}: part {} joined, segment address {address}", spec.pod, spec.part);
+    let task = tokio::spawn(run.run(client, view, tcp, udp, stop_rx));
+    Ok(Part {
+        address,
+        stop: Some(stop_tx),
+        task: Some(task),
+    })
+}
+
+struct Runner {
+    agent: AgentConfig,
+    spec: HostloSpec,
+    segment: IpAddr,
+    sockets: Arc<NetnsSockets>,
+    targets: Targets,
+    /// (port, listen address) -> relay task.
+    relays: HashMap<(Port, IpAddr), JoinHandle<()>>,
+    published: Option<Vec<Port>>,
+}
+
+impl Runner {
+    async fn run(
+        mut self,
+        client: AgentClient,
+        first: pb::HostloWatchResponse,
+        tcp: tokio::net::TcpListener,
+        udp: tokio::net::UdpSocket,
+        mut stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let muxes = [
+            tokio::spawn(relay::tcp_mux(tcp, self.targets.clone(), self.sockets.clone())),
+            tokio::spawn(relay::udp_mux(udp, self.targets.clone(), self.sockets.clone())),
+        ];
+        let (views_tx, mut views) = mpsc::channel(4);
+        let watcher = tokio::spawn(watch(self.agent.clone(), self.spec.pod.clone(), first.version, views_tx));
+        self.apply(&first).await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => self.publish(&client).await,
+                Some(v) = views.recv() => self.apply(&v).await,
+            }
+        }
+        watcher.abort();
+        for m in muxes {
+            m.abort();
+        }
+        for (_, r) in self.relays.drain() {
+            r.abort();
+        }
+        match client.hostlo_leave(&self.spec.pod, self.spec.part).await {
+            Ok(()) => log::info!("hostlo {}: part {} left", self.spec.pod, self.spec.part),
+            Err(e) => log::warn!("hostlo {}: leave failed: {e}", self.spec.pod),
+        }
+    }
+
+    async fn discover(&self) -> Vec<Listening> {
+        let mut found = Vec::new();
+        for (file, proto) in [("tcp", Proto::Tcp), ("tcp6", Proto::Tcp), ("udp", Proto::Udp), ("udp6", Proto::Udp)] {
+            match self.sockets.proc_net(file).await {
+                Ok(t) => found.extend(discover::parse_table(&t, proto)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::debug!("hostlo: cannot read {file}: {e}"),
+            }
+        }
+        found
+    }
+
+    async fn publish(&mut self, client: &AgentClient) {
+        let found = self.discover().await;
+        let relayed: Vec<Port> = self.relays.keys().map(|(p, _)| *p).collect();
+        let mut ports: BTreeSet<Port> = discover::served(&found, self.segment, &relayed).into_iter().collect();
+        ports.extend(self.spec.declared.iter().copied());
+        {
+            let mut t = self.targets.lock().expect("targets lock");
+            t.clear();
+            for l in &found {
+                let p = Port { port: l.port, proto: l.proto };
+                if l.addr != self.segment && !relayed.contains(&p) {
+                    let a = if l.addr.is_loopback() || l.addr.is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { l.addr };
+                    t.entry(p).or_insert(a);
+                }
+            }
+        }
+        let ports: Vec<Port> = ports.into_iter().collect();
+        if self.published.as_ref() == Some(&ports) {
+            return;
+        }
+        let pb_ports: Vec<pb::HostloPort> = ports
+            .iter()
+            .map(|p| pb::HostloPort {
+                port: u32::from(p.port),
+                protocol: p.proto.as_str().into(),
+                ..Default::default()
+            })
+            .collect();
+        match client.hostlo_publish(&self.spec.pod, self.spec.part, pb_ports).await {
+            Ok(conflicts) => {
+                for c in conflicts {
+                    let port = c.port.as_ref().map(|p| format!("{}/{}", p.port, p.protocol)).unwrap_or_default();
+                    log::warn!("hostlo {}: port {port} is served by parts {:?}: conflict, not relayed", self.spec.pod, c.parts);
+                }
+                log::info!(
+                    "hostlo {}: part {} serves {}",
+                    self.spec.pod,
+                    self.spec.part,
+                    ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+                );
+                self.published = Some(ports);
+            }
+            Err(e) => log::warn!("hostlo {}: publish failed: {e}", self.spec.pod),
+        }
+    }
+
+    async fn apply(&mut self, view: &pb::HostloWatchResponse) {
+        let conflicts: BTreeSet<Port> = view
+            .conflicts
+            .iter()
+            .filter_map(|c| c.port.as_ref())
+            .filter_map(|p| Some(Port { port: u16::try_from(p.port).ok()?, proto: proto_of(&p.protocol)? }))
+            .collect();
+        // Part 0 holds the pod IP (its eth0): its relays also listen there, so
+        // that the network outside and the other parts (which reach the pod
+        // IP over the tenant network) get to ports any part serves.
+        let mut listen: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        if self.spec.part == 0 {
+            listen.extend(view.pod_ip.parse::<IpAddr>().ok());
+        }
+        let mut wanted: HashMap<(Port, IpAddr), SocketAddr> = HashMap::new();
+        for part in &view.parts {
+            if part.part == self.spec.part {
+                continue;
+            }
+            let Ok(addr) = part.address.parse::<IpAddr>() else { continue };
+            for p in &part.ports {
+                let Some(port) = u16::try_from(p.port).ok().zip(proto_of(&p.protocol)).map(|(port, proto)| Port { port, proto }) else {
+                    continue;
+                };
+                if conflicts.contains(&port) {
+                    continue;
+                }
+                for l in &listen {
+                    wanted.insert((port, *l), SocketAddr::new(addr, MUX_PORT));
+                }
+            }
+        }
+        self.relays.retain(|k, task| {
+            let keep = wanted.contains_key(k) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for ((port, listen_addr), mux) in wanted {
+            if self.relays.contains_key(&(port, listen_addr)) {
+                continue;
+            }
+            let at = SocketAddr::new(listen_addr, port.port);
+            let task = match port.proto {
+                Proto::Tcp => match self.sockets.tcp_listener(at).await {
+                    Ok(l) => tokio::spawn(relay::tcp_egress(l, port.port, mux, self.sockets.clone())),
+                    Err(e) => {
+                        log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
+                        continue;
+                    }
+                },
+                Proto::Udp => match self.sockets.udp_bind(at).await {
+                    Ok(s) => tokio::spawn(relay::udp_egress(s, port.port, mux, self.sockets.clone())),
+                    Err(e) => {
+                        log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
+                        continue;
+                    }
+                },
+            };
+            log::debug!("hostlo {}: relay {port} on {at} -> {mux}", self.spec.pod);
+            self.relays.insert((port, listen_addr), task);
+        }
+    }
+}
+
+/// Long-polls the pod's view and sends each new one; reconnects when the
+/// agent goes away (it restarts with the pod's state).
+async fn watch(agent: AgentConfig, pod: String, mut since: u64, out: mpsc::Sender<pb::HostloWatchResponse>) {
+    loop {
+        let client = match AgentClient::connect(&agent).await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        loop {
+            match client.hostlo_watch(&pod, since, Duration::from_secs(25)).await {
+                Ok(v) if v.version > since => {
+                    since = v.version;
+                    if out.send(v).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    log::debug!("hostlo {pod}: watch: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}

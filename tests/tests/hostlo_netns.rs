@@ -1,0 +1,225 @@
+//! Hostlo with two "VMs" that are network namespaces (the agent's netns
+//! backend), each running one part of a pod through the shim's own pod-network
+//! code (`nestless-podnet`), and "containers" that are processes in the pods'
+//! namespaces. Needs root and socat.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nestless_tests::{
+    agent::{bin_path, AgentProc},
+    netenv::{check, host_links, random_subnet, require_root, run, suffix, Bridge, Netns},
+};
+use serde_json::Value;
+
+struct Part {
+    child: Child,
+    ready: Value,
+}
+
+impl Part {
+    fn start(agent: &AgentProc, vm: &Netns, vm_idx: usize, pod: &Netns, hostlo_pod: &str, part: u32, extra: &[&str]) -> Part {
+        let sock = agent.dir.path().join(format!("vm{vm_idx}.sock"));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &vm.name])
+            .arg(bin_path("nestless-podnet"))
+            .args(["--agent", &format!("unix://{}", sock.display())])
+            .args(["--sandbox", &format!("sb{part}-{}", suffix())])
+            .arg("--netns")
+            .arg(pod.path())
+            .args(["--label", &format!("io.nestless.hostlo/pod={hostlo_pod}")])
+            .args(["--label", &format!("io.nestless.hostlo/part={part}")]);
+        for e in extra {
+            cmd.args(["--label", e]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn nestless-podnet");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        let json = line.strip_prefix("READY ").unwrap_or_else(|| panic!("part {part} failed: {line}"));
+        Part {
+            ready: serde_json::from_str(json).unwrap(),
+            child,
+        }
+    }
+
+    fn stop(mut self) -> String {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut rest = String::new();
+        use std::io::Read;
+        self.child.stdout.take().unwrap().read_to_string(&mut rest).unwrap();
+        assert!(self.child.wait().unwrap().success(), "{rest}");
+        rest
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process in a pod namespace (a "container"), killed on drop.
+struct Service(Child);
+
+impl Service {
+    fn start(pod: &Netns, args: &[&str]) -> Service {
+        let c = Command::new("ip")
+            .args(["netns", "exec", &pod.name, "socat"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat (apt install socat)");
+        Service(c)
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn view(agent: &AgentProc) -> Value {
+    let out = Command::new(bin_path("nestlessctl")).args(["hostlo", "--json", "--socket"]).arg(&agent.admin).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_for(agent: &AgentProc, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = view(agent);
+        if f(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what} not reached: {v}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn has_port(v: &Value, entry: &str) -> bool {
+    v[0]["ports"].as_array().is_some_and(|a| a.iter().any(|p| p == entry))
+}
+
+/// `echo MSG | socat` from inside `pod` to `target` ("TCP:127.0.0.1:8080").
+fn talk(pod: &Netns, target: &str, msg: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo {msg} | ip netns exec {} socat -t 3 - {target}", pod.name))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn two_parts_share_localhost_over_the_segment() {
+    require_root();
+    assert!(run(&["socat", "-V"]).status.success(), "socat is required (apt install socat)");
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let vms = [Netns::new("hva"), Netns::new("hvb")];
+    let pods = [Netns::new("hpa"), Netns::new("hpb")];
+    let agent = AgentProc::start(|dir| {
+        let mut s = AgentProc::agent_section(dir);
+        s += &format!("[[network]]\nname = \"t\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n", bridge.name);
+        for (i, vm) in vms.iter().enumerate() {
+            s += &format!("[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\n", vm.name, dir.display());
+        }
+        s
+    });
+    let pod_name = format!("web-{}", suffix());
+    let p0 = Part::start(&agent, &vms[0], 0, &pods[0], &pod_name, 0, &[]);
+    let mut p1 = Part::start(&agent, &vms[1], 1, &pods[1], &pod_name, 1, &["io.nestless.hostlo/ports=9999/tcp"]);
+    let pod_ip = p0.ready["addresses"][0].as_str().unwrap().split('/').next().unwrap().to_string();
+    // Each part has hostlo0 with its segment address.
+    let seg = check(&["ip", "-n", &pods[1].name, "-o", "addr", "show", "dev", "hostlo0"]);
+    assert!(seg.contains("169.254.77.2/24"), "{seg}");
+
+    // Part 1 serves TCP 8080 on loopback only, and UDP 5353 on loopback.
+    let _tcp = Service::start(&pods[1], &["TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"]);
+    let _udp = Service::start(&pods[1], &["UDP-RECVFROM:5353,bind=127.0.0.1,fork", "EXEC:cat"]);
+    let v = wait_for(&agent, "part 1's ports published", |v| has_port(v, "1:8080/tcp") && has_port(v, "1:5353/udp"));
+    assert!(has_port(&v, "1:9999/tcp"), "declared port: {v}");
+    assert_eq!(v[0]["pod_ip"], pod_ip.as_str());
+    assert_eq!(v[0]["members"].as_array().unwrap().len(), 2);
+
+    // From part 0: localhost and the pod IP reach part 1's services.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while talk(&pods[0], "TCP:127.0.0.1:8080", "x") != "x" {
+        assert!(Instant::now() < deadline, "relay for 8080 never came up:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(talk(&pods[0], "TCP:127.0.0.1:8080", "hello-tcp"), "hello-tcp");
+    assert_eq!(talk(&pods[0], &format!("TCP:{pod_ip}:8080"), "via-pod-ip"), "via-pod-ip");
+    assert_eq!(talk(&pods[0], "UDP:127.0.0.1:5353", "hello-udp"), "hello-udp");
+    // From outside (the host, over the bridge) to the pod IP: part 1 answers.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo outside | socat -t 3 - TCP:{pod_ip}:8080"))
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&out.stdout).trim() != "outside" {
+        let ss = run(&["ip", "netns", "exec", &pods[0].name, "ss", "-ltnp"]);
+        let ping = run(&["busybox", "ping", "-c", "1", "-W", "2", &pod_ip]);
+        let route = run(&["ip", "route", "get", &pod_ip]);
+        let addrs = run(&["ip", "-n", &pods[0].name, "-o", "addr"]);
+        let routes = run(&["ip", "-n", &pods[0].name, "route"]);
+        panic!(
+            "outside -> pod IP failed: {out:?}\nss: {}\nping: {:?}\nroute: {}\naddrs: {}\nroutes: {}",
+            String::from_utf8_lossy(&ss.stdout),
+            ping,
+            String::from_utf8_lossy(&route.stdout),
+            String::from_utf8_lossy(&addrs.stdout),
+            String::from_utf8_lossy(&routes.stdout)
+        );
+    }
+
+    // A conflict: a third part (here in VM 0 too) declares 8080/tcp, which
+    // part 1 serves. It is reported, and 8080 is no longer relayed anywhere.
+    {
+        let pod2 = Netns::new("hpc");
+        let p2 = Part::start(&agent, &vms[0], 0, &pod2, &pod_name, 2, &["io.nestless.hostlo/ports=8080/tcp"]);
+        let v = wait_for(&agent, "the conflict reported", |v| {
+            v[0]["conflicts"].as_array().is_some_and(|c| c.iter().any(|x| x == "8080/tcp"))
+        });
+        assert_eq!(v[0]["conflicts"].as_array().unwrap().len(), 1, "{v}");
+        assert!(agent.log().contains("8080/tcp is served by parts [1, 2]"), "{}", agent.log());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while talk(&pods[0], "TCP:127.0.0.1:8080", "x") == "x" {
+            assert!(Instant::now() < deadline, "a conflicting port is still relayed");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p2.stop();
+    }
+    wait_for(&agent, "the conflict cleared", |v| v[0]["conflicts"].as_array().is_some_and(|c| c.is_empty()));
+
+    // Part 1 restarts (its sandbox comes back): part 0 reaches it again.
+    let out = p1.stop();
+    assert!(out.contains("DONE"), "{out}");
+    wait_for(&agent, "part 1 gone", |v| v[0]["members"].as_array().is_some_and(|m| m.len() == 1));
+    p1 = Part::start(&agent, &vms[1], 1, &pods[1], &pod_name, 1, &[]);
+    wait_for(&agent, "part 1 back", |v| has_port(v, "1:8080/tcp"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while talk(&pods[0], "TCP:127.0.0.1:8080", "again") != "again" {
+        assert!(Instant::now() < deadline, "no relay after the part's restart:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The last part leaving removes everything: segment, NICs, leases.
+    let segment = v[0]["bridge"].as_str().unwrap().to_string();
+    assert!(!host_links(&segment).is_empty());
+    p0.stop();
+    p1.stop();
+    assert_eq!(view(&agent), Value::Array(vec![]));
+    assert!(host_links(&segment).is_empty(), "segment bridge left");
+    assert!(agent.state()["nics"].as_array().unwrap().is_empty(), "{}", agent.state());
+    assert!(bridge.ports().is_empty());
+    let _ = Path::new("");
+}
