@@ -48,26 +48,8 @@ summary() {
 }
 trap summary EXIT
 
-APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 socat
-	iproute2 xz-utils zstd binutils util-linux kmod systemd)
-install_packages() {
-	local missing=()
-	for p in "${APT_PACKAGES[@]}"; do
-		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-	done
-	if ((${#missing[@]})); then
-		apt-get update -qq
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
-	fi
-	# The system containerd is not used: the tests start their own.
-	systemctl disable --now containerd >/dev/null 2>&1 || true
-}
-
-install_vhost_device_vsock() {
-	if ! command -v vhost-device-vsock >/dev/null || ! vhost-device-vsock --version 2>/dev/null | grep -q "0.3.0"; then
-		cargo install --locked vhost-device-vsock@0.3.0
-	fi
-}
+# install_packages, install_rust, install_vhost_device_vsock (shared with tests/demo.sh).
+. tests/lib/setup.sh
 
 build() {
 	cargo build --workspace --all-targets
@@ -92,6 +74,7 @@ integration_tests() {
 }
 
 phase "apt packages" install_packages
+phase "rust" install_rust
 phase "vhost-device-vsock" install_vhost_device_vsock
 phase "build" build
 ((LINT)) && phase "fmt + clippy" lint

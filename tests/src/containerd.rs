@@ -32,7 +32,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-
 /// The runtime name the shim is registered under.
 pub const RUNTIME: &str = "io.containerd.nestless.v2";
 /// The shim binary's name.
@@ -80,7 +79,9 @@ pub struct Containerd {
 /// Panics unless `tool` is on `PATH`, naming the package to install.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
         let p = dir.join(tool);
         if p.is_file() {
             return p;
@@ -103,7 +104,11 @@ pub fn shim_binary() -> PathBuf {
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("NESTLESS_SHIM_BIN") {
             let p = PathBuf::from(p);
-            assert!(p.is_file(), "NESTLESS_SHIM_BIN={} is not a file", p.display());
+            assert!(
+                p.is_file(),
+                "NESTLESS_SHIM_BIN={} is not a file",
+                p.display()
+            );
             return p;
         }
         // target/<profile>/deps/<test> -> target/<profile>
@@ -113,13 +118,23 @@ pub fn shim_binary() -> PathBuf {
             .and_then(Path::parent)
             .expect("the test binary lives in target/<profile>/deps")
             .to_path_buf();
-        let target_dir = profile_dir.parent().expect("target/<profile>").to_path_buf();
+        let target_dir = profile_dir
+            .parent()
+            .expect("target/<profile>")
+            .to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_dir())
             .env("CARGO_TARGET_DIR", &target_dir)
-            .args(["build", "--quiet", "-p", "containerd-shim-nestless-v2", "--bin", SHIM_BINARY]);
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "containerd-shim-nestless-v2",
+                "--bin",
+                SHIM_BINARY,
+            ]);
         if release {
             cmd.arg("--release");
         }
@@ -202,10 +217,16 @@ impl CmdResult {
 /// Runs `cmd` with optional stdin data and a deadline.
 pub fn run(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> CmdResult {
     let command = format!("{cmd:?}");
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
     if let Some(data) = stdin {
         let mut w = child.stdin.take().expect("piped");
         let data = data.to_vec();
@@ -342,17 +363,27 @@ state = "{state}"
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("containerd exited ({status}) at start:\n{}", self.log_tail(60));
+                    panic!(
+                        "containerd exited ({status}) at start:\n{}",
+                        self.log_tail(60)
+                    );
                 }
             }
             if self.address.exists() {
-                let r = run(self.ctr_command("default", &["version"]), None, Duration::from_secs(10));
+                let r = run(
+                    self.ctr_command("default", &["version"]),
+                    None,
+                    Duration::from_secs(10),
+                );
                 if r.code == 0 {
                     return;
                 }
             }
             if Instant::now() > deadline {
-                panic!("containerd did not come up within {limit:?}:\n{}", self.log_tail(60));
+                panic!(
+                    "containerd did not come up within {limit:?}:\n{}",
+                    self.log_tail(60)
+                );
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -406,7 +437,10 @@ state = "{state}"
     /// A `ctr --address ... -n NS ARGS...` command.
     pub fn ctr_command(&self, ns: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address").arg(&self.address).args(["-n", ns]).args(args);
+        cmd.arg("--address")
+            .arg(&self.address)
+            .args(["-n", ns])
+            .args(args);
         cmd
     }
 
@@ -496,10 +530,10 @@ state = "{state}"
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            let is_shim = args
-                .first()
-                .is_some_and(|a| a.ends_with(SHIM_BINARY));
-            let ours = args.windows(2).any(|w| w[0] == "-address" && w[1] == address);
+            let is_shim = args.first().is_some_and(|a| a.ends_with(SHIM_BINARY));
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == "-address" && w[1] == address);
             let in_ns = match ns {
                 None => true,
                 Some(ns) => args.windows(2).any(|w| w[0] == "-namespace" && w[1] == ns),
@@ -542,7 +576,11 @@ state = "{state}"
                     .collect()
             })
             .unwrap_or_default();
-        assert!(left.is_empty(), "runc state left in {}: {left:?}", root.display());
+        assert!(
+            left.is_empty(),
+            "runc state left in {}: {left:?}",
+            root.display()
+        );
     }
 
     /// Resident set size (KiB) of a process.
@@ -602,7 +640,10 @@ state = "{state}"
 impl Drop for Containerd {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("--- containerd log (last 80 lines) ---\n{}", self.log_tail(80));
+            eprintln!(
+                "--- containerd log (last 80 lines) ---\n{}",
+                self.log_tail(80)
+            );
         }
         self.cleanup();
     }
@@ -633,7 +674,10 @@ fn unmount_under(dir: &Path) {
 
 /// Quotes `s` for sh.
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b)) {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b))
+    {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -651,7 +695,9 @@ impl Events {
     pub fn subscribe(c: &Containerd) -> Events {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address").arg(c.address()).arg("events");
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         let mut child = cmd.spawn().expect("start ctr events");
         let mut out = child.stdout.take().expect("piped");
         let reader = thread::spawn(move || {

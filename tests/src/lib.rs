@@ -2,5 +2,6 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod e2e;
 pub mod netenv;
 pub mod vm;
