@@ -30,11 +30,11 @@ use crate::{
     backend::{netns::NetnsBackend, qemu::QemuBackend, BackendError, NicPlan, VmBackend},
     config::{BackendConfig, Config, NetworkConfig, VmConfig},
     error::AgentError,
+    hostlo::{self, HostloRef, PodView, PortSpec},
     ipam::Ipam,
     lifecycle::{self, Event, NicState, Presence, Recovery},
     links::HostLinks,
     qmp::QmpClient,
-    hostlo::{self, HostloRef, PodView, PortSpec},
     state::{NicRecord, StateFile},
     types::{MacAddr, NicId, NicNames, HOST_IF_PREFIX},
 };
@@ -67,11 +67,19 @@ impl AttachRequest {
             }
         }
         if self.labels.len() > MAX_LABELS {
-            return Err(invalid("labels", format!("{} labels, at most {MAX_LABELS}", self.labels.len())));
+            return Err(invalid(
+                "labels",
+                format!("{} labels, at most {MAX_LABELS}", self.labels.len()),
+            ));
         }
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
-                return Err(invalid("labels", format!("key {k:?}: keys 1 to {MAX_LABEL_LEN} bytes, values up to {MAX_LABEL_LEN}")));
+                return Err(invalid(
+                    "labels",
+                    format!(
+                        "key {k:?}: keys 1 to {MAX_LABEL_LEN} bytes, values up to {MAX_LABEL_LEN}"
+                    ),
+                ));
             }
         }
         Ok(())
@@ -88,10 +96,19 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
 /// Checks a sandbox id: 1 to 128 characters of `[A-Za-z0-9_.-]`.
 pub fn check_sandbox_id(id: &str) -> Result<(), AgentError> {
     if id.is_empty() || id.len() > MAX_SANDBOX_ID {
-        return Err(invalid("sandbox_id", format!("must be 1 to {MAX_SANDBOX_ID} characters")));
+        return Err(invalid(
+            "sandbox_id",
+            format!("must be 1 to {MAX_SANDBOX_ID} characters"),
+        ));
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
-        return Err(invalid("sandbox_id", format!("{id:?} has characters outside [A-Za-z0-9_.-]")));
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        return Err(invalid(
+            "sandbox_id",
+            format!("{id:?} has characters outside [A-Za-z0-9_.-]"),
+        ));
     }
     Ok(())
 }
@@ -196,7 +213,9 @@ impl Agent {
                     hotplug_slots.clone(),
                     config.agent.unplug_timeout,
                 )),
-                BackendConfig::Netns { netns } => Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone())),
+                BackendConfig::Netns { netns } => {
+                    Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
+                }
             };
             backends.insert(vm.name.clone(), b);
         }
@@ -213,16 +232,26 @@ impl Agent {
         let state = StateFile::in_dir(&config.agent.state_dir);
         let mut inner = Inner {
             records: BTreeMap::new(),
-            ipam: config.networks.values().map(|n| (n.name.clone(), Ipam::new(n))).collect(),
+            ipam: config
+                .networks
+                .values()
+                .map(|n| (n.name.clone(), Ipam::new(n)))
+                .collect(),
             pod_versions: HashMap::new(),
-            next_version: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1),
+            next_version: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(1),
         };
         for rec in state.load()? {
             let known_vm = config.vm(&rec.vm).is_some();
             let leased = if rec.hostlo.is_some() {
                 Some(Ok(()))
             } else {
-                inner.ipam.get_mut(&rec.network).map(|i| i.reserve(rec.ipv4))
+                inner
+                    .ipam
+                    .get_mut(&rec.network)
+                    .map(|i| i.reserve(rec.ipv4))
             };
             match (known_vm, leased) {
                 (true, Some(Ok(()))) => {}
@@ -291,7 +320,9 @@ impl Agent {
 
     /// A served VM by name.
     pub fn vm(&self, name: &str) -> Result<&Arc<Vm>, AgentError> {
-        self.vms.get(name).ok_or_else(|| AgentError::UnknownVm(name.to_string()))
+        self.vms
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))
     }
 
     /// A network by name.
@@ -353,7 +384,10 @@ impl Agent {
     pub async fn attach(&self, vm: &str, req: AttachRequest) -> Result<Attached, AgentError> {
         req.validate()?;
         let vmh = self.vm(vm)?.clone();
-        let network = req.network.clone().unwrap_or_else(|| vmh.config.network.clone());
+        let network = req
+            .network
+            .clone()
+            .unwrap_or_else(|| vmh.config.network.clone());
         if network != vmh.config.network {
             return Err(AgentError::NetworkNotAllowed {
                 vm: vm.to_string(),
@@ -383,10 +417,21 @@ impl Agent {
             .lock()
             .records
             .values()
-            .find(|r| r.vm == vm && r.pooled && r.hostlo.is_none() && r.state == NicState::Attached && r.network == network)
+            .find(|r| {
+                r.vm == vm
+                    && r.pooled
+                    && r.hostlo.is_none()
+                    && r.state == NicState::Attached
+                    && r.network == network
+            })
             .map(|r| r.id.clone());
         if let Some(id) = pooled {
-            let before = self.lock().records.get(&id).cloned().expect("pooled record");
+            let before = self
+                .lock()
+                .records
+                .get(&id)
+                .cloned()
+                .expect("pooled record");
             {
                 let mut inner = self.lock();
                 let r = inner.records.get_mut(&id).expect("pooled record");
@@ -399,7 +444,12 @@ impl Agent {
                 return Err(e);
             }
             vmh.wake.notify_one();
-            let record = self.lock().records.get(&id).cloned().expect("record just written");
+            let record = self
+                .lock()
+                .records
+                .get(&id)
+                .cloned()
+                .expect("record just written");
             log::info!(
                 "VM {vm}: gave warm NIC {} ({}, {}) to sandbox {}",
                 record.id,
@@ -407,9 +457,17 @@ impl Agent {
                 record.ipv4,
                 record.sandbox_id
             );
-            return Ok(Attached { record, created: true });
+            return Ok(Attached {
+                record,
+                created: true,
+            });
         }
-        let record = self.plug_new(&vmh, self.brfusion_nic(&network, &req.sandbox_id, &req.labels, false)).await?;
+        let record = self
+            .plug_new(
+                &vmh,
+                self.brfusion_nic(&network, &req.sandbox_id, &req.labels, false),
+            )
+            .await?;
         if vmh.config.warm_pool > 0 {
             vmh.wake.notify_one();
         }
@@ -419,13 +477,28 @@ impl Agent {
             record.mac,
             record.ipv4,
             record.sandbox_id,
-            record.slot.as_deref().map(|s| format!(" on {s}")).unwrap_or_default()
+            record
+                .slot
+                .as_deref()
+                .map(|s| format!(" on {s}"))
+                .unwrap_or_default()
         );
-        Ok(Attached { record, created: true })
+        Ok(Attached {
+            record,
+            created: true,
+        })
     }
 
-    fn brfusion_nic<'a>(&self, network: &'a str, sandbox_id: &'a str, labels: &BTreeMap<String, String>, pooled: bool) -> NewNic<'a> {
-        let net = self.network(network).expect("VM networks are checked at config load");
+    fn brfusion_nic<'a>(
+        &self,
+        network: &'a str,
+        sandbox_id: &'a str,
+        labels: &BTreeMap<String, String>,
+        pooled: bool,
+    ) -> NewNic<'a> {
+        let net = self
+            .network(network)
+            .expect("VM networks are checked at config load");
         NewNic {
             network,
             bridge: net.bridge.clone(),
@@ -455,7 +528,10 @@ impl Agent {
             let (ipv4, ipv6) = match new.fixed_ipv4 {
                 Some(a) => (a, None),
                 None => {
-                    let ipam = inner.ipam.get_mut(network).expect("an allocator per network");
+                    let ipam = inner
+                        .ipam
+                        .get_mut(network)
+                        .expect("an allocator per network");
                     let ipv4 = ipam.allocate()?;
                     (ipv4, ipam.ipv6_for(ipv4))
                 }
@@ -464,7 +540,7 @@ impl Agent {
             let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
                 Some(m) => m,
                 None => loop {
-                let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
+                    let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
                     if !used_macs.contains(&m) && !m.is_multicast() {
                         break m;
                     }
@@ -487,7 +563,10 @@ impl Agent {
                 state: NicState::Attaching,
                 slot: None,
                 labels: new.labels.clone(),
-                created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0),
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0),
                 hostlo: new.hostlo.clone(),
                 pooled: new.pooled,
             };
@@ -520,7 +599,12 @@ impl Agent {
                     }
                     return Err(e);
                 }
-                Ok(self.lock().records.get(&record.id).cloned().expect("record just written"))
+                Ok(self
+                    .lock()
+                    .records
+                    .get(&record.id)
+                    .cloned()
+                    .expect("record just written"))
             }
             Err(e) => {
                 // The backend undid its own steps; forget the record.
@@ -552,7 +636,10 @@ impl Agent {
                 return Ok(plugged);
             }
             let rec = self
-                .plug_new(&vmh, self.brfusion_nic(&vmh.config.network, "", &BTreeMap::new(), true))
+                .plug_new(
+                    &vmh,
+                    self.brfusion_nic(&vmh.config.network, "", &BTreeMap::new(), true),
+                )
                 .await?;
             log::debug!("VM {vm}: warm NIC {} ({}) plugged", rec.id, rec.mac);
             plugged += 1;
@@ -579,13 +666,22 @@ impl Agent {
         self.lock()
             .records
             .values()
-            .find(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod && h.part == part))
+            .find(|r| {
+                r.hostlo
+                    .as_ref()
+                    .is_some_and(|h| h.pod == pod && h.part == part)
+            })
             .cloned()
     }
 
     /// The Hostlo pods the agent knows.
     pub fn hostlo_pods(&self) -> Vec<String> {
-        let mut pods: Vec<String> = self.lock().records.values().filter_map(|r| r.hostlo.as_ref().map(|h| h.pod.clone())).collect();
+        let mut pods: Vec<String> = self
+            .lock()
+            .records
+            .values()
+            .filter_map(|r| r.hostlo.as_ref().map(|h| h.pod.clone()))
+            .collect();
         pods.sort();
         pods.dedup();
         pods
@@ -614,9 +710,14 @@ impl Agent {
                 .find(|r| r.vm == vm && r.hostlo.is_none() && !r.pooled && r.sandbox_id == sb)
                 .map(|r| r.ipv4)
         });
-        let ports: BTreeMap<u32, Vec<PortSpec>> = parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
+        let ports: BTreeMap<u32, Vec<PortSpec>> =
+            parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
         Some(PodView {
-            version: inner.pod_versions.get(pod).copied().unwrap_or(self.boot_version()),
+            version: inner
+                .pod_versions
+                .get(pod)
+                .copied()
+                .unwrap_or(self.boot_version()),
             conflicts: hostlo::conflicts(&ports),
             parts,
             pod_ip,
@@ -627,11 +728,20 @@ impl Agent {
     fn boot_version(&self) -> u64 {
         // Versions of pods loaded from the state file: the agent's start time,
         // newer than anything a previous run handed out.
-        (SystemTime::now() - self.started.elapsed()).duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1)
+        (SystemTime::now() - self.started.elapsed())
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
     }
 
     /// Puts part `part` of Hostlo pod `pod` in VM `vm`: a NIC on the pod's segment.
-    pub async fn hostlo_join(&self, vm: &str, pod: &str, part: u32, sandbox_id: &str) -> Result<(NicRecord, PodView), AgentError> {
+    pub async fn hostlo_join(
+        &self,
+        vm: &str,
+        pod: &str,
+        part: u32,
+        sandbox_id: &str,
+    ) -> Result<(NicRecord, PodView), AgentError> {
         hostlo::check_pod(pod)?;
         hostlo::check_part(part)?;
         check_sandbox_id(sandbox_id)?;
@@ -673,7 +783,10 @@ impl Agent {
                 }
             }
         }
-        self.links.ensure_segment(&bridge, self.config.hostlo.mtu).await.map_err(BackendError::from)?;
+        self.links
+            .ensure_segment(&bridge, self.config.hostlo.mtu)
+            .await
+            .map_err(BackendError::from)?;
         let new = NewNic {
             network: &vmh.config.network,
             bridge: bridge.clone(),
@@ -697,7 +810,10 @@ impl Agent {
             }
         };
         self.bump(pod);
-        log::info!("Hostlo pod {pod}: part {part} joined from VM {vm} ({} on {bridge})", rec.ipv4);
+        log::info!(
+            "Hostlo pod {pod}: part {part} joined from VM {vm} ({} on {bridge})",
+            rec.ipv4
+        );
         let view = self.hostlo_view(pod).expect("the pod has this part");
         Ok((rec, view))
     }
@@ -721,10 +837,13 @@ impl Agent {
         hostlo::check_part(part)?;
         let vmh = self.vm(vm)?.clone();
         let _op = vmh.op.lock().await;
-        let rec = self.hostlo_record(pod, part).filter(|r| r.vm == vm).ok_or_else(|| AgentError::NicNotFound {
-            vm: vm.to_string(),
-            what: format!("for part {part} of Hostlo pod {pod:?}"),
-        })?;
+        let rec = self
+            .hostlo_record(pod, part)
+            .filter(|r| r.vm == vm)
+            .ok_or_else(|| AgentError::NicNotFound {
+                vm: vm.to_string(),
+                what: format!("for part {part} of Hostlo pod {pod:?}"),
+            })?;
         self.remove_nic(&vmh, &rec.id).await?;
         log::info!("Hostlo pod {pod}: part {part} left VM {vm}");
         self.bump(pod);
@@ -733,23 +852,46 @@ impl Agent {
     }
 
     /// Sets the ports part `part` serves; returns the conflicts it is in.
-    pub async fn hostlo_publish(&self, vm: &str, pod: &str, part: u32, ports: &[PortSpec]) -> Result<Vec<hostlo::Conflict>, AgentError> {
+    pub async fn hostlo_publish(
+        &self,
+        vm: &str,
+        pod: &str,
+        part: u32,
+        ports: &[PortSpec],
+    ) -> Result<Vec<hostlo::Conflict>, AgentError> {
         hostlo::check_pod(pod)?;
         hostlo::check_part(part)?;
         let ports = hostlo::check_ports(ports)?;
         let vmh = self.vm(vm)?.clone();
         let _op = vmh.op.lock().await;
-        let rec = self.hostlo_record(pod, part).filter(|r| r.vm == vm).ok_or_else(|| AgentError::NicNotFound {
-            vm: vm.to_string(),
-            what: format!("for part {part} of Hostlo pod {pod:?}"),
-        })?;
-        let old = rec.hostlo.as_ref().map(|h| h.ports.clone()).unwrap_or_default();
+        let rec = self
+            .hostlo_record(pod, part)
+            .filter(|r| r.vm == vm)
+            .ok_or_else(|| AgentError::NicNotFound {
+                vm: vm.to_string(),
+                what: format!("for part {part} of Hostlo pod {pod:?}"),
+            })?;
+        let old = rec
+            .hostlo
+            .as_ref()
+            .map(|h| h.ports.clone())
+            .unwrap_or_default();
         if old != ports {
-            if let Some(h) = self.lock().records.get_mut(&rec.id).and_then(|r| r.hostlo.as_mut()) {
+            if let Some(h) = self
+                .lock()
+                .records
+                .get_mut(&rec.id)
+                .and_then(|r| r.hostlo.as_mut())
+            {
                 h.ports = ports.clone();
             }
             if let Err(e) = self.persist().await {
-                if let Some(h) = self.lock().records.get_mut(&rec.id).and_then(|r| r.hostlo.as_mut()) {
+                if let Some(h) = self
+                    .lock()
+                    .records
+                    .get_mut(&rec.id)
+                    .and_then(|r| r.hostlo.as_mut())
+                {
                     h.ports = old;
                 }
                 return Err(e);
@@ -757,7 +899,11 @@ impl Agent {
             self.bump(pod);
         }
         let view = self.hostlo_view(pod).expect("the pod has this part");
-        let mine: Vec<hostlo::Conflict> = view.conflicts.into_iter().filter(|c| c.parts.contains(&part)).collect();
+        let mine: Vec<hostlo::Conflict> = view
+            .conflicts
+            .into_iter()
+            .filter(|c| c.parts.contains(&part))
+            .collect();
         for c in &mine {
             log::warn!(
                 "Hostlo pod {pod}: port {}/{} is served by parts {:?}: not forwarded",
@@ -771,7 +917,13 @@ impl Agent {
 
     /// The pod's view once its version passes `since` (or at `timeout`).
     /// Only a VM holding a part of the pod may watch it.
-    pub async fn hostlo_watch(&self, vm: &str, pod: &str, since: u64, timeout: Duration) -> Result<PodView, AgentError> {
+    pub async fn hostlo_watch(
+        &self,
+        vm: &str,
+        pod: &str,
+        since: u64,
+        timeout: Duration,
+    ) -> Result<PodView, AgentError> {
         hostlo::check_pod(pod)?;
         self.vm(vm)?;
         let holds = self
@@ -788,14 +940,19 @@ impl Agent {
         let mut changes = self.hostlo_changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(60));
         loop {
-            let view = self.hostlo_view(pod).ok_or_else(|| AgentError::NicNotFound {
-                vm: vm.to_string(),
-                what: format!("in Hostlo pod {pod:?} (it has no part left)"),
-            })?;
+            let view = self
+                .hostlo_view(pod)
+                .ok_or_else(|| AgentError::NicNotFound {
+                    vm: vm.to_string(),
+                    what: format!("in Hostlo pod {pod:?} (it has no part left)"),
+                })?;
             if view.version > since {
                 return Ok(view);
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 return Ok(view);
             }
         }
@@ -831,7 +988,12 @@ impl Agent {
             });
         };
         self.remove_nic(&vmh, &rec.id).await?;
-        log::info!("VM {vm}: detached NIC {} ({}) of sandbox {}", rec.id, rec.ipv4, rec.sandbox_id);
+        log::info!(
+            "VM {vm}: detached NIC {} ({}) of sandbox {}",
+            rec.id,
+            rec.ipv4,
+            rec.sandbox_id
+        );
         Ok(rec)
     }
 
@@ -881,7 +1043,12 @@ impl Agent {
             }
             match self.remove_nic(&vmh, &rec.id).await {
                 Ok(()) => {
-                    log::info!("VM {vm}: NIC {} ({:?}, {}) cleaned up: {action:?}", rec.id, rec.state, rec.ipv4);
+                    log::info!(
+                        "VM {vm}: NIC {} ({:?}, {}) cleaned up: {action:?}",
+                        rec.id,
+                        rec.state,
+                        rec.ipv4
+                    );
                     if let Some(h) = &rec.hostlo {
                         self.bump(&h.pod);
                         self.remove_segment_if_empty(&h.pod).await;
@@ -924,7 +1091,11 @@ impl Agent {
     /// Deletes host links the agent made that no record accounts for.
     /// Call only when no operation is in flight (at start).
     pub async fn sweep_host_links(&self) -> Result<usize, AgentError> {
-        let names = self.links.list_owned(HOST_IF_PREFIX).await.map_err(BackendError::from)?;
+        let names = self
+            .links
+            .list_owned(HOST_IF_PREFIX)
+            .await
+            .map_err(BackendError::from)?;
         let known: HashSet<NicId> = self.lock().records.keys().cloned().collect();
         let mut removed = 0;
         for name in names {
@@ -947,11 +1118,24 @@ impl Agent {
         for net in self.config.networks.values() {
             if net.manage_bridge {
                 self.links
-                    .ensure_bridge(&net.bridge, Some((net.gateway.into(), net.subnet.prefix_len())), net.mtu)
+                    .ensure_bridge(
+                        &net.bridge,
+                        Some((net.gateway.into(), net.subnet.prefix_len())),
+                        net.mtu,
+                    )
                     .await
                     .map_err(BackendError::from)?;
-            } else if !self.links.exists(&net.bridge).await.map_err(BackendError::from)? {
-                log::warn!("network {}: bridge {} does not exist (yet); attaches will fail until it does", net.name, net.bridge);
+            } else if !self
+                .links
+                .exists(&net.bridge)
+                .await
+                .map_err(BackendError::from)?
+            {
+                log::warn!(
+                    "network {}: bridge {} does not exist (yet); attaches will fail until it does",
+                    net.name,
+                    net.bridge
+                );
             }
         }
         let mut total = ReconcileReport::default();
@@ -975,7 +1159,11 @@ impl Agent {
             .collect();
         for id in &stale {
             if let Some(r) = self.drop_record(id) {
-                log::warn!("dropped NIC {} of VM {} which is no longer configured", r.id, r.vm);
+                log::warn!(
+                    "dropped NIC {} of VM {} which is no longer configured",
+                    r.id,
+                    r.vm
+                );
                 total.released += 1;
             }
         }
@@ -984,9 +1172,20 @@ impl Agent {
         }
         total.orphans += self.sweep_host_links().await?;
         // Segments of Hostlo pods that no part holds any more.
-        let live: HashSet<String> = self.hostlo_pods().iter().map(|p| hostlo::segment_bridge(p)).collect();
-        for name in self.links.list_owned(hostlo::SEGMENT_PREFIX).await.map_err(BackendError::from)? {
-            if !live.contains(&name) && self.links.delete(&name).await.map_err(BackendError::from)? {
+        let live: HashSet<String> = self
+            .hostlo_pods()
+            .iter()
+            .map(|p| hostlo::segment_bridge(p))
+            .collect();
+        for name in self
+            .links
+            .list_owned(hostlo::SEGMENT_PREFIX)
+            .await
+            .map_err(BackendError::from)?
+        {
+            if !live.contains(&name)
+                && self.links.delete(&name).await.map_err(BackendError::from)?
+            {
                 log::info!("removed orphaned Hostlo segment {name}");
                 total.orphans += 1;
             }
@@ -998,7 +1197,11 @@ impl Agent {
     /// reconnected (QEMU restarted) or a cleanup is pending, reconcile.
     pub async fn tend_vm(&self, vm: &str) -> Result<Option<ReconcileReport>, AgentError> {
         let vmh = self.vm(vm)?.clone();
-        let pending = self.lock().records.values().any(|r| r.vm == vm && r.state != NicState::Attached);
+        let pending = self
+            .lock()
+            .records
+            .values()
+            .any(|r| r.vm == vm && r.state != NicState::Attached);
         let generation = match vmh.backend.probe().await {
             Ok(g) => g,
             Err(_) => return Ok(None),
@@ -1006,7 +1209,9 @@ impl Agent {
         let seen = *vmh.seen_generation.lock().expect("generation lock");
         let report = if generation != seen || pending {
             if generation != seen && seen != 0 {
-                log::info!("VM {vm}: backend reconnected (generation {seen} -> {generation}), reconciling");
+                log::info!(
+                    "VM {vm}: backend reconnected (generation {seen} -> {generation}), reconciling"
+                );
             }
             Some(self.reconcile_vm(vm).await?)
         } else {
@@ -1096,12 +1301,36 @@ mod tests {
         rig_with(dir, range_end, links, q1, q2)
     }
 
-    fn rig_with(dir: &Path, range_end: &str, links: Arc<FakeLinks>, q1: Arc<FakeQemu>, q2: Arc<FakeQemu>) -> Rig {
+    fn rig_with(
+        dir: &Path,
+        range_end: &str,
+        links: Arc<FakeLinks>,
+        q1: Arc<FakeQemu>,
+        q2: Arc<FakeQemu>,
+    ) -> Rig {
         let cfg = config(dir, range_end);
         let t = Duration::from_millis(200);
         let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
-        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
-        b.insert("vm2".into(), Arc::new(QemuBackend::new("vm2", q2.clone(), links.clone(), vec![], t)));
+        b.insert(
+            "vm1".into(),
+            Arc::new(QemuBackend::new(
+                "vm1",
+                q1.clone(),
+                links.clone(),
+                vec![],
+                t,
+            )),
+        );
+        b.insert(
+            "vm2".into(),
+            Arc::new(QemuBackend::new(
+                "vm2",
+                q2.clone(),
+                links.clone(),
+                vec![],
+                t,
+            )),
+        );
         Rig {
             agent: Agent::with_backends(cfg, links.clone(), b).unwrap(),
             q1,
@@ -1167,7 +1396,11 @@ mod tests {
         assert_eq!(r.q2.devices.lock().unwrap().len(), 1);
         // A VM naming another's NIC: not found, nothing changes.
         let theirs = r.agent.records(Some("vm1"))[0].id.clone();
-        let e = r.agent.detach("vm2", NicSelector::Id(theirs)).await.unwrap_err();
+        let e = r
+            .agent
+            .detach("vm2", NicSelector::Id(theirs))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
         assert_eq!(r.q1.devices.lock().unwrap().len(), 1);
     }
@@ -1180,11 +1413,22 @@ mod tests {
             r.agent.attach("vm1", req(s)).await.unwrap();
         }
         let e = r.agent.attach("vm1", req("d")).await.unwrap_err();
-        assert!(matches!(e, AgentError::QuotaExceeded { quota: 3, .. }), "{e}");
-        let rec = r.agent.detach("vm1", NicSelector::Sandbox("b".into())).await.unwrap();
+        assert!(
+            matches!(e, AgentError::QuotaExceeded { quota: 3, .. }),
+            "{e}"
+        );
+        let rec = r
+            .agent
+            .detach("vm1", NicSelector::Sandbox("b".into()))
+            .await
+            .unwrap();
         assert!(!r.agent.lock().ipam["n"].is_leased(rec.ipv4));
         r.agent.attach("vm1", req("d")).await.unwrap();
-        let e = r.agent.detach("vm1", NicSelector::Sandbox("b".into())).await.unwrap_err();
+        let e = r
+            .agent
+            .detach("vm1", NicSelector::Sandbox("b".into()))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
     }
 
@@ -1208,7 +1452,13 @@ mod tests {
         let q2 = Arc::new(FakeQemu::new(4));
         let keep;
         {
-            let r = rig_with(dir.path(), "10.9.0.254", links.clone(), q1.clone(), q2.clone());
+            let r = rig_with(
+                dir.path(),
+                "10.9.0.254",
+                links.clone(),
+                q1.clone(),
+                q2.clone(),
+            );
             keep = r.agent.attach("vm1", req("keep")).await.unwrap().record;
             r.agent.attach("vm1", req("detaching")).await.unwrap();
             r.agent.attach("vm2", req("lost")).await.unwrap();
@@ -1238,7 +1488,13 @@ mod tests {
         links.links.lock().unwrap().insert("nlh00000000ff".into());
         q2.devices.lock().unwrap().clear();
 
-        let r = rig_with(dir.path(), "10.9.0.254", links.clone(), q1.clone(), q2.clone());
+        let r = rig_with(
+            dir.path(),
+            "10.9.0.254",
+            links.clone(),
+            q1.clone(),
+            q2.clone(),
+        );
         let report = r.agent.recover().await.unwrap();
         assert_eq!(
             report,
@@ -1259,7 +1515,16 @@ mod tests {
         assert_eq!(r.agent.lock().ipam["n"].leased(), 1);
         assert_eq!(q1.devices.lock().unwrap().len(), 1);
         assert_eq!(q1.netdevs.lock().unwrap().len(), 1);
-        assert_eq!(links.links.lock().unwrap().iter().cloned().collect::<Vec<_>>(), vec![keep.id.names().host_if]);
+        assert_eq!(
+            links
+                .links
+                .lock()
+                .unwrap()
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>(),
+            vec![keep.id.names().host_if]
+        );
     }
 
     #[tokio::test]
@@ -1271,28 +1536,76 @@ mod tests {
         let q1 = Arc::new(FakeQemu::new(4));
         let t = Duration::from_millis(200);
         let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
-        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
-        b.insert("vm2".into(), Arc::new(QemuBackend::new("vm2", Arc::new(FakeQemu::new(1)), links.clone(), vec![], t)));
+        b.insert(
+            "vm1".into(),
+            Arc::new(QemuBackend::new(
+                "vm1",
+                q1.clone(),
+                links.clone(),
+                vec![],
+                t,
+            )),
+        );
+        b.insert(
+            "vm2".into(),
+            Arc::new(QemuBackend::new(
+                "vm2",
+                Arc::new(FakeQemu::new(1)),
+                links.clone(),
+                vec![],
+                t,
+            )),
+        );
         let agent = Agent::with_backends(cfg.clone(), links.clone(), b).unwrap();
         assert_eq!(agent.refill_pool("vm1").await.unwrap(), 2);
         assert_eq!(q1.devices.lock().unwrap().len(), 2);
-        let adds = |q: &FakeQemu| q.log.lock().unwrap().iter().filter(|c| *c == "device_add").count();
+        let adds = |q: &FakeQemu| {
+            q.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| *c == "device_add")
+                .count()
+        };
         let before = adds(&q1);
         let a = agent.attach("vm1", req("sb")).await.unwrap();
         assert!(a.created && !a.record.pooled && a.record.sandbox_id == "sb");
         assert_eq!(adds(&q1), before, "a warm attach plugs nothing");
-        assert_eq!(agent.records(Some("vm1")).iter().filter(|r| r.pooled).count(), 1);
+        assert_eq!(
+            agent
+                .records(Some("vm1"))
+                .iter()
+                .filter(|r| r.pooled)
+                .count(),
+            1
+        );
         // The pool is topped up; the quota (3) caps it: 1 assigned + 2 pooled.
         assert_eq!(agent.refill_pool("vm1").await.unwrap(), 1);
         assert_eq!(agent.nic_count("vm1"), 3);
         // Pooled NICs survive a restart like any other.
         drop(agent);
         let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
-        b.insert("vm1".into(), Arc::new(QemuBackend::new("vm1", q1.clone(), links.clone(), vec![], t)));
+        b.insert(
+            "vm1".into(),
+            Arc::new(QemuBackend::new(
+                "vm1",
+                q1.clone(),
+                links.clone(),
+                vec![],
+                t,
+            )),
+        );
         let agent = Agent::with_backends(cfg, links, b).unwrap();
         let rep = agent.recover().await.unwrap();
         assert_eq!(rep.kept, 3);
-        assert_eq!(agent.records(Some("vm1")).iter().filter(|r| r.pooled).count(), 2);
+        assert_eq!(
+            agent
+                .records(Some("vm1"))
+                .iter()
+                .filter(|r| r.pooled)
+                .count(),
+            2
+        );
         let again = agent.attach("vm1", req("sb")).await.unwrap();
         assert!(!again.created && again.record.id == a.record.id);
     }
@@ -1344,18 +1657,32 @@ mod tests {
         let qs: Vec<Arc<FakeQemu>> = (0..3).map(|_| Arc::new(FakeQemu::new(4))).collect();
         let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
         for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
-            b.insert(name.to_string(), Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)));
+            b.insert(
+                name.to_string(),
+                Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)),
+            );
         }
         let agent = Arc::new(Agent::with_backends(cfg.clone(), links.clone(), b).unwrap());
         // Part 0 has a BrFusion NIC: it becomes the pod IP.
         let main = agent.attach("vm1", req("sb0")).await.unwrap().record;
         let (n0, v0) = agent.hostlo_join("vm1", "web", 0, "sb0").await.unwrap();
-        assert_eq!(n0.ipv4, "169.254.77.1".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(
+            n0.ipv4,
+            "169.254.77.1".parse::<std::net::Ipv4Addr>().unwrap()
+        );
         assert_eq!(v0.pod_ip, Some(main.ipv4));
         let bridge = hostlo::segment_bridge("web");
         assert!(links.links.lock().unwrap().contains(&bridge));
         // The same join again is the same NIC.
-        assert_eq!(agent.hostlo_join("vm1", "web", 0, "sb0").await.unwrap().0.id, n0.id);
+        assert_eq!(
+            agent
+                .hostlo_join("vm1", "web", 0, "sb0")
+                .await
+                .unwrap()
+                .0
+                .id,
+            n0.id
+        );
         // Another tenant's VM is refused; a taken part is refused.
         let e = agent.hostlo_join("other", "web", 1, "x").await.unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::PERMISSION_DENIED, "{e}");
@@ -1365,44 +1692,96 @@ mod tests {
         let since = v0.version;
         let w = {
             let agent = agent.clone();
-            tokio::spawn(async move { agent.hostlo_watch("vm1", "web", since, Duration::from_secs(10)).await })
+            tokio::spawn(async move {
+                agent
+                    .hostlo_watch("vm1", "web", since, Duration::from_secs(10))
+                    .await
+            })
         };
         let (n1, _) = agent.hostlo_join("vm2", "web", 1, "sb1").await.unwrap();
-        assert_eq!(n1.ipv4, "169.254.77.2".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(
+            n1.ipv4,
+            "169.254.77.2".parse::<std::net::Ipv4Addr>().unwrap()
+        );
         let seen = w.await.unwrap().unwrap();
         assert!(seen.version > since && seen.parts.len() == 2);
-        let tcp = |port| PortSpec { port, proto: hostlo::Proto::Tcp };
-        assert!(agent.hostlo_publish("vm2", "web", 1, &[tcp(8080)]).await.unwrap().is_empty());
-        let c = agent.hostlo_publish("vm1", "web", 0, &[tcp(80), tcp(8080)]).await.unwrap();
+        let tcp = |port| PortSpec {
+            port,
+            proto: hostlo::Proto::Tcp,
+        };
+        assert!(agent
+            .hostlo_publish("vm2", "web", 1, &[tcp(8080)])
+            .await
+            .unwrap()
+            .is_empty());
+        let c = agent
+            .hostlo_publish("vm1", "web", 0, &[tcp(80), tcp(8080)])
+            .await
+            .unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].parts, vec![0, 1]);
         // Publishing, watching or leaving a part the VM does not hold: not found.
-        assert_eq!(agent.hostlo_publish("vm1", "web", 1, &[]).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
-        assert_eq!(agent.hostlo_watch("other", "web", 0, t).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
-        assert_eq!(agent.hostlo_leave("vm1", "web", 1).await.unwrap_err().code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(
+            agent
+                .hostlo_publish("vm1", "web", 1, &[])
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            agent
+                .hostlo_watch("other", "web", 0, t)
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            agent
+                .hostlo_leave("vm1", "web", 1)
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
         // Hostlo NICs are not BrFusion NICs: DetachNic cannot take them.
         assert_eq!(
-            agent.detach("vm1", NicSelector::Id(n0.id.clone())).await.unwrap_err().code(),
+            agent
+                .detach("vm1", NicSelector::Id(n0.id.clone()))
+                .await
+                .unwrap_err()
+                .code(),
             ttrpc::Code::NOT_FOUND
         );
         // A restart keeps the pod with its ports.
         drop(agent);
         let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
         for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
-            b.insert(name.to_string(), Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)));
+            b.insert(
+                name.to_string(),
+                Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)),
+            );
         }
         let agent = Agent::with_backends(cfg, links.clone(), b).unwrap();
         agent.recover().await.unwrap();
         let v = agent.hostlo_view("web").unwrap();
         assert_eq!(v.parts[&0].1, vec![tcp(80), tcp(8080)]);
-        assert!(v.version > seen.version, "versions keep growing across restarts");
+        assert!(
+            v.version > seen.version,
+            "versions keep growing across restarts"
+        );
         // The last part leaving removes the segment.
         agent.hostlo_leave("vm1", "web", 0).await.unwrap();
         assert!(links.links.lock().unwrap().contains(&bridge));
         agent.hostlo_leave("vm2", "web", 1).await.unwrap();
         assert!(!links.links.lock().unwrap().contains(&bridge));
         assert!(agent.hostlo_view("web").is_none());
-        assert_eq!(agent.records(None).len(), 1, "only the BrFusion NIC is left");
+        assert_eq!(
+            agent.records(None).len(),
+            1,
+            "only the BrFusion NIC is left"
+        );
     }
 
     #[tokio::test]
@@ -1411,11 +1790,23 @@ mod tests {
         let r = rig(dir.path(), "10.9.0.254");
         let a = r.agent.attach("vm1", req("a")).await.unwrap().record;
         *r.q1.guest_releases.lock().unwrap() = false;
-        let e = r.agent.detach("vm1", NicSelector::Id(a.id.clone())).await.unwrap_err();
+        let e = r
+            .agent
+            .detach("vm1", NicSelector::Id(a.id.clone()))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::DEADLINE_EXCEEDED, "{e}");
-        assert_eq!(r.agent.records(None)[0].state, NicState::Detaching, "lease held until the device is gone");
+        assert_eq!(
+            r.agent.records(None)[0].state,
+            NicState::Detaching,
+            "lease held until the device is gone"
+        );
         *r.q1.down.lock().unwrap() = true;
-        assert_eq!(r.agent.tend_vm("vm1").await.unwrap(), None, "unreachable: nothing to do yet");
+        assert_eq!(
+            r.agent.tend_vm("vm1").await.unwrap(),
+            None,
+            "unreachable: nothing to do yet"
+        );
         *r.q1.down.lock().unwrap() = false;
         *r.q1.guest_releases.lock().unwrap() = true;
         let rep = r.agent.tend_vm("vm1").await.unwrap().unwrap();

@@ -346,17 +346,25 @@ impl Checker<'_> {
             let net = self.check_network(&key, n)?;
             for other in networks.values() {
                 let other: &NetworkConfig = other;
-                if other.subnet.contains(&net.subnet.network()) || net.subnet.contains(&other.subnet.network()) {
+                if other.subnet.contains(&net.subnet.network())
+                    || net.subnet.contains(&other.subnet.network())
+                {
                     return Err(self.err(
                         format!("{key}.subnet"),
-                        format!("{} overlaps network {:?} ({})", net.subnet, other.name, other.subnet),
+                        format!(
+                            "{} overlaps network {:?} ({})",
+                            net.subnet, other.name, other.subnet
+                        ),
                     ));
                 }
             }
             if let Some(other) = bridges.insert(net.bridge.clone(), net.name.clone()) {
                 return Err(self.err(
                     format!("{key}.bridge"),
-                    format!("bridge {:?} is already used by network {other:?}", net.bridge),
+                    format!(
+                        "bridge {:?} is already used by network {other:?}",
+                        net.bridge
+                    ),
                 ));
             }
             if networks.insert(net.name.clone(), net).is_some() {
@@ -375,7 +383,10 @@ impl Checker<'_> {
             }
             if let Some(cid) = vm.cid {
                 if let Some(other) = cids.insert(cid, vm.name.clone()) {
-                    return Err(self.err(format!("{key}.cid"), format!("CID {cid} is already VM {other:?}'s")));
+                    return Err(self.err(
+                        format!("{key}.cid"),
+                        format!("CID {cid} is already VM {other:?}'s"),
+                    ));
                 }
             }
             if let Some(sock) = &vm.unix_socket {
@@ -398,16 +409,29 @@ impl Checker<'_> {
         })
     }
 
-    fn check_hostlo(&self, h: RawHostlo, networks: &BTreeMap<String, NetworkConfig>) -> Result<HostloConfig, ConfigError> {
+    fn check_hostlo(
+        &self,
+        h: RawHostlo,
+        networks: &BTreeMap<String, NetworkConfig>,
+    ) -> Result<HostloConfig, ConfigError> {
         let text = h.subnet.unwrap_or_else(|| "169.254.77.0/24".into());
         let subnet: Ipv4Net = text
             .parse()
             .map_err(|_| self.err("hostlo.subnet", format!("{text:?} is not an IPv4 CIDR")))?;
         if subnet.trunc() != subnet || subnet.prefix_len() > 24 {
-            return Err(self.err("hostlo.subnet", format!("{subnet} must be a network of at least /24")));
+            return Err(self.err(
+                "hostlo.subnet",
+                format!("{subnet} must be a network of at least /24"),
+            ));
         }
-        if let Some(n) = networks.values().find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network())) {
-            return Err(self.err("hostlo.subnet", format!("{subnet} overlaps network {:?} ({})", n.name, n.subnet)));
+        if let Some(n) = networks
+            .values()
+            .find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()))
+        {
+            return Err(self.err(
+                "hostlo.subnet",
+                format!("{subnet} overlaps network {:?} ({})", n.name, n.subnet),
+            ));
         }
         let mtu = h.mtu.unwrap_or(65520);
         if !(68..=65535).contains(&mtu) {
@@ -423,7 +447,10 @@ impl Checker<'_> {
             Some(toml::Value::Boolean(false)) => ListenVsock::No,
             Some(toml::Value::String(s)) if s == "auto" => ListenVsock::Auto,
             Some(other) => {
-                return Err(self.err("agent.listen_vsock", format!("{other} is not true, false or \"auto\"")))
+                return Err(self.err(
+                    "agent.listen_vsock",
+                    format!("{other} is not true, false or \"auto\""),
+                ))
             }
         };
         let mac_prefix = match a.mac_prefix {
@@ -434,27 +461,41 @@ impl Checker<'_> {
                 let bytes = (n <= 5)
                     .then(|| parse_hex_bytes(&p, n))
                     .flatten()
-                    .ok_or_else(|| self.err("agent.mac_prefix", format!("{p:?} is not 0 to 5 hex bytes like \"52:54:00\"")))?;
+                    .ok_or_else(|| {
+                        self.err(
+                            "agent.mac_prefix",
+                            format!("{p:?} is not 0 to 5 hex bytes like \"52:54:00\""),
+                        )
+                    })?;
                 if bytes.first().is_some_and(|b| b & 1 == 1) {
-                    return Err(self.err("agent.mac_prefix", format!("{p:?} is a multicast prefix")));
+                    return Err(
+                        self.err("agent.mac_prefix", format!("{p:?} is a multicast prefix"))
+                    );
                 }
                 bytes
             }
         };
         let vsock_port = a.vsock_port.unwrap_or(nestless_protos::DEFAULT_VSOCK_PORT);
         if vsock_port == 0 || vsock_port == u32::MAX {
-            return Err(self.err("agent.vsock_port", format!("{vsock_port} is not a usable port")));
+            return Err(self.err(
+                "agent.vsock_port",
+                format!("{vsock_port} is not a usable port"),
+            ));
         }
         let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(self.err(format!("agent.{key}"), "must be more than 0")),
-                n if n > 3_600_000 => Err(self.err(format!("agent.{key}"), "must be at most an hour")),
+                n if n > 3_600_000 => {
+                    Err(self.err(format!("agent.{key}"), "must be at most an hour"))
+                }
                 n => Ok(Duration::from_millis(n)),
             }
         };
         Ok(AgentSettings {
             state_dir: a.state_dir.unwrap_or_else(|| "/var/lib/nestless".into()),
-            admin_socket: a.admin_socket.unwrap_or_else(|| "/run/nestless/admin.sock".into()),
+            admin_socket: a
+                .admin_socket
+                .unwrap_or_else(|| "/run/nestless/admin.sock".into()),
             vsock_port,
             listen_vsock,
             mac_prefix,
@@ -468,68 +509,112 @@ impl Checker<'_> {
             return Err(self.err(format!("{key}.name"), "must be 1 to 64 characters"));
         }
         check_ifname(&n.bridge).map_err(|m| self.err(format!("{key}.bridge"), m))?;
-        let subnet: Ipv4Net = n
-            .subnet
-            .parse()
-            .map_err(|_| self.err(format!("{key}.subnet"), format!("{:?} is not an IPv4 CIDR like 10.88.0.0/16", n.subnet)))?;
+        let subnet: Ipv4Net = n.subnet.parse().map_err(|_| {
+            self.err(
+                format!("{key}.subnet"),
+                format!("{:?} is not an IPv4 CIDR like 10.88.0.0/16", n.subnet),
+            )
+        })?;
         if subnet.trunc() != subnet {
             return Err(self.err(
                 format!("{key}.subnet"),
-                format!("{subnet} has host bits set (did you mean {}?)", subnet.trunc()),
+                format!(
+                    "{subnet} has host bits set (did you mean {}?)",
+                    subnet.trunc()
+                ),
             ));
         }
         if subnet.prefix_len() > 30 {
-            return Err(self.err(format!("{key}.subnet"), format!("{subnet} is too small (at most /30)")));
+            return Err(self.err(
+                format!("{key}.subnet"),
+                format!("{subnet} is too small (at most /30)"),
+            ));
         }
         let parse4 = |field: &str, s: &str| -> Result<Ipv4Addr, ConfigError> {
-            s.parse()
-                .map_err(|_| self.err(format!("{key}.{field}"), format!("{s:?} is not an IPv4 address")))
+            s.parse().map_err(|_| {
+                self.err(
+                    format!("{key}.{field}"),
+                    format!("{s:?} is not an IPv4 address"),
+                )
+            })
         };
         let gateway = parse4("gateway", &n.gateway)?;
-        let usable = |a: Ipv4Addr| subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast();
+        let usable =
+            |a: Ipv4Addr| subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast();
         if !usable(gateway) {
             return Err(self.err(
                 format!("{key}.gateway"),
-                format!("{gateway} is outside subnet {subnet} or is its network or broadcast address"),
+                format!(
+                    "{gateway} is outside subnet {subnet} or is its network or broadcast address"
+                ),
             ));
         }
-        let first = n.range_start.as_deref().map(|s| parse4("range_start", s)).transpose()?;
-        let last = n.range_end.as_deref().map(|s| parse4("range_end", s)).transpose()?;
+        let first = n
+            .range_start
+            .as_deref()
+            .map(|s| parse4("range_start", s))
+            .transpose()?;
+        let last = n
+            .range_end
+            .as_deref()
+            .map(|s| parse4("range_end", s))
+            .transpose()?;
         let first = first.unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
         let last = last.unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.broadcast()) - 1));
         for (field, a) in [("range_start", first), ("range_end", last)] {
             if !usable(a) {
-                return Err(self.err(format!("{key}.{field}"), format!("{a} is not a usable address of {subnet}")));
+                return Err(self.err(
+                    format!("{key}.{field}"),
+                    format!("{a} is not a usable address of {subnet}"),
+                ));
             }
         }
         if first > last {
-            return Err(self.err(format!("{key}.range_end"), format!("{last} comes before range_start {first}")));
+            return Err(self.err(
+                format!("{key}.range_end"),
+                format!("{last} comes before range_start {first}"),
+            ));
         }
         let mtu = n.mtu.unwrap_or(1500);
         if !(68..=65535).contains(&mtu) {
-            return Err(self.err(format!("{key}.mtu"), format!("{mtu} is not between 68 and 65535")));
+            return Err(self.err(
+                format!("{key}.mtu"),
+                format!("{mtu} is not between 68 and 65535"),
+            ));
         }
         let subnet6 = n
             .subnet6
             .as_deref()
             .map(|s| {
-                s.parse::<Ipv6Net>()
-                    .map_err(|_| self.err(format!("{key}.subnet6"), format!("{s:?} is not an IPv6 CIDR like fd00:88::/64")))
+                s.parse::<Ipv6Net>().map_err(|_| {
+                    self.err(
+                        format!("{key}.subnet6"),
+                        format!("{s:?} is not an IPv6 CIDR like fd00:88::/64"),
+                    )
+                })
             })
             .transpose()?;
         let gateway6 = n
             .gateway6
             .as_deref()
             .map(|s| {
-                s.parse::<Ipv6Addr>()
-                    .map_err(|_| self.err(format!("{key}.gateway6"), format!("{s:?} is not an IPv6 address")))
+                s.parse::<Ipv6Addr>().map_err(|_| {
+                    self.err(
+                        format!("{key}.gateway6"),
+                        format!("{s:?} is not an IPv6 address"),
+                    )
+                })
             })
             .transpose()?;
         match (subnet6, gateway6) {
-            (None, Some(_)) => return Err(self.err(format!("{key}.gateway6"), "set without subnet6")),
+            (None, Some(_)) => {
+                return Err(self.err(format!("{key}.gateway6"), "set without subnet6"))
+            }
             (Some(s6), g6) => {
                 if s6.trunc() != s6 {
-                    return Err(self.err(format!("{key}.subnet6"), format!("{s6} has host bits set")));
+                    return Err(
+                        self.err(format!("{key}.subnet6"), format!("{s6} has host bits set"))
+                    );
                 }
                 // IPv6 addresses mirror the IPv4 host offset: the v6 subnet must hold them.
                 let host_bits6 = 128 - u32::from(s6.prefix_len());
@@ -542,7 +627,10 @@ impl Checker<'_> {
                 }
                 if let Some(g6) = g6 {
                     if !s6.contains(&g6) || g6 == s6.network() {
-                        return Err(self.err(format!("{key}.gateway6"), format!("{g6} is outside subnet6 {s6}")));
+                        return Err(self.err(
+                            format!("{key}.gateway6"),
+                            format!("{g6} is outside subnet6 {s6}"),
+                        ));
                     }
                 }
             }
@@ -551,27 +639,39 @@ impl Checker<'_> {
         let mut routes = Vec::new();
         for (j, r) in n.routes.iter().enumerate() {
             let rkey = format!("{key}.routes[{j}]");
-            let destination: ipnet::IpNet = r
-                .destination
-                .parse()
-                .map_err(|_| self.err(format!("{rkey}.destination"), format!("{:?} is not a CIDR", r.destination)))?;
+            let destination: ipnet::IpNet = r.destination.parse().map_err(|_| {
+                self.err(
+                    format!("{rkey}.destination"),
+                    format!("{:?} is not a CIDR", r.destination),
+                )
+            })?;
             let gateway = r
                 .gateway
                 .as_deref()
                 .map(|g| {
-                    g.parse::<std::net::IpAddr>()
-                        .map_err(|_| self.err(format!("{rkey}.gateway"), format!("{g:?} is not an IP address")))
+                    g.parse::<std::net::IpAddr>().map_err(|_| {
+                        self.err(
+                            format!("{rkey}.gateway"),
+                            format!("{g:?} is not an IP address"),
+                        )
+                    })
                 })
                 .transpose()?;
             if let Some(g) = gateway {
                 if g.is_ipv4() != destination.addr().is_ipv4() {
-                    return Err(self.err(format!("{rkey}.gateway"), "address family differs from the destination's"));
+                    return Err(self.err(
+                        format!("{rkey}.gateway"),
+                        "address family differs from the destination's",
+                    ));
                 }
             }
             if destination.addr().is_ipv6() && subnet6.is_none() {
                 return Err(self.err(format!("{rkey}.destination"), "an IPv6 route needs subnet6"));
             }
-            routes.push(RouteConfig { destination, gateway });
+            routes.push(RouteConfig {
+                destination,
+                gateway,
+            });
         }
         Ok(NetworkConfig {
             name: n.name,
@@ -596,30 +696,50 @@ impl Checker<'_> {
     ) -> Result<VmConfig, ConfigError> {
         if v.name.is_empty()
             || v.name.len() > 64
-            || !v.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || !v
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
-            return Err(self.err(format!("{key}.name"), "must be 1 to 64 characters of [A-Za-z0-9._-]"));
+            return Err(self.err(
+                format!("{key}.name"),
+                "must be 1 to 64 characters of [A-Za-z0-9._-]",
+            ));
         }
         let network = match v.network {
             Some(n) => n,
             None if networks.len() == 1 => networks.keys().next().cloned().unwrap_or_default(),
-            None => return Err(self.err(format!("{key}.network"), "required when there is more than one network")),
+            None => {
+                return Err(self.err(
+                    format!("{key}.network"),
+                    "required when there is more than one network",
+                ))
+            }
         };
         if !networks.contains_key(&network) {
-            return Err(self.err(format!("{key}.network"), format!("no [[network]] is named {network:?}")));
+            return Err(self.err(
+                format!("{key}.network"),
+                format!("no [[network]] is named {network:?}"),
+            ));
         }
         let backend = match v.backend.as_str() {
             "qemu" => {
                 if v.netns.is_some() {
                     return Err(self.err(format!("{key}.netns"), "only for backend = \"netns\""));
                 }
-                let qmp_socket = v
-                    .qmp_socket
-                    .ok_or_else(|| self.err(format!("{key}.qmp_socket"), "required for backend = \"qemu\""))?;
+                let qmp_socket = v.qmp_socket.ok_or_else(|| {
+                    self.err(
+                        format!("{key}.qmp_socket"),
+                        "required for backend = \"qemu\"",
+                    )
+                })?;
                 let hotplug_slots = v.hotplug_slots.unwrap_or_default();
                 for (j, s) in hotplug_slots.iter().enumerate() {
                     if s.is_empty() || s.len() > 64 || s.contains(',') {
-                        return Err(self.err(format!("{key}.hotplug_slots[{j}]"), format!("{s:?} is not a QEMU bus id")));
+                        return Err(self.err(
+                            format!("{key}.hotplug_slots[{j}]"),
+                            format!("{s:?} is not a QEMU bus id"),
+                        ));
                     }
                 }
                 BackendConfig::Qemu {
@@ -629,32 +749,46 @@ impl Checker<'_> {
             }
             "netns" => {
                 if v.qmp_socket.is_some() || v.hotplug_slots.is_some() {
-                    return Err(self.err(format!("{key}.qmp_socket"), "only for backend = \"qemu\""));
+                    return Err(
+                        self.err(format!("{key}.qmp_socket"), "only for backend = \"qemu\"")
+                    );
                 }
-                let ns = v
-                    .netns
-                    .ok_or_else(|| self.err(format!("{key}.netns"), "required for backend = \"netns\""))?;
+                let ns = v.netns.ok_or_else(|| {
+                    self.err(format!("{key}.netns"), "required for backend = \"netns\"")
+                })?;
                 let netns = if ns.starts_with('/') {
                     PathBuf::from(ns)
                 } else if !ns.is_empty() && !ns.contains('/') && ns != "." && ns != ".." {
                     Path::new("/run/netns").join(ns)
                 } else {
-                    return Err(self.err(format!("{key}.netns"), format!("{ns:?} is neither a name nor an absolute path")));
+                    return Err(self.err(
+                        format!("{key}.netns"),
+                        format!("{ns:?} is neither a name nor an absolute path"),
+                    ));
                 };
                 BackendConfig::Netns { netns }
             }
             other => {
-                return Err(self.err(format!("{key}.backend"), format!("{other:?} is not \"qemu\" or \"netns\"")));
+                return Err(self.err(
+                    format!("{key}.backend"),
+                    format!("{other:?} is not \"qemu\" or \"netns\""),
+                ));
             }
         };
         if let Some(cid) = v.cid {
             if cid <= 2 || cid == u32::MAX {
-                return Err(self.err(format!("{key}.cid"), format!("{cid} is reserved (guest CIDs start at 3)")));
+                return Err(self.err(
+                    format!("{key}.cid"),
+                    format!("{cid} is reserved (guest CIDs start at 3)"),
+                ));
             }
         }
         let unix_socket = match (v.socket, v.vsock_uds) {
             (Some(_), Some(_)) => {
-                return Err(self.err(format!("{key}.socket"), "give either socket or vsock_uds, not both"));
+                return Err(self.err(
+                    format!("{key}.socket"),
+                    "give either socket or vsock_uds, not both",
+                ));
             }
             (Some(s), None) => Some(s),
             (None, Some(uds)) => {
@@ -666,19 +800,31 @@ impl Checker<'_> {
         };
         if let Some(s) = &unix_socket {
             if !s.is_absolute() {
-                return Err(self.err(format!("{key}.socket"), format!("{} is not an absolute path", s.display())));
+                return Err(self.err(
+                    format!("{key}.socket"),
+                    format!("{} is not an absolute path", s.display()),
+                ));
             }
         }
         if v.cid.is_none() && unix_socket.is_none() {
-            return Err(self.err(key, "needs a cid, a vsock_uds or a socket, or the VM cannot reach the agent"));
+            return Err(self.err(
+                key,
+                "needs a cid, a vsock_uds or a socket, or the VM cannot reach the agent",
+            ));
         }
         let max_nics = v.max_nics.unwrap_or(16);
         if !(1..=1024).contains(&max_nics) {
-            return Err(self.err(format!("{key}.max_nics"), format!("{max_nics} is not between 1 and 1024")));
+            return Err(self.err(
+                format!("{key}.max_nics"),
+                format!("{max_nics} is not between 1 and 1024"),
+            ));
         }
         let warm_pool = v.warm_pool.unwrap_or(0);
         if warm_pool > max_nics {
-            return Err(self.err(format!("{key}.warm_pool"), format!("{warm_pool} is more than max_nics ({max_nics})")));
+            return Err(self.err(
+                format!("{key}.warm_pool"),
+                format!("{warm_pool} is more than max_nics ({max_nics})"),
+            ));
         }
         Ok(VmConfig {
             warm_pool,
@@ -697,7 +843,12 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!("{name:?} is not 1 to 15 characters"));
     }
-    if name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0) || name == "." || name == ".." {
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        || name == "."
+        || name == ".."
+    {
         return Err(format!("{name:?} is not a valid interface name"));
     }
     Ok(())
@@ -753,15 +904,26 @@ mod tests {
         assert_eq!(c.agent.vsock_port, 7000);
         assert_eq!(c.agent.listen_vsock, ListenVsock::Auto);
         let n = &c.networks["default"];
-        assert_eq!(n.range, ("10.88.0.10".parse().unwrap(), "10.88.0.20".parse().unwrap()));
+        assert_eq!(
+            n.range,
+            ("10.88.0.10".parse().unwrap(), "10.88.0.20".parse().unwrap())
+        );
         assert_eq!(n.mtu, 1500);
         assert_eq!(n.routes.len(), 1);
         let vm1 = c.vm("vm1").unwrap();
-        assert_eq!(vm1.unix_socket.as_deref(), Some(Path::new("/run/vm1.vsock_7000")));
+        assert_eq!(
+            vm1.unix_socket.as_deref(),
+            Some(Path::new("/run/vm1.vsock_7000"))
+        );
         assert_eq!(vm1.network, "default", "single network is the default");
         assert_eq!(vm1.max_nics, 16);
         let local = c.vm("local").unwrap();
-        assert_eq!(local.backend, BackendConfig::Netns { netns: "/run/netns/vmns".into() });
+        assert_eq!(
+            local.backend,
+            BackendConfig::Netns {
+                netns: "/run/netns/vmns".into()
+            }
+        );
     }
 
     fn with_network(net: &str) -> String {
@@ -771,8 +933,12 @@ mod tests {
     #[test]
     fn unknown_key_names_the_file_and_key() {
         let e = err("[agent]\nstate_dirr = \"/x\"\n");
-        assert!(e.starts_with("test.toml:") && e.contains("state_dirr"), "{e}");
-        let e = err(&(GOOD.to_string() + "\n[[vm]]\nname=\"x\"\nbackend=\"netns\"\nnetns=\"a\"\nsocket=\"/s\"\nbogus=1\n"));
+        assert!(
+            e.starts_with("test.toml:") && e.contains("state_dirr"),
+            "{e}"
+        );
+        let e = err(&(GOOD.to_string()
+            + "\n[[vm]]\nname=\"x\"\nbackend=\"netns\"\nnetns=\"a\"\nsocket=\"/s\"\nbogus=1\n"));
         assert!(e.contains("bogus"), "{e}");
     }
 
@@ -806,15 +972,51 @@ mod tests {
         let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
         let cases = [
             ("name=\"a\"\nbackend=\"xen\"\ncid=3", ".backend", "\"xen\""),
-            ("name=\"a\"\nbackend=\"qemu\"\ncid=3", ".qmp_socket", "required"),
-            ("name=\"a\"\nbackend=\"qemu\"\nqmp_socket=\"/q\"\ncid=2", ".cid", "reserved"),
-            ("name=\"a\"\nbackend=\"qemu\"\nqmp_socket=\"/q\"", "vm[0] (\"a\")", "needs a cid"),
-            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"../x\"\ncid=3", ".netns", "neither"),
-            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nnetwork=\"zz\"", ".network", "no [[network]]"),
-            ("name=\"a b\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3", ".name", "characters"),
-            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=0", ".max_nics", "between 1"),
-            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=2\nwarm_pool=3", ".warm_pool", "more than max_nics"),
-            ("name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\nsocket=\"rel\"", ".socket", "absolute"),
+            (
+                "name=\"a\"\nbackend=\"qemu\"\ncid=3",
+                ".qmp_socket",
+                "required",
+            ),
+            (
+                "name=\"a\"\nbackend=\"qemu\"\nqmp_socket=\"/q\"\ncid=2",
+                ".cid",
+                "reserved",
+            ),
+            (
+                "name=\"a\"\nbackend=\"qemu\"\nqmp_socket=\"/q\"",
+                "vm[0] (\"a\")",
+                "needs a cid",
+            ),
+            (
+                "name=\"a\"\nbackend=\"netns\"\nnetns=\"../x\"\ncid=3",
+                ".netns",
+                "neither",
+            ),
+            (
+                "name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nnetwork=\"zz\"",
+                ".network",
+                "no [[network]]",
+            ),
+            (
+                "name=\"a b\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3",
+                ".name",
+                "characters",
+            ),
+            (
+                "name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=0",
+                ".max_nics",
+                "between 1",
+            ),
+            (
+                "name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=3\nmax_nics=2\nwarm_pool=3",
+                ".warm_pool",
+                "more than max_nics",
+            ),
+            (
+                "name=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\nsocket=\"rel\"",
+                ".socket",
+                "absolute",
+            ),
         ];
         for (vm, key, msg) in cases {
             let e = err(&format!("{net}[[vm]]\n{vm}\n"));
@@ -822,7 +1024,10 @@ mod tests {
         }
         let dup_cid = format!("{net}[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=5\n[[vm]]\nname=\"b\"\nbackend=\"netns\"\nnetns=\"y\"\ncid=5\n");
         let e = err(&dup_cid);
-        assert!(e.contains("vm[1] (\"b\").cid") && e.contains("already VM \"a\""), "{e}");
+        assert!(
+            e.contains("vm[1] (\"b\").cid") && e.contains("already VM \"a\""),
+            "{e}"
+        );
         let dup_name = format!("{net}[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=5\n[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"y\"\ncid=6\n");
         assert!(err(&dup_name).contains("duplicate VM name"));
     }
@@ -835,7 +1040,12 @@ mod tests {
         assert!(err("[agent]\nqmp_timeout_ms = 0").contains("agent.qmp_timeout_ms"));
         let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
         assert!(err(&format!("{net}[hostlo]\nsubnet = \"10.88.5.0/24\"")).contains("hostlo.subnet"));
-        assert!(err(&format!("{net}[hostlo]\nsubnet = \"169.254.1.0/25\"")).contains("at least /24"));
-        assert_eq!(parse(&net).unwrap().hostlo.subnet.to_string(), "169.254.77.0/24");
+        assert!(
+            err(&format!("{net}[hostlo]\nsubnet = \"169.254.1.0/25\"")).contains("at least /24")
+        );
+        assert_eq!(
+            parse(&net).unwrap().hostlo.subnet.to_string(),
+            "169.254.77.0/24"
+        );
     }
 }

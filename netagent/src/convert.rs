@@ -16,7 +16,11 @@ pub fn attach_request(req: &pb::AttachNicRequest) -> AttachRequest {
     AttachRequest {
         sandbox_id: req.sandbox_id.clone(),
         network: (!req.network.is_empty()).then(|| req.network.clone()),
-        labels: req.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: req
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -27,7 +31,10 @@ pub fn detach_selector(req: &pb::DetachNicRequest) -> Result<NicSelector, AgentE
             .nic_id
             .parse::<NicId>()
             .map(NicSelector::Id)
-            .map_err(|reason| AgentError::InvalidArgument { field: "nic_id", reason }),
+            .map_err(|reason| AgentError::InvalidArgument {
+                field: "nic_id",
+                reason,
+            }),
         (true, false) => Ok(NicSelector::Sandbox(req.sandbox_id.clone())),
         _ => Err(AgentError::InvalidArgument {
             field: "nic_id",
@@ -79,7 +86,11 @@ pub fn nic(rec: &NicRecord, net: &NetworkConfig) -> pb::Nic {
         addresses,
         routes,
         mtu: net.mtu,
-        labels: rec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: rec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         ..Default::default()
     }
 }
@@ -89,7 +100,11 @@ pub fn nic_record(rec: &NicRecord, net: Option<&NetworkConfig>) -> pb::NicRecord
     pb::NicRecord {
         vm: rec.vm.clone(),
         nic: protobuf::MessageField::from_option(net.map(|n| nic(rec, n))),
-        state: if rec.pooled { "pooled".to_string() } else { rec.state.as_str().to_string() },
+        state: if rec.pooled {
+            "pooled".to_string()
+        } else {
+            rec.state.as_str().to_string()
+        },
         host_ifname: rec.id.names().host_if,
         slot: rec.slot.clone().unwrap_or_default(),
         created_unix: rec.created_unix,
@@ -116,7 +131,7 @@ pub fn hostlo_view(v: &crate::hostlo::PodView) -> pb::HostloWatchResponse {
                 ..Default::default()
             })
             .collect(),
-        conflicts: v.conflicts.iter().map(|c| hostlo_conflict(c)).collect(),
+        conflicts: v.conflicts.iter().map(hostlo_conflict).collect(),
         pod_ip: v.pod_ip.map(|a| a.to_string()).unwrap_or_default(),
         prefix_len: u32::from(v.prefix_len),
         ..Default::default()
@@ -212,7 +227,11 @@ mod tests {
         assert_eq!(n.addresses[0].address, "10.1.2.3");
         assert_eq!(n.addresses[0].prefix_len, 16);
         assert_eq!(n.addresses[1].address, "fd00:1::203");
-        let routes: Vec<(String, String)> = n.routes.iter().map(|r| (r.destination.clone(), r.gateway.clone())).collect();
+        let routes: Vec<(String, String)> = n
+            .routes
+            .iter()
+            .map(|r| (r.destination.clone(), r.gateway.clone()))
+            .collect();
         assert_eq!(
             routes,
             [
@@ -237,6 +256,9 @@ mod tests {
             nic_id: "xyz".into(),
             ..Default::default()
         };
-        assert!(detach_selector(&bad).unwrap_err().to_string().contains("nic_id"));
+        assert!(detach_selector(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("nic_id"));
     }
 }

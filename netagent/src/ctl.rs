@@ -26,7 +26,10 @@ pub enum View {
 /// Connects to the admin socket.
 pub async fn connect(socket: &Path) -> anyhow::Result<AdminClient> {
     if !socket.exists() {
-        anyhow::bail!("admin socket {} does not exist (is nestless-netagent running?)", socket.display());
+        anyhow::bail!(
+            "admin socket {} does not exist (is nestless-netagent running?)",
+            socket.display()
+        );
     }
     let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
         .await
@@ -49,7 +52,10 @@ fn rpc_err(what: &str, e: ttrpc::Error) -> anyhow::Error {
 pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow::Result<Value> {
     Ok(match view {
         View::Status => {
-            let s = client.status(ctx(), &pb::StatusRequest::default()).await.map_err(|e| rpc_err("Status", e))?;
+            let s = client
+                .status(ctx(), &pb::StatusRequest::default())
+                .await
+                .map_err(|e| rpc_err("Status", e))?;
             json!({
                 "agent_version": s.agent_version, "protocol_version": s.protocol_version,
                 "uptime_seconds": s.uptime_seconds, "state_file": s.state_file,
@@ -57,7 +63,10 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
             })
         }
         View::Vms => {
-            let r = client.list_vms(ctx(), &pb::ListVmsRequest::default()).await.map_err(|e| rpc_err("ListVms", e))?;
+            let r = client
+                .list_vms(ctx(), &pb::ListVmsRequest::default())
+                .await
+                .map_err(|e| rpc_err("ListVms", e))?;
             Value::Array(
                 r.vms
                     .iter()
@@ -76,7 +85,10 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                 vm: vm.unwrap_or_default().to_string(),
                 ..Default::default()
             };
-            let r = client.list_all_nics(ctx(), &req).await.map_err(|e| rpc_err("ListAllNics", e))?;
+            let r = client
+                .list_all_nics(ctx(), &req)
+                .await
+                .map_err(|e| rpc_err("ListAllNics", e))?;
             Value::Array(
                 r.nics
                     .iter()
@@ -118,7 +130,10 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
             )
         }
         View::Leases => {
-            let r = client.list_leases(ctx(), &pb::ListLeasesRequest::default()).await.map_err(|e| rpc_err("ListLeases", e))?;
+            let r = client
+                .list_leases(ctx(), &pb::ListLeasesRequest::default())
+                .await
+                .map_err(|e| rpc_err("ListLeases", e))?;
             Value::Array(
                 r.leases
                     .iter()
@@ -134,16 +149,42 @@ pub fn table(view: View, v: &Value) -> String {
     let cols: &[&str] = match view {
         View::Status => {
             let obj = v.as_object().cloned().unwrap_or_default();
-            return obj.iter().map(|(k, v)| format!("{k:<18}{}\n", cell(v))).collect();
+            return obj
+                .iter()
+                .map(|(k, v)| format!("{k:<18}{}\n", cell(v)))
+                .collect();
         }
-        View::Vms => &["name", "backend", "network", "cid", "nics", "max_nics", "endpoint", "status"],
-        View::Nics => &["vm", "id", "sandbox_id", "state", "mac", "addresses", "host_ifname", "slot"],
+        View::Vms => &[
+            "name", "backend", "network", "cid", "nics", "max_nics", "endpoint", "status",
+        ],
+        View::Nics => &[
+            "vm",
+            "id",
+            "sandbox_id",
+            "state",
+            "mac",
+            "addresses",
+            "host_ifname",
+            "slot",
+        ],
         View::Leases => &["network", "address", "vm", "nic_id", "sandbox_id"],
-        View::Hostlo => &["pod", "network", "bridge", "members", "pod_ip", "ports", "conflicts"],
+        View::Hostlo => &[
+            "pod",
+            "network",
+            "bridge",
+            "members",
+            "pod_ip",
+            "ports",
+            "conflicts",
+        ],
     };
     let rows: Vec<Vec<String>> = v
         .as_array()
-        .map(|a| a.iter().map(|r| cols.iter().map(|c| cell(&r[*c])).collect()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+                .collect()
+        })
         .unwrap_or_default();
     let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
     for r in &rows {
@@ -152,7 +193,11 @@ pub fn table(view: View, v: &Value) -> String {
         }
     }
     let line = |cells: Vec<String>| -> String {
-        let mut s: String = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}  ")).collect();
+        let mut s: String = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}  "))
+            .collect();
         s.truncate(s.trim_end().len());
         s + "\n"
     };
@@ -185,7 +230,10 @@ mod tests {
         ]);
         let t = table(View::Leases, &v);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "NETWORK  ADDRESS    VM       NIC_ID      SANDBOX_ID");
+        assert_eq!(
+            lines[0],
+            "NETWORK  ADDRESS    VM       NIC_ID      SANDBOX_ID"
+        );
         assert_eq!(lines[1], "default  10.0.0.2   vm1      0000000001  -");
         assert_eq!(lines[2], "default  10.0.0.10  vm-long  0000000002  sb");
     }

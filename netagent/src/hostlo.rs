@@ -91,7 +91,12 @@ pub struct HostloRef {
 
 /// Checks a Hostlo pod name: 1 to 63 characters of `[a-z0-9.-]`.
 pub fn check_pod(pod: &str) -> Result<(), AgentError> {
-    if pod.is_empty() || pod.len() > 63 || !pod.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+    if pod.is_empty()
+        || pod.len() > 63
+        || !pod
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
         return Err(AgentError::InvalidArgument {
             field: "pod",
             reason: format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
@@ -220,8 +225,14 @@ mod tests {
         assert!(b.starts_with("nls") && b.len() == 11, "{b}");
         assert_eq!(b, segment_bridge("web-frontend"), "stable");
         assert_ne!(b, segment_bridge("web-frontenc"));
-        assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 0), "169.254.77.1".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(part_address("169.254.77.0/24".parse().unwrap(), 252), "169.254.77.253".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            part_address("169.254.77.0/24".parse().unwrap(), 0),
+            "169.254.77.1".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(
+            part_address("169.254.77.0/24".parse().unwrap(), 252),
+            "169.254.77.253".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -241,7 +252,10 @@ mod tests {
             assert!(check_pod(bad).is_err(), "{bad}");
         }
         assert!(check_part(252).is_ok() && check_part(253).is_err());
-        assert_eq!(check_ports(&[p(80, Proto::Tcp), p(53, Proto::Udp), p(80, Proto::Tcp)]).unwrap(), vec![p(53, Proto::Udp), p(80, Proto::Tcp)]);
+        assert_eq!(
+            check_ports(&[p(80, Proto::Tcp), p(53, Proto::Udp), p(80, Proto::Tcp)]).unwrap(),
+            vec![p(53, Proto::Udp), p(80, Proto::Tcp)]
+        );
         assert!(check_ports(&[p(0, Proto::Tcp)]).is_err());
         assert!(check_ports(&vec![p(1, Proto::Tcp); 1025]).is_err());
         assert!(Proto::parse("sctp").is_err());

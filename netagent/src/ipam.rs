@@ -187,7 +187,9 @@ impl Ipam {
     pub fn ipv6_for(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
         let net6 = self.subnet6?;
         let offset = u32::from(v4).checked_sub(self.subnet_base)?;
-        Some(Ipv6Addr::from(u128::from(net6.network()) + u128::from(offset)))
+        Some(Ipv6Addr::from(
+            u128::from(net6.network()) + u128::from(offset),
+        ))
     }
 }
 
@@ -228,29 +230,58 @@ mod tests {
             assert_ne!(a, "10.0.0.1".parse::<Ipv4Addr>().unwrap());
             assert!(seen.insert(a), "{a} twice");
         }
-        assert!(matches!(ipam.allocate(), Err(IpamError::Exhausted { size: 253, .. })));
+        assert!(matches!(
+            ipam.allocate(),
+            Err(IpamError::Exhausted { size: 253, .. })
+        ));
         assert_eq!(ipam.leased(), 253);
         assert!(ipam.release("10.0.0.77".parse().unwrap()));
-        assert!(!ipam.release("10.0.0.77".parse().unwrap()), "double release");
-        assert_eq!(ipam.allocate().unwrap(), "10.0.0.77".parse::<Ipv4Addr>().unwrap());
+        assert!(
+            !ipam.release("10.0.0.77".parse().unwrap()),
+            "double release"
+        );
+        assert_eq!(
+            ipam.allocate().unwrap(),
+            "10.0.0.77".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
     fn next_fit_does_not_reuse_at_once() {
-        let mut ipam = Ipam::new(&net("10.0.0.0/24", "10.0.0.1", Some(("10.0.0.10", "10.0.0.20"))));
+        let mut ipam = Ipam::new(&net(
+            "10.0.0.0/24",
+            "10.0.0.1",
+            Some(("10.0.0.10", "10.0.0.20")),
+        ));
         let a = ipam.allocate().unwrap();
         assert_eq!(a, "10.0.0.10".parse::<Ipv4Addr>().unwrap());
         ipam.release(a);
-        assert_eq!(ipam.allocate().unwrap(), "10.0.0.11".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            ipam.allocate().unwrap(),
+            "10.0.0.11".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
     fn reserve_restores_and_rejects_bad_addresses() {
-        let mut ipam = Ipam::new(&net("10.0.0.0/24", "10.0.0.1", Some(("10.0.0.10", "10.0.0.12"))));
+        let mut ipam = Ipam::new(&net(
+            "10.0.0.0/24",
+            "10.0.0.1",
+            Some(("10.0.0.10", "10.0.0.12")),
+        ));
         ipam.reserve("10.0.0.11".parse().unwrap()).unwrap();
-        assert!(matches!(ipam.reserve("10.0.0.11".parse().unwrap()), Err(IpamError::InUse { .. })));
-        assert!(matches!(ipam.reserve("10.0.0.13".parse().unwrap()), Err(IpamError::OutOfRange { .. })));
-        assert!(matches!(ipam.reserve("10.0.0.1".parse().unwrap()), Err(IpamError::OutOfRange { .. })));
+        assert!(matches!(
+            ipam.reserve("10.0.0.11".parse().unwrap()),
+            Err(IpamError::InUse { .. })
+        ));
+        assert!(matches!(
+            ipam.reserve("10.0.0.13".parse().unwrap()),
+            Err(IpamError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            ipam.reserve("10.0.0.1".parse().unwrap()),
+            Err(IpamError::OutOfRange { .. })
+        ));
         let got: HashSet<_> = (0..2).map(|_| ipam.allocate().unwrap()).collect();
         assert!(!got.contains(&"10.0.0.11".parse().unwrap()));
         assert!(ipam.allocate().is_err());
@@ -266,12 +297,18 @@ mod tests {
         }
         assert!(ipam.allocate().is_err());
         ipam.release("10.0.9.9".parse().unwrap());
-        assert_eq!(ipam.allocate().unwrap(), "10.0.9.9".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            ipam.allocate().unwrap(),
+            "10.0.9.9".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
     fn ipv6_mirrors_the_host_offset() {
         let ipam = Ipam::new(&net("10.0.0.0/24", "10.0.0.1", None));
-        assert_eq!(ipam.ipv6_for("10.0.0.5".parse().unwrap()), Some("fd00::5".parse().unwrap()));
+        assert_eq!(
+            ipam.ipv6_for("10.0.0.5".parse().unwrap()),
+            Some("fd00::5".parse().unwrap())
+        );
     }
 }

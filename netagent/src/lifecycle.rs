@@ -68,7 +68,10 @@ pub struct InvalidTransition {
 }
 
 /// The next state (`None`: the record is gone).
-pub fn transition(from: Option<NicState>, event: Event) -> Result<Option<NicState>, InvalidTransition> {
+pub fn transition(
+    from: Option<NicState>,
+    event: Event,
+) -> Result<Option<NicState>, InvalidTransition> {
     use NicState::*;
     match (from, event) {
         (None, Event::Begin) => Ok(Some(Attaching)),
@@ -137,7 +140,13 @@ mod tests {
     #[test]
     fn forbidden_transitions() {
         let all = [None, Some(Attaching), Some(Attached), Some(Detaching)];
-        let events = [Event::Begin, Event::Plugged, Event::Failed, Event::Detach, Event::Unplugged];
+        let events = [
+            Event::Begin,
+            Event::Plugged,
+            Event::Failed,
+            Event::Detach,
+            Event::Unplugged,
+        ];
         let mut allowed = 0;
         for from in all {
             for ev in events {
@@ -148,8 +157,14 @@ mod tests {
         }
         // Begin, Plugged, Failed, 3 x Detach, Unplugged.
         assert_eq!(allowed, 7);
-        assert!(transition(Some(Attached), Event::Begin).is_err(), "no second attach over a live record");
-        assert!(transition(Some(Attached), Event::Unplugged).is_err(), "unplug only after detach was recorded");
+        assert!(
+            transition(Some(Attached), Event::Begin).is_err(),
+            "no second attach over a live record"
+        );
+        assert!(
+            transition(Some(Attached), Event::Unplugged).is_err(),
+            "unplug only after detach was recorded"
+        );
         assert!(transition(None, Event::Detach).is_err());
     }
 
@@ -159,7 +174,10 @@ mod tests {
         assert_eq!(recovery(Attaching, Presence::Gone), Recovery::RollBack);
         assert_eq!(recovery(Attached, Presence::Present), Recovery::Keep);
         assert_eq!(recovery(Attached, Presence::Gone), Recovery::Release);
-        assert_eq!(recovery(Detaching, Presence::Present), Recovery::FinishDetach);
+        assert_eq!(
+            recovery(Detaching, Presence::Present),
+            Recovery::FinishDetach
+        );
         assert_eq!(recovery(Detaching, Presence::Gone), Recovery::FinishDetach);
         for s in [Attaching, Attached, Detaching] {
             assert_eq!(recovery(s, Presence::Unknown), Recovery::Defer);

@@ -52,7 +52,12 @@ pub trait HostLinks: Send + Sync {
     /// True when a link of this name exists in the agent's namespace.
     async fn exists(&self, ifname: &str) -> Result<bool, LinkError>;
     /// Creates the bridge if missing, gives it `address` if it lacks it, sets it up.
-    async fn ensure_bridge(&self, bridge: &str, address: Option<(IpAddr, u8)>, mtu: u32) -> Result<(), LinkError>;
+    async fn ensure_bridge(
+        &self,
+        bridge: &str,
+        address: Option<(IpAddr, u8)>,
+        mtu: u32,
+    ) -> Result<(), LinkError>;
     /// Creates a veth pair: `host` in the agent's namespace, `guest` (with
     /// `guest_mac`) directly in the namespace at `netns`.
     async fn create_veth(
@@ -116,9 +121,19 @@ impl Netlink {
     }
 
     async fn get(&self, ifname: &str) -> Result<Option<LinkMessage>, LinkError> {
-        match self.handle.link().get().match_name(ifname.to_string()).execute().try_next().await {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(ifname.to_string())
+            .execute()
+            .try_next()
+            .await
+        {
             Ok(m) => Ok(m),
-            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => {
+                Ok(None)
+            }
             Err(e) => Err(LinkError::new("look up", ifname, nl_io(e))),
         }
     }
@@ -127,7 +142,9 @@ impl Netlink {
         self.get(ifname)
             .await?
             .map(|m| m.header.index)
-            .ok_or_else(|| LinkError::new(op, ifname, std::io::Error::from_raw_os_error(libc::ENODEV)))
+            .ok_or_else(|| {
+                LinkError::new(op, ifname, std::io::Error::from_raw_os_error(libc::ENODEV))
+            })
     }
 }
 
@@ -144,7 +161,12 @@ impl HostLinks for Netlink {
         Ok(self.get(ifname).await?.is_some())
     }
 
-    async fn ensure_bridge(&self, bridge: &str, address: Option<(IpAddr, u8)>, mtu: u32) -> Result<(), LinkError> {
+    async fn ensure_bridge(
+        &self,
+        bridge: &str,
+        address: Option<(IpAddr, u8)>,
+        mtu: u32,
+    ) -> Result<(), LinkError> {
         let index = match self.get(bridge).await? {
             Some(m) => m.header.index,
             None => {
@@ -196,7 +218,12 @@ impl HostLinks for Netlink {
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(name).mtu(mtu).alias(self.owner.clone()).build())
+                    .add(
+                        LinkBridge::new(name)
+                            .mtu(mtu)
+                            .alias(self.owner.clone())
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| LinkError::new("create segment bridge", name, nl_io(e)))?;
@@ -219,8 +246,12 @@ impl HostLinks for Netlink {
         mtu: u32,
         netns: &Path,
     ) -> Result<(), LinkError> {
-        let ns_file = std::fs::File::open(netns).map_err(|e| LinkError::new("open network namespace", &netns.display().to_string(), e))?;
-        let same = same_netns(netns).map_err(|e| LinkError::new("inspect network namespace", &netns.display().to_string(), e))?;
+        let ns_file = std::fs::File::open(netns).map_err(|e| {
+            LinkError::new("open network namespace", &netns.display().to_string(), e)
+        })?;
+        let same = same_netns(netns).map_err(|e| {
+            LinkError::new("inspect network namespace", &netns.display().to_string(), e)
+        })?;
         let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
             .name(guest.to_string())
             .address(guest_mac.0.to_vec())
@@ -269,7 +300,9 @@ impl HostLinks for Netlink {
         };
         match self.handle.link().del(m.header.index).execute().await {
             Ok(()) => Ok(true),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => Ok(false),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => {
+                Ok(false)
+            }
             Err(e) => Err(LinkError::new("delete", ifname, nl_io(e))),
         }
     }
@@ -374,7 +407,11 @@ pub mod fake {
             self.calls.lock().unwrap().push(format!("{op} {what}"));
             if *self.fail.lock().unwrap() == Some(op) {
                 *self.fail.lock().unwrap() = None;
-                return Err(LinkError::new(op, what, std::io::Error::from_raw_os_error(libc::EIO)));
+                return Err(LinkError::new(
+                    op,
+                    what,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
             }
             Ok(())
         }
@@ -385,7 +422,12 @@ pub mod fake {
         async fn exists(&self, ifname: &str) -> Result<bool, LinkError> {
             Ok(self.links.lock().unwrap().contains(ifname))
         }
-        async fn ensure_bridge(&self, bridge: &str, _: Option<(IpAddr, u8)>, _: u32) -> Result<(), LinkError> {
+        async fn ensure_bridge(
+            &self,
+            bridge: &str,
+            _: Option<(IpAddr, u8)>,
+            _: u32,
+        ) -> Result<(), LinkError> {
             self.call("ensure_bridge", bridge)?;
             self.links.lock().unwrap().insert(bridge.to_string());
             Ok(())
@@ -395,7 +437,14 @@ pub mod fake {
             self.links.lock().unwrap().insert(name.to_string());
             Ok(())
         }
-        async fn create_veth(&self, host: &str, guest: &str, _: MacAddr, _: u32, _: &Path) -> Result<(), LinkError> {
+        async fn create_veth(
+            &self,
+            host: &str,
+            guest: &str,
+            _: MacAddr,
+            _: u32,
+            _: &Path,
+        ) -> Result<(), LinkError> {
             self.call("create_veth", host)?;
             self.links.lock().unwrap().insert(host.to_string());
             let _ = guest;
@@ -414,7 +463,14 @@ pub mod fake {
             Ok(self.links.lock().unwrap().remove(ifname))
         }
         async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
-            Ok(self.links.lock().unwrap().iter().filter(|l| l.starts_with(prefix)).cloned().collect())
+            Ok(self
+                .links
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.starts_with(prefix))
+                .cloned()
+                .collect())
         }
     }
 }

@@ -12,7 +12,11 @@ use clap::Parser;
 use nestless_netagent::{agent::Agent, config::Config, links::Netlink, server};
 
 #[derive(Parser)]
-#[command(name = "nestless-netagent", version, about = "nestless host agent: hot-plugs host-provided NICs into VMs")]
+#[command(
+    name = "nestless-netagent",
+    version,
+    about = "nestless host agent: hot-plugs host-provided NICs into VMs"
+)]
 struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = nestless_netagent::config::DEFAULT_CONFIG_PATH)]
@@ -27,7 +31,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if let Some(l) = &args.log_level {
         logger.parse_filters(l);
     }
@@ -48,7 +53,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nestless-netagent: cannot start the runtime: {e}");
@@ -96,7 +105,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     running.stop_accepting();
     // Let operations in flight finish, so that none is cut between steps.
     if !agent.drain(Duration::from_secs(30)).await {
-        log::warn!("operations still running after 30s: exiting anyway (the next start recovers them)");
+        log::warn!(
+            "operations still running after 30s: exiting anyway (the next start recovers them)"
+        );
     }
     // NICs stay plugged: they belong to running pods. The state file has them.
     Ok(())

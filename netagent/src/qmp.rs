@@ -97,7 +97,9 @@ impl QmpError {
     pub fn is_not_found(&self) -> bool {
         match self {
             QmpError::Command { class, desc, .. } => {
-                class == "DeviceNotFound" || desc.contains("not found") || desc.contains("No file descriptor")
+                class == "DeviceNotFound"
+                    || desc.contains("not found")
+                    || desc.contains("No file descriptor")
             }
             _ => false,
         }
@@ -107,7 +109,10 @@ impl QmpError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            QmpError::Connect { .. } | QmpError::Disconnected { .. } | QmpError::Handshake { .. } | QmpError::Send { .. }
+            QmpError::Connect { .. }
+                | QmpError::Disconnected { .. }
+                | QmpError::Handshake { .. }
+                | QmpError::Send { .. }
         )
     }
 }
@@ -130,7 +135,12 @@ pub trait Qmp: Send + Sync {
     /// Runs a command and returns its `return` value.
     async fn execute(&self, command: &str, args: Value) -> Result<Value, QmpError>;
     /// Runs a command with a file descriptor attached (for `getfd`).
-    async fn execute_with_fd(&self, command: &str, args: Value, fd: BorrowedFd<'_>) -> Result<Value, QmpError>;
+    async fn execute_with_fd(
+        &self,
+        command: &str,
+        args: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError>;
     /// Subscribes to events (and [`DISCONNECTED_EVENT`]).
     fn subscribe(&self) -> broadcast::Receiver<QmpEvent>;
     /// Connects if needed; returns the connection generation.
@@ -186,7 +196,10 @@ impl QmpClient {
             .await
             .map_err(|_| QmpError::Handshake {
                 path: self.path.clone(),
-                message: format!("no greeting within {:?} (is another client holding the socket?)", self.timeout),
+                message: format!(
+                    "no greeting within {:?} (is another client holding the socket?)",
+                    self.timeout
+                ),
             })??;
         self.generation.fetch_add(1, Ordering::AcqRel);
         *guard = Some(c.clone());
@@ -194,10 +207,12 @@ impl QmpClient {
     }
 
     async fn open(&self) -> Result<Arc<Conn>, QmpError> {
-        let stream = UnixStream::connect(&self.path).await.map_err(|source| QmpError::Connect {
-            path: self.path.clone(),
-            source,
-        })?;
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read);
         let hs = |message: String| QmpError::Handshake {
@@ -224,7 +239,12 @@ impl QmpClient {
         }
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(reader(lines, pending.clone(), alive.clone(), self.events.clone()));
+        tokio::spawn(reader(
+            lines,
+            pending.clone(),
+            alive.clone(),
+            self.events.clone(),
+        ));
         Ok(Arc::new(Conn {
             writer: Mutex::new(write),
             pending,
@@ -232,7 +252,12 @@ impl QmpClient {
         }))
     }
 
-    async fn run(&self, command: &str, args: Value, fd: Option<BorrowedFd<'_>>) -> Result<Value, QmpError> {
+    async fn run(
+        &self,
+        command: &str,
+        args: Value,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let conn = self.conn().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
@@ -290,7 +315,12 @@ impl Qmp for QmpClient {
         self.run(command, args, None).await
     }
 
-    async fn execute_with_fd(&self, command: &str, args: Value, fd: BorrowedFd<'_>) -> Result<Value, QmpError> {
+    async fn execute_with_fd(
+        &self,
+        command: &str,
+        args: Value,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
         self.run(command, args, Some(fd)).await
     }
 
@@ -312,17 +342,26 @@ async fn read_json(lines: &mut BufReader<OwnedReadHalf>) -> Result<Value, String
     let mut line = String::new();
     loop {
         line.clear();
-        let n = lines.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        let n = lines
+            .read_line(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("connection closed".into());
         }
         if !line.trim().is_empty() {
-            return serde_json::from_str(&line).map_err(|e| format!("bad JSON from QEMU ({e}): {}", line.trim()));
+            return serde_json::from_str(&line)
+                .map_err(|e| format!("bad JSON from QEMU ({e}): {}", line.trim()));
         }
     }
 }
 
-async fn reader(mut lines: BufReader<OwnedReadHalf>, pending: Pending, alive: Arc<AtomicBool>, events: broadcast::Sender<QmpEvent>) {
+async fn reader(
+    mut lines: BufReader<OwnedReadHalf>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+    events: broadcast::Sender<QmpEvent>,
+) {
     while let Ok(v) = read_json(&mut lines).await {
         if let Some(name) = v.get("event").and_then(Value::as_str) {
             let _ = events.send(QmpEvent {
@@ -341,10 +380,19 @@ async fn reader(mut lines: BufReader<OwnedReadHalf>, pending: Pending, alive: Ar
         let reply = match (v.get("return"), v.get("error")) {
             (Some(r), _) => Ok(r.clone()),
             (None, Some(e)) => Err((
-                e.get("class").and_then(Value::as_str).unwrap_or("GenericError").to_string(),
-                e.get("desc").and_then(Value::as_str).unwrap_or("").to_string(),
+                e.get("class")
+                    .and_then(Value::as_str)
+                    .unwrap_or("GenericError")
+                    .to_string(),
+                e.get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
             )),
-            (None, None) => Err(("ProtocolError".into(), format!("reply without return or error: {v}"))),
+            (None, None) => Err((
+                "ProtocolError".into(),
+                format!("reply without return or error: {v}"),
+            )),
         };
         let _ = tx.send(reply);
     }
@@ -370,7 +418,14 @@ async fn send_with_fd(w: &OwnedWriteHalf, bytes: &[u8], fd: BorrowedFd<'_>) -> s
             let iov = [std::io::IoSlice::new(&bytes[off..])];
             let cmsg = [ControlMessage::ScmRights(&fds)];
             let cmsgs: &[ControlMessage] = if fd_sent { &[] } else { &cmsg };
-            sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None).map_err(std::io::Error::from)
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
         });
         match res {
             Ok(n) => {
@@ -395,7 +450,9 @@ mod tests {
         let (s, _) = listener.accept().await.unwrap();
         let (r, mut w) = s.into_split();
         let mut lines = BufReader::new(r).lines();
-        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
         while let Some(line) = lines.next_line().await.unwrap() {
             let v: Value = serde_json::from_str(&line).unwrap();
             let cmd = v["execute"].as_str().unwrap().to_string();
@@ -423,7 +480,10 @@ mod tests {
                 json!({"return": {}}),
                 Some(json!({"event": "DEVICE_DELETED", "data": {"device": args["id"]}})),
             ),
-            "netdev_del" => (json!({"error": {"class": "GenericError", "desc": "Device 'x' not found"}}), None),
+            "netdev_del" => (
+                json!({"error": {"class": "GenericError", "desc": "Device 'x' not found"}}),
+                None,
+            ),
             _ => (json!({"return": {"echo": cmd}}), None),
         }
     }
@@ -437,12 +497,23 @@ mod tests {
         let qmp = QmpClient::new(&path, Duration::from_secs(5));
         assert_eq!(qmp.generation(), 0);
         let mut events = qmp.subscribe();
-        assert_eq!(qmp.execute("query-status", Value::Null).await.unwrap()["echo"], "query-status");
+        assert_eq!(
+            qmp.execute("query-status", Value::Null).await.unwrap()["echo"],
+            "query-status"
+        );
         assert_eq!(qmp.generation(), 1);
-        qmp.execute("device_del", json!({"id": "nl-1"})).await.unwrap();
+        qmp.execute("device_del", json!({"id": "nl-1"}))
+            .await
+            .unwrap();
         let ev = events.recv().await.unwrap();
-        assert_eq!((ev.name.as_str(), ev.data["device"].as_str()), ("DEVICE_DELETED", Some("nl-1")));
-        let err = qmp.execute("netdev_del", json!({"id": "x"})).await.unwrap_err();
+        assert_eq!(
+            (ev.name.as_str(), ev.data["device"].as_str()),
+            ("DEVICE_DELETED", Some("nl-1"))
+        );
+        let err = qmp
+            .execute("netdev_del", json!({"id": "x"}))
+            .await
+            .unwrap_err();
         assert!(err.is_not_found(), "{err}");
         // The server goes away: the next command fails as unavailable...
         let _ = qmp.execute("quit", Value::Null).await;
@@ -475,7 +546,9 @@ mod tests {
                 let mut buf = [0u8; 4096];
                 let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
                 let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()).unwrap();
+                let msg =
+                    recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+                        .unwrap();
                 for c in msg.cmsgs().unwrap() {
                     if let ControlMessageOwned::ScmRights(fds) = c {
                         got_fd = fds.first().copied();
@@ -489,13 +562,19 @@ mod tests {
                 }
             }
             let v: Value = serde_json::from_slice(text.trim_ascii()).unwrap();
-            s.write_all(format!("{}\n", json!({"return": {}, "id": v["id"]})).as_bytes()).unwrap();
+            s.write_all(format!("{}\n", json!({"return": {}, "id": v["id"]})).as_bytes())
+                .unwrap();
             got_fd.is_some()
         });
         let qmp = QmpClient::new(&path, Duration::from_secs(5));
         let file = std::fs::File::open("/dev/null").unwrap();
         use std::os::fd::AsFd;
-        qmp.execute_with_fd("getfd", json!({"fdname": "nlf-x"}), file.as_fd()).await.unwrap();
-        assert!(server.join().unwrap(), "no SCM_RIGHTS fd arrived with getfd");
+        qmp.execute_with_fd("getfd", json!({"fdname": "nlf-x"}), file.as_fd())
+            .await
+            .unwrap();
+        assert!(
+            server.join().unwrap(),
+            "no SCM_RIGHTS fd arrived with getfd"
+        );
     }
 }

@@ -28,13 +28,7 @@ use tokio::{
 };
 use ttrpc::r#async::{transport::Listener, TtrpcContext};
 
-use crate::{
-    agent::Agent,
-    config::ListenVsock,
-    convert,
-    error::AgentError,
-    lifecycle::NicState,
-};
+use crate::{agent::Agent, config::ListenVsock, convert, error::AgentError, lifecycle::NicState};
 
 /// Listener set-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +68,11 @@ type Conn = Box<dyn Io>;
 
 fn channel_listener() -> (mpsc::Sender<Conn>, Listener) {
     let (tx, rx) = mpsc::channel::<Conn>(64);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) });
+    let stream =
+        futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) },
+        );
     (tx, Listener::new(stream))
 }
 
@@ -96,7 +94,11 @@ impl VmService {
 
 #[async_trait::async_trait]
 impl agent_ttrpc::NetAgent for VmService {
-    async fn health(&self, _: &TtrpcContext, _: pb::HealthRequest) -> ttrpc::Result<pb::HealthResponse> {
+    async fn health(
+        &self,
+        _: &TtrpcContext,
+        _: pb::HealthRequest,
+    ) -> ttrpc::Result<pb::HealthResponse> {
         let vm = self.caller()?;
         let vmh = self.agent.vm(vm)?;
         Ok(pb::HealthResponse {
@@ -109,13 +111,27 @@ impl agent_ttrpc::NetAgent for VmService {
         })
     }
 
-    async fn attach_nic(&self, _: &TtrpcContext, req: pb::AttachNicRequest) -> ttrpc::Result<pb::AttachNicResponse> {
+    async fn attach_nic(
+        &self,
+        _: &TtrpcContext,
+        req: pb::AttachNicRequest,
+    ) -> ttrpc::Result<pb::AttachNicResponse> {
         let vm = self.caller()?;
-        let done = self.agent.attach(vm, convert::attach_request(&req)).await.map_err(|e| {
-            log::warn!("VM {vm}: AttachNic for sandbox {:?} failed: {e}", req.sandbox_id);
-            e
-        })?;
-        let net = self.agent.network(&done.record.network).expect("record networks exist");
+        let done = self
+            .agent
+            .attach(vm, convert::attach_request(&req))
+            .await
+            .map_err(|e| {
+                log::warn!(
+                    "VM {vm}: AttachNic for sandbox {:?} failed: {e}",
+                    req.sandbox_id
+                );
+                e
+            })?;
+        let net = self
+            .agent
+            .network(&done.record.network)
+            .expect("record networks exist");
         Ok(pb::AttachNicResponse {
             nic: protobuf::MessageField::some(convert::nic(&done.record, net)),
             created: done.created,
@@ -123,7 +139,11 @@ impl agent_ttrpc::NetAgent for VmService {
         })
     }
 
-    async fn detach_nic(&self, _: &TtrpcContext, req: pb::DetachNicRequest) -> ttrpc::Result<pb::DetachNicResponse> {
+    async fn detach_nic(
+        &self,
+        _: &TtrpcContext,
+        req: pb::DetachNicRequest,
+    ) -> ttrpc::Result<pb::DetachNicResponse> {
         let vm = self.caller()?;
         let which = convert::detach_selector(&req)?;
         self.agent.detach(vm, which).await.map_err(|e| {
@@ -133,12 +153,20 @@ impl agent_ttrpc::NetAgent for VmService {
         Ok(pb::DetachNicResponse::default())
     }
 
-    async fn hostlo_join(&self, _: &TtrpcContext, req: pb::HostloJoinRequest) -> ttrpc::Result<pb::HostloJoinResponse> {
+    async fn hostlo_join(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloJoinRequest,
+    ) -> ttrpc::Result<pb::HostloJoinResponse> {
         let vm = self.caller()?;
-        let (rec, view) = self.agent.hostlo_join(vm, &req.pod, req.part, &req.sandbox_id).await.map_err(|e| {
-            log::warn!("VM {vm}: HostloJoin {:?}/{} failed: {e}", req.pod, req.part);
-            e
-        })?;
+        let (rec, view) = self
+            .agent
+            .hostlo_join(vm, &req.pod, req.part, &req.sandbox_id)
+            .await
+            .map_err(|e| {
+                log::warn!("VM {vm}: HostloJoin {:?}/{} failed: {e}", req.pod, req.part);
+                e
+            })?;
         let h = &self.agent.config().hostlo;
         let nic = pb::Nic {
             id: rec.id.to_string(),
@@ -160,30 +188,52 @@ impl agent_ttrpc::NetAgent for VmService {
         })
     }
 
-    async fn hostlo_leave(&self, _: &TtrpcContext, req: pb::HostloLeaveRequest) -> ttrpc::Result<pb::HostloLeaveResponse> {
+    async fn hostlo_leave(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloLeaveRequest,
+    ) -> ttrpc::Result<pb::HostloLeaveResponse> {
         let vm = self.caller()?;
         self.agent.hostlo_leave(vm, &req.pod, req.part).await?;
         Ok(pb::HostloLeaveResponse::default())
     }
 
-    async fn hostlo_publish(&self, _: &TtrpcContext, req: pb::HostloPublishRequest) -> ttrpc::Result<pb::HostloPublishResponse> {
+    async fn hostlo_publish(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloPublishRequest,
+    ) -> ttrpc::Result<pb::HostloPublishResponse> {
         let vm = self.caller()?;
         let ports = convert::hostlo_ports(&req.ports)?;
-        let conflicts = self.agent.hostlo_publish(vm, &req.pod, req.part, &ports).await?;
+        let conflicts = self
+            .agent
+            .hostlo_publish(vm, &req.pod, req.part, &ports)
+            .await?;
         Ok(pb::HostloPublishResponse {
             conflicts: conflicts.iter().map(convert::hostlo_conflict).collect(),
             ..Default::default()
         })
     }
 
-    async fn hostlo_watch(&self, _: &TtrpcContext, req: pb::HostloWatchRequest) -> ttrpc::Result<pb::HostloWatchResponse> {
+    async fn hostlo_watch(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloWatchRequest,
+    ) -> ttrpc::Result<pb::HostloWatchResponse> {
         let vm = self.caller()?;
         let timeout = std::time::Duration::from_millis(u64::from(req.timeout_ms));
-        let view = self.agent.hostlo_watch(vm, &req.pod, req.since_version, timeout).await?;
+        let view = self
+            .agent
+            .hostlo_watch(vm, &req.pod, req.since_version, timeout)
+            .await?;
         Ok(convert::hostlo_view(&view))
     }
 
-    async fn list_nics(&self, _: &TtrpcContext, _: pb::ListNicsRequest) -> ttrpc::Result<pb::ListNicsResponse> {
+    async fn list_nics(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListNicsRequest,
+    ) -> ttrpc::Result<pb::ListNicsResponse> {
         let vm = self.caller()?;
         let nics = self
             .agent
@@ -205,7 +255,11 @@ struct AdminService {
 
 #[async_trait::async_trait]
 impl agent_ttrpc::Admin for AdminService {
-    async fn status(&self, _: &TtrpcContext, _: pb::StatusRequest) -> ttrpc::Result<pb::StatusResponse> {
+    async fn status(
+        &self,
+        _: &TtrpcContext,
+        _: pb::StatusRequest,
+    ) -> ttrpc::Result<pb::StatusResponse> {
         Ok(pb::StatusResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION.into(),
@@ -217,21 +271,33 @@ impl agent_ttrpc::Admin for AdminService {
         })
     }
 
-    async fn list_vms(&self, _: &TtrpcContext, _: pb::ListVmsRequest) -> ttrpc::Result<pb::ListVmsResponse> {
+    async fn list_vms(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListVmsRequest,
+    ) -> ttrpc::Result<pb::ListVmsResponse> {
         let mut vms = Vec::new();
         for vm in self.agent.vms() {
-            let status = match tokio::time::timeout(std::time::Duration::from_secs(1), vm.backend.probe()).await {
-                Ok(Ok(_)) => "ok".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer within 1s".to_string(),
-            };
+            let status =
+                match tokio::time::timeout(std::time::Duration::from_secs(1), vm.backend.probe())
+                    .await
+                {
+                    Ok(Ok(_)) => "ok".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer within 1s".to_string(),
+                };
             vms.push(pb::VmInfo {
                 name: vm.config.name.clone(),
                 backend: vm.backend.kind().into(),
                 endpoint: vm.config.backend.endpoint().display().to_string(),
                 network: vm.config.network.clone(),
                 cid: vm.config.cid.unwrap_or(0),
-                unix_socket: vm.config.unix_socket.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                unix_socket: vm
+                    .config
+                    .unix_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 nics: self.agent.nic_count(&vm.config.name) as u32,
                 max_nics: vm.config.max_nics,
                 status,
@@ -244,7 +310,11 @@ impl agent_ttrpc::Admin for AdminService {
         })
     }
 
-    async fn list_all_nics(&self, _: &TtrpcContext, req: pb::ListAllNicsRequest) -> ttrpc::Result<pb::ListAllNicsResponse> {
+    async fn list_all_nics(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ListAllNicsRequest,
+    ) -> ttrpc::Result<pb::ListAllNicsResponse> {
         let vm = (!req.vm.is_empty()).then_some(req.vm.as_str());
         if let Some(v) = vm {
             self.agent.vm(v)?;
@@ -260,7 +330,11 @@ impl agent_ttrpc::Admin for AdminService {
         })
     }
 
-    async fn list_hostlo_pods(&self, _: &TtrpcContext, _: pb::ListHostloPodsRequest) -> ttrpc::Result<pb::ListHostloPodsResponse> {
+    async fn list_hostlo_pods(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListHostloPodsRequest,
+    ) -> ttrpc::Result<pb::ListHostloPodsResponse> {
         let records = self.agent.records(None);
         let pods = self
             .agent
@@ -270,7 +344,12 @@ impl agent_ttrpc::Admin for AdminService {
                 let view = self.agent.hostlo_view(&pod)?;
                 let mut members: Vec<(u32, String)> = records
                     .iter()
-                    .filter_map(|r| r.hostlo.as_ref().filter(|h| h.pod == pod).map(|h| (h.part, r.vm.clone())))
+                    .filter_map(|r| {
+                        r.hostlo
+                            .as_ref()
+                            .filter(|h| h.pod == pod)
+                            .map(|h| (h.part, r.vm.clone()))
+                    })
                     .collect();
                 members.sort();
                 let network = records
@@ -294,7 +373,11 @@ impl agent_ttrpc::Admin for AdminService {
         })
     }
 
-    async fn list_leases(&self, _: &TtrpcContext, _: pb::ListLeasesRequest) -> ttrpc::Result<pb::ListLeasesResponse> {
+    async fn list_leases(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListLeasesRequest,
+    ) -> ttrpc::Result<pb::ListLeasesResponse> {
         Ok(pb::ListLeasesResponse {
             leases: self.agent.leases().iter().map(convert::lease).collect(),
             ..Default::default()
@@ -318,7 +401,12 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
             }
             std::fs::remove_file(path).map_err(err)?;
         }
-        Ok(_) => return Err(err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "a file that is not a socket is in the way"))),
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )))
+        }
         Err(_) => {}
     }
     let l = UnixListener::bind(path).map_err(err)?;
@@ -352,8 +440,14 @@ impl Running {
     }
 }
 
-async fn start_server(what: &str, listener: Listener, services: HashMap<String, ttrpc::r#async::Service>) -> Result<ttrpc::r#async::Server, ServeError> {
-    let mut server = ttrpc::r#async::Server::new().add_listener(listener).register_service(services);
+async fn start_server(
+    what: &str,
+    listener: Listener,
+    services: HashMap<String, ttrpc::r#async::Service>,
+) -> Result<ttrpc::r#async::Server, ServeError> {
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(listener)
+        .register_service(services);
     server.start().await.map_err(|source| ServeError::Ttrpc {
         what: what.to_string(),
         source,
@@ -361,7 +455,12 @@ async fn start_server(what: &str, listener: Listener, services: HashMap<String, 
     Ok(server)
 }
 
-fn accept_unix(listener: UnixListener, tx: mpsc::Sender<Conn>, what: String, root_only: bool) -> JoinHandle<()> {
+fn accept_unix(
+    listener: UnixListener,
+    tx: mpsc::Sender<Conn>,
+    what: String,
+    root_only: bool,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -409,11 +508,18 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
             agent: agent.clone(),
             vm: Some(name.clone()),
         }));
-        running.servers.push(start_server(&format!("VM {name}"), listener, service).await?);
+        running
+            .servers
+            .push(start_server(&format!("VM {name}"), listener, service).await?);
         if let Some(path) = &vm.config.unix_socket {
             let l = bind_unix(path, 0o660)?;
             running.sockets.push(path.clone());
-            running.tasks.push(accept_unix(l, tx.clone(), format!("VM {name} socket {}", path.display()), false));
+            running.tasks.push(accept_unix(
+                l,
+                tx.clone(),
+                format!("VM {name} socket {}", path.display()),
+                false,
+            ));
             log::info!("VM {name}: listening on {}", path.display());
         }
         if let Some(cid) = vm.config.cid {
@@ -422,14 +528,19 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
     }
     if cfg.agent.listen_vsock != ListenVsock::No && !by_cid.is_empty() {
         let port = cfg.agent.vsock_port;
-        match tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, port)) {
+        match tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+            libc::VMADDR_CID_ANY,
+            port,
+        )) {
             Ok(l) => {
                 let (unknown_tx, listener) = channel_listener();
                 let service = agent_ttrpc::create_net_agent(Arc::new(VmService {
                     agent: agent.clone(),
                     vm: None,
                 }));
-                running.servers.push(start_server("unknown callers", listener, service).await?);
+                running
+                    .servers
+                    .push(start_server("unknown callers", listener, service).await?);
                 running.vsock = true;
                 log::info!("listening on AF_VSOCK port {port}");
                 running.tasks.push(tokio::spawn(async move {
@@ -437,7 +548,10 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
                         match l.accept().await {
                             Ok((stream, addr)) => {
                                 let tx = by_cid.get(&addr.cid()).cloned().unwrap_or_else(|| {
-                                    log::warn!("vsock connection from CID {}, which no configured VM has", addr.cid());
+                                    log::warn!(
+                                        "vsock connection from CID {}, which no configured VM has",
+                                        addr.cid()
+                                    );
                                     unknown_tx.clone()
                                 });
                                 let _ = tx.send(Box::new(stream)).await;
@@ -457,12 +571,21 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         }
     }
     let (tx, listener) = channel_listener();
-    let admin = agent_ttrpc::create_admin(Arc::new(AdminService { agent: agent.clone() }));
-    running.servers.push(start_server("admin", listener, admin).await?);
+    let admin = agent_ttrpc::create_admin(Arc::new(AdminService {
+        agent: agent.clone(),
+    }));
+    running
+        .servers
+        .push(start_server("admin", listener, admin).await?);
     let path = cfg.agent.admin_socket.clone();
     let l = bind_unix(&path, 0o600)?;
     running.sockets.push(path.clone());
-    running.tasks.push(accept_unix(l, tx, format!("admin socket {}", path.display()), true));
+    running.tasks.push(accept_unix(
+        l,
+        tx,
+        format!("admin socket {}", path.display()),
+        true,
+    ));
     log::info!("admin socket {}", path.display());
     Ok(running)
 }
@@ -485,7 +608,9 @@ pub fn spawn_upkeep(agent: Arc<Agent>, period: std::time::Duration) -> Vec<JoinH
                         _ = wake.notified() => {}
                     }
                     match agent.tend_vm(&name).await {
-                        Ok(Some(report)) if report != Default::default() => log::info!("VM {name}: upkeep {report:?}"),
+                        Ok(Some(report)) if report != Default::default() => {
+                            log::info!("VM {name}: upkeep {report:?}")
+                        }
                         Ok(_) => {}
                         Err(e) => log::warn!("VM {name}: upkeep failed: {e}"),
                     }

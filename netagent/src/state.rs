@@ -138,7 +138,10 @@ impl StateFile {
     }
 
     /// Replaces the file's content with `records`, atomically and durably.
-    pub fn save<'a>(&self, records: impl IntoIterator<Item = &'a NicRecord>) -> Result<(), StateError> {
+    pub fn save<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a NicRecord>,
+    ) -> Result<(), StateError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(self.io("create the directory of"))?;
         let doc = StateDoc {

@@ -124,7 +124,10 @@ impl NicId {
 impl TryFrom<String> for NicId {
     type Error = String;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        if s.len() == Self::LEN && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() == Self::LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(NicId(s))
         } else {
             Err(format!("{s:?} is not a NIC id (10 lower-case hex digits)"))
@@ -218,7 +221,13 @@ mod tests {
         let m: MacAddr = "52:54:00:AB:cd:01".parse().unwrap();
         assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
         assert_eq!("52-54-00-ab-cd-01".parse::<MacAddr>().unwrap(), m);
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "zz:54:00:ab:cd:01"] {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "zz:54:00:ab:cd:01",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad} parsed");
         }
     }
@@ -239,7 +248,13 @@ mod tests {
         let id = NicId::random();
         let names = id.names();
         assert!(names.host_if.len() <= 15 && names.guest_if.len() <= 15);
-        for n in [&names.host_if, &names.guest_if, &names.device, &names.netdev, &names.fd_name] {
+        for n in [
+            &names.host_if,
+            &names.guest_if,
+            &names.device,
+            &names.netdev,
+            &names.fd_name,
+        ] {
             assert_eq!(NicNames::id_from_name(n), Some(id.clone()), "{n}");
         }
         assert_eq!(NicNames::id_from_name("nlhxyz"), None);

@@ -4,7 +4,17 @@
 //! generated at build time by ttrpc-codegen. This crate holds nothing else:
 //! conversion into domain types happens in the crates that use it.
 
-#![allow(missing_docs, clippy::all, unused_qualifications, non_upper_case_globals, non_camel_case_types, non_snake_case, unused_imports, unused_mut, dead_code)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    unused_qualifications,
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    unused_imports,
+    unused_mut,
+    dead_code
+)]
 
 /// Protocol identifier reported by `Health` and `Status`.
 pub const PROTOCOL_VERSION: &str = "nestless.agent.v1";

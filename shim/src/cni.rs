@@ -142,19 +142,27 @@ pub struct NetConf {
 impl NetConf {
     /// Parses stdin.
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
-        let raw: Value = serde_json::from_slice(stdin).map_err(|e| CniError::new(6, format!("network configuration is not JSON: {e}")))?;
+        let raw: Value = serde_json::from_slice(stdin)
+            .map_err(|e| CniError::new(6, format!("network configuration is not JSON: {e}")))?;
         let s = |k: &str| raw.get(k).and_then(Value::as_str).map(str::to_string);
-        let version = s("cniVersion").ok_or_else(|| CniError::new(7, "network configuration has no cniVersion"))?;
+        let version = s("cniVersion")
+            .ok_or_else(|| CniError::new(7, "network configuration has no cniVersion"))?;
         if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
             return Err(CniError::new(
                 1,
-                format!("cniVersion {version:?} is not supported (supported: {})", SUPPORTED_VERSIONS.join(", ")),
+                format!(
+                    "cniVersion {version:?} is not supported (supported: {})",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
             ));
         }
         for key in ["shimConfig", "agent"] {
             if let Some(v) = raw.get(key) {
                 if !v.is_string() {
-                    return Err(CniError::new(7, format!("network configuration key {key:?} must be a string")));
+                    return Err(CniError::new(
+                        7,
+                        format!("network configuration key {key:?} must be a string"),
+                    ));
                 }
             }
         }
@@ -169,22 +177,30 @@ impl NetConf {
 
     /// The shim configuration (agent address and timeouts) this plugin uses.
     pub fn shim_config(&self) -> Result<ShimConfig, CniError> {
-        let mut cfg = ShimConfig::resolve(self.shim_config.as_deref()).map_err(|e| CniError::new(7, e.to_string()))?;
+        let mut cfg = ShimConfig::resolve(self.shim_config.as_deref())
+            .map_err(|e| CniError::new(7, e.to_string()))?;
         if let Some(a) = &self.agent {
-            cfg.agent.address = AgentAddress::parse(a).map_err(|e| CniError::new(7, format!("key \"agent\": {e}")))?;
+            cfg.agent.address = AgentAddress::parse(a)
+                .map_err(|e| CniError::new(7, format!("key \"agent\": {e}")))?;
         }
         Ok(cfg)
     }
 }
 
 /// The CNI result for a configured NIC.
-pub fn result_json(version: &str, nic: &nestless_protos::agent::Nic, ifname: &str, netns: &str) -> Value {
+pub fn result_json(
+    version: &str,
+    nic: &nestless_protos::agent::Nic,
+    ifname: &str,
+    netns: &str,
+) -> Value {
     let old = version.starts_with("0.");
     let ips: Vec<Value> = nic
         .addresses
         .iter()
         .map(|a| {
-            let mut ip = json!({ "address": format!("{}/{}", a.address, a.prefix_len), "interface": 0 });
+            let mut ip =
+                json!({ "address": format!("{}/{}", a.address, a.prefix_len), "interface": 0 });
             if !a.gateway.is_empty() {
                 ip["gateway"] = json!(a.gateway);
             }
@@ -217,7 +233,9 @@ pub fn result_json(version: &str, nic: &nestless_protos::agent::Nic, ifname: &st
 /// Runs one CNI command; returns what goes to stdout.
 pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
     if env.command == "VERSION" {
-        return Ok(json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS }).to_string());
+        return Ok(
+            json!({ "cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS }).to_string(),
+        );
     }
     let conf = NetConf::parse(stdin)?;
     let cfg = conf.shim_config()?;
@@ -226,12 +244,18 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
             env.require("CNI_CONTAINERID", &env.container_id)?;
             env.require("CNI_NETNS", &env.netns)?;
             env.require("CNI_IFNAME", &env.ifname)?;
-            crate::config::InterfaceName::new(&env.ifname).map_err(|e| CniError::new(4, format!("CNI_IFNAME: {e}")))?;
+            crate::config::InterfaceName::new(&env.ifname)
+                .map_err(|e| CniError::new(4, format!("CNI_IFNAME: {e}")))?;
             let client = AgentClient::connect(&cfg.agent).await?;
             let nic = client.attach(&env.container_id, &env.labels()).await?;
             let plugged = async {
                 let spec = nic_spec(&nic, &env.ifname)?;
-                plug_into_pod(&spec, std::path::Path::new(&env.netns), cfg.network.nic_wait).await?;
+                plug_into_pod(
+                    &spec,
+                    std::path::Path::new(&env.netns),
+                    cfg.network.nic_wait,
+                )
+                .await?;
                 Ok::<_, PodNetError>(())
             }
             .await;
@@ -259,24 +283,41 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
                 .await?
                 .into_iter()
                 .find(|n| n.sandbox_id == env.container_id)
-                .ok_or_else(|| CniError::new(100, format!("sandbox {} has no host-provided NIC", env.container_id)))?;
+                .ok_or_else(|| {
+                    CniError::new(
+                        100,
+                        format!("sandbox {} has no host-provided NIC", env.container_id),
+                    )
+                })?;
             let spec = nic_spec(&nic, &env.ifname)?;
             let netns = PathBuf::from(&env.netns);
-            let ok = tokio::task::spawn_blocking(move || guest::in_netns(&netns, move |h| async move { guest::check_configured(&h, &spec).await }))
-                .await
-                .map_err(|e| CniError::new(100, e.to_string()))?
-                .map_err(PodNetError::from)?;
+            let ok = tokio::task::spawn_blocking(move || {
+                guest::in_netns(&netns, move |h| async move {
+                    guest::check_configured(&h, &spec).await
+                })
+            })
+            .await
+            .map_err(|e| CniError::new(100, e.to_string()))?
+            .map_err(PodNetError::from)?;
             if !ok {
                 return Err(CniError::new(
                     100,
-                    format!("NIC {} ({}) is not configured as {} in {}", nic.id, nic.mac, env.ifname, env.netns),
+                    format!(
+                        "NIC {} ({}) is not configured as {} in {}",
+                        nic.id, nic.mac, env.ifname, env.netns
+                    ),
                 ));
             }
             Ok(String::new())
         }
         "STATUS" => {
-            let client = AgentClient::connect(&cfg.agent).await.map_err(|e| CniError::new(50, e.to_string()))?;
-            client.health().await.map_err(|e| CniError::new(50, e.to_string()))?;
+            let client = AgentClient::connect(&cfg.agent)
+                .await
+                .map_err(|e| CniError::new(50, e.to_string()))?;
+            client
+                .health()
+                .await
+                .map_err(|e| CniError::new(50, e.to_string()))?;
             Ok(String::new())
         }
         "GC" => {
@@ -284,7 +325,11 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
                 .raw
                 .get("cni.dev/valid-attachments")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v["containerID"].as_str().map(str::to_string)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v["containerID"].as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             let client = AgentClient::connect(&cfg.agent).await?;
             for nic in client.list().await? {
@@ -295,7 +340,10 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
             }
             Ok(String::new())
         }
-        other => Err(CniError::new(4, format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK, STATUS, GC or VERSION"))),
+        other => Err(CniError::new(
+            4,
+            format!("CNI_COMMAND {other:?} is not ADD, DEL, CHECK, STATUS, GC or VERSION"),
+        )),
     }
 }
 
@@ -311,10 +359,20 @@ mod tests {
         let e = NetConf::parse(br#"{"cniVersion":"9.9.9"}"#).unwrap_err();
         assert_eq!(e.code, 1);
         assert!(e.msg.contains("1.1.0"));
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"1.0.0","agent":5}"#).unwrap_err().code, 7);
-        let c = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agent":"unix:///run/a.sock"}"#).unwrap();
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"1.0.0","agent":5}"#)
+                .unwrap_err()
+                .code,
+            7
+        );
+        let c =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agent":"unix:///run/a.sock"}"#)
+                .unwrap();
         assert_eq!(c.name, "n");
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","agent":"tcp://x"}"#).unwrap().shim_config().unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","agent":"tcp://x"}"#)
+            .unwrap()
+            .shim_config()
+            .unwrap_err();
         assert!(e.msg.contains("\"agent\""), "{e}");
     }
 
@@ -325,7 +383,10 @@ mod tests {
             ..Default::default()
         };
         let v: Value = serde_json::from_str(&run(&env, b"").await.unwrap()).unwrap();
-        assert_eq!(v["supportedVersions"].as_array().unwrap().len(), SUPPORTED_VERSIONS.len());
+        assert_eq!(
+            v["supportedVersions"].as_array().unwrap().len(),
+            SUPPORTED_VERSIONS.len()
+        );
         let env = CniEnv {
             command: "ADD".into(),
             ..Default::default()
@@ -363,6 +424,9 @@ mod tests {
         assert!(r["ips"][0].get("version").is_none());
         assert_eq!(r["interfaces"][0]["sandbox"], "/var/run/netns/x");
         assert_eq!(r["routes"][0]["gw"], "10.0.0.1");
-        assert_eq!(result_json("0.3.1", &nic, "eth0", "/x")["ips"][0]["version"], "4");
+        assert_eq!(
+            result_json("0.3.1", &nic, "eth0", "/x")["ips"][0]["version"],
+            "4"
+        );
     }
 }

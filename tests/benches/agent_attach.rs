@@ -90,13 +90,17 @@ async fn concurrent(agent: &AgentProc, vms: usize, per_vm: usize, tag: &str) -> 
     let t = Instant::now();
     for (i, c) in clients.iter().enumerate() {
         for k in 0..per_vm {
-            c.attach_nic(ctx(), &req(&format!("{tag}s{i}-{k}"))).await.unwrap();
+            c.attach_nic(ctx(), &req(&format!("{tag}s{i}-{k}")))
+                .await
+                .unwrap();
         }
     }
     let serial = ms(t.elapsed());
     for (i, c) in clients.iter().enumerate() {
         for k in 0..per_vm {
-            c.detach_nic(ctx(), &det(&format!("{tag}s{i}-{k}"))).await.unwrap();
+            c.detach_nic(ctx(), &det(&format!("{tag}s{i}-{k}")))
+                .await
+                .unwrap();
         }
     }
     // All at once.
@@ -108,7 +112,9 @@ async fn concurrent(agent: &AgentProc, vms: usize, per_vm: usize, tag: &str) -> 
             let tag = tag.to_string();
             tasks.push(tokio::spawn(async move {
                 let c = vm_client(&s).await;
-                c.attach_nic(ctx(), &req(&format!("{tag}p{i}-{k}"))).await.unwrap();
+                c.attach_nic(ctx(), &req(&format!("{tag}p{i}-{k}")))
+                    .await
+                    .unwrap();
             }));
         }
     }
@@ -118,7 +124,9 @@ async fn concurrent(agent: &AgentProc, vms: usize, per_vm: usize, tag: &str) -> 
     let parallel = ms(t.elapsed());
     for (i, c) in clients.iter().enumerate() {
         for k in 0..per_vm {
-            c.detach_nic(ctx(), &det(&format!("{tag}p{i}-{k}"))).await.unwrap();
+            c.detach_nic(ctx(), &det(&format!("{tag}p{i}-{k}")))
+                .await
+                .unwrap();
         }
     }
     (serial, parallel)
@@ -128,15 +136,25 @@ const WATCH: &str = "while :; do for d in /sys/class/net/*; do [ \"$d\" = /sys/c
 
 fn main() {
     require_root();
-    let cycles: usize = std::env::var("NESTLESS_BENCH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cycles: usize = std::env::var("NESTLESS_BENCH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     println!("nestless-netagent attach benchmark ({cycles} cycles per backend)");
 
     // ---------------------------------------------------------------- netns
     let net = random_subnet();
     let bridge = Bridge::new(Some(&format!("{net}.1/24")));
     let nss: Vec<Netns> = (0..4).map(|i| Netns::new(&format!("b{i}"))).collect();
-    let backends: Vec<String> = nss.iter().map(|n| format!("backend = \"netns\"\nnetns = \"{}\"", n.name)).collect();
+    let backends: Vec<String> = nss
+        .iter()
+        .map(|n| format!("backend = \"netns\"\nnetns = \"{}\"", n.name))
+        .collect();
     let agent = agent_for(&bridge, &net, &backends);
     rt.block_on(async {
         let c = vm_client(&agent.dir.path().join("vm0.sock")).await;
@@ -159,13 +177,20 @@ fn main() {
     drop(agent);
 
     // ---------------------------------------------------------------- qemu
-    let vms: Vec<Vm> = (0..2).map(|_| Vm::builder().machine(Machine::Q35).root_ports(12).start()).collect();
+    let vms: Vec<Vm> = (0..2)
+        .map(|_| Vm::builder().machine(Machine::Q35).root_ports(12).start())
+        .collect();
     for vm in &vms {
         vm.wait_ready(Duration::from_secs(240));
     }
     let backends: Vec<String> = vms
         .iter()
-        .map(|v| format!("backend = \"qemu\"\nqmp_socket = \"{}\"", v.qmp_path().display()))
+        .map(|v| {
+            format!(
+                "backend = \"qemu\"\nqmp_socket = \"{}\"",
+                v.qmp_path().display()
+            )
+        })
         .collect();
     let agent = agent_for(&bridge, &net, &backends);
     let vm = &vms[0];
@@ -228,7 +253,11 @@ fn main() {
     let wait_pool = |a: &AgentProc| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while pooled(a) < 2 {
-            assert!(Instant::now() < deadline, "warm pool not refilled:\n{}", a.log());
+            assert!(
+                Instant::now() < deadline,
+                "warm pool not refilled:\n{}",
+                a.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -243,7 +272,11 @@ fn main() {
             reply.push(ms(t.elapsed()));
             // Usable at the reply: the NIC was plugged before the request.
             let links = vm.exec_ok("cat /sys/class/net/*/address");
-            assert!(links.contains(&nic.mac), "warm NIC {} not in the guest: {links}", nic.mac);
+            assert!(
+                links.contains(&nic.mac),
+                "warm NIC {} not in the guest: {links}",
+                nic.mac
+            );
             let t = Instant::now();
             c.detach_nic(ctx(), &det(&sb)).await.unwrap();
             detach.push(ms(t.elapsed()));

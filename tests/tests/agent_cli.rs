@@ -15,7 +15,10 @@ use nestless_tests::{
 };
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn check_config(path: &Path) -> (i32, String) {
@@ -25,7 +28,8 @@ fn check_config(path: &Path) -> (i32, String) {
         .arg("--check-config")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -64,7 +68,10 @@ fn broken_files_name_the_file_and_the_key() {
         std::fs::write(&p, text).unwrap();
         let (code, out) = check_config(&p);
         assert_eq!(code, 2, "{out}");
-        assert!(out.contains(&p.display().to_string()) && out.contains(key), "expected file and {key:?} in: {out}");
+        assert!(
+            out.contains(&p.display().to_string()) && out.contains(key),
+            "expected file and {key:?} in: {out}"
+        );
     }
     let (code, out) = check_config(&dir.path().join("missing.toml"));
     assert_eq!(code, 2);
@@ -92,9 +99,18 @@ fn systemd_unit_runs_the_binary_with_flags_it_accepts() {
     let example = repo().join("config/netagent.toml");
     let args: Vec<String> = pre_argv[1..]
         .iter()
-        .map(|a| if a.ends_with(".toml") { example.display().to_string() } else { a.to_string() })
+        .map(|a| {
+            if a.ends_with(".toml") {
+                example.display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
         .collect();
-    let out = Command::new(bin_path("nestless-netagent")).args(&args).output().unwrap();
+    let out = Command::new(bin_path("nestless-netagent"))
+        .args(&args)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     if Path::new("/usr/bin/systemd-analyze").exists() {
         // Syntax check of the unit (systemd-analyze warns about the absent binary; that is fine).
@@ -106,7 +122,10 @@ fn systemd_unit_runs_the_binary_with_flags_it_accepts() {
         let err = String::from_utf8_lossy(&out.stderr);
         for line in err.lines() {
             assert!(
-                line.contains("nestless-netagent") && (line.contains("No such file") || line.contains("is not executable") || line.contains("Command")),
+                line.contains("nestless-netagent")
+                    && (line.contains("No such file")
+                        || line.contains("is not executable")
+                        || line.contains("Command")),
                 "systemd-analyze: {line}"
             );
         }
@@ -121,7 +140,8 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&notify).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let cfg = dir.path().join("a.toml");
     std::fs::write(
         &cfg,
@@ -150,10 +170,21 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
         .arg(&admin)
         .output()
         .unwrap();
-    assert!(!as_nobody.status.success(), "a non-root caller got an answer: {as_nobody:?}");
-    let as_root = Command::new(bin_path("nestlessctl")).args(["status", "--socket"]).arg(&admin).output().unwrap();
+    assert!(
+        !as_nobody.status.success(),
+        "a non-root caller got an answer: {as_nobody:?}"
+    );
+    let as_root = Command::new(bin_path("nestlessctl"))
+        .args(["status", "--socket"])
+        .arg(&admin)
+        .output()
+        .unwrap();
     assert!(as_root.status.success(), "{as_root:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let n = sock.recv(&mut buf).expect("no STOPPING message");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert!(child.wait().unwrap().success());

@@ -469,7 +469,13 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
         .map(|l| {
             let n = |tag: &str| -> usize {
                 let before = &l[..l.find(tag).unwrap()];
-                before.rsplit([',', ':']).next().unwrap().trim().parse().unwrap()
+                before
+                    .rsplit([',', ':'])
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
             };
             n(" rolled back") + n(" detached")
         })
@@ -508,22 +514,54 @@ async fn warm_pool_nics_are_ready_before_the_request() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while pooled().len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "pool not filled: {}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool not filled: {}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let warm = pooled();
     // The pooled NICs are already in the VM namespace, invisible to ListNics.
-    let in_ns: Vec<String> = ns.links().iter().filter_map(|l| l["address"].as_str().map(str::to_string)).collect();
-    assert!(warm.iter().all(|m| in_ns.contains(m)), "{warm:?} vs {in_ns:?}");
+    let in_ns: Vec<String> = ns
+        .links()
+        .iter()
+        .filter_map(|l| l["address"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        warm.iter().all(|m| in_ns.contains(m)),
+        "{warm:?} vs {in_ns:?}"
+    );
     let c = vm_client(&agent.dir.path().join("vm0.sock")).await;
-    assert!(c.list_nics(ctx(), &pb::ListNicsRequest::default()).await.unwrap().nics.is_empty());
-    let nic = c.attach_nic(ctx(), &attach_req("hot")).await.unwrap().nic.unwrap();
+    assert!(c
+        .list_nics(ctx(), &pb::ListNicsRequest::default())
+        .await
+        .unwrap()
+        .nics
+        .is_empty());
+    let nic = c
+        .attach_nic(ctx(), &attach_req("hot"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     assert!(warm.contains(&nic.mac), "attach did not take a warm NIC");
-    assert_eq!(c.list_nics(ctx(), &pb::ListNicsRequest::default()).await.unwrap().nics.len(), 1);
+    assert_eq!(
+        c.list_nics(ctx(), &pb::ListNicsRequest::default())
+            .await
+            .unwrap()
+            .nics
+            .len(),
+        1
+    );
     // The pool refills in the background, within the quota of 4.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while pooled().len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "pool not refilled: {}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool not refilled: {}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(agent.state()["nics"].as_array().unwrap().len(), 3);
@@ -532,7 +570,12 @@ async fn warm_pool_nics_are_ready_before_the_request() {
         .arg(&agent.admin)
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("pooled").count(), 2);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("pooled")
+            .count(),
+        2
+    );
 }
 
 #[test]

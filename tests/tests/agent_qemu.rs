@@ -47,7 +47,11 @@ fn rig(machines: &[Machine]) -> Rig {
     require_root();
     let net = random_subnet();
     let bridge = Bridge::new(Some(&format!("{net}.1/24")));
-    let links_dir = tempfile::Builder::new().prefix("nestless-qmp-").tempdir().unwrap().keep();
+    let links_dir = tempfile::Builder::new()
+        .prefix("nestless-qmp-")
+        .tempdir()
+        .unwrap()
+        .keep();
     let guests: Vec<Guest> = machines
         .iter()
         .enumerate()
@@ -68,7 +72,11 @@ fn rig(machines: &[Machine]) -> Rig {
         }
         s
     });
-    Rig { agent, bridge, guests }
+    Rig {
+        agent,
+        bridge,
+        guests,
+    }
 }
 
 impl Rig {
@@ -106,7 +114,10 @@ fn pci_device_ids(vm: &Vm) -> HashSet<String> {
 
 fn netdevs(vm: &Vm) -> String {
     vm.qmp()
-        .execute("human-monitor-command", json!({"command-line": "info network"}))
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "info network"}),
+        )
         .unwrap()
         .as_str()
         .unwrap()
@@ -125,7 +136,10 @@ fn guest_link_with_mac(vm: &Vm, mac: &str, present: bool) -> Option<String> {
         if found.is_some() == present {
             return found;
         }
-        assert!(Instant::now() < deadline, "guest link with {mac} present={present} not reached:\n{out}");
+        assert!(
+            Instant::now() < deadline,
+            "guest link with {mac} present={present} not reached:\n{out}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -136,13 +150,21 @@ async fn hotplug_into_a_real_guest_and_unplug() {
     let vm = &rig.guests[0].vm;
     let c = vm_client(&rig.socket(0)).await;
     let t = Instant::now();
-    let nic = c.attach_nic(ctx(), &attach_req("pod-1")).await.unwrap().nic.unwrap();
+    let nic = c
+        .attach_nic(ctx(), &attach_req("pod-1"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     let attach_ms = t.elapsed().as_millis();
     let names_id = nic.id.clone();
 
     // QEMU has the device on a root port; the tap is on the bridge.
     let ids = pci_device_ids(vm);
-    assert!(ids.contains(&format!("nl-{names_id}")), "query-pci lacks nl-{names_id}: {ids:?}");
+    assert!(
+        ids.contains(&format!("nl-{names_id}")),
+        "query-pci lacks nl-{names_id}: {ids:?}"
+    );
     assert!(netdevs(vm).contains(&format!("nln-{names_id}")));
     assert_eq!(rig.bridge.ports(), vec![format!("nlh{names_id}")]);
     // The guest kernel sees a virtio NIC with the MAC.
@@ -170,12 +192,25 @@ async fn hotplug_into_a_real_guest_and_unplug() {
     )
     .await
     .unwrap();
-    assert!(!pci_device_ids(vm).contains(&format!("nl-{names_id}")), "device still plugged");
-    assert!(!netdevs(vm).contains(&format!("nln-{names_id}")), "netdev left");
+    assert!(
+        !pci_device_ids(vm).contains(&format!("nl-{names_id}")),
+        "device still plugged"
+    );
+    assert!(
+        !netdevs(vm).contains(&format!("nln-{names_id}")),
+        "netdev left"
+    );
     assert!(host_links(&format!("nlh{names_id}")).is_empty(), "tap left");
     guest_link_with_mac(vm, &nic.mac, false);
-    assert_eq!(rig.agent.state()["nics"].as_array().unwrap().len(), 0, "lease kept");
-    assert!(rig.agent.log().contains(&format!("detached NIC {names_id}")));
+    assert_eq!(
+        rig.agent.state()["nics"].as_array().unwrap().len(),
+        0,
+        "lease kept"
+    );
+    assert!(rig
+        .agent
+        .log()
+        .contains(&format!("detached NIC {names_id}")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +219,13 @@ async fn slots_fill_up_then_free_and_i440fx_works() {
     let c = vm_client(&rig.socket(0)).await;
     let mut nics = Vec::new();
     for i in 0..4 {
-        nics.push(c.attach_nic(ctx(), &attach_req(&format!("s{i}"))).await.unwrap().nic.unwrap());
+        nics.push(
+            c.attach_nic(ctx(), &attach_req(&format!("s{i}")))
+                .await
+                .unwrap()
+                .nic
+                .unwrap(),
+        );
     }
     // Four root ports, four NICs: the fifth gets a clear error, nothing changes.
     let e = c.attach_nic(ctx(), &attach_req("s4")).await.unwrap_err();
@@ -202,15 +243,30 @@ async fn slots_fill_up_then_free_and_i440fx_works() {
     )
     .await
     .unwrap();
-    let again = c.attach_nic(ctx(), &attach_req("s4")).await.unwrap().nic.unwrap();
+    let again = c
+        .attach_nic(ctx(), &attach_req("s4"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     guest_link_with_mac(&rig.guests[0].vm, &again.mac, true);
 
     // i440fx: straight onto pci.0.
     let c1 = vm_client(&rig.socket(1)).await;
-    let nic = c1.attach_nic(ctx(), &attach_req("pc-1")).await.unwrap().nic.unwrap();
+    let nic = c1
+        .attach_nic(ctx(), &attach_req("pc-1"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     guest_link_with_mac(&rig.guests[1].vm, &nic.mac, true);
     let st = rig.agent.state();
-    let rec = st["nics"].as_array().unwrap().iter().find(|n| n["id"] == nic.id.as_str()).unwrap();
+    let rec = st["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == nic.id.as_str())
+        .unwrap();
     assert_eq!(rec["slot"], "pci.0");
     c1.detach_nic(
         ctx(),
@@ -228,7 +284,12 @@ async fn slots_fill_up_then_free_and_i440fx_works() {
 async fn qemu_restart_releases_the_lost_nics() {
     let mut rig = rig(&[Machine::Q35]);
     let c = vm_client(&rig.socket(0)).await;
-    let nic = c.attach_nic(ctx(), &attach_req("doomed")).await.unwrap().nic.unwrap();
+    let nic = c
+        .attach_nic(ctx(), &attach_req("doomed"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     // QEMU dies and a new one takes its QMP path (as a VM restart does).
     let link = rig.guests[0].link.clone();
     rig.guests.clear();
@@ -237,13 +298,26 @@ async fn qemu_restart_releases_the_lost_nics() {
     // The agent's upkeep reconnects, sees the device gone, releases the NIC.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rig.agent.state()["nics"].as_array().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "lost NIC not released:\n{}", rig.agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "lost NIC not released:\n{}",
+            rig.agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(host_links(&format!("nlh{}", nic.id)).is_empty(), "tap left");
-    assert!(rig.agent.log().contains("reconnected"), "{}", rig.agent.log());
+    assert!(
+        rig.agent.log().contains("reconnected"),
+        "{}",
+        rig.agent.log()
+    );
     // And the new QEMU serves attaches.
-    let n2 = c.attach_nic(ctx(), &attach_req("reborn")).await.unwrap().nic.unwrap();
+    let n2 = c
+        .attach_nic(ctx(), &attach_req("reborn"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
     guest_link_with_mac(&rig.guests[0].vm, &n2.mac, true);
 }
 
@@ -256,7 +330,9 @@ async fn kill9_of_the_agent_leaks_no_tap_device_or_lease() {
         let load = tokio::spawn(async move {
             let c = vm_client(&sock).await;
             for i in 0.. {
-                let r = c.attach_nic(ctx(), &attach_req(&format!("k{round}-{}", i % 3))).await;
+                let r = c
+                    .attach_nic(ctx(), &attach_req(&format!("k{round}-{}", i % 3)))
+                    .await;
                 let d = c
                     .detach_nic(
                         ctx(),
@@ -294,10 +370,19 @@ async fn kill9_of_the_agent_leaks_no_tap_device_or_lease() {
         let nd = netdevs(vm);
         let netdev_ids: HashSet<String> = nd
             .split(|c: char| c.is_whitespace() || c == '\\')
-            .filter_map(|w| w.strip_suffix(':').and_then(|w| w.strip_prefix("nln-")).map(str::to_string))
+            .filter_map(|w| {
+                w.strip_suffix(':')
+                    .and_then(|w| w.strip_prefix("nln-"))
+                    .map(str::to_string)
+            })
             .collect();
         assert_eq!(netdev_ids, ids, "round {round}: netdevs vs records:\n{nd}");
-        let taps: HashSet<String> = rig.bridge.ports().into_iter().map(|p| p[3..].to_string()).collect();
+        let taps: HashSet<String> = rig
+            .bridge
+            .ports()
+            .into_iter()
+            .map(|p| p[3..].to_string())
+            .collect();
         assert_eq!(taps, ids, "round {round}: taps vs records");
     }
     assert!(rig.agent.log().matches("recovered:").count() > rounds);

@@ -88,12 +88,21 @@ fn cni(rig: &Rig, command: &str, sandbox: &str, netns: &Path, extra: Value) -> O
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn nestless-cni");
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     Out {
         ok: out.status.success(),
-        stdout: if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or_else(|e| panic!("stdout not JSON ({e}): {text}")) },
+        stdout: if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("stdout not JSON ({e}): {text}"))
+        },
         stderr: String::from_utf8_lossy(&out.stderr).to_string(),
     }
 }
@@ -118,18 +127,52 @@ fn add_check_del_in_a_pod_namespace() {
     let mac = r["interfaces"][0]["mac"].as_str().unwrap().to_string();
 
     // eth0 in the pod namespace: the MAC, the address, up, the default route.
-    let eth0 = pod.links().into_iter().find(|l| l["ifname"] == "eth0").expect("eth0 in the pod netns");
+    let eth0 = pod
+        .links()
+        .into_iter()
+        .find(|l| l["ifname"] == "eth0")
+        .expect("eth0 in the pod netns");
     assert_eq!(eth0["address"], mac.as_str());
     let addrs = check(&["ip", "-n", &pod.name, "-o", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains(&ip), "{addrs}");
     let routes = check(&["ip", "-n", &pod.name, "route"]);
-    assert!(routes.contains(&format!("default via {}.1 dev eth0", rig.net)), "{routes}");
+    assert!(
+        routes.contains(&format!("default via {}.1 dev eth0", rig.net)),
+        "{routes}"
+    );
     // It left the VM (host) namespace, and reaches the bridge both ways.
-    assert!(run(&["ip", "link", "show", "dev", &format!("nlg{}", rig.agent.state()["nics"][0]["id"].as_str().unwrap())]).status.code() != Some(0));
-    let out = pod.exec(&["busybox", "ping", "-c", "2", "-W", "3", &format!("{}.1", rig.net)]);
+    assert!(
+        run(&[
+            "ip",
+            "link",
+            "show",
+            "dev",
+            &format!(
+                "nlg{}",
+                rig.agent.state()["nics"][0]["id"].as_str().unwrap()
+            )
+        ])
+        .status
+        .code()
+            != Some(0)
+    );
+    let out = pod.exec(&[
+        "busybox",
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "3",
+        &format!("{}.1", rig.net),
+    ]);
     assert!(out.status.success(), "pod -> gateway: {out:?}");
     let bare = ip.split('/').next().unwrap();
-    assert!(run(&["busybox", "ping", "-c", "2", "-W", "3", bare]).status.success(), "host -> pod");
+    assert!(
+        run(&["busybox", "ping", "-c", "2", "-W", "3", bare])
+            .status
+            .success(),
+        "host -> pod"
+    );
 
     assert!(cni(&rig, "CHECK", &sb, &pod.path(), json!({})).ok);
     // A repeated ADD (kubelet retry) gives the same NIC and address, no second NIC.
@@ -143,11 +186,22 @@ fn add_check_del_in_a_pod_namespace() {
     assert!(del.ok, "DEL: {}", del.stderr);
     assert_eq!(leases(&rig), 0);
     assert!(rig.bridge.ports().is_empty());
-    assert!(pod.links().iter().all(|l| l["ifname"] != "eth0"), "eth0 left in the pod");
+    assert!(
+        pod.links().iter().all(|l| l["ifname"] != "eth0"),
+        "eth0 left in the pod"
+    );
     // DEL is idempotent; CHECK now fails.
     assert!(cni(&rig, "DEL", &sb, &pod.path(), json!({})).ok);
     let chk = cni(&rig, "CHECK", &sb, &pod.path(), json!({}));
-    assert!(!chk.ok && chk.stdout["msg"].as_str().unwrap().contains("no host-provided NIC"), "{}", chk.stdout);
+    assert!(
+        !chk.ok
+            && chk.stdout["msg"]
+                .as_str()
+                .unwrap()
+                .contains("no host-provided NIC"),
+        "{}",
+        chk.stdout
+    );
 }
 
 #[test]
@@ -165,7 +219,9 @@ fn del_after_the_namespace_is_gone_releases_the_lease() {
     let del = cni(&rig, "DEL", &sb, &path, json!({}));
     assert!(del.ok, "{}", del.stderr);
     assert_eq!(leases(&rig), 0);
-    assert!(host_links("nlh").iter().all(|l| !rig.bridge.ports().contains(l)));
+    assert!(host_links("nlh")
+        .iter()
+        .all(|l| !rig.bridge.ports().contains(l)));
 }
 
 #[test]
@@ -173,7 +229,13 @@ fn status_gc_and_old_versions() {
     let mut rig = rig();
     let pods: Vec<Netns> = (0..2).map(|_| Netns::new("gc")).collect();
     let ids: Vec<String> = (0..2).map(|_| format!("sb{}", suffix())).collect();
-    let old = cni(&rig, "ADD", &ids[0], &pods[0].path(), json!({"cniVersion": "0.3.1"}));
+    let old = cni(
+        &rig,
+        "ADD",
+        &ids[0],
+        &pods[0].path(),
+        json!({"cniVersion": "0.3.1"}),
+    );
     assert!(old.ok, "{}", old.stderr);
     assert_eq!(old.stdout["ips"][0]["version"], "4");
     assert!(cni(&rig, "ADD", &ids[1], &pods[1].path(), json!({})).ok);
@@ -189,13 +251,34 @@ fn status_gc_and_old_versions() {
     let nics = rig.agent.state()["nics"].as_array().unwrap().clone();
     assert_eq!(nics.len(), 1);
     assert_eq!(nics[0]["sandbox_id"], ids[0].as_str());
-    assert!(cni(&rig, "STATUS", "", Path::new(""), json!({"cniVersion": "1.1.0"})).ok);
+    assert!(
+        cni(
+            &rig,
+            "STATUS",
+            "",
+            Path::new(""),
+            json!({"cniVersion": "1.1.0"})
+        )
+        .ok
+    );
     rig.agent.stop();
-    let st = cni(&rig, "STATUS", "", Path::new(""), json!({"cniVersion": "1.1.0"}));
+    let st = cni(
+        &rig,
+        "STATUS",
+        "",
+        Path::new(""),
+        json!({"cniVersion": "1.1.0"}),
+    );
     assert!(!st.ok);
     assert_eq!(st.stdout["code"], 50);
     // Agent down: ADD fails with "try again later" and changes nothing.
-    let add = cni(&rig, "ADD", &format!("sb{}", suffix()), &pods[1].path(), json!({}));
+    let add = cni(
+        &rig,
+        "ADD",
+        &format!("sb{}", suffix()),
+        &pods[1].path(),
+        json!({}),
+    );
     assert!(!add.ok);
     assert_eq!(add.stdout["code"], 11, "{}", add.stdout);
     rig.agent.restart();
@@ -209,13 +292,22 @@ fn nic_that_never_appears_fails_cleanly() {
     let elsewhere = Netns::new("else");
     let rig = rig_with(elsewhere.path().to_str().unwrap(), 700);
     let pod = Netns::new("pod");
-    let out = cni(&rig, "ADD", &format!("sb{}", suffix()), &pod.path(), json!({}));
+    let out = cni(
+        &rig,
+        "ADD",
+        &format!("sb{}", suffix()),
+        &pod.path(),
+        json!({}),
+    );
     assert!(!out.ok);
     let msg = out.stdout["msg"].as_str().unwrap();
     assert!(msg.contains("appeared within"), "{msg}");
     assert_eq!(leases(&rig), 0, "lease left behind a failed ADD");
     assert!(rig.bridge.ports().is_empty());
-    assert!(elsewhere.links().iter().all(|l| !l["ifname"].as_str().unwrap().starts_with("nlg")));
+    assert!(elsewhere
+        .links()
+        .iter()
+        .all(|l| !l["ifname"].as_str().unwrap().starts_with("nlg")));
 }
 
 #[test]
@@ -225,10 +317,25 @@ fn bad_configuration_and_environment() {
     let out = cni(&rig, "ADD", "", &pod.path(), json!({}));
     assert!(!out.ok);
     assert_eq!(out.stdout["code"], 4);
-    let out = cni(&rig, "ADD", "sb", &pod.path(), json!({"cniVersion": "2.0.0"}));
+    let out = cni(
+        &rig,
+        "ADD",
+        "sb",
+        &pod.path(),
+        json!({"cniVersion": "2.0.0"}),
+    );
     assert_eq!(out.stdout["code"], 1);
-    let out = cni(&rig, "ADD", "sb", &pod.path(), json!({"shimConfig": "/nonexistent/shim.toml"}));
+    let out = cni(
+        &rig,
+        "ADD",
+        "sb",
+        &pod.path(),
+        json!({"shimConfig": "/nonexistent/shim.toml"}),
+    );
     assert_eq!(out.stdout["code"], 7);
-    assert!(out.stdout["msg"].as_str().unwrap().contains("/nonexistent/shim.toml"));
+    assert!(out.stdout["msg"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/shim.toml"));
     assert_eq!(leases(&rig), 0);
 }

@@ -22,7 +22,15 @@ struct Part {
 }
 
 impl Part {
-    fn start(agent: &AgentProc, vm: &Netns, vm_idx: usize, pod: &Netns, hostlo_pod: &str, part: u32, extra: &[&str]) -> Part {
+    fn start(
+        agent: &AgentProc,
+        vm: &Netns,
+        vm_idx: usize,
+        pod: &Netns,
+        hostlo_pod: &str,
+        part: u32,
+        extra: &[&str],
+    ) -> Part {
         let sock = agent.dir.path().join(format!("vm{vm_idx}.sock"));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &vm.name])
@@ -36,10 +44,17 @@ impl Part {
         for e in extra {
             cmd.args(["--label", e]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn nestless-podnet");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn nestless-podnet");
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        let json = line.strip_prefix("READY ").unwrap_or_else(|| panic!("part {part} failed: {line}"));
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let json = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("part {part} failed: {line}"));
         Part {
             ready: serde_json::from_str(json).unwrap(),
             child,
@@ -47,10 +62,19 @@ impl Part {
     }
 
     fn stop(mut self) -> String {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let mut rest = String::new();
         use std::io::Read;
-        self.child.stdout.take().unwrap().read_to_string(&mut rest).unwrap();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut rest)
+            .unwrap();
         assert!(self.child.wait().unwrap().success(), "{rest}");
         rest
     }
@@ -87,7 +111,11 @@ impl Drop for Service {
 }
 
 fn view(agent: &AgentProc) -> Value {
-    let out = Command::new(bin_path("nestlessctl")).args(["hostlo", "--json", "--socket"]).arg(&agent.admin).output().unwrap();
+    let out = Command::new(bin_path("nestlessctl"))
+        .args(["hostlo", "--json", "--socket"])
+        .arg(&agent.admin)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -99,20 +127,29 @@ fn wait_for(agent: &AgentProc, what: &str, f: impl Fn(&Value) -> bool) -> Value 
         if f(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "{what} not reached: {v}\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "{what} not reached: {v}\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn has_port(v: &Value, entry: &str) -> bool {
-    v[0]["ports"].as_array().is_some_and(|a| a.iter().any(|p| p == entry))
+    v[0]["ports"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|p| p == entry))
 }
 
 /// `echo MSG | socat` from inside `pod` to `target` ("TCP:127.0.0.1:8080").
 fn talk(pod: &Netns, target: &str, msg: &str) -> String {
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!("echo {msg} | ip netns exec {} socat -t 3 - {target}", pod.name))
+        .arg(format!(
+            "echo {msg} | ip netns exec {} socat -t 3 - {target}",
+            pod.name
+        ))
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -121,7 +158,10 @@ fn talk(pod: &Netns, target: &str, msg: &str) -> String {
 #[test]
 fn two_parts_share_localhost_over_the_segment() {
     require_root();
-    assert!(run(&["socat", "-V"]).status.success(), "socat is required (apt install socat)");
+    assert!(
+        run(&["socat", "-V"]).status.success(),
+        "socat is required (apt install socat)"
+    );
     let net = random_subnet();
     let bridge = Bridge::new(Some(&format!("{net}.1/24")));
     let vms = [Netns::new("hva"), Netns::new("hvb")];
@@ -136,16 +176,47 @@ fn two_parts_share_localhost_over_the_segment() {
     });
     let pod_name = format!("web-{}", suffix());
     let p0 = Part::start(&agent, &vms[0], 0, &pods[0], &pod_name, 0, &[]);
-    let mut p1 = Part::start(&agent, &vms[1], 1, &pods[1], &pod_name, 1, &["io.nestless.hostlo/ports=9999/tcp"]);
-    let pod_ip = p0.ready["addresses"][0].as_str().unwrap().split('/').next().unwrap().to_string();
+    let mut p1 = Part::start(
+        &agent,
+        &vms[1],
+        1,
+        &pods[1],
+        &pod_name,
+        1,
+        &["io.nestless.hostlo/ports=9999/tcp"],
+    );
+    let pod_ip = p0.ready["addresses"][0]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     // Each part has hostlo0 with its segment address.
-    let seg = check(&["ip", "-n", &pods[1].name, "-o", "addr", "show", "dev", "hostlo0"]);
+    let seg = check(&[
+        "ip",
+        "-n",
+        &pods[1].name,
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        "hostlo0",
+    ]);
     assert!(seg.contains("169.254.77.2/24"), "{seg}");
 
     // Part 1 serves TCP 8080 on loopback only, and UDP 5353 on loopback.
-    let _tcp = Service::start(&pods[1], &["TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"]);
-    let _udp = Service::start(&pods[1], &["UDP-RECVFROM:5353,bind=127.0.0.1,fork", "EXEC:cat"]);
-    let v = wait_for(&agent, "part 1's ports published", |v| has_port(v, "1:8080/tcp") && has_port(v, "1:5353/udp"));
+    let _tcp = Service::start(
+        &pods[1],
+        &["TCP-LISTEN:8080,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"],
+    );
+    let _udp = Service::start(
+        &pods[1],
+        &["UDP-RECVFROM:5353,bind=127.0.0.1,fork", "EXEC:cat"],
+    );
+    let v = wait_for(&agent, "part 1's ports published", |v| {
+        has_port(v, "1:8080/tcp") && has_port(v, "1:5353/udp")
+    });
     assert!(has_port(&v, "1:9999/tcp"), "declared port: {v}");
     assert_eq!(v[0]["pod_ip"], pod_ip.as_str());
     assert_eq!(v[0]["members"].as_array().unwrap().len(), 2);
@@ -153,12 +224,25 @@ fn two_parts_share_localhost_over_the_segment() {
     // From part 0: localhost and the pod IP reach part 1's services.
     let deadline = Instant::now() + Duration::from_secs(20);
     while talk(&pods[0], "TCP:127.0.0.1:8080", "x") != "x" {
-        assert!(Instant::now() < deadline, "relay for 8080 never came up:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "relay for 8080 never came up:\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(talk(&pods[0], "TCP:127.0.0.1:8080", "hello-tcp"), "hello-tcp");
-    assert_eq!(talk(&pods[0], &format!("TCP:{pod_ip}:8080"), "via-pod-ip"), "via-pod-ip");
-    assert_eq!(talk(&pods[0], "UDP:127.0.0.1:5353", "hello-udp"), "hello-udp");
+    assert_eq!(
+        talk(&pods[0], "TCP:127.0.0.1:8080", "hello-tcp"),
+        "hello-tcp"
+    );
+    assert_eq!(
+        talk(&pods[0], &format!("TCP:{pod_ip}:8080"), "via-pod-ip"),
+        "via-pod-ip"
+    );
+    assert_eq!(
+        talk(&pods[0], "UDP:127.0.0.1:5353", "hello-udp"),
+        "hello-udp"
+    );
     // From outside (the host, over the bridge) to the pod IP: part 1 answers.
     let out = Command::new("sh")
         .arg("-c")
@@ -185,30 +269,55 @@ fn two_parts_share_localhost_over_the_segment() {
     // part 1 serves. It is reported, and 8080 is no longer relayed anywhere.
     {
         let pod2 = Netns::new("hpc");
-        let p2 = Part::start(&agent, &vms[0], 0, &pod2, &pod_name, 2, &["io.nestless.hostlo/ports=8080/tcp"]);
+        let p2 = Part::start(
+            &agent,
+            &vms[0],
+            0,
+            &pod2,
+            &pod_name,
+            2,
+            &["io.nestless.hostlo/ports=8080/tcp"],
+        );
         let v = wait_for(&agent, "the conflict reported", |v| {
-            v[0]["conflicts"].as_array().is_some_and(|c| c.iter().any(|x| x == "8080/tcp"))
+            v[0]["conflicts"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|x| x == "8080/tcp"))
         });
         assert_eq!(v[0]["conflicts"].as_array().unwrap().len(), 1, "{v}");
-        assert!(agent.log().contains("8080/tcp is served by parts [1, 2]"), "{}", agent.log());
+        assert!(
+            agent.log().contains("8080/tcp is served by parts [1, 2]"),
+            "{}",
+            agent.log()
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while talk(&pods[0], "TCP:127.0.0.1:8080", "x") == "x" {
-            assert!(Instant::now() < deadline, "a conflicting port is still relayed");
+            assert!(
+                Instant::now() < deadline,
+                "a conflicting port is still relayed"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         p2.stop();
     }
-    wait_for(&agent, "the conflict cleared", |v| v[0]["conflicts"].as_array().is_some_and(|c| c.is_empty()));
+    wait_for(&agent, "the conflict cleared", |v| {
+        v[0]["conflicts"].as_array().is_some_and(|c| c.is_empty())
+    });
 
     // Part 1 restarts (its sandbox comes back): part 0 reaches it again.
     let out = p1.stop();
     assert!(out.contains("DONE"), "{out}");
-    wait_for(&agent, "part 1 gone", |v| v[0]["members"].as_array().is_some_and(|m| m.len() == 1));
+    wait_for(&agent, "part 1 gone", |v| {
+        v[0]["members"].as_array().is_some_and(|m| m.len() == 1)
+    });
     p1 = Part::start(&agent, &vms[1], 1, &pods[1], &pod_name, 1, &[]);
     wait_for(&agent, "part 1 back", |v| has_port(v, "1:8080/tcp"));
     let deadline = Instant::now() + Duration::from_secs(20);
     while talk(&pods[0], "TCP:127.0.0.1:8080", "again") != "again" {
-        assert!(Instant::now() < deadline, "no relay after the part's restart:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "no relay after the part's restart:\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -219,7 +328,11 @@ fn two_parts_share_localhost_over_the_segment() {
     p1.stop();
     assert_eq!(view(&agent), Value::Array(vec![]));
     assert!(host_links(&segment).is_empty(), "segment bridge left");
-    assert!(agent.state()["nics"].as_array().unwrap().is_empty(), "{}", agent.state());
+    assert!(
+        agent.state()["nics"].as_array().unwrap().is_empty(),
+        "{}",
+        agent.state()
+    );
     assert!(bridge.ports().is_empty());
     let _ = Path::new("");
 }

@@ -35,11 +35,13 @@ impl NetnsBackend {
     }
 
     fn check_netns(&self) -> Result<(), BackendError> {
-        std::fs::metadata(&self.netns).map(|_| ()).map_err(|source| BackendError::Netns {
-            vm: self.vm.clone(),
-            path: self.netns.clone(),
-            source,
-        })
+        std::fs::metadata(&self.netns)
+            .map(|_| ())
+            .map_err(|source| BackendError::Netns {
+                vm: self.vm.clone(),
+                path: self.netns.clone(),
+                source,
+            })
     }
 }
 
@@ -53,10 +55,18 @@ impl VmBackend for NetnsBackend {
         self.check_netns()?;
         let names = nic.id.names();
         self.links
-            .create_veth(&names.host_if, &names.guest_if, nic.mac, nic.mtu, &self.netns)
+            .create_veth(
+                &names.host_if,
+                &names.guest_if,
+                nic.mac,
+                nic.mtu,
+                &self.netns,
+            )
             .await
             .map_err(|e| match e.source.raw_os_error() {
-                Some(libc::ENOENT | libc::EBADF | libc::EINVAL) if std::fs::metadata(&self.netns).is_err() => {
+                Some(libc::ENOENT | libc::EBADF | libc::EINVAL)
+                    if std::fs::metadata(&self.netns).is_err() =>
+                {
                     BackendError::Netns {
                         vm: self.vm.clone(),
                         path: self.netns.clone(),
@@ -65,9 +75,17 @@ impl VmBackend for NetnsBackend {
                 }
                 _ => BackendError::Link(e),
             })?;
-        if let Err(e) = self.links.join_bridge(&names.host_if, &nic.bridge, nic.mtu).await {
+        if let Err(e) = self
+            .links
+            .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
+            .await
+        {
             if let Err(undo) = self.links.delete(&names.host_if).await {
-                log::warn!("VM {}: rollback of {} failed: {undo}", self.vm, names.host_if);
+                log::warn!(
+                    "VM {}: rollback of {} failed: {undo}",
+                    self.vm,
+                    names.host_if
+                );
             }
             return Err(e.into());
         }
@@ -129,17 +147,30 @@ mod tests {
         assert!(links.links.lock().unwrap().is_empty(), "veth left behind");
         b.plug(&plan()).await.unwrap();
         let id = plan().id;
-        assert_eq!(b.presence(std::slice::from_ref(&id)).await[&id], Presence::Present);
+        assert_eq!(
+            b.presence(std::slice::from_ref(&id)).await[&id],
+            Presence::Present
+        );
         b.unplug(&id).await.unwrap();
         b.unplug(&id).await.unwrap();
-        assert_eq!(b.presence(std::slice::from_ref(&id)).await[&id], Presence::Gone);
+        assert_eq!(
+            b.presence(std::slice::from_ref(&id)).await[&id],
+            Presence::Gone
+        );
     }
 
     #[tokio::test]
     async fn missing_namespace_is_a_clear_error() {
-        let b = NetnsBackend::new("vm", "/run/netns/does-not-exist-xyz".into(), Arc::new(FakeLinks::default()));
+        let b = NetnsBackend::new(
+            "vm",
+            "/run/netns/does-not-exist-xyz".into(),
+            Arc::new(FakeLinks::default()),
+        );
         let e = b.plug(&plan()).await.unwrap_err();
         assert!(e.is_unavailable());
-        assert!(e.to_string().contains("/run/netns/does-not-exist-xyz"), "{e}");
+        assert!(
+            e.to_string().contains("/run/netns/does-not-exist-xyz"),
+            "{e}"
+        );
     }
 }

@@ -65,10 +65,14 @@ pub fn hotplug_buses(query_pci: &Value) -> Vec<HotplugBus> {
         return out;
     };
     let root = buses.iter().find(|b| b["bus"].as_u64() == Some(0));
-    let root_devices = root.and_then(|b| b["devices"].as_array()).cloned().unwrap_or_default();
-    let is_q35 = root_devices
-        .iter()
-        .any(|d| d["id"]["vendor"].as_u64() == Some(VENDOR_INTEL) && d["id"]["device"].as_u64() == Some(DEV_Q35_HOST));
+    let root_devices = root
+        .and_then(|b| b["devices"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    let is_q35 = root_devices.iter().any(|d| {
+        d["id"]["vendor"].as_u64() == Some(VENDOR_INTEL)
+            && d["id"]["device"].as_u64() == Some(DEV_Q35_HOST)
+    });
     if !is_q35 && root.is_some() {
         out.push(HotplugBus {
             id: "pci.0".into(),
@@ -78,14 +82,17 @@ pub fn hotplug_buses(query_pci: &Value) -> Vec<HotplugBus> {
     }
     fn walk(devices: &[Value], out: &mut Vec<HotplugBus>) {
         for d in devices {
-            let Some(bridge) = d.get("pci_bridge") else { continue };
+            let Some(bridge) = d.get("pci_bridge") else {
+                continue;
+            };
             let children = bridge["devices"].as_array().cloned().unwrap_or_default();
             let id = d["qdev_id"].as_str().unwrap_or("");
             let vendor = d["id"]["vendor"].as_u64();
             let device = d["id"]["device"].as_u64();
             let class = d["class_info"]["class"].as_u64();
             let capacity = match (vendor, device) {
-                (Some(VENDOR_REDHAT), Some(DEV_PCIE_ROOT_PORT)) | (Some(VENDOR_INTEL), Some(DEV_IOH3420)) => Some(1),
+                (Some(VENDOR_REDHAT), Some(DEV_PCIE_ROOT_PORT))
+                | (Some(VENDOR_INTEL), Some(DEV_IOH3420)) => Some(1),
                 (Some(VENDOR_REDHAT), Some(DEV_PCI_BRIDGE)) => Some(31),
                 _ if class == Some(CLASS_PCI_BRIDGE) => None,
                 _ => None,
@@ -101,7 +108,10 @@ pub fn hotplug_buses(query_pci: &Value) -> Vec<HotplugBus> {
         }
     }
     for b in buses {
-        walk(b["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]), &mut out);
+        walk(
+            b["devices"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+            &mut out,
+        );
     }
     out
 }
@@ -131,13 +141,19 @@ pub fn choose_slot(buses: &[HotplugBus], configured: &[String]) -> Result<String
         for c in configured {
             match buses.iter().find(|b| &b.id == c) {
                 Some(b) => v.push(b),
-                None => return Err(format!("configured hot-plug slot {c:?} is not a hot-pluggable bus of this VM")),
+                None => {
+                    return Err(format!(
+                        "configured hot-plug slot {c:?} is not a hot-pluggable bus of this VM"
+                    ))
+                }
             }
         }
         v
     };
     if candidates.is_empty() {
-        return Err("the VM has no pcie-root-port, pci-bridge or i440fx root bus with an id".into());
+        return Err(
+            "the VM has no pcie-root-port, pci-bridge or i440fx root bus with an id".into(),
+        );
     }
     candidates.sort_by_key(|b| (b.capacity != 1, natural_key(&b.id)));
     candidates
@@ -158,7 +174,13 @@ pub struct QemuBackend {
 
 impl QemuBackend {
     /// The backend of VM `vm`.
-    pub fn new(vm: &str, qmp: Arc<dyn Qmp>, links: Arc<dyn HostLinks>, slots: Vec<String>, unplug_timeout: Duration) -> QemuBackend {
+    pub fn new(
+        vm: &str,
+        qmp: Arc<dyn Qmp>,
+        links: Arc<dyn HostLinks>,
+        slots: Vec<String>,
+        unplug_timeout: Duration,
+    ) -> QemuBackend {
         QemuBackend {
             vm: vm.to_string(),
             qmp,
@@ -176,7 +198,10 @@ impl QemuBackend {
     }
 
     async fn run(&self, command: &str, args: Value) -> Result<Value, BackendError> {
-        self.qmp.execute(command, args).await.map_err(|e| self.qmp_err(e))
+        self.qmp
+            .execute(command, args)
+            .await
+            .map_err(|e| self.qmp_err(e))
     }
 
     /// Runs a removal command; "not found" counts as done.
@@ -190,7 +215,9 @@ impl QemuBackend {
 
     /// Ids of the user-created devices (`/machine/peripheral`).
     async fn devices(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self.run("qom-list", json!({ "path": "/machine/peripheral" })).await?;
+        let v = self
+            .run("qom-list", json!({ "path": "/machine/peripheral" }))
+            .await?;
         let list = v.as_array().ok_or_else(|| BackendError::BadReply {
             vm: self.vm.clone(),
             command: "qom-list",
@@ -205,7 +232,12 @@ impl QemuBackend {
 
     /// Ids of the netdevs (QMP has no query for them in QEMU 7.2: read HMP).
     async fn netdevs(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self.run("human-monitor-command", json!({ "command-line": "info network" })).await?;
+        let v = self
+            .run(
+                "human-monitor-command",
+                json!({ "command-line": "info network" }),
+            )
+            .await?;
         let text = v.as_str().unwrap_or("");
         Ok(text
             .split(|c: char| c.is_whitespace() || c == '\\')
@@ -222,9 +254,16 @@ impl QemuBackend {
         })
     }
 
-    async fn plug_steps(&self, nic: &NicPlan, names: &NicNames, slot: &str) -> Result<(), BackendError> {
+    async fn plug_steps(
+        &self,
+        nic: &NicPlan,
+        names: &NicNames,
+        slot: &str,
+    ) -> Result<(), BackendError> {
         let tap = self.links.open_tap(&names.host_if)?;
-        self.links.join_bridge(&names.host_if, &nic.bridge, nic.mtu).await?;
+        self.links
+            .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
+            .await?;
         self.qmp
             .execute_with_fd("getfd", json!({ "fdname": names.fd_name }), tap.as_fd())
             .await
@@ -251,7 +290,11 @@ impl QemuBackend {
         Ok(())
     }
 
-    async fn wait_deleted(&self, device: &str, events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>) -> Result<bool, BackendError> {
+    async fn wait_deleted(
+        &self,
+        device: &str,
+        events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>,
+    ) -> Result<bool, BackendError> {
         let deadline = tokio::time::Instant::now() + self.unplug_timeout;
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
@@ -263,7 +306,12 @@ impl QemuBackend {
                     }
                 }
                 Ok(Err(_)) => return Ok(false),
-                Ok(Ok(ev)) if ev.name == "DEVICE_DELETED" && ev.data["device"].as_str() == Some(device) => return Ok(true),
+                Ok(Ok(ev))
+                    if ev.name == "DEVICE_DELETED"
+                        && ev.data["device"].as_str() == Some(device) =>
+                {
+                    return Ok(true)
+                }
                 Ok(Ok(ev)) if ev.name == DISCONNECTED_EVENT => {
                     return Err(self.qmp_err(QmpError::Disconnected {
                         path: Default::default(),
@@ -298,14 +346,21 @@ impl VmBackend for QemuBackend {
         let names = id.names();
         if self.devices().await?.contains(&names.device) {
             let mut events = self.qmp.subscribe();
-            match self.qmp.execute("device_del", json!({ "id": names.device })).await {
+            match self
+                .qmp
+                .execute("device_del", json!({ "id": names.device }))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {}
                 // A second device_del while the first is pending is refused: keep waiting.
-                Err(QmpError::Command { ref desc, .. }) if desc.contains("in progress") || desc.contains("already") => {}
+                Err(QmpError::Command { ref desc, .. })
+                    if desc.contains("in progress") || desc.contains("already") => {}
                 Err(e) => return Err(self.qmp_err(e)),
             }
-            if !self.wait_deleted(&names.device, &mut events).await? && self.devices().await?.contains(&names.device) {
+            if !self.wait_deleted(&names.device, &mut events).await?
+                && self.devices().await?.contains(&names.device)
+            {
                 return Err(BackendError::UnplugTimeout {
                     vm: self.vm.clone(),
                     device: names.device,
@@ -313,8 +368,10 @@ impl VmBackend for QemuBackend {
                 });
             }
         }
-        self.remove("netdev_del", json!({ "id": names.netdev })).await?;
-        self.remove("closefd", json!({ "fdname": names.fd_name })).await?;
+        self.remove("netdev_del", json!({ "id": names.netdev }))
+            .await?;
+        self.remove("closefd", json!({ "fdname": names.fd_name }))
+            .await?;
         self.links.delete(&names.host_if).await?;
         Ok(())
     }
@@ -324,7 +381,10 @@ impl VmBackend for QemuBackend {
             Ok(d) => d,
             Err(e) => {
                 log::warn!("VM {}: cannot list devices: {e}", self.vm);
-                return ids.iter().map(|id| (id.clone(), Presence::Unknown)).collect();
+                return ids
+                    .iter()
+                    .map(|id| (id.clone(), Presence::Unknown))
+                    .collect();
             }
         };
         ids.iter()
@@ -341,7 +401,12 @@ impl VmBackend for QemuBackend {
 
     async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
         let mut ids: HashSet<NicId> = HashSet::new();
-        for name in self.devices().await?.iter().chain(self.netdevs().await?.iter()) {
+        for name in self
+            .devices()
+            .await?
+            .iter()
+            .chain(self.netdevs().await?.iter())
+        {
             if name.starts_with(QEMU_DEVICE_PREFIX) || name.starts_with(QEMU_NETDEV_PREFIX) {
                 if let Some(id) = NicNames::id_from_name(name) {
                     ids.insert(id);
@@ -415,7 +480,9 @@ pub mod fake {
 
         pub(crate) fn query_pci(&self) -> Value {
             let devices = self.devices.lock().unwrap();
-            let mut root = vec![json!({"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": DEV_Q35_HOST}, "class_info": {"class": 0x0600}})];
+            let mut root = vec![
+                json!({"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": DEV_Q35_HOST}, "class_info": {"class": 0x0600}}),
+            ];
             for i in 1..=self.ports {
                 let id = format!("rp{i}");
                 let children: Vec<Value> = devices
@@ -461,7 +528,10 @@ pub mod fake {
                 )),
                 "human-monitor-command" => {
                     let nd = self.netdevs.lock().unwrap();
-                    Ok(json!(nd.iter().map(|n| format!("{n}: index=0,type=tap\r\n")).collect::<String>()))
+                    Ok(json!(nd
+                        .iter()
+                        .map(|n| format!("{n}: index=0,type=tap\r\n"))
+                        .collect::<String>()))
                 }
                 "netdev_add" => {
                     if !self.fds.lock().unwrap().remove(&s("fd")) {
@@ -472,13 +542,22 @@ pub mod fake {
                 }
                 "device_add" => {
                     let bus = s("bus");
-                    if self.devices.lock().unwrap().values().any(|(_, b)| *b == bus) {
+                    if self
+                        .devices
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .any(|(_, b)| *b == bus)
+                    {
                         return Err(Self::err(cmd, "Bus has no free slot"));
                     }
                     if !self.netdevs.lock().unwrap().contains(&s("netdev")) {
                         return Err(Self::err(cmd, "netdev not found"));
                     }
-                    self.devices.lock().unwrap().insert(s("id"), (s("driver"), bus));
+                    self.devices
+                        .lock()
+                        .unwrap()
+                        .insert(s("id"), (s("driver"), bus));
                     Ok(json!({}))
                 }
                 "device_del" => {
@@ -517,13 +596,21 @@ pub mod fake {
             }
         }
 
-        async fn execute_with_fd(&self, cmd: &str, args: Value, _fd: BorrowedFd<'_>) -> Result<Value, QmpError> {
+        async fn execute_with_fd(
+            &self,
+            cmd: &str,
+            args: Value,
+            _fd: BorrowedFd<'_>,
+        ) -> Result<Value, QmpError> {
             self.log.lock().unwrap().push(cmd.to_string());
             if *self.fail.lock().unwrap() == Some(cmd_static(cmd)) {
                 *self.fail.lock().unwrap() = None;
                 return Err(Self::err(cmd, "injected failure"));
             }
-            self.fds.lock().unwrap().insert(args["fdname"].as_str().unwrap().to_string());
+            self.fds
+                .lock()
+                .unwrap()
+                .insert(args["fdname"].as_str().unwrap().to_string());
             Ok(json!({}))
         }
 
@@ -575,7 +662,13 @@ mod tests {
     fn backend(ports: u32) -> (Arc<FakeQemu>, Arc<FakeLinks>, QemuBackend) {
         let q = Arc::new(FakeQemu::new(ports));
         let l = Arc::new(FakeLinks::default());
-        let b = QemuBackend::new("vm1", q.clone(), l.clone(), vec![], Duration::from_millis(200));
+        let b = QemuBackend::new(
+            "vm1",
+            q.clone(),
+            l.clone(),
+            vec![],
+            Duration::from_millis(200),
+        );
         (q, l, b)
     }
 
@@ -586,11 +679,24 @@ mod tests {
             capacity,
             used,
         };
-        let buses = vec![bus("rp10", 1, 0), bus("rp2", 1, 1), bus("rp3", 1, 0), bus("br1", 31, 30)];
-        assert_eq!(choose_slot(&buses, &[]).unwrap(), "rp3", "natural order, free ports first");
+        let buses = vec![
+            bus("rp10", 1, 0),
+            bus("rp2", 1, 1),
+            bus("rp3", 1, 0),
+            bus("br1", 31, 30),
+        ];
+        assert_eq!(
+            choose_slot(&buses, &[]).unwrap(),
+            "rp3",
+            "natural order, free ports first"
+        );
         assert_eq!(choose_slot(&buses, &["rp10".into()]).unwrap(), "rp10");
-        assert!(choose_slot(&buses, &["rp2".into()]).unwrap_err().contains("full"));
-        assert!(choose_slot(&buses, &["nope".into()]).unwrap_err().contains("\"nope\""));
+        assert!(choose_slot(&buses, &["rp2".into()])
+            .unwrap_err()
+            .contains("full"));
+        assert!(choose_slot(&buses, &["nope".into()])
+            .unwrap_err()
+            .contains("\"nope\""));
         let full = vec![bus("rp1", 1, 1), bus("br1", 31, 30)];
         assert_eq!(choose_slot(&full, &[]).unwrap(), "br1");
         assert!(choose_slot(&[], &[]).is_err());
@@ -600,7 +706,10 @@ mod tests {
     fn parses_query_pci_of_q35_and_i440fx() {
         let q = FakeQemu::new(3);
         let buses = hotplug_buses(&q.query_pci());
-        assert_eq!(buses.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["rp1", "rp2", "rp3"]);
+        assert_eq!(
+            buses.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+            ["rp1", "rp2", "rp3"]
+        );
         assert!(buses.iter().all(|b| b.capacity == 1 && b.used == 0));
         let pc = json!([{ "bus": 0, "devices": [
             {"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": 0x1237}},
@@ -608,7 +717,14 @@ mod tests {
             {"slot": 1, "function": 1, "id": {"vendor": VENDOR_INTEL, "device": 0x7010}},
             {"slot": 2, "id": {"vendor": 0x1234, "device": 0x1111}}
         ]}]);
-        assert_eq!(hotplug_buses(&pc), vec![HotplugBus { id: "pci.0".into(), capacity: 32, used: 3 }]);
+        assert_eq!(
+            hotplug_buses(&pc),
+            vec![HotplugBus {
+                id: "pci.0".into(),
+                capacity: 32,
+                used: 3
+            }]
+        );
     }
 
     #[tokio::test]
@@ -620,8 +736,15 @@ mod tests {
         assert_eq!(p2.slot.as_deref(), Some("rp2"));
         let e = b.plug(&plan("00000000a3")).await.unwrap_err();
         assert!(matches!(e, BackendError::NoFreeSlot { .. }), "{e}");
-        let ids: Vec<NicId> = ["00000000a1", "00000000a2"].iter().map(|s| s.parse().unwrap()).collect();
-        assert!(b.presence(&ids).await.values().all(|p| *p == Presence::Present));
+        let ids: Vec<NicId> = ["00000000a1", "00000000a2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(b
+            .presence(&ids)
+            .await
+            .values()
+            .all(|p| *p == Presence::Present));
         for id in &ids {
             b.unplug(id).await.unwrap();
             b.unplug(id).await.unwrap(); // idempotent
@@ -657,7 +780,11 @@ mod tests {
         *q.guest_releases.lock().unwrap() = false;
         let e = b.unplug(&"00000000c1".parse().unwrap()).await.unwrap_err();
         assert!(matches!(e, BackendError::UnplugTimeout { .. }), "{e}");
-        assert_eq!(q.netdevs.lock().unwrap().len(), 1, "netdev kept while the device is");
+        assert_eq!(
+            q.netdevs.lock().unwrap().len(),
+            1,
+            "netdev kept while the device is"
+        );
     }
 
     #[tokio::test]
@@ -666,9 +793,16 @@ mod tests {
         b.plug(&plan("00000000d1")).await.unwrap();
         b.plug(&plan("00000000d2")).await.unwrap();
         let known: Vec<NicId> = vec!["00000000d1".parse().unwrap()];
-        assert_eq!(b.orphans(&known).await.unwrap(), vec!["00000000d2".parse::<NicId>().unwrap()]);
+        assert_eq!(
+            b.orphans(&known).await.unwrap(),
+            vec!["00000000d2".parse::<NicId>().unwrap()]
+        );
         *q.down.lock().unwrap() = true;
-        assert!(b.presence(&known).await.values().all(|p| *p == Presence::Unknown));
+        assert!(b
+            .presence(&known)
+            .await
+            .values()
+            .all(|p| *p == Presence::Unknown));
         assert!(b.probe().await.unwrap_err().is_unavailable());
     }
 }

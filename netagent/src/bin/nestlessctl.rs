@@ -12,7 +12,11 @@ use nestless_netagent::{
 };
 
 #[derive(Parser)]
-#[command(name = "nestlessctl", version, about = "Inspect a nestless host agent; plan Hostlo placements")]
+#[command(
+    name = "nestlessctl",
+    version,
+    about = "Inspect a nestless host agent; plan Hostlo placements"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,7 +64,9 @@ fn main() -> anyhow::Result<()> {
         Command::Leases(a) => (View::Leases, a, None),
         Command::Hostlo(a) => (View::Hostlo, a, None),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let value = rt.block_on(async {
         let client = ctl::connect(&args.socket).await?;
         ctl::fetch(&client, view, vm.as_deref()).await

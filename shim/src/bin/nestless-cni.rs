@@ -22,12 +22,27 @@ fn main() {
     }
     let version = serde_json::from_slice::<serde_json::Value>(&stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(|v| v.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| "1.1.0".into());
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
-            println!("{}", cni::CniError { code: 100, msg: format!("cannot start a runtime: {e}"), details: String::new() }.to_json(&version));
+            println!(
+                "{}",
+                cni::CniError {
+                    code: 100,
+                    msg: format!("cannot start a runtime: {e}"),
+                    details: String::new()
+                }
+                .to_json(&version)
+            );
             std::process::exit(1);
         }
     };

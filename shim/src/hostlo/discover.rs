@@ -60,7 +60,11 @@ pub fn parse_table(text: &str, proto: Proto) -> Vec<Listening> {
             }
             let (addr, port) = local.split_once(':')?;
             let port = u16::from_str_radix(port, 16).ok()?;
-            let addr = if addr.len() == 8 { IpAddr::V4(hex_v4(addr)?) } else { IpAddr::V6(hex_v6(addr)?) };
+            let addr = if addr.len() == 8 {
+                IpAddr::V4(hex_v4(addr)?)
+            } else {
+                IpAddr::V6(hex_v6(addr)?)
+            };
             Some(Listening { proto, addr, port })
         })
         .collect()
@@ -72,7 +76,10 @@ pub fn served(found: &[Listening], segment: IpAddr, exclude: &[Port]) -> Vec<Por
     let mut out: Vec<Port> = found
         .iter()
         .filter(|l| l.addr != segment)
-        .map(|l| Port { port: l.port, proto: l.proto })
+        .map(|l| Port {
+            port: l.port,
+            proto: l.proto,
+        })
         .filter(|p| !exclude.contains(p))
         .collect();
     out.sort();
@@ -90,7 +97,8 @@ mod tests {
    2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
    3: 014DFEA9:1BAF 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0 100 0 0 10 0
 ";
-    const TCP6: &str = "  sl  local_address                         remote_address                        st
+    const TCP6: &str =
+        "  sl  local_address                         remote_address                        st
    0: 00000000000000000000000001000000:0016 00000000000000000000000000000000:0000 0A 0
 ";
     const UDP: &str = "   sl  local_address rem_address   st
@@ -103,7 +111,14 @@ mod tests {
     fn parses_tables() {
         let t = parse_table(TCP, Proto::Tcp);
         assert_eq!(t.len(), 3, "{t:?}");
-        assert_eq!(t[0], Listening { proto: Proto::Tcp, addr: "127.0.0.1".parse().unwrap(), port: 8080 });
+        assert_eq!(
+            t[0],
+            Listening {
+                proto: Proto::Tcp,
+                addr: "127.0.0.1".parse().unwrap(),
+                port: 8080
+            }
+        );
         assert_eq!(t[1].port, 80);
         assert_eq!(t[2].addr, "169.254.77.1".parse::<IpAddr>().unwrap());
         let t6 = parse_table(TCP6, Proto::Tcp);
@@ -118,11 +133,23 @@ mod tests {
     fn served_ports_skip_the_segment_and_relays() {
         let mut found = parse_table(TCP, Proto::Tcp);
         found.extend(parse_table(UDP, Proto::Udp));
-        let relay = Port { port: 80, proto: Proto::Tcp };
+        let relay = Port {
+            port: 80,
+            proto: Proto::Tcp,
+        };
         let s = served(&found, "169.254.77.1".parse().unwrap(), &[relay]);
         assert_eq!(
             s,
-            vec![Port { port: 53, proto: Proto::Udp }, Port { port: 8080, proto: Proto::Tcp }],
+            vec![
+                Port {
+                    port: 53,
+                    proto: Proto::Udp
+                },
+                Port {
+                    port: 8080,
+                    proto: Proto::Tcp
+                }
+            ],
             "the mux on 169.254.77.1 and the relay on 80 are not services"
         );
     }

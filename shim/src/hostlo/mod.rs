@@ -127,7 +127,11 @@ pub fn parse_ports(s: &str) -> Result<Vec<Port>, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (num, proto) = item.split_once('/').unwrap_or((item, "tcp"));
-        let port: u16 = num.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("{item:?}: {num:?} is not a port"))?;
+        let port: u16 = num
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{item:?}: {num:?} is not a port"))?;
         let proto = match proto {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
@@ -141,7 +145,9 @@ pub fn parse_ports(s: &str) -> Result<Vec<Port>, String> {
 }
 
 /// The Hostlo membership the annotations ask for; `None` without the pod annotation.
-pub fn spec_from_annotations(a: &HashMap<String, String>) -> Result<Option<HostloSpec>, HostloError> {
+pub fn spec_from_annotations(
+    a: &HashMap<String, String>,
+) -> Result<Option<HostloSpec>, HostloError> {
     let Some(pod) = a.get(POD_ANNOTATION) else {
         return Ok(None);
     };
@@ -152,10 +158,13 @@ pub fn spec_from_annotations(a: &HashMap<String, String>) -> Result<Option<Hostl
                 reason: format!("required with {POD_ANNOTATION}"),
             })
         }
-        Some(p) => p.trim().parse::<u32>().map_err(|_| HostloError::Annotation {
-            key: PART_ANNOTATION,
-            reason: format!("{p:?} is not a part number"),
-        })?,
+        Some(p) => p
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| HostloError::Annotation {
+                key: PART_ANNOTATION,
+                reason: format!("{p:?} is not a part number"),
+            })?,
     };
     let declared = match a.get(PORTS_ANNOTATION) {
         None => Vec::new(),
@@ -180,16 +189,28 @@ mod tests {
         let mut a = HashMap::new();
         assert_eq!(spec_from_annotations(&a).unwrap(), None);
         a.insert(POD_ANNOTATION.to_string(), "web".to_string());
-        assert!(spec_from_annotations(&a).unwrap_err().to_string().contains(PART_ANNOTATION));
+        assert!(spec_from_annotations(&a)
+            .unwrap_err()
+            .to_string()
+            .contains(PART_ANNOTATION));
         a.insert(PART_ANNOTATION.to_string(), "1".to_string());
-        a.insert(PORTS_ANNOTATION.to_string(), "8080, 53/udp,8080/tcp".to_string());
+        a.insert(
+            PORTS_ANNOTATION.to_string(),
+            "8080, 53/udp,8080/tcp".to_string(),
+        );
         let s = spec_from_annotations(&a).unwrap().unwrap();
         assert_eq!(s.part, 1);
         assert_eq!(
             s.declared,
             vec![
-                Port { port: 53, proto: Proto::Udp },
-                Port { port: 8080, proto: Proto::Tcp }
+                Port {
+                    port: 53,
+                    proto: Proto::Udp
+                },
+                Port {
+                    port: 8080,
+                    proto: Proto::Tcp
+                }
             ]
         );
         a.insert(PORTS_ANNOTATION.to_string(), "99999".to_string());

@@ -80,24 +80,39 @@ pub async fn join(
     let (nic, view) = client.hostlo_join(&spec.pod, spec.part, sandbox_id).await?;
     let attempt = async {
         let nspec = nic_spec(&nic, SEGMENT_IFNAME)?;
-        plug_into_pod(&nspec, netns, nic_wait).await.map_err(crate::podnet::PodNetError::from)?;
+        plug_into_pod(&nspec, netns, nic_wait)
+            .await
+            .map_err(crate::podnet::PodNetError::from)?;
         let address = match nspec.addresses.first() {
             Some((IpAddr::V4(a), _)) => *a,
-            _ => return Err(HostloError::Agent(crate::podnet::PodNetError::BadReply("segment NIC without an IPv4 address".into()))),
+            _ => {
+                return Err(HostloError::Agent(crate::podnet::PodNetError::BadReply(
+                    "segment NIC without an IPv4 address".into(),
+                )))
+            }
         };
-        let sockets = Arc::new(NetnsSockets::open(netns).map_err(|source| HostloError::Socket {
-            op: format!("enter {}", netns.display()),
-            source,
-        })?);
+        let sockets =
+            Arc::new(
+                NetnsSockets::open(netns).map_err(|source| HostloError::Socket {
+                    op: format!("enter {}", netns.display()),
+                    source,
+                })?,
+            );
         let mux = SocketAddr::new(IpAddr::V4(address), MUX_PORT);
-        let tcp = sockets.tcp_listener(mux).await.map_err(|source| HostloError::Socket {
-            op: format!("listen on {mux}/tcp"),
-            source,
-        })?;
-        let udp = sockets.udp_bind(mux).await.map_err(|source| HostloError::Socket {
-            op: format!("bind {mux}/udp"),
-            source,
-        })?;
+        let tcp = sockets
+            .tcp_listener(mux)
+            .await
+            .map_err(|source| HostloError::Socket {
+                op: format!("listen on {mux}/tcp"),
+                source,
+            })?;
+        let udp = sockets
+            .udp_bind(mux)
+            .await
+            .map_err(|source| HostloError::Socket {
+                op: format!("bind {mux}/udp"),
+                source,
+            })?;
         Ok((address, sockets, tcp, udp))
     }
     .await;
@@ -105,7 +120,10 @@ pub async fn join(
         Ok(x) => x,
         Err(e) => {
             if let Err(undo) = client.hostlo_leave(&spec.pod, spec.part).await {
-                log::error!("hostlo {}: leaving after a failed join failed: {undo}", spec.pod);
+                log::error!(
+                    "hostlo {}: leaving after a failed join failed: {undo}",
+                    spec.pod
+                );
             }
             return Err(e);
         }
@@ -121,7 +139,11 @@ pub async fn join(
         relays: HashMap::new(),
         published: None,
     };
-    log::info!("hostlo {}: part {} joined, segment address {address}", spec.pod, spec.part);
+    log::info!(
+        "hostlo {}: part {} joined, segment address {address}",
+        spec.pod,
+        spec.part
+    );
     let task = tokio::spawn(run.run(client, view, tcp, udp, stop_rx));
     Ok(Part {
         address,
@@ -151,11 +173,24 @@ impl Runner {
         mut stop: tokio::sync::oneshot::Receiver<()>,
     ) {
         let muxes = [
-            tokio::spawn(relay::tcp_mux(tcp, self.targets.clone(), self.sockets.clone())),
-            tokio::spawn(relay::udp_mux(udp, self.targets.clone(), self.sockets.clone())),
+            tokio::spawn(relay::tcp_mux(
+                tcp,
+                self.targets.clone(),
+                self.sockets.clone(),
+            )),
+            tokio::spawn(relay::udp_mux(
+                udp,
+                self.targets.clone(),
+                self.sockets.clone(),
+            )),
         ];
         let (views_tx, mut views) = mpsc::channel(4);
-        let watcher = tokio::spawn(watch(self.agent.clone(), self.spec.pod.clone(), first.version, views_tx));
+        let watcher = tokio::spawn(watch(
+            self.agent.clone(),
+            self.spec.pod.clone(),
+            first.version,
+            views_tx,
+        ));
         self.apply(&first).await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -180,7 +215,12 @@ impl Runner {
 
     async fn discover(&self) -> Vec<Listening> {
         let mut found = Vec::new();
-        for (file, proto) in [("tcp", Proto::Tcp), ("tcp6", Proto::Tcp), ("udp", Proto::Udp), ("udp6", Proto::Udp)] {
+        for (file, proto) in [
+            ("tcp", Proto::Tcp),
+            ("tcp6", Proto::Tcp),
+            ("udp", Proto::Udp),
+            ("udp6", Proto::Udp),
+        ] {
             match self.sockets.proc_net(file).await {
                 Ok(t) => found.extend(discover::parse_table(&t, proto)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -193,15 +233,24 @@ impl Runner {
     async fn publish(&mut self, client: &AgentClient) {
         let found = self.discover().await;
         let relayed: Vec<Port> = self.relays.keys().map(|(p, _)| *p).collect();
-        let mut ports: BTreeSet<Port> = discover::served(&found, self.segment, &relayed).into_iter().collect();
+        let mut ports: BTreeSet<Port> = discover::served(&found, self.segment, &relayed)
+            .into_iter()
+            .collect();
         ports.extend(self.spec.declared.iter().copied());
         {
             let mut t = self.targets.lock().expect("targets lock");
             t.clear();
             for l in &found {
-                let p = Port { port: l.port, proto: l.proto };
+                let p = Port {
+                    port: l.port,
+                    proto: l.proto,
+                };
                 if l.addr != self.segment && !relayed.contains(&p) {
-                    let a = if l.addr.is_loopback() || l.addr.is_unspecified() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { l.addr };
+                    let a = if l.addr.is_loopback() || l.addr.is_unspecified() {
+                        IpAddr::V4(Ipv4Addr::LOCALHOST)
+                    } else {
+                        l.addr
+                    };
                     t.entry(p).or_insert(a);
                 }
             }
@@ -218,17 +267,32 @@ impl Runner {
                 ..Default::default()
             })
             .collect();
-        match client.hostlo_publish(&self.spec.pod, self.spec.part, pb_ports).await {
+        match client
+            .hostlo_publish(&self.spec.pod, self.spec.part, pb_ports)
+            .await
+        {
             Ok(conflicts) => {
                 for c in conflicts {
-                    let port = c.port.as_ref().map(|p| format!("{}/{}", p.port, p.protocol)).unwrap_or_default();
-                    log::warn!("hostlo {}: port {port} is served by parts {:?}: conflict, not relayed", self.spec.pod, c.parts);
+                    let port = c
+                        .port
+                        .as_ref()
+                        .map(|p| format!("{}/{}", p.port, p.protocol))
+                        .unwrap_or_default();
+                    log::warn!(
+                        "hostlo {}: port {port} is served by parts {:?}: conflict, not relayed",
+                        self.spec.pod,
+                        c.parts
+                    );
                 }
                 log::info!(
                     "hostlo {}: part {} serves {}",
                     self.spec.pod,
                     self.spec.part,
-                    ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+                    ports
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 );
                 self.published = Some(ports);
             }
@@ -241,7 +305,12 @@ impl Runner {
             .conflicts
             .iter()
             .filter_map(|c| c.port.as_ref())
-            .filter_map(|p| Some(Port { port: u16::try_from(p.port).ok()?, proto: proto_of(&p.protocol)? }))
+            .filter_map(|p| {
+                Some(Port {
+                    port: u16::try_from(p.port).ok()?,
+                    proto: proto_of(&p.protocol)?,
+                })
+            })
             .collect();
         // Part 0 holds the pod IP (its eth0): its relays also listen there, so
         // that the network outside and the other parts (which reach the pod
@@ -255,9 +324,15 @@ impl Runner {
             if part.part == self.spec.part {
                 continue;
             }
-            let Ok(addr) = part.address.parse::<IpAddr>() else { continue };
+            let Ok(addr) = part.address.parse::<IpAddr>() else {
+                continue;
+            };
             for p in &part.ports {
-                let Some(port) = u16::try_from(p.port).ok().zip(proto_of(&p.protocol)).map(|(port, proto)| Port { port, proto }) else {
+                let Some(port) = u16::try_from(p.port)
+                    .ok()
+                    .zip(proto_of(&p.protocol))
+                    .map(|(port, proto)| Port { port, proto })
+                else {
                     continue;
                 };
                 if conflicts.contains(&port) {
@@ -282,14 +357,18 @@ impl Runner {
             let at = SocketAddr::new(listen_addr, port.port);
             let task = match port.proto {
                 Proto::Tcp => match self.sockets.tcp_listener(at).await {
-                    Ok(l) => tokio::spawn(relay::tcp_egress(l, port.port, mux, self.sockets.clone())),
+                    Ok(l) => {
+                        tokio::spawn(relay::tcp_egress(l, port.port, mux, self.sockets.clone()))
+                    }
                     Err(e) => {
                         log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
                         continue;
                     }
                 },
                 Proto::Udp => match self.sockets.udp_bind(at).await {
-                    Ok(s) => tokio::spawn(relay::udp_egress(s, port.port, mux, self.sockets.clone())),
+                    Ok(s) => {
+                        tokio::spawn(relay::udp_egress(s, port.port, mux, self.sockets.clone()))
+                    }
                     Err(e) => {
                         log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
                         continue;
@@ -304,7 +383,12 @@ impl Runner {
 
 /// Long-polls the pod's view and sends each new one; reconnects when the
 /// agent goes away (it restarts with the pod's state).
-async fn watch(agent: AgentConfig, pod: String, mut since: u64, out: mpsc::Sender<pb::HostloWatchResponse>) {
+async fn watch(
+    agent: AgentConfig,
+    pod: String,
+    mut since: u64,
+    out: mpsc::Sender<pb::HostloWatchResponse>,
+) {
     loop {
         let client = match AgentClient::connect(&agent).await {
             Ok(c) => c,
@@ -314,7 +398,10 @@ async fn watch(agent: AgentConfig, pod: String, mut since: u64, out: mpsc::Sende
             }
         };
         loop {
-            match client.hostlo_watch(&pod, since, Duration::from_secs(25)).await {
+            match client
+                .hostlo_watch(&pod, since, Duration::from_secs(25))
+                .await
+            {
                 Ok(v) if v.version > since => {
                     since = v.version;
                     if out.send(v).await.is_err() {

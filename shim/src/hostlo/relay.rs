@@ -48,7 +48,12 @@ fn target(targets: &Targets, port: Port) -> IpAddr {
 }
 
 /// Carries every connection accepted on `listener` to `port` at the mux `mux`.
-pub async fn tcp_egress(listener: TcpListener, port: u16, mux: SocketAddr, sockets: Arc<NetnsSockets>) {
+pub async fn tcp_egress(
+    listener: TcpListener,
+    port: u16,
+    mux: SocketAddr,
+    sockets: Arc<NetnsSockets>,
+) {
     loop {
         let mut client = match listener.accept().await {
             Ok((c, _)) => c,
@@ -99,7 +104,16 @@ pub async fn tcp_mux(listener: TcpListener, targets: Targets, sockets: Arc<Netns
                 _ => return,
             }
             let port = u16::from_be_bytes([head[4], head[5]]);
-            let addr = SocketAddr::new(target(&targets, Port { port, proto: Proto::Tcp }), port);
+            let addr = SocketAddr::new(
+                target(
+                    &targets,
+                    Port {
+                        port,
+                        proto: Proto::Tcp,
+                    },
+                ),
+                port,
+            );
             match sockets.tcp_connect(addr).await {
                 Ok(mut local) => {
                     let _ = tokio::io::copy_bidirectional(&mut peer, &mut local).await;
@@ -122,12 +136,22 @@ fn parse_udp_header(b: &[u8]) -> Option<(u16, u32)> {
     if b.len() < UDP_HEADER || &b[..4] != UDP_MAGIC {
         return None;
     }
-    Some((u16::from_be_bytes([b[4], b[5]]), u32::from_be_bytes([b[6], b[7], b[8], b[9]])))
+    Some((
+        u16::from_be_bytes([b[4], b[5]]),
+        u32::from_be_bytes([b[6], b[7], b[8], b[9]]),
+    ))
 }
 
 /// Carries datagrams sent to `front` to `port` at the mux `mux`, and replies back.
 pub async fn udp_egress(front: UdpSocket, port: u16, mux: SocketAddr, sockets: Arc<NetnsSockets>) {
-    let any = SocketAddr::new(if mux.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { "::".parse().expect("::") }, 0);
+    let any = SocketAddr::new(
+        if mux.is_ipv4() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            "::".parse().expect("::")
+        },
+        0,
+    );
     // Connected to the mux: replies come only from there, and the socket is
     // a client in the pod's socket table, not a service to publish.
     let back = match sockets.udp_bind(any).await {
@@ -190,14 +214,38 @@ pub async fn udp_mux(sock: UdpSocket, targets: Targets, sockets: Arc<NetnsSocket
     let sessions: Arc<Mutex<HashMap<(SocketAddr, u32), Arc<UdpSocket>>>> = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM + UDP_HEADER];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf).await else { continue };
-        let Some((port, id)) = parse_udp_header(&buf[..n]) else { continue };
-        let existing = sessions.lock().expect("sessions lock").get(&(peer, id)).cloned();
+        let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Some((port, id)) = parse_udp_header(&buf[..n]) else {
+            continue;
+        };
+        let existing = sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&(peer, id))
+            .cloned();
         let local = match existing {
             Some(l) => l,
             None => {
-                let dst = SocketAddr::new(target(&targets, Port { port, proto: Proto::Udp }), port);
-                let any = SocketAddr::new(if dst.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { "::".parse().expect("::") }, 0);
+                let dst = SocketAddr::new(
+                    target(
+                        &targets,
+                        Port {
+                            port,
+                            proto: Proto::Udp,
+                        },
+                    ),
+                    port,
+                );
+                let any = SocketAddr::new(
+                    if dst.is_ipv4() {
+                        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                    } else {
+                        "::".parse().expect("::")
+                    },
+                    0,
+                );
                 let l = match sockets.udp_bind(any).await {
                     Ok(l) => Arc::new(l),
                     Err(e) => {
@@ -208,12 +256,16 @@ pub async fn udp_mux(sock: UdpSocket, targets: Targets, sockets: Arc<NetnsSocket
                 if l.connect(dst).await.is_err() {
                     continue;
                 }
-                sessions.lock().expect("sessions lock").insert((peer, id), l.clone());
+                sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .insert((peer, id), l.clone());
                 let (l2, sock2, sessions2) = (l.clone(), sock.clone(), sessions.clone());
                 tokio::spawn(async move {
                     let mut rbuf = vec![0u8; MAX_DATAGRAM + UDP_HEADER];
                     loop {
-                        match tokio::time::timeout(UDP_IDLE, l2.recv(&mut rbuf[UDP_HEADER..])).await {
+                        match tokio::time::timeout(UDP_IDLE, l2.recv(&mut rbuf[UDP_HEADER..])).await
+                        {
                             Ok(Ok(m)) => {
                                 rbuf[..UDP_HEADER].copy_from_slice(&udp_header(port, id));
                                 let _ = sock2.send_to(&rbuf[..UDP_HEADER + m], peer).await;

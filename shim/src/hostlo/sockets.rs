@@ -29,17 +29,22 @@ impl NetnsSockets {
         let ns = std::fs::File::open(netns)?;
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new().name("hostlo-netns".into()).spawn(move || {
-            let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from);
-            let ok = entered.is_ok();
-            let _ = ready_tx.send(entered);
-            if ok {
-                while let Ok(job) = rx.recv() {
-                    job();
+        std::thread::Builder::new()
+            .name("hostlo-netns".into())
+            .spawn(move || {
+                let entered = nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from);
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if ok {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
                 }
-            }
-        })?;
-        ready_rx.recv().map_err(|_| std::io::Error::other("netns thread died"))??;
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("netns thread died"))??;
         Ok(NetnsSockets {
             jobs,
             netns: netns.to_path_buf(),
@@ -52,21 +57,29 @@ impl NetnsSockets {
     }
 
     /// Runs `f` on the namespace's thread.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move || {
                 let _ = tx.send(f());
             }))
             .map_err(|_| std::io::Error::other("netns thread gone"))?;
-        rx.await.map_err(|_| std::io::Error::other("netns thread gone"))
+        rx.await
+            .map_err(|_| std::io::Error::other("netns thread gone"))
     }
 
     /// A TCP listener on `addr`.
     pub async fn tcp_listener(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         let std = self
             .run(move || {
-                let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
                 s.set_reuse_address(true)?;
                 s.set_nonblocking(true)?;
                 s.bind(&addr.into())?;
@@ -81,12 +94,18 @@ impl NetnsSockets {
     pub async fn tcp_connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         let std = self
             .run(move || {
-                let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
                 s.set_nonblocking(true)?;
                 Ok::<_, std::io::Error>(std::net::TcpStream::from(s))
             })
             .await??;
-        let stream = tokio::net::TcpSocket::from_std_stream(std).connect(addr).await?;
+        let stream = tokio::net::TcpSocket::from_std_stream(std)
+            .connect(addr)
+            .await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -95,7 +114,11 @@ impl NetnsSockets {
     pub async fn udp_bind(&self, addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
         let std = self
             .run(move || {
-                let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::DGRAM,
+                    None,
+                )?;
                 s.set_reuse_address(true)?;
                 s.set_nonblocking(true)?;
                 s.bind(&addr.into())?;
@@ -107,6 +130,7 @@ impl NetnsSockets {
 
     /// Reads a file of the namespace's `/proc/thread-self/net/`.
     pub async fn proc_net(&self, file: &'static str) -> std::io::Result<String> {
-        self.run(move || std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))).await?
+        self.run(move || std::fs::read_to_string(format!("/proc/thread-self/net/{file}")))
+            .await?
     }
 }

@@ -51,7 +51,12 @@ impl AgentClient {
         let start = Instant::now();
         loop {
             let left = cfg.connect_timeout.saturating_sub(start.elapsed());
-            match tokio::time::timeout(left.max(Duration::from_millis(50)), ttrpc::r#async::Client::connect(&address)).await {
+            match tokio::time::timeout(
+                left.max(Duration::from_millis(50)),
+                ttrpc::r#async::Client::connect(&address),
+            )
+            .await
+            {
                 Ok(Ok(c)) => {
                     return Ok(AgentClient {
                         address,
@@ -102,14 +107,24 @@ impl AgentClient {
     }
 
     /// `AttachNic`.
-    pub async fn attach(&self, sandbox_id: &str, labels: &HashMap<String, String>) -> Result<pb::Nic, PodNetError> {
+    pub async fn attach(
+        &self,
+        sandbox_id: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<pb::Nic, PodNetError> {
         let req = pb::AttachNicRequest {
             sandbox_id: sandbox_id.into(),
             labels: labels.clone(),
             ..Default::default()
         };
-        let resp = self.client.attach_nic(self.ctx(), &req).await.map_err(|e| self.refused("AttachNic", e))?;
-        resp.nic.into_option().ok_or(PodNetError::BadReply("AttachNic returned no NIC".into()))
+        let resp = self
+            .client
+            .attach_nic(self.ctx(), &req)
+            .await
+            .map_err(|e| self.refused("AttachNic", e))?;
+        resp.nic
+            .into_option()
+            .ok_or(PodNetError::BadReply("AttachNic returned no NIC".into()))
     }
 
     /// `DetachNic` by sandbox; a NIC already gone is success.
@@ -136,15 +151,27 @@ impl AgentClient {
     }
 
     /// `HostloJoin`: the segment NIC and the pod's view.
-    pub async fn hostlo_join(&self, pod: &str, part: u32, sandbox_id: &str) -> Result<(pb::Nic, pb::HostloWatchResponse), PodNetError> {
+    pub async fn hostlo_join(
+        &self,
+        pod: &str,
+        part: u32,
+        sandbox_id: &str,
+    ) -> Result<(pb::Nic, pb::HostloWatchResponse), PodNetError> {
         let req = pb::HostloJoinRequest {
             pod: pod.into(),
             part,
             sandbox_id: sandbox_id.into(),
             ..Default::default()
         };
-        let r = self.client.hostlo_join(self.ctx(), &req).await.map_err(|e| self.refused("HostloJoin", e))?;
-        let nic = r.nic.into_option().ok_or(PodNetError::BadReply("HostloJoin returned no NIC".into()))?;
+        let r = self
+            .client
+            .hostlo_join(self.ctx(), &req)
+            .await
+            .map_err(|e| self.refused("HostloJoin", e))?;
+        let nic = r
+            .nic
+            .into_option()
+            .ok_or(PodNetError::BadReply("HostloJoin returned no NIC".into()))?;
         Ok((nic, r.pod.into_option().unwrap_or_default()))
     }
 
@@ -163,19 +190,33 @@ impl AgentClient {
     }
 
     /// `HostloPublish`: returns the conflicts the part is in.
-    pub async fn hostlo_publish(&self, pod: &str, part: u32, ports: Vec<pb::HostloPort>) -> Result<Vec<pb::HostloConflict>, PodNetError> {
+    pub async fn hostlo_publish(
+        &self,
+        pod: &str,
+        part: u32,
+        ports: Vec<pb::HostloPort>,
+    ) -> Result<Vec<pb::HostloConflict>, PodNetError> {
         let req = pb::HostloPublishRequest {
             pod: pod.into(),
             part,
             ports,
             ..Default::default()
         };
-        let r = self.client.hostlo_publish(self.ctx(), &req).await.map_err(|e| self.refused("HostloPublish", e))?;
+        let r = self
+            .client
+            .hostlo_publish(self.ctx(), &req)
+            .await
+            .map_err(|e| self.refused("HostloPublish", e))?;
         Ok(r.conflicts)
     }
 
     /// `HostloWatch`, waiting up to `wait` for a version past `since`.
-    pub async fn hostlo_watch(&self, pod: &str, since: u64, wait: Duration) -> Result<pb::HostloWatchResponse, PodNetError> {
+    pub async fn hostlo_watch(
+        &self,
+        pod: &str,
+        since: u64,
+        wait: Duration,
+    ) -> Result<pb::HostloWatchResponse, PodNetError> {
         let req = pb::HostloWatchRequest {
             pod: pod.into(),
             since_version: since,
@@ -183,7 +224,10 @@ impl AgentClient {
             ..Default::default()
         };
         let ctx = ttrpc::context::with_timeout((wait + self.request_timeout).as_nanos() as i64);
-        self.client.hostlo_watch(ctx, &req).await.map_err(|e| self.refused("HostloWatch", e))
+        self.client
+            .hostlo_watch(ctx, &req)
+            .await
+            .map_err(|e| self.refused("HostloWatch", e))
     }
 
     /// `Health`.
@@ -206,7 +250,10 @@ pub fn nic_spec(nic: &pb::Nic, ifname: &str) -> Result<NicSpec, PodNetError> {
     let mac = guest::parse_mac(&nic.mac).ok_or_else(|| bad(format!("MAC {:?}", nic.mac)))?;
     let mut addresses = Vec::new();
     for a in &nic.addresses {
-        let ip: IpAddr = a.address.parse().map_err(|_| bad(format!("address {:?}", a.address)))?;
+        let ip: IpAddr = a
+            .address
+            .parse()
+            .map_err(|_| bad(format!("address {:?}", a.address)))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
         if a.prefix_len > max {
             return Err(bad(format!("prefix /{}", a.prefix_len)));
@@ -215,11 +262,16 @@ pub fn nic_spec(nic: &pb::Nic, ifname: &str) -> Result<NicSpec, PodNetError> {
     }
     let mut routes = Vec::new();
     for r in &nic.routes {
-        let (dst, prefix) = parse_cidr(&r.destination).ok_or_else(|| bad(format!("route {:?}", r.destination)))?;
+        let (dst, prefix) =
+            parse_cidr(&r.destination).ok_or_else(|| bad(format!("route {:?}", r.destination)))?;
         let via = if r.gateway.is_empty() {
             None
         } else {
-            Some(r.gateway.parse::<IpAddr>().map_err(|_| bad(format!("gateway {:?}", r.gateway)))?)
+            Some(
+                r.gateway
+                    .parse::<IpAddr>()
+                    .map_err(|_| bad(format!("gateway {:?}", r.gateway)))?,
+            )
         };
         routes.push((dst, prefix, via));
     }
@@ -237,13 +289,21 @@ pub fn nic_spec(nic: &pb::Nic, ifname: &str) -> Result<NicSpec, PodNetError> {
 
 /// Puts the NIC described by `spec` into the namespace at `netns`,
 /// configured. If it is already there and configured, does nothing.
-pub async fn plug_into_pod(spec: &NicSpec, netns: &Path, wait: Duration) -> Result<(), GuestNetError> {
+pub async fn plug_into_pod(
+    spec: &NicSpec,
+    netns: &Path,
+    wait: Duration,
+) -> Result<(), GuestNetError> {
     let s = spec.clone();
     let already = {
         let netns = netns.to_path_buf();
-        tokio::task::spawn_blocking(move || guest::in_netns(&netns, move |h| async move { guest::check_configured(&h, &s).await }))
-            .await
-            .expect("netns worker")?
+        tokio::task::spawn_blocking(move || {
+            guest::in_netns(&netns, move |h| async move {
+                guest::check_configured(&h, &s).await
+            })
+        })
+        .await
+        .expect("netns worker")?
     };
     if already {
         return Ok(());
@@ -266,9 +326,14 @@ pub async fn plug_into_pod(spec: &NicSpec, netns: &Path, wait: Duration) -> Resu
     }
     let s = spec.clone();
     let netns = netns.to_path_buf();
-    tokio::task::spawn_blocking(move || guest::in_netns(&netns, move |h| async move { guest::configure(&h, &s).await }))
-        .await
-        .expect("netns worker")
+    tokio::task::spawn_blocking(move || {
+        guest::in_netns(
+            &netns,
+            move |h| async move { guest::configure(&h, &s).await },
+        )
+    })
+    .await
+    .expect("netns worker")
 }
 
 /// [`PodNetwork`] through the host agent.
@@ -296,7 +361,8 @@ impl AgentNetwork {
 #[async_trait::async_trait]
 impl PodNetwork for AgentNetwork {
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError> {
-        let hostlo = crate::hostlo::spec_from_annotations(&req.labels).map_err(|e| PodNetError::BadReply(e.to_string()))?;
+        let hostlo = crate::hostlo::spec_from_annotations(&req.labels)
+            .map_err(|e| PodNetError::BadReply(e.to_string()))?;
         let client = AgentClient::connect(&self.agent).await?;
         // The agent keeps short labels; the Hostlo port list is for the part.
         let labels: HashMap<String, String> = req
@@ -316,12 +382,24 @@ impl PodNetwork for AgentNetwork {
         if let Err(e) = result {
             // Leave nothing leased behind a failed sandbox.
             if let Err(undo) = client.detach(&req.sandbox_id).await {
-                log::error!("sandbox {}: releasing NIC {} after a failed setup failed: {undo}", req.sandbox_id, nic.id);
+                log::error!(
+                    "sandbox {}: releasing NIC {} after a failed setup failed: {undo}",
+                    req.sandbox_id,
+                    nic.id
+                );
             }
             return Err(e);
         }
         if let Some(spec) = hostlo {
-            match crate::hostlo::part::join(&self.agent, self.network.nic_wait, &spec, &req.sandbox_id, &req.netns).await {
+            match crate::hostlo::part::join(
+                &self.agent,
+                self.network.nic_wait,
+                &spec,
+                &req.sandbox_id,
+                &req.netns,
+            )
+            .await
+            {
                 Ok(part) => {
                     self.parts.lock().await.insert(req.sandbox_id.clone(), part);
                 }
@@ -337,13 +415,21 @@ impl PodNetwork for AgentNetwork {
             "sandbox {}: NIC {} ({}) configured as {ifname} in {}",
             req.sandbox_id,
             nic.mac,
-            nic.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>().join(","),
+            nic.addresses
+                .iter()
+                .map(|a| format!("{}/{}", a.address, a.prefix_len))
+                .collect::<Vec<_>>()
+                .join(","),
             req.netns.display()
         );
         Ok(PodNetInfo {
             interface: ifname,
             mac: nic.mac.clone(),
-            addresses: nic.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect(),
+            addresses: nic
+                .addresses
+                .iter()
+                .map(|a| format!("{}/{}", a.address, a.prefix_len))
+                .collect(),
         })
     }
 
@@ -386,10 +472,20 @@ mod tests {
     fn spec_from_nic() {
         let s = nic_spec(&nic(), "eth0").unwrap();
         assert_eq!(s.addresses, vec![("10.0.0.5".parse().unwrap(), 24)]);
-        assert_eq!(s.routes, vec![("0.0.0.0".parse().unwrap(), 0, Some("10.0.0.1".parse().unwrap()))]);
+        assert_eq!(
+            s.routes,
+            vec![(
+                "0.0.0.0".parse().unwrap(),
+                0,
+                Some("10.0.0.1".parse().unwrap())
+            )]
+        );
         let mut bad = nic();
         bad.addresses[0].prefix_len = 40;
-        assert!(nic_spec(&bad, "eth0").unwrap_err().to_string().contains("prefix /40"));
+        assert!(nic_spec(&bad, "eth0")
+            .unwrap_err()
+            .to_string()
+            .contains("prefix /40"));
         let mut bad = nic();
         bad.mac = "nope".into();
         assert!(nic_spec(&bad, "eth0").is_err());

@@ -51,7 +51,9 @@ pub struct NicSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum GuestNetError {
     /// The NIC did not show up.
-    #[error("no NIC with MAC {mac} appeared within {after:?} (hot-plug not seen by the guest kernel?)")]
+    #[error(
+        "no NIC with MAC {mac} appeared within {after:?} (hot-plug not seen by the guest kernel?)"
+    )]
     NicNotFound {
         /// The MAC.
         mac: String,
@@ -92,12 +94,18 @@ fn nl(op: &'static str, what: impl Into<String>) -> impl FnOnce(rtnetlink::Error
 
 /// Formats a MAC.
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Parses a MAC.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16).ok()).collect::<Option<_>>()?;
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).ok())
+        .collect::<Option<_>>()?;
     parts.try_into().ok()
 }
 
@@ -130,19 +138,27 @@ async fn find_by_mac(handle: &Handle, mac: &[u8; 6]) -> Result<Option<LinkMessag
 }
 
 /// The link with `mac` in the namespace of `handle`, if any: (index, name).
-pub async fn wait_for_mac_in(handle: &Handle, mac: &[u8; 6]) -> Result<Option<(u32, String)>, GuestNetError> {
-    Ok(find_by_mac(handle, mac).await?.map(|l| (l.header.index, link_name(&l))))
+pub async fn wait_for_mac_in(
+    handle: &Handle,
+    mac: &[u8; 6],
+) -> Result<Option<(u32, String)>, GuestNetError> {
+    Ok(find_by_mac(handle, mac)
+        .await?
+        .map(|l| (l.header.index, link_name(&l))))
 }
 
 /// Waits (on netlink events, no polling) until a link with `mac` exists in
 /// the current network namespace; returns its index and name.
-pub async fn wait_for_mac(mac: &[u8; 6], timeout: Duration) -> Result<(u32, String), GuestNetError> {
-    let (conn, handle, mut events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|source| GuestNetError::Netlink {
-            op: "open",
-            what: "a netlink socket".into(),
-            source,
-        })?;
+pub async fn wait_for_mac(
+    mac: &[u8; 6],
+    timeout: Duration,
+) -> Result<(u32, String), GuestNetError> {
+    let (conn, handle, mut events) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+        .map_err(|source| GuestNetError::Netlink {
+        op: "open",
+        what: "a netlink socket".into(),
+        source,
+    })?;
     let task = tokio::spawn(conn);
     let result = async {
         // Subscribed first, listed second: a link appearing in between is seen.
@@ -179,24 +195,34 @@ pub async fn move_to_netns(index: u32, name: &str, netns: &Path) -> Result<Strin
         path: netns.to_path_buf(),
         source,
     })?;
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| GuestNetError::Netlink {
-        op: "open",
-        what: "a netlink socket".into(),
-        source,
-    })?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|source| GuestNetError::Netlink {
+            op: "open",
+            what: "a netlink socket".into(),
+            source,
+        })?;
     let task = tokio::spawn(conn);
     let tmp = format!("nlm{:08x}", rand_u32());
     let r = async {
         handle
             .link()
-            .set(LinkUnspec::new_with_index(index).down().name(tmp.clone()).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .down()
+                    .name(tmp.clone())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl("rename", name.to_string()))?;
         use std::os::fd::AsRawFd;
         handle
             .link()
-            .set(LinkUnspec::new_with_index(index).setns_by_fd(ns.as_fd().as_raw_fd()).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(ns.as_fd().as_raw_fd())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl("move into the pod namespace", name.to_string()))
@@ -237,20 +263,26 @@ where
     let path = netns.to_path_buf();
     std::thread::scope(|s| {
         s.spawn(move || {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| GuestNetError::Netns {
-                path: path.clone(),
-                source: e.into(),
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                GuestNetError::Netns {
+                    path: path.clone(),
+                    source: e.into(),
+                }
             })?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|source| GuestNetError::Netns { path: path.clone(), source })?;
-            rt.block_on(async move {
-                let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| GuestNetError::Netlink {
-                    op: "open",
-                    what: "a netlink socket in the pod namespace".into(),
+                .map_err(|source| GuestNetError::Netns {
+                    path: path.clone(),
                     source,
                 })?;
+            rt.block_on(async move {
+                let (conn, handle, _) =
+                    rtnetlink::new_connection().map_err(|source| GuestNetError::Netlink {
+                        op: "open",
+                        what: "a netlink socket in the pod namespace".into(),
+                        source,
+                    })?;
                 let task = tokio::spawn(conn);
                 let r = f(handle).await;
                 task.abort();
@@ -295,7 +327,12 @@ pub async fn check_configured(handle: &Handle, spec: &NicSpec) -> Result<bool, G
 }
 
 /// Inside a namespace: adds `ip/prefix` to the link `ifname` (present: fine).
-pub async fn add_address(handle: &Handle, ifname: &str, ip: IpAddr, prefix: u8) -> Result<(), GuestNetError> {
+pub async fn add_address(
+    handle: &Handle,
+    ifname: &str,
+    ip: IpAddr,
+    prefix: u8,
+) -> Result<(), GuestNetError> {
     let link = handle
         .link()
         .get()
@@ -309,7 +346,12 @@ pub async fn add_address(handle: &Handle, ifname: &str, ip: IpAddr, prefix: u8) 
             what: ifname.to_string(),
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
         })?;
-    match handle.address().add(link.header.index, ip, prefix).execute().await {
+    match handle
+        .address()
+        .add(link.header.index, ip, prefix)
+        .execute()
+        .await
+    {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => Ok(()),
         Err(e) => Err(nl("add address to", format!("{ifname} ({ip}/{prefix})"))(e)),
@@ -319,15 +361,22 @@ pub async fn add_address(handle: &Handle, ifname: &str, ip: IpAddr, prefix: u8) 
 /// Inside the pod namespace: names, sizes, addresses and routes the NIC
 /// (found by MAC), brings it and `lo` up. Idempotent.
 pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetError> {
-    let link = find_by_mac(handle, &spec.mac).await?.ok_or_else(|| GuestNetError::NicNotFound {
-        mac: mac_string(&spec.mac),
-        after: Duration::ZERO,
-    })?;
+    let link = find_by_mac(handle, &spec.mac)
+        .await?
+        .ok_or_else(|| GuestNetError::NicNotFound {
+            mac: mac_string(&spec.mac),
+            after: Duration::ZERO,
+        })?;
     let idx = link.header.index;
     if link_name(&link) != spec.ifname {
         handle
             .link()
-            .set(LinkUnspec::new_with_index(idx).down().name(spec.ifname.clone()).build())
+            .set(
+                LinkUnspec::new_with_index(idx)
+                    .down()
+                    .name(spec.ifname.clone())
+                    .build(),
+            )
             .execute()
             .await
             .map_err(nl("rename to", spec.ifname.clone()))?;
@@ -358,25 +407,34 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
         match handle.address().add(idx, *ip, *prefix).execute().await {
             Ok(()) => {}
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => {}
-            Err(e) => return Err(nl("add address to", format!("{} ({ip}/{prefix})", spec.ifname))(e)),
+            Err(e) => {
+                return Err(nl(
+                    "add address to",
+                    format!("{} ({ip}/{prefix})", spec.ifname),
+                )(e))
+            }
         }
     }
     for (dst, prefix, via) in &spec.routes {
         let msg = match (dst, via) {
-            (IpAddr::V4(d), Some(IpAddr::V4(g))) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-                .destination_prefix(*d, *prefix)
-                .gateway(*g)
-                .output_interface(idx)
-                .build(),
+            (IpAddr::V4(d), Some(IpAddr::V4(g))) => {
+                RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                    .destination_prefix(*d, *prefix)
+                    .gateway(*g)
+                    .output_interface(idx)
+                    .build()
+            }
             (IpAddr::V4(d), None) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
                 .destination_prefix(*d, *prefix)
                 .output_interface(idx)
                 .build(),
-            (IpAddr::V6(d), Some(IpAddr::V6(g))) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-                .destination_prefix(*d, *prefix)
-                .gateway(*g)
-                .output_interface(idx)
-                .build(),
+            (IpAddr::V6(d), Some(IpAddr::V6(g))) => {
+                RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                    .destination_prefix(*d, *prefix)
+                    .gateway(*g)
+                    .output_interface(idx)
+                    .build()
+            }
             (IpAddr::V6(d), None) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
                 .destination_prefix(*d, *prefix)
                 .output_interface(idx)

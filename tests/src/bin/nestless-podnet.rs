@@ -29,13 +29,19 @@ fn main() {
                 let (k, v) = kv.split_once('=').expect("--label k=v");
                 labels.insert(k.to_string(), v.to_string());
             }
-            "--nic-wait-ms" => cfg.network.nic_wait = Duration::from_millis(val().parse().expect("ms")),
+            "--nic-wait-ms" => {
+                cfg.network.nic_wait = Duration::from_millis(val().parse().expect("ms"))
+            }
             other => panic!("unknown argument {other}"),
         }
     }
     cfg.agent.connect_timeout = Duration::from_secs(5);
     env_log();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let net = AgentNetwork::new(cfg.agent.clone(), cfg.network.clone());
         let req = PodNetRequest {
