@@ -7,7 +7,7 @@
 //! ```text
 //! containerd ──ttrpc (task API v2)──> service::TaskService ──> runc::Runc ──> runc binary
 //!      ^                                   │   │   │
-//!      └──── events (publisher) ───────────┘   │   └──> stdio (FIFOs, pty, logging binary)
+//!      └──── events::ContainerdEvents ─────┘   │   └──> stdio (FIFOs, pty, logging binary)
 //!                                              ├──> podnet::PodNetwork (sandbox NIC, chosen by network::backend_for)
 //!                                              └──> cgroup (stats, OOM)
 //! reaper::Reaper: the one waitpid(-1) of the process (runc commands, container processes)
@@ -17,8 +17,12 @@
 //! - [`config`]: `/etc/nestless/shim.toml` (or the runtime options' `config_path`).
 //! - [`options`]: the runtime options containerd sends.
 //! - [`policy`]: pure decisions from the OCI spec (grouping, network owner).
-//! - [`service`]: the Task API.
-//! - [`shim`]: containerd's `start` and `delete` subcommands.
+//! - [`service`]: the Task API; [`events`]: task events to containerd.
+//! - [`runc`]: the runc binary; [`reaper`]: the one reaper of the process.
+//! - [`stdio`]: FIFOs, ptys, `file://` and `binary://` logs; [`cgroup`]: stats and OOM.
+//! - [`network`]: which [`podnet`] backend a configuration asks for.
+//! - [`bundle`]: what the shim records in a bundle for `delete` after a crash.
+//! - [`shim`]: containerd's `start` and `delete` subcommands, and serving.
 
 #![warn(missing_docs)]
 

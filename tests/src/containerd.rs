@@ -55,6 +55,8 @@ pub struct Options {
     pub extra_shim_config: String,
     /// The shim binary (default: [`shim_binary`]).
     pub shim: Option<PathBuf>,
+    /// Import the pause image into `k8s.io` at start (what the CRI plugin needs).
+    pub pause_image: bool,
 }
 
 impl Default for Options {
@@ -63,6 +65,7 @@ impl Default for Options {
             network_mode: "none".into(),
             extra_shim_config: String::new(),
             shim: None,
+            pause_image: false,
         }
     }
 }
@@ -355,6 +358,9 @@ state = "{state}"
             shim,
         };
         c.wait_ready(Duration::from_secs(30));
+        if opts.pause_image {
+            c.import_pause("k8s.io");
+        }
         c
     }
 
@@ -608,11 +614,23 @@ state = "{state}"
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Shims outlive containerd by design: stop ours.
+        // Shims outlive containerd by design: stop ours, and remove their sockets.
         for pid in self.shim_pids(None) {
+            let socket = fs::read(format!("/proc/{pid}/cmdline")).ok().and_then(|c| {
+                let args: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                args.windows(2)
+                    .find(|w| w[0] == "-socket")
+                    .map(|w| w[1].clone())
+            });
             // SAFETY: plain kill(2).
             unsafe {
                 libc::kill(pid as i32, libc::SIGKILL);
+            }
+            if let Some(s) = socket {
+                let _ = fs::remove_file(s.trim_start_matches("unix://"));
             }
         }
         // Containers the tests left behind.

@@ -207,11 +207,14 @@ pub async fn udp_egress(front: UdpSocket, port: u16, mux: SocketAddr, sockets: A
     }
 }
 
+/// The mux's UDP sessions: (peer, session id) -> the local socket.
+type Sessions = Arc<Mutex<HashMap<(SocketAddr, u32), Arc<UdpSocket>>>>;
+
 /// Receives relayed datagrams on the segment and delivers them locally, one
 /// local socket per (peer, session), replies going back the same way.
 pub async fn udp_mux(sock: UdpSocket, targets: Targets, sockets: Arc<NetnsSockets>) {
     let sock = Arc::new(sock);
-    let sessions: Arc<Mutex<HashMap<(SocketAddr, u32), Arc<UdpSocket>>>> = Arc::default();
+    let sessions: Sessions = Arc::default();
     let mut buf = vec![0u8; MAX_DATAGRAM + UDP_HEADER];
     loop {
         let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
