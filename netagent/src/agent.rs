@@ -1238,11 +1238,6 @@ impl Agent {
         tokio::time::timeout(timeout, all).await.is_ok()
     }
 
-    /// Leases: (network, address, record) for every record.
-    pub fn leases(&self) -> Vec<NicRecord> {
-        self.records(None)
-    }
-
     /// Number of NICs VM `vm` has.
     pub fn nic_count(&self, vm: &str) -> usize {
         self.lock().records.values().filter(|r| r.vm == vm).count()

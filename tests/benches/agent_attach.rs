@@ -16,7 +16,6 @@
 //!   once (per-VM locks serialise a VM's own operations only).
 
 use std::{
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -286,5 +285,4 @@ fn main() {
         row("detach (DEVICE_DELETED)", &mut detach);
     });
     drop(agent);
-    let _ = Path::new("");
 }

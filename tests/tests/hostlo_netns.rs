@@ -5,7 +5,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -334,5 +333,4 @@ fn two_parts_share_localhost_over_the_segment() {
         agent.state()
     );
     assert!(bridge.ports().is_empty());
-    let _ = Path::new("");
 }
