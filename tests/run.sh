@@ -65,12 +65,21 @@ guest_images() {
 	tests/vm/build-guest.sh --variant full --exec-bin target/debug/nestless-vm-exec
 }
 
+# Every crate but the test crate: unit tests, the planner's tests, doc tests.
 unit_tests() {
-	cargo test --workspace --lib --bins
+	cargo test --workspace --exclude nestless-tests
 }
 
+# The planner on the real Google 2011 trace, which lives beside the repository
+# (../shared/data, or NESTLESS_DATA_DIR), never in it.
+DATA_DIR=${NESTLESS_DATA_DIR:-$PWD/../shared/data}
+trace_test() {
+	NESTLESS_DATA_DIR=$DATA_DIR cargo test -p nestless-netagent --test planner_trace -- --ignored
+}
+
+# Root tests: namespaces, bridges, taps; containerd + runc (ctr and CRI); real QEMU VMs.
 integration_tests() {
-	cargo test -p nestless-tests --tests -- --test-threads 2
+	cargo test -p nestless-tests -- --test-threads 2
 }
 
 phase "apt packages" install_packages
@@ -80,4 +89,10 @@ phase "build" build
 ((LINT)) && phase "fmt + clippy" lint
 phase "guest images" guest_images
 phase "unit tests" unit_tests
+if [ -d "$DATA_DIR/traces/google2011" ]; then
+	phase "planner on the Google trace" trace_test
+else
+	echo "=== NOT RUN: the planner's trace test ($DATA_DIR/traces/google2011 is missing)"
+	PHASES+=("$(printf '%-28s %s' "planner trace test" "NOT RUN: no $DATA_DIR")")
+fi
 phase "integration + VM tests" integration_tests

@@ -1,12 +1,19 @@
 //! The Google 2011 shards of `../shared/data` read whole: the counts the data README gives,
-//! and no malformed row.
+//! and no malformed row. The data lives beside the repository, not in it, so the test is
+//! opt-in (`--ignored`); `tests/run.sh` runs it whenever the data is there, and says so when
+//! it is not. `NESTLESS_DATA_DIR` names another copy of `shared/data`.
 use std::path::PathBuf;
 
 use nestless_netagent::planner::google::{load_google, GoogleOptions};
 
 #[test]
+#[ignore = "needs ../shared/data (the Google 2011 shards); tests/run.sh runs it when present"]
 fn four_shards_match_the_data_readme() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces/google2011");
+    let data = std::env::var_os("NESTLESS_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    let dir = data.join("traces/google2011");
+    assert!(dir.is_dir(), "{} is missing", dir.display());
     let (clients, st) = load_google(&[dir], GoogleOptions::default()).expect("the shards parse");
     assert_eq!(st.rows, 803_964);
     assert_eq!(st.tasks, 274_536);

@@ -160,6 +160,50 @@ impl AgentProc {
             .unwrap_or_else(|_| "{\"nics\":[]}".into());
         serde_json::from_str(&text).expect("state.json is JSON")
     }
+
+    /// An agent serving this machine as VM "local" (netns backend, NICs put into
+    /// `vm_netns`, e.g. `/proc/self/ns/net`) on `<dir>/local.sock`, network "n" on
+    /// `bridge` with subnet `<net>.0/24` and gateway `<net>.1`.
+    pub fn local_vm(bridge: &str, net: &str, vm_netns: &str) -> AgentProc {
+        AgentProc::start(|dir| {
+            format!(
+                "{}[[network]]\nname = \"n\"\nbridge = \"{bridge}\"\nsubnet = \"{net}.0/24\"\n\
+                 gateway = \"{net}.1\"\n[[vm]]\nname = \"local\"\nbackend = \"netns\"\n\
+                 netns = \"{vm_netns}\"\nsocket = \"{}/local.sock\"\n",
+                AgentProc::agent_section(dir),
+                dir.display()
+            )
+        })
+    }
+
+    /// The socket of VM "local" of [`AgentProc::local_vm`].
+    pub fn local_socket(&self) -> PathBuf {
+        self.dir.path().join("local.sock")
+    }
+
+    /// The NIC records of the state file (readable with the agent down).
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.state()["nics"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The leases the agent reports (`nestlessctl leases --json` on the admin socket).
+    pub fn leases(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(bin_path("nestlessctl"))
+            .args(["leases", "--json", "--socket"])
+            .arg(&self.admin)
+            .output()
+            .expect("run nestlessctl");
+        assert!(
+            out.status.success(),
+            "nestlessctl leases: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("nestlessctl leases --json prints JSON")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for AgentProc {

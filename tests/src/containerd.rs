@@ -293,6 +293,15 @@ impl Containerd {
         )
         .expect("write the shim config");
         fs::create_dir_all(dir.join("cni/net.d")).expect("cni dir");
+        // CRI's CNI plugins: the standard ones (loopback) and whatever a test adds.
+        fs::create_dir_all(dir.join("cni/bin")).expect("cni bin dir");
+        if let Ok(entries) = fs::read_dir("/usr/lib/cni") {
+            for p in entries.flatten().map(|e| e.path()) {
+                let name = p.file_name().expect("a plugin name").to_owned();
+                std::os::unix::fs::symlink(&p, dir.join("cni/bin").join(name))
+                    .expect("link a CNI plugin");
+            }
+        }
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -314,13 +323,16 @@ state = "{state}"
   sandbox_image = "{pause}"
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
       runtime_type = "{runtime}"
       pod_annotations = ["io.nestless.*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
         ConfigPath = "{shim_config}"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "{dir}/cni/bin"
     conf_dir = "{dir}/cni/net.d"
 "#,
             root = dir.join("root").display(),
@@ -520,6 +532,12 @@ state = "{state}"
 
     /// Pids of the shim processes serving this containerd (in namespace `ns` if given).
     pub fn shim_pids(&self, ns: Option<&str>) -> Vec<u32> {
+        self.shim_pids_of(SHIM_BINARY, ns)
+    }
+
+    /// Pids of the serving processes of shim `binary` (a file name, e.g.
+    /// `containerd-shim-runc-v2`) for this containerd (in namespace `ns` if given).
+    pub fn shim_pids_of(&self, binary: &str, ns: Option<&str>) -> Vec<u32> {
         let mut pids = Vec::new();
         let Ok(dir) = fs::read_dir("/proc") else {
             return pids;
@@ -536,7 +554,7 @@ state = "{state}"
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            let is_shim = args.first().is_some_and(|a| a.ends_with(SHIM_BINARY));
+            let is_shim = args.first().is_some_and(|a| a.ends_with(binary));
             let ours = args
                 .windows(2)
                 .any(|w| w[0] == "-address" && w[1] == address);
@@ -545,7 +563,7 @@ state = "{state}"
                 Some(ns) => args.windows(2).any(|w| w[0] == "-namespace" && w[1] == ns),
             };
             // Only serving shims (start/delete are short-lived helpers).
-            let serving = args.iter().any(|a| a == "-socket");
+            let serving = !args.iter().any(|a| a == "start" || a == "delete");
             if is_shim && ours && in_ns && serving {
                 pids.push(pid);
             }

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod cri;
 pub mod e2e;
 pub mod netenv;
 pub mod vm;

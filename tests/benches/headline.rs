@@ -1,0 +1,426 @@
+//! The paper's headline, side by side in one run: TCP throughput and request/response
+//! latency between the host and
+//!
+//! - (a) a process on the VM's own NIC (single layer: host bridge, tap, virtio-net);
+//! - (b) a container behind the CNI bridge plugin with NAT inside the VM (nested: the same,
+//!   then DNAT, the VM's bridge `cni0` and a veth), reached through a port mapping;
+//! - (c) a container with its BrFusion NIC (host bridge, its own tap and virtio-net);
+//! - (a') as a control, the own NIC of the VM that runs (b), whose root namespace has the
+//!   NAT rules (conntrack and the nat table then see every packet of that NIC).
+//!
+//! (a) and (c) are in VM 0, which has no NAT rule; (b) and (a') in VM 1 (same image).
+//! plus the pod network-ready time with nestless-cni + hot-plug against the CNI bridge plugin,
+//! in the same guest and under the same shim: RunPodSandbox (which returns once CNI configured
+//! eth0), and the CNI ADD alone (a fresh netns to eth0 configured, the plugin exec'd as CRI
+//! does). The servers (iperf3 -s, nestless-rr serve) run in the VM's root network
+//! namespace for (a) and in the pod's network namespace for (b) and (c) (entered with
+//! nsenter: the pods' image is busybox); the clients run on the host. The three setups are
+//! measured in turns within each round, the starting one rotating, so that load drifts
+//! affect all alike.
+//!
+//! ```sh
+//! CARGO_TARGET_DIR=... cargo bench -p nestless-tests --bench headline
+//! # NESTLESS_BENCH_RUNS (default 5), NESTLESS_BENCH_SECONDS (iperf3 -t, default 5)
+//! ```
+//!
+//! Needs root, QEMU, vhost-device-vsock, iperf3 and iptables (see tests/demo.sh).
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use nestless_tests::{
+    containerd::{run, CRI_HANDLER},
+    e2e::{step, Binaries, Cluster, ClusterOptions, Node, NESTED_HANDLER},
+    vm::GuestCommand,
+};
+use serde_json::Value;
+
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7000;
+/// Host ports of the nested pod's mappings (DNAT in the VM).
+const NESTED_IPERF_PORT: u16 = 15201;
+const NESTED_RR_PORT: u16 = 17000;
+const RR_COUNT: &str = "2000";
+const RR_SIZE: &str = "64";
+const RR_WARMUP: &str = "200";
+
+fn env_or(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where the host connects for one setup.
+struct Target {
+    label: &'static str,
+    ip: String,
+    iperf_port: u16,
+    rr_port: u16,
+}
+
+/// Starts iperf3 and nestless-rr servers in the guest, in the network namespace of `pid`
+/// (`None`: the VM's root namespace).
+fn start_servers(node: &Node, pid: Option<u32>) {
+    let script = format!(
+        "iperf3 -s -D -p {IPERF_PORT} --logfile /tmp/iperf3-{tag}.log && \
+         (setsid nestless-rr serve {RR_PORT} </dev/null >/tmp/rr-{tag}.log 2>&1 &)",
+        tag = pid.map_or("root".to_owned(), |p| p.to_string())
+    );
+    match pid {
+        Some(pid) => node.in_netns(pid, &script),
+        None => node.sh(&script),
+    };
+}
+
+/// One iperf3 run from the host; Mbit/s received at the far end. The iperf3 server
+/// re-opens its listening socket after each test, which takes a while in a TCG guest: a
+/// refused or reset connection is retried.
+fn iperf(t: &Target, seconds: u64, reverse: bool) -> f64 {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let mut cmd = Command::new("iperf3");
+        cmd.args(["-c", &t.ip, "-p", &t.iperf_port.to_string()])
+            .args(["-t", &seconds.to_string(), "-O", "1", "-J"])
+            .args(["--connect-timeout", "10000"]);
+        if reverse {
+            cmd.arg("-R");
+        }
+        let r = run(cmd, None, Duration::from_secs(seconds + 60));
+        let v: Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("iperf3 to {}: {e}: {} {}", t.label, r.stdout, r.stderr));
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            return bps / 1e6;
+        }
+        last = v["error"].as_str().unwrap_or(&r.stdout).to_owned();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("iperf3 to {} failed 10 times, last: {last}", t.label)
+}
+
+/// One request/response run from the host; the p50 round trip in microseconds.
+fn rr(t: &Target, rr_bin: &str) -> f64 {
+    let mut cmd = Command::new(rr_bin);
+    cmd.args([
+        "ping",
+        &format!("{}:{}", t.ip, t.rr_port),
+        RR_COUNT,
+        RR_SIZE,
+        RR_WARMUP,
+    ]);
+    let r = run(cmd, None, Duration::from_secs(300));
+    let v: Value = serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("nestless-rr to {}: {e}: {}", t.label, r.stderr));
+    v["p50_us"].as_f64().expect("p50_us")
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+fn stats(v: &[f64]) -> Stats {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Stats {
+        min: s[0],
+        median,
+        max: s[n - 1],
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:+.0} %", (x - 1.0) * 100.0)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let runs = env_or("NESTLESS_BENCH_RUNS", 5).max(1) as usize;
+    let seconds = env_or("NESTLESS_BENCH_SECONDS", 5).max(2);
+    let rr_bin = Binaries::get().path("nestless-rr");
+    let rr_bin = rr_bin.to_str().expect("UTF-8 path");
+    let t0 = Instant::now();
+
+    // VM 0 runs pods with BrFusion only: (a) on its own NIC, (c) in a BrFusion pod; its root
+    // namespace has no NAT rule. VM 1 runs pods the usual way: (b) behind its CNI bridge and
+    // NAT; its own NIC, whose namespace now has the NAT rules, is measured too (a').
+    let cluster = Cluster::start(ClusterOptions {
+        vms: 2,
+        warm_pools: vec![0, 2],
+        ..Default::default()
+    });
+    let (plain, natted) = (cluster.node(0), cluster.node(1));
+    step("servers on VM 0's own NIC", || start_servers(plain, None));
+    let (fused, _) = step("BrFusion pod in VM 0", || {
+        plain.cri_pod("bench-fused", CRI_HANDLER, &[], "exec sleep 1000000")
+    });
+    step("servers in the BrFusion pod", || {
+        start_servers(plain, Some(fused.pid))
+    });
+    let (nested, _) = step("nested pod in VM 1 (CNI bridge + NAT)", || {
+        natted.cri_pod(
+            "bench-nested",
+            NESTED_HANDLER,
+            &[(IPERF_PORT, NESTED_IPERF_PORT), (RR_PORT, NESTED_RR_PORT)],
+            "exec sleep 1000000",
+        )
+    });
+    step("servers in the nested pod and on VM 1's own NIC", || {
+        start_servers(natted, Some(nested.pid));
+        start_servers(natted, None);
+    });
+    let nat_rules = |n: &Node| {
+        n.sh("iptables -t nat -S | grep -c '^-A' || true")
+            .trim()
+            .to_owned()
+    };
+    let (nat0, nat1) = (nat_rules(plain), nat_rules(natted));
+    assert_eq!(nat0, "0", "VM 0 must have no NAT rule");
+    let targets = [
+        Target {
+            label: "(a) single layer (VM's own NIC)",
+            ip: plain.own_ip().to_owned(),
+            iperf_port: IPERF_PORT,
+            rr_port: RR_PORT,
+        },
+        Target {
+            label: "(b) nested (CNI bridge + NAT)",
+            ip: natted.own_ip().to_owned(),
+            iperf_port: NESTED_IPERF_PORT,
+            rr_port: NESTED_RR_PORT,
+        },
+        Target {
+            label: "(c) BrFusion (host NIC in the pod)",
+            ip: fused.ip.clone(),
+            iperf_port: IPERF_PORT,
+            rr_port: RR_PORT,
+        },
+        Target {
+            label: "(a') own NIC of the VM with NAT",
+            ip: natted.own_ip().to_owned(),
+            iperf_port: IPERF_PORT,
+            rr_port: RR_PORT,
+        },
+    ];
+    // Every path works before anything is measured.
+    for t in &targets {
+        rr_probe(t, rr_bin);
+    }
+
+    let mut tx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut rx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut lat: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for round in 0..runs {
+        for k in 0..targets.len() {
+            let i = (round + k) % targets.len();
+            let t = &targets[i];
+            let a = iperf(t, seconds, false);
+            let b = iperf(t, seconds, true);
+            let l = rr(t, rr_bin);
+            eprintln!(
+                "[bench] round {round} {}: host->guest {a:.1} Mbit/s, guest->host {b:.1} Mbit/s, \
+                 RR p50 {l:.0} us",
+                t.label
+            );
+            tx.entry(i).or_default().push(a);
+            rx.entry(i).or_default().push(b);
+            lat.entry(i).or_default().push(l);
+        }
+    }
+
+    // Pod network-ready time: RunPodSandbox returns once CNI has configured eth0; and the
+    // CNI ADD alone (a fresh netns -> eth0 configured), as CRI execs the plugin. Cold
+    // hot-plug and the CNI bridge plugin in VM 0 (the datapath runs are over: its NAT rules
+    // no longer matter), BrFusion from VM 1's warm pool.
+    let ready_setups: [(&str, &Node, &str, &str, &str); 3] = [
+        (
+            "BrFusion, cold hot-plug (VM 0)",
+            plain,
+            CRI_HANDLER,
+            "nestless-cni",
+            NESTLESS_NET,
+        ),
+        (
+            "BrFusion, warm pool (VM 1)",
+            natted,
+            CRI_HANDLER,
+            "nestless-cni",
+            NESTLESS_NET,
+        ),
+        (
+            "CNI bridge + NAT (VM 0)",
+            plain,
+            NESTED_HANDLER,
+            "bridge",
+            NESTED_NET,
+        ),
+    ];
+    let mut ready: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut cni_add: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for round in 0..runs {
+        for (k, (_, node, handler, plugin, conf)) in ready_setups.iter().enumerate() {
+            cni_add.entry(k).or_default().push(cni_add_ms(
+                node,
+                plugin,
+                conf,
+                &format!("{k}-{round}"),
+            ));
+            let r = node.cri(&[
+                "runp",
+                "--name",
+                &format!("ready-{k}-{round}"),
+                "--handler",
+                handler,
+            ]);
+            ready
+                .entry(k)
+                .or_default()
+                .push(r["ms"].as_f64().expect("ms"));
+            node.cri_delete(r["id"].as_str().expect("id"));
+        }
+    }
+    let warm_claims = cluster.agent().log().matches("gave warm NIC").count();
+
+    println!();
+    println!(
+        "nestless headline: accel {:?}, 1 vCPU / 1 GiB guests, {runs} runs, iperf3 -t {seconds} -O 1, \
+         RR {RR_COUNT} x {RR_SIZE} B (p50); NAT rules: VM 0 (a, c) {nat0}, VM 1 (b, a') {nat1}",
+        plain.vm().accel(),
+    );
+    println!(
+        "{:<36} {:>26} {:>26} {:>24}",
+        "", "host->guest Mbit/s", "guest->host Mbit/s", "RR p50 us"
+    );
+    println!(
+        "{:<36} {:>26} {:>26} {:>24}",
+        "", "min / median / max", "min / median / max", "min / median / max"
+    );
+    let fmt = |s: Stats, prec: usize| {
+        format!("{:.p$} / {:.p$} / {:.p$}", s.min, s.median, s.max, p = prec)
+    };
+    for (i, t) in targets.iter().enumerate() {
+        println!(
+            "{:<36} {:>26} {:>26} {:>24}",
+            t.label,
+            fmt(stats(&tx[&i]), 1),
+            fmt(stats(&rx[&i]), 1),
+            fmt(stats(&lat[&i]), 0)
+        );
+    }
+    let med = |m: &BTreeMap<usize, Vec<f64>>, i: usize| stats(&m[&i]).median;
+    println!();
+    println!(
+        "{:<28} {:>14} {:>14} {:>12}   paper",
+        "ratio of medians", "host->guest", "guest->host", "RR p50"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>12}   -68 % throughput, +31 % latency",
+        "(b) nested / (a)",
+        pct(med(&tx, 1) / med(&tx, 0)),
+        pct(med(&rx, 1) / med(&rx, 0)),
+        pct(med(&lat, 1) / med(&lat, 0)),
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>12}   = single layer",
+        "(c) BrFusion / (a)",
+        pct(med(&tx, 2) / med(&tx, 0)),
+        pct(med(&rx, 2) / med(&rx, 0)),
+        pct(med(&lat, 2) / med(&lat, 0)),
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>12}   (control: the NAT rules' cost on the VM's own NIC)",
+        "(a') / (a)",
+        pct(med(&tx, 3) / med(&tx, 0)),
+        pct(med(&rx, 3) / med(&rx, 0)),
+        pct(med(&lat, 3) / med(&lat, 0)),
+    );
+    println!();
+    println!("pod network-ready, ms (min / median / max):   RunPodSandbox          CNI ADD alone");
+    for (k, (label, ..)) in ready_setups.iter().enumerate() {
+        println!(
+            "  {label:<40} {:>22} {:>22}",
+            fmt(stats(&ready[&k]), 0),
+            fmt(stats(&cni_add[&k]), 0)
+        );
+    }
+    println!(
+        "  (warm NICs handed out: {warm_claims}, for {} warm-pool attaches)",
+        2 * runs
+    );
+    println!("\ntotal {:.0?}", t0.elapsed());
+    drop(cluster);
+}
+
+/// The network configs `cni_add_ms` runs: the first plugin of each runtime's conflist.
+const NESTLESS_NET: &str = r#"{"cniVersion":"1.0.0","name":"nestless","type":"nestless-cni","shimConfig":"/etc/nestless/shim.toml"}"#;
+const NESTED_NET: &str = r#"{"cniVersion":"1.0.0","name":"nested","type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"hairpinMode":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"172.30.0.0/24"}]],"routes":[{"dst":"0.0.0.0/0"}]}}"#;
+
+/// Runs CNI ADD of `plugin` with `conf` for a fresh network namespace in the guest, checks
+/// that eth0 got the result's address, runs DEL; returns how long ADD ran in the guest (ms,
+/// measured by the guest's exec server around the plugin's process).
+fn cni_add_ms(node: &Node, plugin: &str, conf: &str, tag: &str) -> f64 {
+    let ns = format!("nlbench-{tag}");
+    node.sh(&format!("/usr/bin/ip netns add {ns}"));
+    let cni = |command: &str| {
+        GuestCommand::new(format!("/opt/cni/bin/{plugin}"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("{ns}-{plugin}"))
+            .env("CNI_NETNS", format!("/run/netns/{ns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(conf.as_bytes().to_vec())
+            .timeout(Duration::from_secs(120))
+    };
+    let add = node.vm().run(&cni("ADD"));
+    assert!(
+        add.success(),
+        "CNI ADD {plugin}: {}{}",
+        add.stdout_str(),
+        add.stderr_str()
+    );
+    let result: Value = serde_json::from_slice(&add.stdout).expect("a CNI result");
+    let ip = result["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .expect("an address in the CNI result")
+        .to_owned();
+    let eth0 = node.sh(&format!("/usr/bin/ip -n {ns} -o -4 addr show dev eth0"));
+    assert!(eth0.contains(&ip), "{plugin}: eth0 lacks {ip}: {eth0}");
+    let del = node.vm().run(&cni("DEL"));
+    assert!(del.success(), "CNI DEL {plugin}: {}", del.stdout_str());
+    node.sh(&format!("/usr/bin/ip netns del {ns}"));
+    add.guest_duration.as_secs_f64() * 1e3
+}
+
+/// One short RR exchange, retried while the server starts (panics if it never answers).
+fn rr_probe(t: &Target, rr_bin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut cmd = Command::new(rr_bin);
+        cmd.args(["ping", &format!("{}:{}", t.ip, t.rr_port), "5", "8", "0"]);
+        let r = run(cmd, None, Duration::from_secs(60));
+        if r.code == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} at {}:{} does not answer: {}",
+            t.label,
+            t.ip,
+            t.rr_port,
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,39 @@
+# shellcheck shell=bash
+# Installation steps shared by tests/run.sh (every test) and tests/demo.sh (the demo), for a
+# fresh Debian 12 machine, as root. Sourced, never run; each function is idempotent.
+
+# Debian packages: QEMU for the guests, containerd/runc/CNI plugins (the guest image is made
+# from the same packages, and the host tests run them), busybox (ping, cpio), iperf3 and
+# iptables (copied into guests for the benchmark's baselines), protobuf-compiler (the CRI
+# client's build), and the usual tools.
+APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 socat
+	iptables iproute2 xz-utils zstd binutils util-linux kmod systemd protobuf-compiler
+	ca-certificates curl gcc libc6-dev)
+
+install_packages() {
+	local missing=()
+	for p in "${APT_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+	done
+	if ((${#missing[@]})); then
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+	fi
+	# The system containerd is not used: the tests start their own.
+	systemctl disable --now containerd >/dev/null 2>&1 || true
+}
+
+# Rust through rustup when cargo is missing (Debian's own is too old for the workspace).
+install_rust() {
+	export PATH="$HOME/.cargo/bin:$PATH"
+	command -v cargo >/dev/null && return 0
+	curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
+		--component rustfmt,clippy
+	export PATH="$HOME/.cargo/bin:$PATH"
+}
+
+install_vhost_device_vsock() {
+	if ! command -v vhost-device-vsock >/dev/null || ! vhost-device-vsock --version 2>/dev/null | grep -q "0.3.0"; then
+		cargo install --locked vhost-device-vsock@0.3.0
+	fi
+}
