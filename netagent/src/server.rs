@@ -379,7 +379,12 @@ impl agent_ttrpc::Admin for AdminService {
         _: pb::ListLeasesRequest,
     ) -> ttrpc::Result<pb::ListLeasesResponse> {
         Ok(pb::ListLeasesResponse {
-            leases: self.agent.records(None).iter().map(convert::lease).collect(),
+            leases: self
+                .agent
+                .records(None)
+                .iter()
+                .map(convert::lease)
+                .collect(),
             ..Default::default()
         })
     }

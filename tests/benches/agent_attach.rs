@@ -15,9 +15,7 @@
 //! * concurrent: K attaches spread over V VMs, one after the other vs all at
 //!   once (per-VM locks serialise a VM's own operations only).
 
-use std::{
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use nestless_protos::agent as pb;
 use nestless_tests::{

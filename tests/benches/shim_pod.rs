@@ -28,7 +28,7 @@ use std::{
 };
 
 use nestless_tests::{
-    agent::{bin_path, AgentProc},
+    agent::AgentProc,
     containerd::{random_name, Containerd, Options, BUSYBOX_IMAGE, CRI_HANDLER},
     cri::{cri, use_bridge_cni, use_nestless_cni, K8S_NS},
     netenv::{random_subnet, require_root, Bridge, Netns},

@@ -328,7 +328,7 @@ state = "{state}"
       runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
       runtime_type = "{runtime}"
-      pod_annotations = ["io.nestless.*"]
+      pod_annotations = ["io.nestless.hostlo/*"]
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
         ConfigPath = "{shim_config}"
   [plugins."io.containerd.grpc.v1.cri".cni]

@@ -622,6 +622,18 @@ impl Node {
         ports: &[(u16, u16)],
         script: &str,
     ) -> (Pod, f64) {
+        self.cri_pod_annotated(name, handler, ports, &[], script)
+    }
+
+    /// [`Node::cri_pod`] with pod annotations (`K=V`), as Kubernetes passes a pod's.
+    pub fn cri_pod_annotated(
+        &self,
+        name: &str,
+        handler: &str,
+        ports: &[(u16, u16)],
+        annotations: &[String],
+        script: &str,
+    ) -> (Pod, f64) {
         let mut args = vec![
             "runp".to_owned(),
             "--name".into(),
@@ -632,6 +644,10 @@ impl Node {
         for (c, h) in ports {
             args.push("--port".into());
             args.push(format!("{c}:{h}"));
+        }
+        for a in annotations {
+            args.push("--annotation".into());
+            args.push(a.clone());
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let r = self.cri(&argv);
@@ -977,7 +993,7 @@ mod tests {
         assert_eq!(rt[h]["runtime_type"].as_str(), Some(RUNTIME));
         assert_eq!(
             rt[h]["pod_annotations"].as_array().unwrap()[0].as_str(),
-            Some("io.nestless.*")
+            Some("io.nestless.hostlo/*")
         );
         assert_eq!(
             rt[NESTED_HANDLER]["cni_conf_dir"].as_str(),

@@ -4,5 +4,6 @@ pub mod agent;
 pub mod containerd;
 pub mod cri;
 pub mod e2e;
+pub mod hostlo;
 pub mod netenv;
 pub mod vm;

@@ -339,3 +339,80 @@ fn bad_configuration_and_environment() {
         .contains("/nonexistent/shim.toml"));
     assert_eq!(leases(&rig), 0);
 }
+
+/// A unix socket in front of the agent's that loses the reply of the first
+/// connection's first request (the agent handles it, the caller never hears
+/// back: an agent restarting under the request looks the same to the caller).
+/// Later connections pass through. Counts the connections.
+fn lossy_proxy(upstream: PathBuf, listen: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::{
+        io::Read,
+        os::unix::net::{UnixListener, UnixStream},
+        sync::{atomic::Ordering, Arc},
+        thread,
+    };
+    let listener = UnixListener::bind(listen).expect("bind the proxy socket");
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            let Ok(agent) = UnixStream::connect(&upstream) else {
+                return;
+            };
+            let (mut c_in, mut a_out) = (client.try_clone().unwrap(), agent.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c_in, &mut a_out);
+            });
+            let (mut a_in, mut c_out) = (agent, client);
+            thread::spawn(move || {
+                if n == 0 {
+                    // Wait for the reply, drop it, hang up on the caller.
+                    let mut buf = [0u8; 4096];
+                    let _ = a_in.read(&mut buf);
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                } else {
+                    let _ = std::io::copy(&mut a_in, &mut c_out);
+                }
+            });
+        }
+    });
+    count
+}
+
+#[test]
+fn a_lost_reply_is_asked_again_and_gets_the_same_nic() {
+    let mut rig = rig();
+    let proxy = rig.agent.dir.path().join("proxy.sock");
+    let connections = lossy_proxy(rig.agent.local_socket(), &proxy);
+    rig.shim_toml = rig.agent.dir.path().join("shim-proxy.toml");
+    std::fs::write(
+        &rig.shim_toml,
+        format!(
+            "[agent]\naddress = \"unix://{}\"\nconnect_timeout_ms = 2000\n[network]\nnic_wait_ms = 3000\n",
+            proxy.display()
+        ),
+    )
+    .unwrap();
+    let pod = Netns::new("pod");
+    let sb = format!("sb{}", suffix());
+    let out = cni(&rig, "ADD", &sb, &pod.path(), json!({}));
+    assert!(out.ok, "ADD failed: {} {}", out.stdout, out.stderr);
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the plugin asked again on a second connection"
+    );
+    // One NIC, attached once: the retry got the same NIC.
+    assert_eq!(leases(&rig), 1, "{}", rig.agent.state());
+    assert_eq!(rig.agent.log().matches("attached NIC").count(), 1);
+    let ip = out.stdout["ips"][0]["address"].as_str().unwrap().to_owned();
+    let addr = check(&[
+        "ip", "-n", &pod.name, "-o", "-4", "addr", "show", "dev", "eth0",
+    ]);
+    assert!(addr.contains(&ip), "{addr} lacks {ip}");
+    let out = cni(&rig, "DEL", &sb, &pod.path(), json!({}));
+    assert!(out.ok, "DEL failed: {}", out.stderr);
+    assert_eq!(leases(&rig), 0);
+}

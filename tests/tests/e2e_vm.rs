@@ -463,7 +463,7 @@ fn shipped_configs_name_our_runtime_and_plugin() {
     assert_eq!(rt["runtime_type"].as_str(), Some(RUNTIME));
     assert_eq!(
         rt["pod_annotations"].as_array().unwrap(),
-        &vec![toml::Value::from("io.nestless.*")]
+        &vec![toml::Value::from("io.nestless.hostlo/*")]
     );
     assert_eq!(
         rt["options"]["ConfigPath"].as_str(),

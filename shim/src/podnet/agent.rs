@@ -37,11 +37,25 @@ pub fn ttrpc_address(a: &AgentAddress) -> String {
     }
 }
 
+/// Whether a failed call failed on the connection (the agent restarting under
+/// it), not with the agent's answer nor on the deadline: worth one more try.
+fn is_transport(e: &ttrpc::Error) -> bool {
+    matches!(
+        e,
+        ttrpc::Error::Socket(_)
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::Eof
+    )
+}
+
 /// A connection to the host agent.
 pub struct AgentClient {
     address: String,
     client: NetAgentClient,
     request_timeout: Duration,
+    /// To connect again when the connection breaks under a request.
+    cfg: AgentConfig,
 }
 
 impl AgentClient {
@@ -62,6 +76,7 @@ impl AgentClient {
                         address,
                         client: NetAgentClient::new(c),
                         request_timeout: cfg.request_timeout,
+                        cfg: cfg.clone(),
                     })
                 }
                 Ok(Err(e)) if start.elapsed() >= cfg.connect_timeout => {
@@ -106,7 +121,9 @@ impl AgentClient {
         }
     }
 
-    /// `AttachNic`.
+    /// `AttachNic`. When the connection breaks under the request (the agent
+    /// restarting), connects again and asks once more: the agent answers the
+    /// same sandbox with the same NIC, so the retry cannot make a second one.
     pub async fn attach(
         &self,
         sandbox_id: &str,
@@ -117,23 +134,36 @@ impl AgentClient {
             labels: labels.clone(),
             ..Default::default()
         };
-        let resp = self
-            .client
-            .attach_nic(self.ctx(), &req)
-            .await
-            .map_err(|e| self.refused("AttachNic", e))?;
+        let resp = match self.client.attach_nic(self.ctx(), &req).await {
+            Err(e) if is_transport(&e) => {
+                log::warn!("sandbox {sandbox_id}: AttachNic: {e}; asking again");
+                let again = AgentClient::connect(&self.cfg).await?;
+                again.client.attach_nic(again.ctx(), &req).await
+            }
+            other => other,
+        }
+        .map_err(|e| self.refused("AttachNic", e))?;
         resp.nic
             .into_option()
             .ok_or(PodNetError::BadReply("AttachNic returned no NIC".into()))
     }
 
-    /// `DetachNic` by sandbox; a NIC already gone is success.
+    /// `DetachNic` by sandbox; a NIC already gone is success. Asked once more
+    /// on a new connection when the connection breaks under the request.
     pub async fn detach(&self, sandbox_id: &str) -> Result<(), PodNetError> {
         let req = pb::DetachNicRequest {
             sandbox_id: sandbox_id.into(),
             ..Default::default()
         };
-        match self.client.detach_nic(self.ctx(), &req).await {
+        let result = match self.client.detach_nic(self.ctx(), &req).await {
+            Err(e) if is_transport(&e) => {
+                log::warn!("sandbox {sandbox_id}: DetachNic: {e}; asking again");
+                let again = AgentClient::connect(&self.cfg).await?;
+                again.client.detach_nic(again.ctx(), &req).await
+            }
+            other => other,
+        };
+        match result {
             Ok(_) => Ok(()),
             Err(ttrpc::Error::RpcStatus(s)) if s.code() == ttrpc::Code::NOT_FOUND => Ok(()),
             Err(e) => Err(self.refused("DetachNic", e)),

@@ -59,8 +59,8 @@ fn main() {
     println!(
         "  pod {} is {}, IP {} (what crictl inspectp shows)",
         &pod.id[..12],
-        status["state"],
-        status["ip"]
+        status["state"].as_str().unwrap_or("?"),
+        status["ip"].as_str().unwrap_or("?")
     );
     let route = node.in_netns(
         pod.pid,

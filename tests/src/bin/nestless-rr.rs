@@ -1,29 +1,46 @@
-//! `nestless-rr`: TCP request/response latency, netperf TCP_RR style, with the standard
-//! library only (it runs in test guests and on the host).
+//! `nestless-rr`: TCP and UDP request/response latency, netperf TCP_RR/UDP_RR style, with
+//! the standard library only (it runs in test guests and on the host).
 //!
 //! ```text
-//! nestless-rr serve PORT                 echo server: every connection gets back what it sends
+//! nestless-rr serve [ADDR:]PORT          TCP echo server: every connection gets back what it
+//!                                        sends (ADDR defaults to 0.0.0.0)
+//! nestless-rr serve-udp [ADDR:]PORT      UDP echo server: every datagram goes back to its sender
 //! nestless-rr ping ADDR:PORT [COUNT] [SIZE] [WARMUP]
 //!     one connection, TCP_NODELAY; COUNT round trips of SIZE bytes (default 2000, 64),
 //!     after WARMUP unmeasured ones (default 100); prints one JSON line:
 //!     {"count":..,"size":..,"min_us":..,"p50_us":..,"p90_us":..,"p99_us":..,"max_us":..,"mean_us":..}
+//! nestless-rr ping-udp ADDR:PORT [COUNT] [SIZE] [WARMUP]
+//!     the same with datagrams (a request unanswered within 2 s is sent again; the JSON
+//!     line then also has "lost")
 //! ```
 //!
 //! The server serves each connection on its own thread until the peer closes it.
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     thread,
     time::{Duration, Instant},
 };
 
-const USAGE: &str =
-    "usage: nestless-rr serve PORT | nestless-rr ping ADDR:PORT [COUNT] [SIZE] [WARMUP]";
+const USAGE: &str = "usage: nestless-rr serve|serve-udp [ADDR:]PORT | \
+    nestless-rr ping|ping-udp ADDR:PORT [COUNT] [SIZE] [WARMUP]";
 
-fn serve(port: u16) -> std::io::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", port))?;
+/// `[ADDR:]PORT` as a socket address (ADDR defaults to 0.0.0.0).
+fn listen_addr(s: &str) -> Result<String, String> {
+    let full = if s.contains(':') {
+        s.to_owned()
+    } else {
+        format!("0.0.0.0:{s}")
+    };
+    full.parse::<std::net::SocketAddr>()
+        .map(|a| a.to_string())
+        .map_err(|_| format!("bad address {s:?}\n{USAGE}"))
+}
+
+fn serve(addr: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
         thread::spawn(move || {
@@ -42,6 +59,15 @@ fn serve(port: u16) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+fn serve_udp(addr: &str) -> std::io::Result<()> {
+    let socket = UdpSocket::bind(addr)?;
+    let mut buf = [0u8; 65536];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf)?;
+        let _ = socket.send_to(&buf[..n], peer);
+    }
 }
 
 /// Latency figures of one run, in microseconds.
@@ -93,6 +119,66 @@ fn ping(addr: &str, count: usize, size: usize, warmup: usize) -> std::io::Result
     summarize(samples).ok_or_else(|| std::io::Error::other("no samples (COUNT is 0)"))
 }
 
+/// UDP round trips; also returns how many requests went unanswered (and were sent again).
+fn ping_udp(
+    addr: &str,
+    count: usize,
+    size: usize,
+    warmup: usize,
+) -> std::io::Result<(Summary, usize)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut samples = Vec::with_capacity(count);
+    let mut reply = vec![0u8; size.max(8) + 1];
+    let mut lost = 0;
+    for i in 0..warmup + count {
+        // Each request carries its sequence number, so that a late reply is not counted.
+        let mut request = vec![0x5au8; size.max(8)];
+        request[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let t = Instant::now();
+        loop {
+            socket.send(&request)?;
+            match socket.recv(&mut reply) {
+                Ok(n) if n == request.len() && reply[..8] == request[..8] => break,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    lost += 1;
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        // Nothing listens (yet): do not spin.
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    if lost > 10 + (warmup + count) / 10 {
+                        return Err(std::io::Error::other(format!(
+                            "{lost} requests unanswered: is a UDP echo server at {addr}?"
+                        )));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if i >= warmup {
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let s = summarize(samples).ok_or_else(|| std::io::Error::other("no samples (COUNT is 0)"))?;
+    Ok((s, lost))
+}
+
+fn print_summary(s: &Summary, size: usize, extra: &str) {
+    println!(
+        "{{\"count\":{},\"size\":{size},\"min_us\":{:.1},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1},\"mean_us\":{:.1}{extra}}}",
+        s.count, s.min, s.p50, s.p90, s.p99, s.max, s.mean
+    );
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> Result<T, String> {
     match args.get(i) {
         None => Ok(default),
@@ -105,18 +191,24 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> Result<T,
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("serve") if args.len() == 2 => arg(&args, 1, 0u16)
-            .and_then(|port| serve(port).map_err(|e| format!("serve on port {port}: {e}"))),
-        Some("ping") if (2..=5).contains(&args.len()) => (|| {
+        Some("serve") if args.len() == 2 => {
+            listen_addr(&args[1]).and_then(|a| serve(&a).map_err(|e| format!("serve on {a}: {e}")))
+        }
+        Some("serve-udp") if args.len() == 2 => listen_addr(&args[1])
+            .and_then(|a| serve_udp(&a).map_err(|e| format!("serve-udp on {a}: {e}"))),
+        Some(cmd @ ("ping" | "ping-udp")) if (2..=5).contains(&args.len()) => (|| {
             let count = arg(&args, 2, 2000usize)?;
             let size = arg(&args, 3, 64usize)?;
             let warmup = arg(&args, 4, 100usize)?;
-            let s = ping(&args[1], count, size, warmup)
-                .map_err(|e| format!("ping {}: {e}", args[1]))?;
-            println!(
-                "{{\"count\":{},\"size\":{size},\"min_us\":{:.1},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1},\"mean_us\":{:.1}}}",
-                s.count, s.min, s.p50, s.p90, s.p99, s.max, s.mean
-            );
+            if cmd == "ping" {
+                let s = ping(&args[1], count, size, warmup)
+                    .map_err(|e| format!("ping {}: {e}", args[1]))?;
+                print_summary(&s, size, "");
+            } else {
+                let (s, lost) = ping_udp(&args[1], count, size, warmup)
+                    .map_err(|e| format!("ping-udp {}: {e}", args[1]))?;
+                print_summary(&s, size.max(8), &format!(",\"lost\":{lost}"));
+            }
             Ok(())
         })(),
         _ => Err(USAGE.to_owned()),
@@ -152,7 +244,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        thread::spawn(move || serve(addr.port()));
+        thread::spawn(move || serve(&addr.to_string()));
         let mut tries = 0;
         let s = loop {
             match ping(&addr.to_string(), 50, 100, 5) {
@@ -167,5 +259,23 @@ mod tests {
         };
         assert_eq!(s.count, 50);
         assert!(s.min > 0.0 && s.min <= s.p50 && s.p50 <= s.max);
+    }
+
+    #[test]
+    fn udp_ping_pong_over_loopback() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        drop(socket);
+        thread::spawn(move || serve_udp(&addr.to_string()));
+        let (s, _lost) = ping_udp(&addr.to_string(), 50, 100, 5).unwrap();
+        assert_eq!(s.count, 50);
+        assert!(s.min > 0.0 && s.min <= s.p50 && s.p50 <= s.max);
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(listen_addr("80").unwrap(), "0.0.0.0:80");
+        assert_eq!(listen_addr("127.0.0.1:80").unwrap(), "127.0.0.1:80");
+        assert!(listen_addr("x").unwrap_err().contains("bad address"));
     }
 }
