@@ -78,8 +78,10 @@ trace_test() {
 }
 
 # Root tests: namespaces, bridges, taps; containerd + runc (ctr and CRI); real QEMU VMs.
+# The tests run the binaries the build phase made (rather than each building its own).
 integration_tests() {
-	cargo test -p nestless-tests -- --test-threads 2
+	NESTLESS_BIN_DIR=$PWD/target/debug NESTLESS_SHIM_BIN=$PWD/target/debug/containerd-shim-nestless-v2 \
+		cargo test -p nestless-tests -- --test-threads 2
 }
 
 phase "apt packages" install_packages
