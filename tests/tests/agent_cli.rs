@@ -189,3 +189,44 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert!(child.wait().unwrap().success());
 }
+
+/// With `listen_vsock = true` the agent listens on AF_VSOCK (any CID, the
+/// configured port) beside the VMs' unix sockets. (A VM's connection over it
+/// needs a guest; this machine has AF_VSOCK but no loopback transport.)
+#[test]
+fn listens_on_af_vsock_when_asked() {
+    require_root();
+    assert!(
+        Path::new("/dev/vsock").exists(),
+        "/dev/vsock is missing: this host has no AF_VSOCK (load vhost_vsock)"
+    );
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let port = 20000 + rand::random::<u32>() % 20000;
+    let agent = AgentProc::start(|dir| {
+        format!(
+            "{}vsock_port = {port}\n[[network]]\nname = \"n\"\nbridge = \"{}\"\n\
+             subnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n[[vm]]\nname = \"vm3\"\n\
+             backend = \"netns\"\nnetns = \"/proc/self/ns/net\"\ncid = 3\n",
+            AgentProc::agent_section(dir).replace("listen_vsock = false", "listen_vsock = true"),
+            bridge.name
+        )
+    });
+    // The agent holds the port: binding it again fails (ss cannot list AF_VSOCK
+    // sockets without the vsock_diag module, which this kernel lacks).
+    let err = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
+        .expect_err("the agent listens on the port");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::AddrInUse,
+        "{err}\nagent log:\n{}",
+        agent.log()
+    );
+    assert!(agent
+        .log()
+        .contains(&format!("listening on AF_VSOCK port {port}")));
+    // Once the agent is gone, the port is free.
+    drop(agent);
+    vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
+        .expect("the port is free after the agent");
+}
