@@ -61,8 +61,8 @@ lint() {
 }
 
 guest_images() {
-	tests/vm/build-guest.sh --variant minimal --exec-bin target/debug/nestless-vm-exec
-	tests/vm/build-guest.sh --variant full --exec-bin target/debug/nestless-vm-exec
+	bash tests/vm/build-guest.sh --variant minimal --exec-bin target/debug/nestless-vm-exec
+	bash tests/vm/build-guest.sh --variant full --exec-bin target/debug/nestless-vm-exec
 }
 
 # Every crate but the test crate: unit tests, the planner's tests, doc tests.
