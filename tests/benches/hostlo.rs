@@ -75,7 +75,7 @@ fn servers(node: &Node, pod: &Pod, tag: &str) {
 struct Figures {
     tcp_us: Vec<f64>,
     udp_us: Vec<f64>,
-    gbps: Vec<f64>,
+    mbps: Vec<f64>,
 }
 
 fn measure(node: &Node, pod: &Pod, seconds: u64, f: &mut Figures) {
@@ -106,11 +106,11 @@ fn measure(node: &Node, pod: &Pod, seconds: u64, f: &mut Figures) {
     )
     .expect("iperf3");
     let v: Value = serde_json::from_str(&out).expect("iperf3 -J prints JSON");
-    f.gbps.push(
+    f.mbps.push(
         v["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .expect("bits_per_second")
-            / 1e9,
+            / 1e6,
     );
 }
 
@@ -159,12 +159,12 @@ fn main() {
     let mut one = Figures {
         tcp_us: vec![],
         udp_us: vec![],
-        gbps: vec![],
+        mbps: vec![],
     };
     let mut two = Figures {
         tcp_us: vec![],
         udp_us: vec![],
-        gbps: vec![],
+        mbps: vec![],
     };
     for round in 0..runs {
         eprintln!("[bench] round {}/{runs}", round + 1);
@@ -188,15 +188,15 @@ fn main() {
         println!("    {:<32} {}", "UDP RR p50 (us)", min_med_max(&f.udp_us));
         println!(
             "    {:<32} {}",
-            "TCP throughput (Gbit/s)",
-            min_med_max(&f.gbps)
+            "TCP throughput (Mbit/s)",
+            min_med_max(&f.mbps)
         );
     }
     println!(
         "  ratios of medians, two VMs / one VM: TCP RR {:.2}x, UDP RR {:.2}x, throughput {:.2}x",
         median(&two.tcp_us) / median(&one.tcp_us),
         median(&two.udp_us) / median(&one.udp_us),
-        median(&two.gbps) / median(&one.gbps)
+        median(&two.mbps) / median(&one.mbps)
     );
     for (node, pod) in [(n1, &p1), (n0, &p0), (n0, &single)] {
         node.cri_delete(&pod.id);
