@@ -247,3 +247,59 @@ fn cri_sandbox_fails_cleanly_when_the_agent_is_down() {
     assert!(r.bridge.ports().is_empty());
     r.c.assert_no_shim_left(K8S_NS, Duration::from_secs(10));
 }
+
+/// The Hostlo annotations of a pod reach the shim through CRI (containerd's
+/// `pod_annotations`, as the shipped drop-in lists them): the sandbox joins the
+/// Hostlo pod, its namespace gets the segment NIC, and StopPodSandbox leaves.
+#[test]
+fn cri_hands_the_hostlo_annotations_to_the_shim() {
+    let r = Rig::start();
+    let runp = r.cri(&[
+        "runp",
+        "--name",
+        "part0",
+        "--handler",
+        CRI_HANDLER,
+        "--annotation",
+        "io.nestless.hostlo/pod=shop",
+        "--annotation",
+        "io.nestless.hostlo/part=0",
+    ]);
+    let pod = runp["id"].as_str().expect("an id").to_owned();
+    let hostlo = || -> Value {
+        let out = std::process::Command::new(nestless_tests::agent::bin_path("nestlessctl"))
+            .args(["hostlo", "--json", "--socket"])
+            .arg(&r.agent.admin)
+            .output()
+            .expect("nestlessctl");
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let v = hostlo();
+    assert_eq!(v[0]["pod"], "shop", "{v}");
+    assert_eq!(v[0]["members"], serde_json::json!(["0:local"]), "{v}");
+    let status = r.cri(&["inspectp", &pod]);
+    assert_eq!(v[0]["pod_ip"], status["ip"], "{v} {status}");
+    let app = r.cri(&[
+        "run",
+        "--pod",
+        &pod,
+        "--name",
+        "app",
+        "--image",
+        BUSYBOX_IMAGE,
+        "--",
+        "sleep",
+        "100000",
+    ]);
+    let (code, out) = r.exec(
+        app["id"].as_str().expect("an id"),
+        &["ip", "addr", "show", "dev", "hostlo0"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("169.254.77.1/24"), "{out}");
+    r.cri(&["stopp", &pod]);
+    assert_eq!(hostlo(), serde_json::json!([]));
+    assert_eq!(r.leases(), Vec::<Value>::new());
+    r.cri(&["rmp", &pod]);
+}
