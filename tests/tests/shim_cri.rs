@@ -91,6 +91,21 @@ impl Rig {
     }
 }
 
+impl Drop for Rig {
+    /// Stops and removes what a failed test left in CRI, while containerd and the agent
+    /// still run, so that CNI DEL gives the NICs back and the pods' namespaces go.
+    fn drop(&mut self) {
+        if let Ok(pods) = try_cri(&self.c, &["pods"]) {
+            for p in pods.as_array().into_iter().flatten() {
+                if let Some(id) = p["id"].as_str() {
+                    let _ = try_cri(&self.c, &["stopp", id]);
+                    let _ = try_cri(&self.c, &["rmp", id]);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn cri_pod_gets_the_host_nic_and_releases_it() {
     let r = Rig::start();
