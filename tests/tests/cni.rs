@@ -135,6 +135,16 @@ fn add_check_del_in_a_pod_namespace() {
     assert_eq!(eth0["address"], mac.as_str());
     let addrs = check(&["ip", "-n", &pod.name, "-o", "addr", "show", "dev", "eth0"]);
     assert!(addrs.contains(&ip), "{addrs}");
+    // The address is announced (gratuitous ARP) when eth0 comes up.
+    let notify = check(&[
+        "ip",
+        "netns",
+        "exec",
+        &pod.name,
+        "cat",
+        "/proc/sys/net/ipv4/conf/eth0/arp_notify",
+    ]);
+    assert_eq!(notify.trim(), "1");
     let routes = check(&["ip", "-n", &pod.name, "route"]);
     assert!(
         routes.contains(&format!("default via {}.1 dev eth0", rig.net)),

@@ -383,7 +383,32 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
     }
     handle
         .link()
-        .set(LinkUnspec::new_with_index(idx).mtu(spec.mtu).up().build())
+        .set(LinkUnspec::new_with_index(idx).mtu(spec.mtu).build())
+        .execute()
+        .await
+        .map_err(nl("set the MTU of", spec.ifname.clone()))?;
+    for (ip, prefix) in &spec.addresses {
+        match handle.address().add(idx, *ip, *prefix).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => {}
+            Err(e) => {
+                return Err(nl(
+                    "add address to",
+                    format!("{} ({ip}/{prefix})", spec.ifname),
+                )(e))
+            }
+        }
+    }
+    // Announce the address when the link comes up (a gratuitous ARP): an address the
+    // agent hands out again may still sit in the neighbours' caches with the MAC of its
+    // previous NIC. This thread is in the pod's namespace, which /proc/sys/net follows.
+    let notify = format!("/proc/sys/net/ipv4/conf/{}/arp_notify", spec.ifname);
+    if let Err(e) = std::fs::write(&notify, "1") {
+        log::warn!("{notify}: {e} (no gratuitous ARP)");
+    }
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(idx).up().build())
         .execute()
         .await
         .map_err(nl("set up", spec.ifname.clone()))?;
@@ -402,18 +427,6 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
             .execute()
             .await
             .map_err(nl("set up", "lo"))?;
-    }
-    for (ip, prefix) in &spec.addresses {
-        match handle.address().add(idx, *ip, *prefix).execute().await {
-            Ok(()) => {}
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => {}
-            Err(e) => {
-                return Err(nl(
-                    "add address to",
-                    format!("{} ({ip}/{prefix})", spec.ifname),
-                )(e))
-            }
-        }
     }
     for (dst, prefix, via) in &spec.routes {
         let msg = match (dst, via) {
