@@ -29,8 +29,8 @@ use std::{
 
 use nestless_tests::{
     agent::AgentProc,
-    containerd::{random_name, Containerd, Options, BUSYBOX_IMAGE, CRI_HANDLER},
-    cri::{cri, use_bridge_cni, use_nestless_cni, K8S_NS},
+    containerd::{random_name, Containerd, Options, CRI_HANDLER},
+    cri::{cri, run_busybox, use_bridge_cni, use_nestless_cni, K8S_NS},
     netenv::{random_subnet, require_root, Bridge, Netns},
 };
 use serde_json::{json, Value};
@@ -226,21 +226,7 @@ fn main() {
                 &["runp", "--name", &format!("rss-{i}"), "--handler", handler],
             );
             let pod = r["id"].as_str().expect("an id").to_owned();
-            cri(
-                c,
-                &[
-                    "run",
-                    "--pod",
-                    &pod,
-                    "--name",
-                    "app",
-                    "--image",
-                    BUSYBOX_IMAGE,
-                    "--",
-                    "sleep",
-                    "100000",
-                ],
-            );
+            run_busybox(c, &pod, "app", &["sleep", "100000"]);
             ids.push((c, pod));
         }
     }

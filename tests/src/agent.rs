@@ -186,23 +186,33 @@ impl AgentProc {
         self.state()["nics"].as_array().cloned().unwrap_or_default()
     }
 
-    /// The leases the agent reports (`nestlessctl leases --json` on the admin socket).
-    pub fn leases(&self) -> Vec<serde_json::Value> {
+    /// `nestlessctl COMMAND --json` on the admin socket, parsed.
+    pub fn ctl_json(&self, command: &str) -> serde_json::Value {
         let out = Command::new(bin_path("nestlessctl"))
-            .args(["leases", "--json", "--socket"])
+            .args([command, "--json", "--socket"])
             .arg(&self.admin)
             .output()
             .expect("run nestlessctl");
         assert!(
             out.status.success(),
-            "nestlessctl leases: {}",
+            "nestlessctl {command}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .expect("nestlessctl leases --json prints JSON")
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("nestlessctl {command} --json: {e}"))
+    }
+
+    /// The leases the agent reports (`nestlessctl leases --json`).
+    pub fn leases(&self) -> Vec<serde_json::Value> {
+        self.ctl_json("leases")
             .as_array()
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// The agent's view of the Hostlo pods (`nestlessctl hostlo --json`).
+    pub fn hostlo(&self) -> serde_json::Value {
+        self.ctl_json("hostlo")
     }
 }
 

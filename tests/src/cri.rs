@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::{
     agent::bin_path,
-    containerd::{run, Containerd, CTR_TIMEOUT},
+    containerd::{run, Containerd, BUSYBOX_IMAGE, CTR_TIMEOUT},
 };
 
 /// containerd's namespace for CRI.
@@ -33,6 +33,26 @@ pub fn cri(c: &Containerd, args: &[&str]) -> Value {
             c.log_tail(60)
         )
     })
+}
+
+/// CreateContainer + StartContainer of a busybox container `name` in `pod`, running
+/// `command`; the container's id.
+pub fn run_busybox(c: &Containerd, pod: &str, name: &str, command: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        "--pod",
+        pod,
+        "--name",
+        name,
+        "--image",
+        BUSYBOX_IMAGE,
+        "--",
+    ];
+    args.extend_from_slice(command);
+    cri(c, &args)["id"]
+        .as_str()
+        .expect("run prints the container id")
+        .to_owned()
 }
 
 /// CRI's network is the shipped `config/10-nestless.conflist` (nestless-cni),

@@ -886,15 +886,7 @@ impl Cluster {
 
     /// `nestlessctl leases --json` against the agent's admin socket.
     pub fn leases(&self) -> Vec<Value> {
-        let out = check(&[
-            Binaries::get().path("nestlessctl").to_str().expect("UTF-8"),
-            "leases",
-            "--json",
-            "--socket",
-            self.agent.admin.to_str().expect("UTF-8"),
-        ]);
-        let v: Value = serde_json::from_str(&out).expect("nestlessctl prints JSON");
-        v.as_array().cloned().unwrap_or_default()
+        self.agent.leases()
     }
 
     /// Pings `ip` from the host (busybox ping: the host has no ping package).

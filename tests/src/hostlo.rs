@@ -8,8 +8,7 @@ use serde_json::Value;
 
 use crate::{
     containerd::{shell_quote, CRI_HANDLER},
-    e2e::{eventually, Binaries, Cluster, Node, Pod},
-    netenv::check,
+    e2e::{eventually, Cluster, Node, Pod},
 };
 
 /// Creates part `part` of Hostlo pod `hostlo_pod` in `node` through CRI (runtime handler
@@ -109,14 +108,7 @@ pub fn http_get(node: &Node, pod: &Pod, addr: &str) -> Result<String, String> {
 
 /// `nestlessctl hostlo --json`: the agent's view of the Hostlo pods.
 pub fn view(c: &Cluster) -> Value {
-    let out = check(&[
-        Binaries::get().path("nestlessctl").to_str().expect("UTF-8"),
-        "hostlo",
-        "--json",
-        "--socket",
-        c.agent().admin.to_str().expect("UTF-8"),
-    ]);
-    serde_json::from_str(&out).expect("nestlessctl hostlo --json prints JSON")
+    c.agent().hostlo()
 }
 
 /// Whether the first pod of `view` publishes `entry` (`PART:PORT/PROTO`).

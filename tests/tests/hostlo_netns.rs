@@ -110,13 +110,7 @@ impl Drop for Service {
 }
 
 fn view(agent: &AgentProc) -> Value {
-    let out = Command::new(bin_path("nestlessctl"))
-        .args(["hostlo", "--json", "--socket"])
-        .arg(&agent.admin)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent.hostlo()
 }
 
 fn wait_for(agent: &AgentProc, what: &str, f: impl Fn(&Value) -> bool) -> Value {

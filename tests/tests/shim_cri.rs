@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use nestless_tests::{
     agent::AgentProc,
-    containerd::{Containerd, Options, BUSYBOX_IMAGE, CRI_HANDLER},
-    cri::{try_cri, use_nestless_cni, K8S_NS},
+    containerd::{Containerd, Options, CRI_HANDLER},
+    cri::{run_busybox, try_cri, use_nestless_cni, K8S_NS},
     netenv::{random_subnet, require_root, run, Bridge},
 };
 use serde_json::Value;
@@ -138,34 +138,18 @@ fn cri_pod_gets_the_host_nic_and_releases_it() {
     assert_eq!(status["runtime_handler"], CRI_HANDLER, "{status}");
 
     // Two containers of the pod: a server bound to 127.0.0.1 only, and a client.
-    let server = r.cri(&[
-        "run",
-        "--pod",
+    let server = run_busybox(
+        &r.c,
         &pod,
-        "--name",
         "server",
-        "--image",
-        BUSYBOX_IMAGE,
-        "--",
-        "sh",
-        "-c",
-        "mkdir -p /www && echo hello-over-localhost > /www/index.html && \
-         exec httpd -f -p 127.0.0.1:8080 -h /www",
-    ]);
-    let server = server["id"].as_str().expect("a container id").to_owned();
-    let client = r.cri(&[
-        "run",
-        "--pod",
-        &pod,
-        "--name",
-        "client",
-        "--image",
-        BUSYBOX_IMAGE,
-        "--",
-        "sleep",
-        "100000",
-    ]);
-    let client = client["id"].as_str().expect("a container id").to_owned();
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-over-localhost > /www/index.html && \
+             exec httpd -f -p 127.0.0.1:8080 -h /www",
+        ],
+    );
+    let client = run_busybox(&r.c, &pod, "client", &["sleep", "100000"]);
     let ps = r.cri(&["ps", "--pod", &pod]);
     assert_eq!(ps.as_array().map(Vec::len), Some(2), "{ps}");
 
@@ -281,36 +265,14 @@ fn cri_hands_the_hostlo_annotations_to_the_shim() {
         "io.nestless.hostlo/part=0",
     ]);
     let pod = runp["id"].as_str().expect("an id").to_owned();
-    let hostlo = || -> Value {
-        let out = std::process::Command::new(nestless_tests::agent::bin_path("nestlessctl"))
-            .args(["hostlo", "--json", "--socket"])
-            .arg(&r.agent.admin)
-            .output()
-            .expect("nestlessctl");
-        assert!(out.status.success(), "{out:?}");
-        serde_json::from_slice(&out.stdout).expect("JSON")
-    };
+    let hostlo = || r.agent.hostlo();
     let v = hostlo();
     assert_eq!(v[0]["pod"], "shop", "{v}");
     assert_eq!(v[0]["members"], serde_json::json!(["0:local"]), "{v}");
     let status = r.cri(&["inspectp", &pod]);
     assert_eq!(v[0]["pod_ip"], status["ip"], "{v} {status}");
-    let app = r.cri(&[
-        "run",
-        "--pod",
-        &pod,
-        "--name",
-        "app",
-        "--image",
-        BUSYBOX_IMAGE,
-        "--",
-        "sleep",
-        "100000",
-    ]);
-    let (code, out) = r.exec(
-        app["id"].as_str().expect("an id"),
-        &["ip", "addr", "show", "dev", "hostlo0"],
-    );
+    let app = run_busybox(&r.c, &pod, "app", &["sleep", "100000"]);
+    let (code, out) = r.exec(&app, &["ip", "addr", "show", "dev", "hostlo0"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("169.254.77.1/24"), "{out}");
     r.cri(&["stopp", &pod]);
