@@ -30,7 +30,7 @@ use crate::{
     backend::{netns::NetnsBackend, qemu::QemuBackend, BackendError, NicPlan, VmBackend},
     config::{BackendConfig, Config, NetworkConfig, VmConfig},
     error::AgentError,
-    hostlo::{self, HostloRef, PodView, PortSpec},
+    hostlo::{self, HostloRef, PodView, Port},
     ipam::Ipam,
     lifecycle::{self, Event, NicState, Presence, Recovery},
     links::HostLinks,
@@ -540,7 +540,7 @@ impl Agent {
             let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
                 Some(m) => m,
                 None => loop {
-                    let m = MacAddr::random_with_prefix(&self.config.agent.mac_prefix);
+                    let m = crate::types::random_mac(&self.config.agent.mac_prefix);
                     if !used_macs.contains(&m) && !m.is_multicast() {
                         break m;
                     }
@@ -710,7 +710,7 @@ impl Agent {
                 .find(|r| r.vm == vm && r.hostlo.is_none() && !r.pooled && r.sandbox_id == sb)
                 .map(|r| r.ipv4)
         });
-        let ports: BTreeMap<u32, Vec<PortSpec>> =
+        let ports: BTreeMap<u32, Vec<Port>> =
             parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
         Some(PodView {
             version: inner
@@ -857,7 +857,7 @@ impl Agent {
         vm: &str,
         pod: &str,
         part: u32,
-        ports: &[PortSpec],
+        ports: &[Port],
     ) -> Result<Vec<hostlo::Conflict>, AgentError> {
         hostlo::check_pod(pod)?;
         hostlo::check_part(part)?;
@@ -1700,7 +1700,7 @@ mod tests {
         );
         let seen = w.await.unwrap().unwrap();
         assert!(seen.version > since && seen.parts.len() == 2);
-        let tcp = |port| PortSpec {
+        let tcp = |port| Port {
             port,
             proto: hostlo::Proto::Tcp,
         };

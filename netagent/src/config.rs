@@ -38,7 +38,8 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-use crate::types::parse_hex_bytes;
+use nestless_model::hostlo::{DEFAULT_SEGMENT_MTU, DEFAULT_SEGMENT_SUBNET};
+use nestless_model::mac::parse_hex_bytes;
 
 /// Default location of the agent's configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nestless/netagent.toml";
@@ -414,7 +415,7 @@ impl Checker<'_> {
         h: RawHostlo,
         networks: &BTreeMap<String, NetworkConfig>,
     ) -> Result<HostloConfig, ConfigError> {
-        let text = h.subnet.unwrap_or_else(|| "169.254.77.0/24".into());
+        let text = h.subnet.unwrap_or_else(|| DEFAULT_SEGMENT_SUBNET.into());
         let subnet: Ipv4Net = text
             .parse()
             .map_err(|_| self.err("hostlo.subnet", format!("{text:?} is not an IPv4 CIDR")))?;
@@ -433,7 +434,7 @@ impl Checker<'_> {
                 format!("{subnet} overlaps network {:?} ({})", n.name, n.subnet),
             ));
         }
-        let mtu = h.mtu.unwrap_or(65520);
+        let mtu = h.mtu.unwrap_or(DEFAULT_SEGMENT_MTU);
         if !(68..=65535).contains(&mtu) {
             return Err(self.err("hostlo.mtu", format!("{mtu} is not between 68 and 65535")));
         }

@@ -114,7 +114,7 @@ pub fn nic_record(rec: &NicRecord, net: Option<&NetworkConfig>) -> pb::NicRecord
 
 /// A Hostlo pod view.
 pub fn hostlo_view(v: &crate::hostlo::PodView) -> pb::HostloWatchResponse {
-    let port = |p: &crate::hostlo::PortSpec| pb::HostloPort {
+    let port = |p: &crate::hostlo::Port| pb::HostloPort {
         port: u32::from(p.port),
         protocol: p.proto.as_str().to_string(),
         ..Default::default()
@@ -152,7 +152,7 @@ pub fn hostlo_conflict(c: &crate::hostlo::Conflict) -> pb::HostloConflict {
 }
 
 /// Published ports from their protobuf form.
-pub fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<crate::hostlo::PortSpec>, AgentError> {
+pub fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<crate::hostlo::Port>, AgentError> {
     ports
         .iter()
         .map(|p| {
@@ -160,9 +160,17 @@ pub fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<crate::hostlo::PortS
                 field: "ports.port",
                 reason: format!("{} is not a port number", p.port),
             })?;
-            Ok(crate::hostlo::PortSpec {
+            Ok(crate::hostlo::Port {
                 port,
-                proto: crate::hostlo::Proto::parse(&p.protocol)?,
+                proto: p
+                    .protocol
+                    .parse()
+                    .map_err(
+                        |e: nestless_model::PortParseError| AgentError::InvalidArgument {
+                            field: "ports.protocol",
+                            reason: e.to_string(),
+                        },
+                    )?,
             })
         })
         .collect()

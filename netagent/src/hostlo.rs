@@ -35,46 +35,7 @@ pub const MAX_PARTS: u32 = 253;
 /// Most ports one part may publish.
 pub const MAX_PORTS: usize = 1024;
 
-/// Transport protocol of a published port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// `tcp` or `udp`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-
-    /// Parses `tcp` / `udp`.
-    pub fn parse(s: &str) -> Result<Proto, AgentError> {
-        match s {
-            "tcp" => Ok(Proto::Tcp),
-            "udp" => Ok(Proto::Udp),
-            other => Err(AgentError::InvalidArgument {
-                field: "ports.protocol",
-                reason: format!("{other:?} is not \"tcp\" or \"udp\""),
-            }),
-        }
-    }
-}
-
-/// A port a part serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct PortSpec {
-    /// The port number.
-    pub port: u16,
-    /// Its protocol.
-    pub proto: Proto,
-}
+pub use nestless_model::{Port, Proto};
 
 /// The Hostlo side of a NIC record: which pod and part it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,7 +47,7 @@ pub struct HostloRef {
     pub part: u32,
     /// The ports the part serves (sorted, unique).
     #[serde(default)]
-    pub ports: Vec<PortSpec>,
+    pub ports: Vec<Port>,
 }
 
 /// Checks a Hostlo pod name: 1 to 63 characters of `[a-z0-9.-]`.
@@ -117,7 +78,7 @@ pub fn check_part(part: u32) -> Result<(), AgentError> {
 }
 
 /// Checks and normalises (sorts, dedups) a published port list.
-pub fn check_ports(ports: &[PortSpec]) -> Result<Vec<PortSpec>, AgentError> {
+pub fn check_ports(ports: &[Port]) -> Result<Vec<Port>, AgentError> {
     if ports.len() > MAX_PORTS {
         return Err(AgentError::InvalidArgument {
             field: "ports",
@@ -176,14 +137,14 @@ pub fn part_address(subnet: ipnet::Ipv4Net, part: u32) -> Ipv4Addr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     /// The port.
-    pub port: PortSpec,
+    pub port: Port,
     /// The parts serving it.
     pub parts: Vec<u32>,
 }
 
 /// The ports served by more than one part, given each part's ports.
-pub fn conflicts(parts: &BTreeMap<u32, Vec<PortSpec>>) -> Vec<Conflict> {
-    let mut by_port: BTreeMap<PortSpec, Vec<u32>> = BTreeMap::new();
+pub fn conflicts(parts: &BTreeMap<u32, Vec<Port>>) -> Vec<Conflict> {
+    let mut by_port: BTreeMap<Port, Vec<u32>> = BTreeMap::new();
     for (part, ports) in parts {
         for p in ports {
             by_port.entry(*p).or_default().push(*part);
@@ -202,7 +163,7 @@ pub struct PodView {
     /// Changes with every join, leave and publish.
     pub version: u64,
     /// part -> (segment address, ports).
-    pub parts: BTreeMap<u32, (Ipv4Addr, Vec<PortSpec>)>,
+    pub parts: BTreeMap<u32, (Ipv4Addr, Vec<Port>)>,
     /// Ports more than one part serves.
     pub conflicts: Vec<Conflict>,
     /// Part 0's BrFusion address.
@@ -215,8 +176,8 @@ pub struct PodView {
 mod tests {
     use super::*;
 
-    fn p(port: u16, proto: Proto) -> PortSpec {
-        PortSpec { port, proto }
+    fn p(port: u16, proto: Proto) -> Port {
+        Port { port, proto }
     }
 
     #[test]
@@ -258,7 +219,7 @@ mod tests {
         );
         assert!(check_ports(&[p(0, Proto::Tcp)]).is_err());
         assert!(check_ports(&vec![p(1, Proto::Tcp); 1025]).is_err());
-        assert!(Proto::parse("sctp").is_err());
+        assert!("sctp".parse::<Proto>().is_err());
     }
 
     #[test]

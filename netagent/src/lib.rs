@@ -14,7 +14,6 @@
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
 //! * [`config`], [`state`], [`ipam`], [`types`]: configuration, the durable
 //!   state file, address allocation, names.
-//! * [`planner`]: the Hostlo placement planner behind `nestlessctl plan`.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -27,7 +26,6 @@ pub mod hostlo;
 pub mod ipam;
 pub mod lifecycle;
 pub mod links;
-pub mod planner;
 pub mod qmp;
 pub mod server;
 pub mod state;

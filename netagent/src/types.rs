@@ -4,92 +4,22 @@
 use std::{fmt, str::FromStr};
 
 use rand::Rng;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-/// A 48-bit Ethernet MAC address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MacAddr(pub [u8; 6]);
+pub use nestless_model::{MacAddr, MacParseError};
 
-impl MacAddr {
-    /// A random unicast MAC under `prefix` (the first bytes of the address).
-    pub fn random_with_prefix(prefix: &[u8]) -> MacAddr {
-        let mut bytes = [0u8; 6];
-        rand::rng().fill(&mut bytes[..]);
-        bytes[..prefix.len()].copy_from_slice(prefix);
-        if prefix.is_empty() {
-            // Locally administered, unicast.
-            bytes[0] = (bytes[0] | 0x02) & 0xfe;
-        }
-        MacAddr(bytes)
+/// A random unicast MAC under `prefix` (the first bytes of the address; at
+/// most 6). Without a prefix the address is locally administered.
+pub fn random_mac(prefix: &[u8]) -> MacAddr {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill(&mut bytes[..]);
+    let n = prefix.len().min(6);
+    bytes[..n].copy_from_slice(&prefix[..n]);
+    if prefix.is_empty() {
+        // Locally administered, unicast.
+        bytes[0] = (bytes[0] | 0x02) & 0xfe;
     }
-
-    /// True for a multicast (group) address, which a NIC must not use.
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 0x01 == 0x01
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            b[0], b[1], b[2], b[3], b[4], b[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// Why a MAC address (or prefix) did not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")]
-pub struct MacParseError(pub String);
-
-/// Parses colon- or dash-separated hex bytes; `want` is the exact byte count.
-pub(crate) fn parse_hex_bytes(s: &str, want: usize) -> Option<Vec<u8>> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != want {
-        return None;
-    }
-    parts
-        .iter()
-        .map(|p| {
-            if p.len() == 2 {
-                u8::from_str_radix(p, 16).ok()
-            } else {
-                None
-            }
-        })
-        .collect()
-}
-
-impl FromStr for MacAddr {
-    type Err = MacParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = parse_hex_bytes(s, 6).ok_or_else(|| MacParseError(s.to_string()))?;
-        let mut out = [0u8; 6];
-        out.copy_from_slice(&bytes);
-        Ok(MacAddr(out))
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
+    MacAddr(bytes)
 }
 
 /// The agent's id for a NIC: 10 lower-case hex digits.
@@ -235,9 +165,9 @@ mod tests {
     #[test]
     fn random_macs_keep_prefix_and_are_unicast() {
         for _ in 0..100 {
-            let m = MacAddr::random_with_prefix(&[0x52, 0x54, 0x00]);
+            let m = random_mac(&[0x52, 0x54, 0x00]);
             assert_eq!(&m.0[..3], &[0x52, 0x54, 0x00]);
-            let m = MacAddr::random_with_prefix(&[]);
+            let m = random_mac(&[]);
             assert!(!m.is_multicast());
             assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
         }

@@ -6,10 +6,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use nestless_netagent::{
-    ctl::{self, View},
-    planner,
-};
+use nestless_netagent::ctl::{self, View};
+use nestless_planner as planner;
 
 #[derive(Parser)]
 #[command(

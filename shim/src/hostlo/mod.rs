@@ -40,52 +40,12 @@ pub mod part;
 pub mod relay;
 pub mod sockets;
 
-use std::{collections::HashMap, fmt};
+use std::collections::HashMap;
 
-/// Annotation naming the Hostlo pod.
-pub const POD_ANNOTATION: &str = "io.nestless.hostlo/pod";
-/// Annotation naming the part (0 for the part that holds the pod IP).
-pub const PART_ANNOTATION: &str = "io.nestless.hostlo/part";
-/// Annotation declaring ports the part serves, e.g. `80/tcp,53/udp`.
-pub const PORTS_ANNOTATION: &str = "io.nestless.hostlo/ports";
-/// The mux port on the segment.
-pub const MUX_PORT: u16 = 7071;
-/// Interface name of the segment NIC in the pod.
-pub const SEGMENT_IFNAME: &str = "hostlo0";
-
-/// Transport protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// `tcp` / `udp`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
-
-/// A port a part serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Port {
-    /// Number.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Proto,
-}
-
-impl fmt::Display for Port {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.port, self.proto.as_str())
-    }
-}
+pub use nestless_model::hostlo::{
+    MUX_PORT, PART_ANNOTATION, POD_ANNOTATION, PORTS_ANNOTATION, SEGMENT_IFNAME,
+};
+pub use nestless_model::{Port, Proto};
 
 /// Hostlo errors.
 #[derive(Debug, thiserror::Error)]
@@ -122,28 +82,6 @@ pub struct HostloSpec {
     pub declared: Vec<Port>,
 }
 
-/// Parses `80/tcp,53/udp` (protocol defaults to tcp).
-pub fn parse_ports(s: &str) -> Result<Vec<Port>, String> {
-    let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (num, proto) = item.split_once('/').unwrap_or((item, "tcp"));
-        let port: u16 = num
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{item:?}: {num:?} is not a port"))?;
-        let proto = match proto {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            other => return Err(format!("{item:?}: {other:?} is not tcp or udp")),
-        };
-        out.push(Port { port, proto });
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
-}
-
 /// The Hostlo membership the annotations ask for; `None` without the pod annotation.
 pub fn spec_from_annotations(
     a: &HashMap<String, String>,
@@ -168,9 +106,9 @@ pub fn spec_from_annotations(
     };
     let declared = match a.get(PORTS_ANNOTATION) {
         None => Vec::new(),
-        Some(s) => parse_ports(s).map_err(|reason| HostloError::Annotation {
+        Some(s) => nestless_model::parse_port_list(s).map_err(|e| HostloError::Annotation {
             key: PORTS_ANNOTATION,
-            reason,
+            reason: e.to_string(),
         })?,
     };
     Ok(Some(HostloSpec {

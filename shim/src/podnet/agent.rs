@@ -277,7 +277,11 @@ fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
 /// What the guest must configure for `nic`, named `ifname`.
 pub fn nic_spec(nic: &pb::Nic, ifname: &str) -> Result<NicSpec, PodNetError> {
     let bad = |what: String| PodNetError::BadReply(format!("NIC {}: {what}", nic.id));
-    let mac = guest::parse_mac(&nic.mac).ok_or_else(|| bad(format!("MAC {:?}", nic.mac)))?;
+    let mac = nic
+        .mac
+        .parse::<nestless_model::MacAddr>()
+        .map_err(|e| bad(e.to_string()))?
+        .0;
     let mut addresses = Vec::new();
     for a in &nic.addresses {
         let ip: IpAddr = a

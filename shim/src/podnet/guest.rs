@@ -22,6 +22,7 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt};
+use nestless_model::MacAddr;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
@@ -90,23 +91,6 @@ fn nl(op: &'static str, what: impl Into<String>) -> impl FnOnce(rtnetlink::Error
             other => std::io::Error::other(other.to_string()),
         },
     }
-}
-
-/// Formats a MAC.
-pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses a MAC.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).ok())
-        .collect::<Option<_>>()?;
-    parts.try_into().ok()
 }
 
 fn link_mac(m: &LinkMessage) -> Option<&[u8]> {
@@ -178,7 +162,7 @@ pub async fn wait_for_mac(
         match tokio::time::timeout(timeout, wait).await {
             Ok(Some(found)) => Ok(found),
             _ => Err(GuestNetError::NicNotFound {
-                mac: mac_string(mac),
+                mac: MacAddr(*mac).to_string(),
                 after: timeout,
             }),
         }
@@ -364,7 +348,7 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
     let link = find_by_mac(handle, &spec.mac)
         .await?
         .ok_or_else(|| GuestNetError::NicNotFound {
-            mac: mac_string(&spec.mac),
+            mac: MacAddr(spec.mac).to_string(),
             after: Duration::ZERO,
         })?;
     let idx = link.header.index;
@@ -461,17 +445,4 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_round_trip() {
-        let m = parse_mac("52:54:00:ab:cd:ef").unwrap();
-        assert_eq!(mac_string(&m), "52:54:00:ab:cd:ef");
-        assert!(parse_mac("52:54:00:ab:cd").is_none());
-        assert!(parse_mac("zz:54:00:ab:cd:ef").is_none());
-    }
 }

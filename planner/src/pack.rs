@@ -656,7 +656,7 @@ impl<'a> Packer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::model::VmType;
+    use crate::model::VmType;
 
     fn cat() -> Catalogue {
         let t = |n: &str, f: &str, c: u64, m: u64, p: u64| VmType {

@@ -116,7 +116,7 @@ pub enum PlanError {
         /// The requested families.
         families: Vec<String>,
     },
-    /// A placement breaks a constraint (returned by [`crate::planner::validate`]).
+    /// A placement breaks a constraint (returned by [`crate::validate`]).
     #[error("invalid placement: {0}")]
     InvalidPlacement(#[from] Violation),
 }

@@ -170,7 +170,7 @@ fn dfs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::model::{group_clients, VmType};
+    use crate::model::{group_clients, VmType};
 
     fn cat() -> Catalogue {
         let t = |n: &str, f: &str, c: u64, m: u64, p: u64| VmType {

@@ -8,10 +8,7 @@ use serde::Serialize;
 
 use super::model::{Catalogue, Client, Placement};
 
-/// Annotation naming the Hostlo pod that a part belongs to.
-pub const POD_ANNOTATION: &str = "io.nestless.hostlo/pod";
-/// Annotation giving the index of the part ("0", "1", ...).
-pub const PART_ANNOTATION: &str = "io.nestless.hostlo/part";
+pub use nestless_model::hostlo::{PART_ANNOTATION, POD_ANNOTATION};
 
 /// One part of a spanning pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -108,7 +105,7 @@ pub fn pod_annotations(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::model::{group_clients, ItemRef, Res, Vm, VmType};
+    use crate::model::{group_clients, ItemRef, Res, Vm, VmType};
 
     #[test]
     fn names_are_dns_labels() {

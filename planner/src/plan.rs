@@ -527,7 +527,7 @@ fn improve_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::model::{group_clients, validate, Mode, VmType};
+    use crate::model::{group_clients, validate, Mode, VmType};
 
     fn cat() -> Catalogue {
         let t = |n: &str, f: &str, c: u64, m: u64, p: u64| VmType {

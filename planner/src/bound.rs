@@ -55,7 +55,7 @@ fn ratio(d: f64, c: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::model::VmType;
+    use crate::model::VmType;
 
     #[test]
     fn mixes_two_shapes() {

@@ -1,9 +1,9 @@
 //! The heuristic against exact optima on small clients: randomised instances with a fixed
 //! seed, and hand-made ones.
-use nestless_netagent::planner::exact::{exact_hostlo, exact_whole};
-use nestless_netagent::planner::model::group_clients;
-use nestless_netagent::planner::pack::SearchOptions;
-use nestless_netagent::planner::{
+use nestless_planner::exact::{exact_hostlo, exact_whole};
+use nestless_planner::model::group_clients;
+use nestless_planner::pack::SearchOptions;
+use nestless_planner::{
     plan_client, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res, VmType,
 };
 use rand::{Rng, SeedableRng};
@@ -218,7 +218,7 @@ fn random_instances_uniform_hosts() {
 fn hand_made_instances() {
     let cat = catalogue();
     let cfg = PlanConfig::default();
-    let cost = |p: &Option<nestless_netagent::planner::Placement>| p.as_ref().map(|p| p.cost(&cat));
+    let cost = |p: &Option<nestless_planner::Placement>| p.as_ref().map(|p| p.cost(&cat));
     // One pod, five containers of 1 vCPU / 4 GiB (5 vCPU, 20 GiB): (a) m.2xlarge 0.384.
     let cl = client(&[vec![(1.0, 4.0); 5]]);
     let p = plan_client(&cl, &cat, &cfg);

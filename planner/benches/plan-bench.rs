@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use nestless_netagent::planner::catalogue::{load_catalogue, FamilyFilter};
-use nestless_netagent::planner::google::{load_google, GoogleOptions, Scale};
-use nestless_netagent::planner::report::{client_row, summarise, Summary};
-use nestless_netagent::planner::{plan_all, validate, HostModel, Mode, PlanConfig, Res};
+use nestless_planner::catalogue::{load_catalogue, FamilyFilter};
+use nestless_planner::google::{load_google, GoogleOptions, Scale};
+use nestless_planner::report::{client_row, summarise, Summary};
+use nestless_planner::{plan_all, validate, HostModel, Mode, PlanConfig, Res};
 
 fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data")
@@ -80,7 +80,7 @@ fn line(name: &str, r: &Run) {
 
 /// The heuristic against the exact optimum on the trace clients small enough for it.
 fn exact_on_trace() -> anyhow::Result<()> {
-    use nestless_netagent::planner::exact::{exact_hostlo, exact_whole};
+    use nestless_planner::exact::{exact_hostlo, exact_whole};
     let (cat, _) = load_catalogue(
         &data().join("prices/aws_ec2_instances_us-east-1.csv"),
         &FamilyFilter::parse("m5,c5,r5")?,
@@ -99,7 +99,7 @@ fn exact_on_trace() -> anyhow::Result<()> {
         .iter()
         .filter(|c| c.container_count() <= 8 && c.pods.len() <= 8)
     {
-        let p = nestless_netagent::planner::plan_client(c, &cat, &cfg);
+        let p = nestless_planner::plan_client(c, &cat, &cfg);
         let (ea, eb) = (
             exact_whole(c, &cat, cfg.host),
             exact_hostlo(c, &cat, cfg.host),

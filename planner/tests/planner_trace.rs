@@ -4,7 +4,7 @@
 //! it is not. `NESTLESS_DATA_DIR` names another copy of `shared/data`.
 use std::path::PathBuf;
 
-use nestless_netagent::planner::google::{load_google, GoogleOptions};
+use nestless_planner::google::{load_google, GoogleOptions};
 
 #[test]
 #[ignore = "needs ../shared/data (the Google 2011 shards); tests/run.sh runs it when present"]
