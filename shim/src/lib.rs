@@ -1,4 +1,4 @@
-//! containerd-shim-nestless-v2: a containerd runtime v2 shim (task API v2,
+//! `nestless_shim`, the library of containerd-shim-nestless-v2: a containerd runtime v2 shim (task API v2,
 //! runc underneath) that gives each pod sandbox a NIC provided by the host
 //! agent.
 //!
@@ -8,7 +8,7 @@
 //! containerd ──ttrpc (task API v2)──> service::TaskService ──> runc::Runc ──> runc binary
 //!      ^                                   │   │   │
 //!      └──── events::ContainerdEvents ─────┘   │   └──> stdio (FIFOs, pty, logging binary)
-//!                                              ├──> podnet::PodNetwork (sandbox NIC, chosen by network::backend_for)
+//!                                              ├──> podnet::PodNetwork (sandbox NIC, chosen by podnet::from_config)
 //!                                              └──> cgroup (stats, OOM)
 //! reaper::Reaper: the one waitpid(-1) of the process (runc commands, container processes)
 //! shim::NestlessShim: start (one shim per pod, policy::grouping_id) / delete / serve
@@ -20,7 +20,7 @@
 //! - [`service`]: the Task API; [`events`]: task events to containerd.
 //! - [`runc`]: the runc binary; [`reaper`]: the one reaper of the process.
 //! - [`stdio`]: FIFOs, ptys, `file://` and `binary://` logs; [`cgroup`]: stats and OOM.
-//! - [`network`]: which [`podnet`] backend a configuration asks for.
+//! - [`podnet`]: the pod network seam, and the backend a configuration asks for.
 //! - [`bundle`]: what the shim records in a bundle for `delete` after a crash.
 //! - [`shim`]: containerd's `start` and `delete` subcommands, and serving.
 
@@ -33,7 +33,6 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod hostlo;
-pub mod network;
 pub mod options;
 pub mod podnet;
 pub mod policy;

@@ -74,9 +74,8 @@ use crate::{
     config::ShimConfig,
     error::{Result, ShimError},
     events::{event_any, EventSink, TaskEvent},
-    network,
     options::{RuncOptions, RuntimeOptions},
-    podnet::{PodNetRequest, PodNetwork},
+    podnet::{self, PodNetRequest, PodNetwork},
     policy::{self, NetworkRole, SpecView},
     reaper::{Exit, Reaper},
     runc::{self, CreateOpts, ExecOpts, Runc},
@@ -216,8 +215,8 @@ struct Inner {
 }
 
 /// Builds the pod network backend a container's shim configuration asks for
-/// ([`network::backend_for`] in the shim; a fake in component tests).
-pub type NetworkFactory = Arc<dyn Fn(&ShimConfig) -> Result<Arc<dyn PodNetwork>> + Send + Sync>;
+/// ([`podnet::from_config`] in the shim; a fake in component tests).
+pub type NetworkFactory = Arc<dyn Fn(&ShimConfig) -> Arc<dyn PodNetwork> + Send + Sync>;
 
 /// The Task service; cheap to clone.
 #[derive(Clone)]
@@ -252,7 +251,7 @@ impl Drop for CreatingGuard<'_> {
 impl TaskService {
     /// A service for containerd namespace `namespace`, publishing events
     /// to `events`, reaping children with `reaper`, and signalling `exit`
-    /// when the shim should end. Pod networks come from [`network::backend_for`].
+    /// when the shim should end. Pod networks come from [`podnet::from_config`].
     pub fn new(
         namespace: String,
         events: Arc<dyn EventSink>,
@@ -264,7 +263,7 @@ impl TaskService {
             events,
             reaper,
             exit,
-            Arc::new(network::backend_for),
+            Arc::new(podnet::from_config),
         )
     }
 
@@ -452,7 +451,7 @@ impl TaskService {
             .map_err(|e| ShimError::invalid("bundle", format!("{}: {e}", spec_path.display())))?;
         let role = policy::network_role(&id, &spec);
         let backend = match &role {
-            NetworkRole::Owner { .. } => Some((self.inner.network_backend)(&config)?),
+            NetworkRole::Owner { .. } => Some((self.inner.network_backend)(&config)),
             NetworkRole::Nothing => None,
         };
         let runc = self.runc_for(&config, options.runc.as_ref());

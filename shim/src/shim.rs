@@ -45,8 +45,8 @@ use crate::{
     bundle::Record,
     config::ShimConfig,
     events::ContainerdEvents,
-    network,
     options::RuntimeOptions,
+    podnet,
     policy::{self, SpecView},
     reaper::Reaper,
     runc::{self, Runc},
@@ -278,15 +278,9 @@ async fn cleanup_dead_shim(id: &str, namespace: &str, bundle: &Path) {
     }
     unmount_rootfs(bundle).await;
     if let Some(sandbox_id) = record.as_ref().and_then(|r| r.network_sandbox.as_deref()) {
-        match network::backend_for(&config) {
-            Ok(backend) => match backend.teardown(sandbox_id).await {
-                Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
-                Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
-            },
-            Err(e) => warn!(
-                "cannot release the pod network of sandbox {sandbox_id}: {}",
-                e.chain()
-            ),
+        match podnet::from_config(&config).teardown(sandbox_id).await {
+            Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
+            Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
         }
     }
     Record::remove(bundle);

@@ -16,19 +16,18 @@ use std::{
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim_nestless_v2::{
-    config::ShimConfig,
-    error::ShimError,
-    events::RecordedEvents,
-    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
-    reaper::Reaper,
-    service::{NetworkFactory, TaskService},
-};
 use containerd_shim_protos::{
     api::{CreateTaskRequest, DeleteRequest, KillRequest, StartRequest, StateRequest, WaitRequest},
     protobuf::{well_known_types::any::Any, CodedOutputStream},
     shim_async::Task,
     ttrpc::{asynchronous::TtrpcContext, Code},
+};
+use nestless_shim::{
+    config::ShimConfig,
+    events::RecordedEvents,
+    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
+    reaper::Reaper,
+    service::{NetworkFactory, TaskService},
 };
 use nestless_tests::containerd::{random_name, require_tool};
 
@@ -194,9 +193,9 @@ fn pod_network_hook() {
         let net = FakeNet::default();
         let events = Arc::new(RecordedEvents::default());
         let factory_net = net.clone();
-        let factory: NetworkFactory = Arc::new(move |c: &ShimConfig| -> Result<Arc<dyn PodNetwork>, ShimError> {
+        let factory: NetworkFactory = Arc::new(move |c: &ShimConfig| -> Arc<dyn PodNetwork> {
             assert_eq!(c.runc.root, runc_root);
-            Ok(Arc::new(factory_net.clone()))
+            Arc::new(factory_net.clone())
         });
         let svc = TaskService::with_network(
             ns.clone(),

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 
-use containerd_shim_nestless_v2::cni::{self, CniEnv};
+use nestless_shim::cni::{self, CniEnv};
 
 fn main() {
     let env = CniEnv::from_env();

@@ -28,7 +28,7 @@ use super::{
     HostloError, HostloSpec, Port, Proto, MUX_PORT, SEGMENT_IFNAME,
 };
 use crate::{
-    config::AgentConfig,
+    config::AgentEndpoint,
     podnet::agent::{nic_spec, plug_into_pod, AgentClient},
 };
 
@@ -70,7 +70,7 @@ fn proto_of(s: &str) -> Option<Proto> {
 
 /// Joins the pod and starts the part's relays.
 pub async fn join(
-    agent: &AgentConfig,
+    agent: &AgentEndpoint,
     nic_wait: Duration,
     spec: &HostloSpec,
     sandbox_id: &str,
@@ -153,7 +153,7 @@ pub async fn join(
 }
 
 struct Runner {
-    agent: AgentConfig,
+    agent: AgentEndpoint,
     spec: HostloSpec,
     segment: IpAddr,
     sockets: Arc<NetnsSockets>,
@@ -384,7 +384,7 @@ impl Runner {
 /// Long-polls the pod's view and sends each new one; reconnects when the
 /// agent goes away (it restarts with the pod's state).
 async fn watch(
-    agent: AgentConfig,
+    agent: AgentEndpoint,
     pod: String,
     mut since: u64,
     out: mpsc::Sender<pb::HostloWatchResponse>,

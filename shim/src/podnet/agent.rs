@@ -27,7 +27,7 @@ use super::{
     guest::{self, GuestNetError, NicSpec},
     PodNetError, PodNetInfo, PodNetRequest, PodNetwork,
 };
-use crate::config::{AgentAddress, AgentConfig, NetworkConfig};
+use crate::config::{AgentAddress, AgentEndpoint, PodNetConfig};
 
 /// The ttrpc address for an agent address.
 pub fn ttrpc_address(a: &AgentAddress) -> String {
@@ -55,12 +55,12 @@ pub struct AgentClient {
     client: NetAgentClient,
     request_timeout: Duration,
     /// To connect again when the connection breaks under a request.
-    cfg: AgentConfig,
+    cfg: AgentEndpoint,
 }
 
 impl AgentClient {
     /// Connects, retrying until `connect_timeout` (the agent may be restarting).
-    pub async fn connect(cfg: &AgentConfig) -> Result<AgentClient, PodNetError> {
+    pub async fn connect(cfg: &AgentEndpoint) -> Result<AgentClient, PodNetError> {
         let address = ttrpc_address(&cfg.address);
         let start = Instant::now();
         loop {
@@ -376,14 +376,14 @@ pub async fn plug_into_pod(
 /// joins that pod after its own NIC is configured, and leaves it first on
 /// teardown.
 pub struct AgentNetwork {
-    agent: AgentConfig,
-    network: NetworkConfig,
+    agent: AgentEndpoint,
+    network: PodNetConfig,
     parts: tokio::sync::Mutex<HashMap<String, crate::hostlo::part::Part>>,
 }
 
 impl AgentNetwork {
     /// A pod network using the agent at `agent` and the guest settings `network`.
-    pub fn new(agent: AgentConfig, network: NetworkConfig) -> AgentNetwork {
+    pub fn new(agent: AgentEndpoint, network: PodNetConfig) -> AgentNetwork {
         AgentNetwork {
             agent,
             network,

@@ -1,8 +1,16 @@
 //! The pod-network seam: what the task service needs to give a sandbox its
-//! host-provided NIC and to release it. The agent-backed implementation lives
-//! here too (agent client, NIC discovery by MAC, netns configuration).
+//! host-provided NIC and to release it, and [`from_config`], which picks the
+//! implementation a shim configuration asks for. The agent-backed
+//! implementation lives here too (agent client, NIC discovery by MAC, netns
+//! configuration).
+//!
+//! The task service asks for a backend only when a container owns a pod
+//! network (see [`crate::policy::network_role`]); the backend it gets is kept
+//! with the container, so that the same one releases the network on delete.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use crate::config::{NetworkMode, ShimConfig};
 
 pub mod agent;
 mod disabled;
@@ -64,6 +72,17 @@ pub enum PodNetError {
     },
 }
 
+/// Builds the pod network backend `config` asks for.
+pub fn from_config(config: &ShimConfig) -> Arc<dyn PodNetwork> {
+    match config.network.mode {
+        NetworkMode::None => Arc::new(Disabled),
+        NetworkMode::Agent => Arc::new(agent::AgentNetwork::new(
+            config.agent.clone(),
+            config.network.clone(),
+        )),
+    }
+}
+
 /// The pod-network seam.
 #[async_trait::async_trait]
 pub trait PodNetwork: Send + Sync {
@@ -71,4 +90,21 @@ pub trait PodNetwork: Send + Sync {
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError>;
     /// Releases the sandbox's NIC. Idempotent; succeeds when there is nothing to release.
     async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_mode_has_a_backend() {
+        // `mode = "none"` gets the backend that does nothing; `agent` one that
+        // needs the agent (its teardown fails without one).
+        let mut c = ShimConfig::default();
+        c.agent.address = crate::config::AgentAddress::Unix("/nonexistent/agent.sock".into());
+        c.agent.connect_timeout = std::time::Duration::from_millis(10);
+        assert!(from_config(&c).teardown("s").await.is_err());
+        c.network.mode = NetworkMode::None;
+        from_config(&c).teardown("s").await.unwrap();
+    }
 }

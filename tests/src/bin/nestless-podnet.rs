@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use containerd_shim_nestless_v2::{
+use nestless_shim::{
     config::{AgentAddress, ShimConfig},
     podnet::{agent::AgentNetwork, PodNetRequest, PodNetwork},
 };
