@@ -25,10 +25,12 @@ use std::{collections::HashMap, path::PathBuf};
 use serde_json::{json, Value};
 
 use crate::{
+    agent_client::{AgentClient, ClientError, Nic},
     config::{AgentAddress, ShimConfig},
     podnet::{
-        agent::{nic_spec, plug_into_pod, AgentClient},
-        guest, PodNetError,
+        attach::{attach_and_plug, AttachRequest},
+        guest::{self, NicSpec},
+        PodNetError,
     },
 };
 
@@ -63,13 +65,22 @@ impl CniError {
     }
 }
 
-impl From<PodNetError> for CniError {
-    fn from(e: PodNetError) -> CniError {
+impl From<ClientError> for CniError {
+    fn from(e: ClientError) -> CniError {
         let code = match &e {
-            PodNetError::AgentUnavailable { .. } => 11,
+            ClientError::AgentUnavailable { .. } => 11,
             _ => 100,
         };
         CniError::new(code, e.to_string())
+    }
+}
+
+impl From<PodNetError> for CniError {
+    fn from(e: PodNetError) -> CniError {
+        match e {
+            PodNetError::Client(e) => e.into(),
+            other => CniError::new(100, other.to_string()),
+        }
     }
 }
 
@@ -188,24 +199,18 @@ impl NetConf {
 }
 
 /// The CNI result for a configured NIC.
-pub fn result_json(
-    version: &str,
-    nic: &nestless_protos::agent::Nic,
-    ifname: &str,
-    netns: &str,
-) -> Value {
+pub fn result_json(version: &str, nic: &Nic, ifname: &str, netns: &str) -> Value {
     let old = version.starts_with("0.");
     let ips: Vec<Value> = nic
         .addresses
         .iter()
         .map(|a| {
-            let mut ip =
-                json!({ "address": format!("{}/{}", a.address, a.prefix_len), "interface": 0 });
-            if !a.gateway.is_empty() {
-                ip["gateway"] = json!(a.gateway);
+            let mut ip = json!({ "address": format!("{}/{}", a.ip, a.prefix_len), "interface": 0 });
+            if let Some(gw) = a.gateway {
+                ip["gateway"] = json!(gw.to_string());
             }
             if old {
-                ip["version"] = json!(if a.address.contains(':') { "6" } else { "4" });
+                ip["version"] = json!(if a.ip.is_ipv6() { "6" } else { "4" });
             }
             ip
         })
@@ -214,16 +219,16 @@ pub fn result_json(
         .routes
         .iter()
         .map(|r| {
-            let mut v = json!({ "dst": r.destination });
-            if !r.gateway.is_empty() {
-                v["gw"] = json!(r.gateway);
+            let mut v = json!({ "dst": format!("{}/{}", r.destination, r.prefix_len) });
+            if let Some(gw) = r.gateway {
+                v["gw"] = json!(gw.to_string());
             }
             v
         })
         .collect();
     json!({
         "cniVersion": version,
-        "interfaces": [{ "name": ifname, "mac": nic.mac, "mtu": nic.mtu, "sandbox": netns }],
+        "interfaces": [{ "name": ifname, "mac": nic.mac.to_string(), "mtu": nic.mtu, "sandbox": netns }],
         "ips": ips,
         "routes": routes,
         "dns": {},
@@ -247,24 +252,17 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
             crate::config::InterfaceName::new(&env.ifname)
                 .map_err(|e| CniError::new(4, format!("CNI_IFNAME: {e}")))?;
             let client = AgentClient::connect(&cfg.agent).await?;
-            let nic = client.attach(&env.container_id, &env.labels()).await?;
-            let plugged = async {
-                let spec = nic_spec(&nic, &env.ifname)?;
-                plug_into_pod(
-                    &spec,
-                    std::path::Path::new(&env.netns),
-                    cfg.network.nic_wait,
-                )
-                .await?;
-                Ok::<_, PodNetError>(())
-            }
-            .await;
-            if let Err(e) = plugged {
-                if let Err(undo) = client.detach(&env.container_id).await {
-                    log::error!("release after a failed ADD failed: {undo}");
-                }
-                return Err(e.into());
-            }
+            let nic = attach_and_plug(
+                &client,
+                &AttachRequest {
+                    sandbox_id: &env.container_id,
+                    labels: &env.labels(),
+                    ifname: &env.ifname,
+                    netns: std::path::Path::new(&env.netns),
+                    nic_wait: cfg.network.nic_wait,
+                },
+            )
+            .await?;
             Ok(result_json(&conf.version, &nic, &env.ifname, &env.netns).to_string())
         }
         "DEL" => {
@@ -288,8 +286,9 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
                         100,
                         format!("sandbox {} has no host-provided NIC", env.container_id),
                     )
-                })?;
-            let spec = nic_spec(&nic, &env.ifname)?;
+                })?
+                .nic?;
+            let spec = NicSpec::for_nic(&nic, &env.ifname);
             let netns = PathBuf::from(&env.netns);
             let ok = tokio::task::spawn_blocking(move || {
                 guest::in_netns(&netns, move |h| async move {
@@ -350,7 +349,7 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nestless_protos::agent as pb;
+    use crate::agent_client::{NicAddress, NicRoute};
 
     #[test]
     fn conf_errors_carry_spec_codes() {
@@ -403,21 +402,21 @@ mod tests {
 
     #[test]
     fn result_shapes() {
-        let nic = pb::Nic {
-            mac: "52:54:00:00:00:01".into(),
+        let nic = Nic {
+            id: "0000000001".into(),
+            sandbox_id: "sb".into(),
+            mac: "52:54:00:00:00:01".parse().unwrap(),
             mtu: 1500,
-            addresses: vec![pb::IpConfig {
-                address: "10.0.0.5".into(),
+            addresses: vec![NicAddress {
+                ip: "10.0.0.5".parse().unwrap(),
                 prefix_len: 24,
-                gateway: "10.0.0.1".into(),
-                ..Default::default()
+                gateway: Some("10.0.0.1".parse().unwrap()),
             }],
-            routes: vec![pb::Route {
-                destination: "0.0.0.0/0".into(),
-                gateway: "10.0.0.1".into(),
-                ..Default::default()
+            routes: vec![NicRoute {
+                destination: "0.0.0.0".parse().unwrap(),
+                prefix_len: 0,
+                gateway: Some("10.0.0.1".parse().unwrap()),
             }],
-            ..Default::default()
         };
         let r = result_json("1.0.0", &nic, "eth0", "/var/run/netns/x");
         assert_eq!(r["ips"][0]["address"], "10.0.0.5/24");

@@ -11,7 +11,7 @@ use std::{error::Error as _, fmt::Write as _, path::PathBuf};
 
 use containerd_shim_protos::ttrpc::{self, Code};
 
-use crate::{config::ConfigError, podnet::PodNetError};
+use crate::{agent_client::ClientError, config::ConfigError, podnet::PodNetError};
 
 /// A failure of a Task API call (or of the shim's bootstrap commands).
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,7 @@ impl ShimError {
             Self::InvalidArgument { .. } | Self::Config(_) => Code::INVALID_ARGUMENT,
             Self::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
             Self::Network { source, .. } => match source {
-                PodNetError::AgentUnavailable { .. } => Code::UNAVAILABLE,
+                PodNetError::Client(ClientError::AgentUnavailable { .. }) => Code::UNAVAILABLE,
                 _ => Code::INTERNAL,
             },
             Self::Unsupported(_) => Code::UNIMPLEMENTED,
@@ -212,10 +212,10 @@ mod tests {
         );
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::AgentUnavailable {
+            source: PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "refused".into(),
-            },
+            }),
         };
         assert_eq!(e.code(), Code::UNAVAILABLE);
     }

@@ -21,11 +21,13 @@
 //! - [`runc`]: the runc binary; [`reaper`]: the one reaper of the process.
 //! - [`stdio`]: FIFOs, ptys, `file://` and `binary://` logs; [`cgroup`]: stats and OOM.
 //! - [`podnet`]: the pod network seam, and the backend a configuration asks for.
+//! - [`agent_client`]: the host agent's client, the shim's one protobuf edge.
 //! - [`bundle`]: what the shim records in a bundle for `delete` after a crash.
 //! - [`shim`]: containerd's `start` and `delete` subcommands, and serving.
 
 #![warn(missing_docs)]
 
+pub mod agent_client;
 pub mod bundle;
 pub mod cgroup;
 pub mod cni;

@@ -23,6 +23,7 @@ use containerd_shim_protos::{
     ttrpc::{asynchronous::TtrpcContext, Code},
 };
 use nestless_shim::{
+    agent_client::ClientError,
     config::ShimConfig,
     events::RecordedEvents,
     podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
@@ -58,10 +59,10 @@ impl PodNetwork for FakeNet {
         s.setups
             .push((req.sandbox_id.clone(), req.netns.clone(), fresh));
         if s.fail_setup {
-            return Err(PodNetError::AgentUnavailable {
+            return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "injected failure".into(),
-            });
+            }));
         }
         Ok(PodNetInfo {
             interface: "eth0".into(),
@@ -74,10 +75,10 @@ impl PodNetwork for FakeNet {
         let mut s = self.0.lock().unwrap();
         s.teardowns.push(sandbox_id.to_owned());
         if s.fail_teardown {
-            return Err(PodNetError::AgentUnavailable {
+            return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "injected failure".into(),
-            });
+            }));
         }
         Ok(())
     }

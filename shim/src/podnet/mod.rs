@@ -1,8 +1,12 @@
 //! The pod-network seam: what the task service needs to give a sandbox its
 //! host-provided NIC and to release it, and [`from_config`], which picks the
-//! implementation a shim configuration asks for. The agent-backed
-//! implementation lives here too (agent client, NIC discovery by MAC, netns
-//! configuration).
+//! implementation a shim configuration asks for.
+//!
+//! - [`agent`]: the implementation through the host agent (a NIC per
+//!   sandbox, and the sandbox's Hostlo part);
+//! - [`attach`]: attach, find by MAC, move into the netns, detach on failure:
+//!   the one routine the shim and `nestless-cni` share;
+//! - [`guest`]: netlink inside the VM; [`Disabled`]: `mode = "none"`.
 //!
 //! The task service asks for a backend only when a container owns a pod
 //! network (see [`crate::policy::network_role`]); the backend it gets is kept
@@ -10,9 +14,14 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use crate::config::{NetworkMode, ShimConfig};
+use crate::{
+    agent_client::ClientError,
+    config::{NetworkMode, ShimConfig},
+    hostlo::HostloError,
+};
 
 pub mod agent;
+pub mod attach;
 mod disabled;
 pub mod guest;
 pub use disabled::Disabled;
@@ -43,33 +52,15 @@ pub struct PodNetInfo {
 /// Errors of the pod-network seam.
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    /// The host agent refused a request.
-    #[error("host agent refused {op}: {code}: {message}")]
-    AgentRefused {
-        /// The request.
-        op: &'static str,
-        /// The ttrpc status code.
-        code: String,
-        /// The agent's message.
-        message: String,
-    },
-    /// Joining the sandbox's Hostlo pod failed.
-    #[error("Hostlo: {0}")]
-    Hostlo(String),
-    /// The agent's reply cannot be used.
-    #[error("unusable reply from the host agent: {0}")]
-    BadReply(String),
+    /// The host agent refused, could not be reached, or replied unusably.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Joining the sandbox's Hostlo pod failed (or its annotations are wrong).
+    #[error("Hostlo")]
+    Hostlo(#[from] HostloError),
     /// Plugging the NIC into the pod failed.
     #[error(transparent)]
     Guest(#[from] guest::GuestNetError),
-    /// The host agent could not be reached.
-    #[error("host agent at {address} unreachable: {reason}")]
-    AgentUnavailable {
-        /// The agent address dialled.
-        address: String,
-        /// Why it failed.
-        reason: String,
-    },
 }
 
 /// Builds the pod network backend `config` asks for.
