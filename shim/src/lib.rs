@@ -5,7 +5,7 @@
 //! How the pieces fit:
 //!
 //! ```text
-//! containerd ──ttrpc (task API v2)──> service::TaskService ──> runc::Runc ──> runc binary
+//! containerd ──ttrpc (task API v2)──> task::TaskService ──> runc::Runc ──> runc binary
 //!      ^                                   │   │   │
 //!      └──── events::ContainerdEvents ─────┘   │   └──> stdio (FIFOs, pty, logging binary)
 //!                                              ├──> podnet::PodNetwork (sandbox NIC, chosen by podnet::from_config)
@@ -17,7 +17,7 @@
 //! - [`config`]: `/etc/nestless/shim.toml` (or the runtime options' `config_path`).
 //! - [`options`]: the runtime options containerd sends.
 //! - [`policy`]: pure decisions from the OCI spec (grouping, network owner).
-//! - [`service`]: the Task API; [`events`]: task events to containerd.
+//! - [`task`]: the Task API; [`events`]: task events to containerd.
 //! - [`runc`]: the runc binary; [`reaper`]: the one reaper of the process.
 //! - [`stdio`]: FIFOs, ptys, `file://` and `binary://` logs; [`cgroup`]: stats and OOM.
 //! - [`podnet`]: the pod network seam, and the backend a configuration asks for.
@@ -40,6 +40,6 @@ pub mod podnet;
 pub mod policy;
 pub mod reaper;
 pub mod runc;
-pub mod service;
 pub mod shim;
 pub mod stdio;
+pub mod task;

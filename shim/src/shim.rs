@@ -49,8 +49,8 @@ use crate::{
     podnet,
     policy::{self, SpecView},
     reaper::Reaper,
-    runc::{self, Runc},
-    service::{unmount_rootfs, TaskService},
+    runc::{self, Runc, Runtime},
+    task::{rootfs, TaskService},
 };
 
 /// The runtime name containerd knows this shim by.
@@ -276,7 +276,7 @@ async fn cleanup_dead_shim(id: &str, namespace: &str, bundle: &Path) {
             Err(e) => warn!("{}", e.chain()),
         }
     }
-    unmount_rootfs(bundle).await;
+    rootfs::unmount(bundle).await;
     if let Some(sandbox_id) = record.as_ref().and_then(|r| r.network_sandbox.as_deref()) {
         match podnet::from_config(&config).teardown(sandbox_id).await {
             Ok(()) => info!("pod network of sandbox {sandbox_id} released"),

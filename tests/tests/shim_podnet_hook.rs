@@ -28,7 +28,7 @@ use nestless_shim::{
     events::RecordedEvents,
     podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
     reaper::Reaper,
-    service::{NetworkFactory, TaskService},
+    task::{NetworkFactory, TaskService},
 };
 use nestless_tests::containerd::{random_name, require_tool};
 
