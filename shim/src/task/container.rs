@@ -3,7 +3,11 @@
 //! mounted rootfs). Each process's state follows [`super::state`]; every
 //! "may this process do that now?" goes through [`Container::next`].
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -14,7 +18,7 @@ use crate::{
     podnet::PodNetwork,
     reaper::{Exit, Reaper},
     runc::Runtime,
-    stdio::{IoContext, ProcessIo, StdioSpec},
+    stdio::{ConsoleSocket, IoContext, PreparedIo, ProcessIo, StdioSpec},
 };
 
 /// A container's init process or one of its exec processes.
@@ -128,4 +132,32 @@ pub(super) fn refusal(r: Refused, label: String) -> ShimError {
             state: state.name(),
         },
     }
+}
+
+/// After `runc create` or `runc exec`: the pid runc wrote into `pid_file`,
+/// the terminal's master (with a terminal), and the stdio copies started.
+pub(super) async fn started(
+    pid_file: &Path,
+    console: Option<ConsoleSocket>,
+    prepared: PreparedIo,
+) -> Result<(u32, ProcessIo)> {
+    let pid = read_pid(pid_file).await?;
+    let master = match console {
+        Some(c) => Some(c.receive().await?),
+        None => None,
+    };
+    Ok((pid, prepared.start(master)?))
+}
+
+/// Reads the pid runc wrote into `path`.
+async fn read_pid(path: &Path) -> Result<u32> {
+    let s = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| ShimError::io(format!("cannot read pid file {}", path.display()), e))?;
+    s.trim().parse().map_err(|_| {
+        ShimError::io(
+            format!("pid file {} holds {:?}", path.display(), s.trim()),
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })
 }

@@ -31,7 +31,7 @@ use log::{info, warn};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{
-    container::{Container, OwnedNetwork, Process},
+    container::{started, Container, OwnedNetwork, Process},
     TaskService,
 };
 use crate::{
@@ -326,15 +326,7 @@ impl TaskService {
             std::mem::take(&mut prepared.child),
         )
         .await?;
-        let started = async {
-            let pid = read_pid(&pid_file).await?;
-            let master = match console {
-                Some(c) => Some(c.receive().await?),
-                None => None,
-            };
-            Ok((pid, prepared.start(master)?))
-        }
-        .await;
+        let started = started(&pid_file, console, prepared).await;
         if started.is_err() {
             if let Err(e) = runc.delete(id, true).await {
                 warn!("cannot remove half-created container {id}: {e}");
@@ -342,17 +334,4 @@ impl TaskService {
         }
         started
     }
-}
-
-/// Reads the pid runc wrote into `path`.
-pub(super) async fn read_pid(path: &Path) -> Result<u32> {
-    let s = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| ShimError::io(format!("cannot read pid file {}", path.display()), e))?;
-    s.trim().parse().map_err(|_| {
-        ShimError::io(
-            format!("pid file {} holds {:?}", path.display(), s.trim()),
-            std::io::ErrorKind::InvalidData.into(),
-        )
-    })
 }

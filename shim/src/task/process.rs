@@ -22,8 +22,7 @@ use containerd_shim_protos::{
 use tokio::sync::Mutex;
 
 use super::{
-    container::{Container, Process},
-    create::read_pid,
+    container::{started, Container, Process},
     state::Op,
     timestamp, KILLED_STATUS,
 };
@@ -97,12 +96,7 @@ impl Container {
                     std::mem::take(&mut prepared.child),
                 )
                 .await?;
-            let pid = read_pid(&pid_file).await?;
-            let master = match console {
-                Some(c) => Some(c.receive().await?),
-                None => None,
-            };
-            Ok((pid, prepared.start(master)?))
+            started(&pid_file, console, prepared).await
         }
         .await;
         cleanup().await;

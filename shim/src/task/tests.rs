@@ -270,6 +270,59 @@ impl Harness {
         self.svc.create(&ctx(), self.create_req(id, &b)).await
     }
 
+    async fn start(&self, id: &str, exec_id: &str) -> ttrpc::Result<u32> {
+        let req = api::StartRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        Ok(self.svc.start(&ctx(), req).await?.pid)
+    }
+
+    async fn pause(&self, id: &str) -> ttrpc::Result<api::Empty> {
+        let req = api::PauseRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.svc.pause(&ctx(), req).await
+    }
+
+    async fn resume(&self, id: &str) -> ttrpc::Result<api::Empty> {
+        let req = api::ResumeRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        self.svc.resume(&ctx(), req).await
+    }
+
+    async fn kill(&self, id: &str, exec_id: &str) -> ttrpc::Result<api::Empty> {
+        let req = api::KillRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            signal: 9,
+            ..Default::default()
+        };
+        self.svc.kill(&ctx(), req).await
+    }
+
+    async fn wait(&self, id: &str, exec_id: &str) -> u32 {
+        let req = api::WaitRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.svc.wait(&ctx(), req).await.unwrap().exit_status
+    }
+
+    async fn delete(&self, id: &str, exec_id: &str) -> ttrpc::Result<api::DeleteResponse> {
+        let req = api::DeleteRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.svc.delete(&ctx(), req).await
+    }
+
     async fn status(&self, id: &str, exec_id: &str) -> api::Status {
         let s = self
             .svc
@@ -470,101 +523,34 @@ async fn a_container_lives_by_the_state_table() {
     let h = Harness::new();
     h.create("c1", true).await.unwrap();
     h.world.take();
-    let id = || "c1".to_string();
 
-    // Created: no pause, no resume, no exec start.
-    let e = h
-        .svc
-        .pause(
-            &ctx(),
-            api::PauseRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    // Created: no pause, no resume.
+    let e = h.pause("c1").await.unwrap_err();
     assert!(
         message(&e).contains("cannot pause process c1: it is created"),
         "{e:?}"
     );
     assert_eq!(code(e), Code::FAILED_PRECONDITION);
-    let e = h
-        .svc
-        .resume(
-            &ctx(),
-            api::ResumeRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(code(e), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code(h.resume("c1").await.unwrap_err()),
+        Code::FAILED_PRECONDITION
+    );
     assert!(h.world.take().is_empty(), "a refused call reaches runc");
 
     // Start; a second start is refused.
-    let started = h
-        .svc
-        .start(
-            &ctx(),
-            api::StartRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(started.pid, INIT_PID);
+    assert_eq!(h.start("c1", "").await.unwrap(), INIT_PID);
     assert_eq!(h.status("c1", "").await, api::Status::RUNNING);
-    let e = h
-        .svc
-        .start(
-            &ctx(),
-            api::StartRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(code(e), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code(h.start("c1", "").await.unwrap_err()),
+        Code::FAILED_PRECONDITION
+    );
 
     // Pause: PAUSED; a second pause is refused; delete is refused.
-    h.svc
-        .pause(
-            &ctx(),
-            api::PauseRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    h.pause("c1").await.unwrap();
     assert_eq!(h.status("c1", "").await, api::Status::PAUSED);
-    let e = h
-        .svc
-        .pause(
-            &ctx(),
-            api::PauseRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = h.pause("c1").await.unwrap_err();
     assert!(message(&e).contains("it is paused"), "{e:?}");
-    let e = h
-        .svc
-        .delete(
-            &ctx(),
-            api::DeleteRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    let e = h.delete("c1", "").await.unwrap_err();
     assert!(
         message(&e).contains("cannot delete process c1: it is paused"),
         "{e:?}"
@@ -575,186 +561,64 @@ async fn a_container_lives_by_the_state_table() {
         value: br#"{"args":["true"]}"#.to_vec(),
         ..Default::default()
     };
-    h.svc
-        .exec(
-            &ctx(),
-            api::ExecProcessRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                spec: Some(spec).into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let exec = api::ExecProcessRequest {
+        id: "c1".into(),
+        exec_id: "e1".into(),
+        spec: Some(spec).into(),
+        ..Default::default()
+    };
+    h.svc.exec(&ctx(), exec).await.unwrap();
     assert_eq!(h.status("c1", "e1").await, api::Status::CREATED);
     // Not started: it cannot be signalled.
-    let e = h
-        .svc
-        .kill(
-            &ctx(),
-            api::KillRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(code(e), Code::FAILED_PRECONDITION);
+    assert_eq!(
+        code(h.kill("c1", "e1").await.unwrap_err()),
+        Code::FAILED_PRECONDITION
+    );
 
-    // Resume, start the exec process.
-    h.svc
-        .resume(
-            &ctx(),
-            api::ResumeRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // Resume, start the exec process; running, it cannot be deleted.
+    h.resume("c1").await.unwrap();
     assert_eq!(h.status("c1", "").await, api::Status::RUNNING);
-    let started = h
-        .svc
-        .start(
-            &ctx(),
-            api::StartRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(started.pid, EXEC_PID);
+    assert_eq!(h.start("c1", "e1").await.unwrap(), EXEC_PID);
     assert_eq!(h.status("c1", "e1").await, api::Status::RUNNING);
-    // A running exec process cannot be deleted.
-    let e = h
-        .svc
-        .delete(
-            &ctx(),
-            api::DeleteRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(code(e), Code::FAILED_PRECONDITION);
-    let pids = h
-        .svc
-        .pids(
-            &ctx(),
-            api::PidsRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    assert_eq!(
+        code(h.delete("c1", "e1").await.unwrap_err()),
+        Code::FAILED_PRECONDITION
+    );
+    let pids = api::PidsRequest {
+        id: "c1".into(),
+        ..Default::default()
+    };
+    let pids = h.svc.pids(&ctx(), pids).await.unwrap();
     assert_eq!(pids.processes.len(), 2);
     assert!(pids.processes[1].info.is_some(), "the exec's details");
 
-    // Kill, and the reaper sees init exit: STOPPED, Wait returns its status.
-    h.svc
-        .kill(
-            &ctx(),
-            api::KillRequest {
-                id: id(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // Kill, and the reaper sees both exit: STOPPED, Wait returns the statuses.
+    h.kill("c1", "").await.unwrap();
     h.reaper.deliver(Pid::from_raw(EXEC_PID as i32), 0);
     h.reaper.deliver(Pid::from_raw(INIT_PID as i32), 137);
-    let w = h
-        .svc
-        .wait(
-            &ctx(),
-            api::WaitRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(w.exit_status, 137);
-    let w = h
-        .svc
-        .wait(
-            &ctx(),
-            api::WaitRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(w.exit_status, 0);
+    assert_eq!(h.wait("c1", "").await, 137);
+    assert_eq!(h.wait("c1", "e1").await, 0);
     assert_eq!(h.status("c1", "").await, api::Status::STOPPED);
+    assert_eq!(h.status("c1", "e1").await, api::Status::STOPPED);
 
-    // Stopped: a signal finds nobody (NOT_FOUND), no update, no exec.
-    let e = h
-        .svc
-        .kill(
-            &ctx(),
-            api::KillRequest {
-                id: id(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(code(e), Code::NOT_FOUND);
-    let e = h
-        .svc
-        .update(
-            &ctx(),
-            api::UpdateTaskRequest {
-                id: id(),
-                resources: Some(Any {
-                    value: b"{}".to_vec(),
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+    // Stopped: a signal finds nobody (NOT_FOUND), no update.
+    assert_eq!(code(h.kill("c1", "").await.unwrap_err()), Code::NOT_FOUND);
+    let update = api::UpdateTaskRequest {
+        id: "c1".into(),
+        resources: Some(Any {
+            value: b"{}".to_vec(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let e = h.svc.update(&ctx(), update).await.unwrap_err();
     assert_eq!(code(e), Code::FAILED_PRECONDITION);
 
     // Delete the exec process, then the container: runc delete without
     // --force, the network released, the rootfs unmounted.
-    h.svc
-        .delete(
-            &ctx(),
-            api::DeleteRequest {
-                id: id(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let d = h
-        .svc
-        .delete(
-            &ctx(),
-            api::DeleteRequest {
-                id: id(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    h.delete("c1", "e1").await.unwrap();
+    let d = h.delete("c1", "").await.unwrap();
     assert_eq!((d.pid, d.exit_status), (INIT_PID, 137));
     assert_eq!(
         h.world.take(),
@@ -792,17 +656,7 @@ async fn a_created_container_is_deleted_with_force() {
     let h = Harness::new();
     h.create("c1", false).await.unwrap();
     h.world.take();
-    let d = h
-        .svc
-        .delete(
-            &ctx(),
-            api::DeleteRequest {
-                id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let d = h.delete("c1", "").await.unwrap();
     assert_eq!(d.exit_status, 128 + 9);
     assert_eq!(h.world.take(), ["runc delete --force", "unmount"]);
 }
