@@ -33,12 +33,12 @@ use crate::config::{AgentAddress, AgentEndpoint};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The host agent refused a request.
-    #[error("host agent refused {op}: {code}: {message}")]
+    #[error("host agent refused {op}: {code:?}: {message}")]
     AgentRefused {
         /// The request.
         op: &'static str,
-        /// The ttrpc status code.
-        code: String,
+        /// The agent's status code (e.g. `RESOURCE_EXHAUSTED`).
+        code: ttrpc::Code,
         /// The agent's message.
         message: String,
     },
@@ -62,6 +62,19 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl ClientError {
+    /// The ttrpc status code that says what failed: the agent's own code for
+    /// a refusal, `UNAVAILABLE` when it cannot be reached, `INTERNAL` for a
+    /// reply the shim cannot use.
+    pub fn code(&self) -> ttrpc::Code {
+        match self {
+            Self::AgentRefused { code, .. } => *code,
+            Self::AgentUnavailable { .. } => ttrpc::Code::UNAVAILABLE,
+            Self::BadReply(_) | Self::BadNic { .. } => ttrpc::Code::INTERNAL,
+        }
+    }
 }
 
 /// One address of a [`Nic`].
@@ -351,7 +364,7 @@ impl AgentClient {
         match e {
             ttrpc::Error::RpcStatus(s) => ClientError::AgentRefused {
                 op,
-                code: format!("{:?}", s.code()),
+                code: s.code(),
                 message: s.message().to_string(),
             },
             other => ClientError::AgentUnavailable {
@@ -622,6 +635,29 @@ mod tests {
         let mut bad = nic();
         bad.routes[0].destination = "default".into();
         assert!(Nic::try_from(bad).is_err());
+    }
+
+    #[test]
+    fn errors_carry_codes() {
+        let refused = ClientError::AgentRefused {
+            op: "AttachNic",
+            code: ttrpc::Code::RESOURCE_EXHAUSTED,
+            message: "VM vm1 has 4 NICs (max_nics = 4)".into(),
+        };
+        assert_eq!(refused.code(), ttrpc::Code::RESOURCE_EXHAUSTED);
+        assert_eq!(
+            refused.to_string(),
+            "host agent refused AttachNic: RESOURCE_EXHAUSTED: VM vm1 has 4 NICs (max_nics = 4)"
+        );
+        let unreachable = ClientError::AgentUnavailable {
+            address: "vsock://2:7070".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(unreachable.code(), ttrpc::Code::UNAVAILABLE);
+        assert_eq!(
+            ClientError::BadReply("no NIC".into()).code(),
+            ttrpc::Code::INTERNAL
+        );
     }
 
     #[test]

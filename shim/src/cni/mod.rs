@@ -21,7 +21,8 @@
 //!                  ◀── result (stdout), or the error document {code, msg} + exit 1
 //! ```
 //!
-//! Errors carry the spec's named codes ([`CniCode`]).
+//! Errors carry the spec's named codes ([`CniCode`]); a refusal of the host
+//! agent is mapped from its ttrpc code ([`CniCode::for_agent`]).
 //!
 //! The plugin's own keys in the network configuration: `shimConfig` (path of
 //! the shim's TOML, default `/etc/nestless/shim.toml`, for the agent address
@@ -68,6 +69,11 @@ pub enum CniCode {
     PluginNotAvailable,
     /// 100: any other failure of this plugin.
     Internal,
+    /// 101 (ours): the host agent has no NIC to give (the VM's `max_nics`,
+    /// the subnet, or its hot-plug slots are used up).
+    ResourceExhausted,
+    /// 102 (ours): the host agent does not serve this VM this network.
+    PermissionDenied,
 }
 
 impl CniCode {
@@ -81,6 +87,21 @@ impl CniCode {
             Self::TryAgainLater => 11,
             Self::PluginNotAvailable => 50,
             Self::Internal => 100,
+            Self::ResourceExhausted => 101,
+            Self::PermissionDenied => 102,
+        }
+    }
+
+    /// The code for a failed call to the host agent, from its ttrpc code:
+    /// what may clear by itself (the agent or its hypervisor unreachable, a
+    /// deadline) is "try again later"; no resources and no permission have
+    /// codes of their own; anything else is ours.
+    pub fn for_agent(code: ttrpc::Code) -> CniCode {
+        match code {
+            ttrpc::Code::UNAVAILABLE | ttrpc::Code::DEADLINE_EXCEEDED => Self::TryAgainLater,
+            ttrpc::Code::RESOURCE_EXHAUSTED => Self::ResourceExhausted,
+            ttrpc::Code::PERMISSION_DENIED => Self::PermissionDenied,
+            _ => Self::Internal,
         }
     }
 }
@@ -121,11 +142,7 @@ impl CniError {
 
 impl From<ClientError> for CniError {
     fn from(e: ClientError) -> CniError {
-        let code = match &e {
-            ClientError::AgentUnavailable { .. } => CniCode::TryAgainLater,
-            _ => CniCode::Internal,
-        };
-        CniError::new(code, e.to_string())
+        CniError::new(CniCode::for_agent(e.code()), e.to_string())
     }
 }
 
@@ -395,17 +412,49 @@ mod tests {
             CniCode::TryAgainLater,
             CniCode::PluginNotAvailable,
             CniCode::Internal,
+            CniCode::ResourceExhausted,
+            CniCode::PermissionDenied,
         ]
         .iter()
         .map(|c| c.number())
         .collect();
-        assert_eq!(numbers, [1, 4, 6, 7, 11, 50, 100]);
+        assert_eq!(numbers, [1, 4, 6, 7, 11, 50, 100, 101, 102]);
         let doc: Value =
             serde_json::from_str(&CniError::new(CniCode::TryAgainLater, "later").to_json("1.0.0"))
                 .unwrap();
         assert_eq!(doc["code"], 11);
         assert_eq!(doc["msg"], "later");
         assert_eq!(doc["cniVersion"], "1.0.0");
+    }
+
+    #[test]
+    fn agent_codes_become_named_cni_codes() {
+        use ttrpc::Code;
+        for (agent, cni) in [
+            (Code::UNAVAILABLE, CniCode::TryAgainLater),
+            (Code::DEADLINE_EXCEEDED, CniCode::TryAgainLater),
+            (Code::RESOURCE_EXHAUSTED, CniCode::ResourceExhausted),
+            (Code::PERMISSION_DENIED, CniCode::PermissionDenied),
+            (Code::INVALID_ARGUMENT, CniCode::Internal),
+            (Code::NOT_FOUND, CniCode::Internal),
+            (Code::INTERNAL, CniCode::Internal),
+        ] {
+            assert_eq!(CniCode::for_agent(agent), cni, "{agent:?}");
+            let refused = ClientError::AgentRefused {
+                op: "AttachNic",
+                code: agent,
+                message: "no".into(),
+            };
+            assert_eq!(CniError::from(refused).code, cni, "{agent:?}");
+        }
+        // Unreachable, or a reply it cannot use.
+        let e = CniError::from(ClientError::AgentUnavailable {
+            address: "unix:///run/a.sock".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(e.code, CniCode::TryAgainLater);
+        let e = CniError::from(PodNetError::from(ClientError::BadReply("no NIC".into())));
+        assert_eq!(e.code, CniCode::Internal);
     }
 
     #[test]

@@ -63,6 +63,18 @@ pub enum PodNetError {
     Guest(#[from] guest::GuestNetError),
 }
 
+impl PodNetError {
+    /// The ttrpc status code containerd should see: the host agent's own
+    /// code when it refused (also a Hostlo join), `UNAVAILABLE` when it could
+    /// not be reached, `INTERNAL` for anything else.
+    pub fn code(&self) -> ttrpc::Code {
+        match self {
+            Self::Client(e) | Self::Hostlo(HostloError::Agent(e)) => e.code(),
+            Self::Hostlo(_) | Self::Guest(_) => ttrpc::Code::INTERNAL,
+        }
+    }
+}
+
 /// Builds the pod network backend `config` asks for.
 pub fn from_config(config: &ShimConfig) -> Arc<dyn PodNetwork> {
     match config.network.mode {
@@ -86,6 +98,48 @@ pub trait PodNetwork: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_codes_pass_through() {
+        let refused = |code| ClientError::AgentRefused {
+            op: "AttachNic",
+            code,
+            message: "no".into(),
+        };
+        for code in [
+            ttrpc::Code::RESOURCE_EXHAUSTED,
+            ttrpc::Code::PERMISSION_DENIED,
+            ttrpc::Code::INVALID_ARGUMENT,
+            ttrpc::Code::DEADLINE_EXCEEDED,
+        ] {
+            assert_eq!(PodNetError::from(refused(code)).code(), code);
+            assert_eq!(
+                PodNetError::from(HostloError::Agent(refused(code))).code(),
+                code
+            );
+        }
+        let unreachable = ClientError::AgentUnavailable {
+            address: "vsock://2:7070".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(
+            PodNetError::from(unreachable).code(),
+            ttrpc::Code::UNAVAILABLE
+        );
+        let bad_annotation = HostloError::Annotation {
+            key: crate::hostlo::PART_ANNOTATION,
+            reason: "x".into(),
+        };
+        assert_eq!(
+            PodNetError::from(bad_annotation).code(),
+            ttrpc::Code::INTERNAL
+        );
+        let guest = guest::GuestNetError::NicNotFound {
+            mac: "02:00:00:00:00:01".into(),
+            after: std::time::Duration::from_secs(3),
+        };
+        assert_eq!(PodNetError::from(guest).code(), ttrpc::Code::INTERNAL);
+    }
 
     #[tokio::test]
     async fn every_mode_has_a_backend() {
