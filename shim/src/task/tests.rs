@@ -168,6 +168,13 @@ impl PodNetwork for FakeNet {
                 reason: "injected failure".into(),
             }));
         }
+        if self.0.failing("setup: no NIC left") {
+            return Err(PodNetError::Client(ClientError::AgentRefused {
+                op: "AttachNic",
+                code: Code::RESOURCE_EXHAUSTED,
+                message: "VM vm1 has 16 NICs (max_nics = 16)".into(),
+            }));
+        }
         Ok(PodNetInfo {
             interface: "eth0".into(),
             mac: "02:00:00:00:00:01".into(),
@@ -496,6 +503,28 @@ async fn a_failed_network_undoes_everything_before_it() {
     // The id is free again.
     h.world.fail.lock().unwrap().clear();
     h.create("c1", true).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_agents_refusal_reaches_containerd_with_its_code() {
+    let h = Harness::new();
+    h.world.fail("setup: no NIC left");
+    let e = h.create("c1", true).await.unwrap_err();
+    assert!(message(&e).contains("max_nics"), "{e:?}");
+    assert_eq!(code(e), Code::RESOURCE_EXHAUSTED);
+    assert_rolled_back(
+        &h,
+        "c1",
+        &[
+            "mount",
+            "runc create",
+            "setup c1",
+            "runc delete --force",
+            "teardown c1",
+            "unmount",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
