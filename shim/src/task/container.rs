@@ -7,8 +7,10 @@ use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
 };
 
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::state::{self, Kind, Op, ProcState, Refused};
@@ -20,6 +22,19 @@ use crate::{
     runc::Runtime,
     stdio::{ConsoleSocket, IoContext, PreparedIo, ProcessIo, StdioSpec},
 };
+
+/// Exit status reported for a process the shim had to kill (SIGKILL).
+pub(super) const KILLED_STATUS: u32 = 128 + 9;
+
+/// A point in time as the task API carries it.
+pub(super) fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
 
 /// A container's init process or one of its exec processes.
 pub(super) struct Process {

@@ -17,9 +17,9 @@ use log::warn;
 use tokio::sync::Mutex;
 
 use super::{
-    container::Container,
+    container::{Container, KILLED_STATUS},
     state::{Op, ProcState},
-    TaskService, KILLED_STATUS,
+    TaskService,
 };
 use crate::{
     bundle::Record,

@@ -20,7 +20,7 @@ use containerd_shim_protos::{
 use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
-use super::{state::Op, timestamp, TaskService};
+use super::{container::timestamp, state::Op, TaskService};
 use crate::{cgroup::Cgroup, reaper::Exit};
 
 impl TaskService {

@@ -54,7 +54,6 @@ use std::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use async_trait::async_trait;
@@ -64,7 +63,7 @@ use containerd_shim_protos::{
         TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
         TaskStart,
     },
-    protobuf::{well_known_types::timestamp::Timestamp, MessageField},
+    protobuf::MessageField,
     shim_async::Task,
     topics,
     ttrpc::r#async::TtrpcContext,
@@ -91,11 +90,8 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-use container::Container;
+use container::{timestamp, Container};
 use rootfs::{HostRootfs, Rootfs};
-
-/// Exit status reported for a process the shim had to kill (SIGKILL).
-const KILLED_STATUS: u32 = 128 + 9;
 
 /// Builds the pod network backend a container's shim configuration asks for
 /// ([`podnet::from_config`] in the shim; a fake in component tests).
@@ -127,15 +123,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct TaskService {
     inner: Arc<Inner>,
-}
-
-fn timestamp(t: SystemTime) -> Timestamp {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-        ..Default::default()
-    }
 }
 
 impl TaskService {

@@ -22,9 +22,8 @@ use containerd_shim_protos::{
 use tokio::sync::Mutex;
 
 use super::{
-    container::{started, Container, Process},
+    container::{started, timestamp, Container, Process, KILLED_STATUS},
     state::Op,
-    timestamp, KILLED_STATUS,
 };
 use crate::{
     error::{Result, ShimError},
