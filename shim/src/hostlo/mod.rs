@@ -65,7 +65,7 @@ pub enum HostloError {
     #[error(transparent)]
     Guest(#[from] crate::podnet::guest::GuestNetError),
     /// A socket in the pod netns could not be made.
-    #[error("cannot {op} in the pod network namespace: {source}")]
+    #[error("cannot {op} in the pod network namespace")]
     Socket {
         /// What.
         op: String,

@@ -1,21 +1,22 @@
 //! The create pipeline, and its rollback.
 //!
 //! ```text
-//! step                                   undone on a later failure by
-//! check the request                      -
-//! options → config → spec → network role -
-//! mount the rootfs                       unmount
-//! open stdio, runc create                -            (stdio closes with the error)
-//! read the pid, start the stdio copies   runc delete -f
-//! record in the bundle                   remove the record
-//! visible in the map, init's exit watched  out of the map
-//! pod network setup (network owner)      teardown
-//! cgroup + OOM watch                     -            (a failure is logged)
+//! step                                     undone, when a later step fails, by
+//! check the request                        -
+//! options → config → spec → network role   -
+//! mount the rootfs                         unmount
+//! open stdio, runc create                  runc delete -f   (stdio closes with the error)
+//! read the pid, start the stdio copies     -
+//! record in the bundle                     remove the record
+//! in the map, init's exit watched          out of the map
+//! pod network setup (network owner)        teardown
+//! cgroup + OOM watch                       -                (a failure is logged)
 //! ```
 //!
-//! A failing step undoes exactly what the steps before it did, in reverse
-//! order ([`Undo`]), so a failed Create leaves no runc container, no leased
-//! NIC, no record and no mount behind.
+//! A failing step undoes exactly what the steps before it did ([`Undo`]), so
+//! a failed Create leaves no runc container, no leased NIC, no record and no
+//! mount behind. The undo order: the runc container first (nothing runs on a
+//! network being torn down), then the network, the record, the rootfs.
 
 use std::{
     collections::HashMap,
@@ -70,7 +71,8 @@ pub(super) struct Created {
     _creating: CreatingGuard,
 }
 
-/// What a create has done so far; [`Undo::run`] undoes it in reverse order.
+/// What a create has done so far; [`Undo::run`] undoes it (runc container,
+/// network, record, rootfs).
 struct Undo<'a> {
     id: &'a str,
     bundle: &'a Path,
