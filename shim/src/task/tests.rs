@@ -476,6 +476,16 @@ async fn a_failed_record_deletes_the_runc_container_and_unmounts() {
     .await;
 }
 
+/// What a create whose pod network setup fails does, and undoes.
+const AFTER_A_FAILED_SETUP: &[&str] = &[
+    "mount",
+    "runc create",
+    "setup c1",
+    "runc delete --force",
+    "teardown c1",
+    "unmount",
+];
+
 #[tokio::test]
 async fn a_failed_network_undoes_everything_before_it() {
     let h = Harness::new();
@@ -487,19 +497,7 @@ async fn a_failed_network_undoes_everything_before_it() {
         "{msg}"
     );
     assert_eq!(code(e), Code::UNAVAILABLE);
-    assert_rolled_back(
-        &h,
-        "c1",
-        &[
-            "mount",
-            "runc create",
-            "setup c1",
-            "runc delete --force",
-            "teardown c1",
-            "unmount",
-        ],
-    )
-    .await;
+    assert_rolled_back(&h, "c1", AFTER_A_FAILED_SETUP).await;
     // The id is free again.
     h.world.fail.lock().unwrap().clear();
     h.create("c1", true).await.unwrap();
@@ -512,19 +510,7 @@ async fn the_agents_refusal_reaches_containerd_with_its_code() {
     let e = h.create("c1", true).await.unwrap_err();
     assert!(message(&e).contains("max_nics"), "{e:?}");
     assert_eq!(code(e), Code::RESOURCE_EXHAUSTED);
-    assert_rolled_back(
-        &h,
-        "c1",
-        &[
-            "mount",
-            "runc create",
-            "setup c1",
-            "runc delete --force",
-            "teardown c1",
-            "unmount",
-        ],
-    )
-    .await;
+    assert_rolled_back(&h, "c1", AFTER_A_FAILED_SETUP).await;
 }
 
 #[tokio::test]
