@@ -122,16 +122,16 @@ pub struct ShimConfig {
     /// Log level of the shim (`error`, `warn`, `info`, `debug`, `trace`).
     pub log_level: log::LevelFilter,
     /// How to reach the host agent.
-    pub agent: AgentConfig,
+    pub agent: AgentEndpoint,
     /// What the shim does for pod networks.
-    pub network: NetworkConfig,
+    pub network: PodNetConfig,
     /// How runc is run.
     pub runc: RuncConfig,
 }
 
 /// `[agent]`: how to reach the host agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentConfig {
+pub struct AgentEndpoint {
     /// The agent's address (default `vsock://2:7070`).
     pub address: AgentAddress,
     /// Deadline for connecting to the agent (default 1 s).
@@ -142,7 +142,7 @@ pub struct AgentConfig {
 
 /// `[network]`: what the shim does for pod networks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkConfig {
+pub struct PodNetConfig {
     /// `agent` (ask the host agent for a NIC) or `none`.
     pub mode: NetworkMode,
     /// Name the NIC gets inside the pod netns (default `eth0`).
@@ -267,7 +267,7 @@ impl Default for ShimConfig {
         Self {
             source: None,
             log_level: log::LevelFilter::Info,
-            agent: AgentConfig {
+            agent: AgentEndpoint {
                 address: AgentAddress::Vsock {
                     cid: HOST_CID,
                     port: nestless_protos::DEFAULT_VSOCK_PORT,
@@ -275,7 +275,7 @@ impl Default for ShimConfig {
                 connect_timeout: Duration::from_millis(1000),
                 request_timeout: Duration::from_millis(5000),
             },
-            network: NetworkConfig {
+            network: PodNetConfig {
                 mode: NetworkMode::Agent,
                 interface: InterfaceName("eth0".to_owned()),
                 nic_wait: Duration::from_millis(3000),
@@ -402,12 +402,12 @@ impl ShimConfig {
         Ok(Self {
             source: Some(path.to_owned()),
             log_level,
-            agent: AgentConfig {
+            agent: AgentEndpoint {
                 address,
                 connect_timeout,
                 request_timeout,
             },
-            network: NetworkConfig {
+            network: PodNetConfig {
                 mode: raw.network.mode.unwrap_or(defaults.network.mode),
                 interface,
                 nic_wait,

@@ -3,7 +3,9 @@
 //! Every failure of a Task API call is a [`ShimError`]; [`ShimError::code`]
 //! chooses the gRPC code containerd sees (containerd turns `NotFound`,
 //! `AlreadyExists` and `FailedPrecondition` into its own errdefs, which e.g.
-//! CRI relies on when it stops a container that already exited), and
+//! CRI relies on when it stops a container that already exited; a pod
+//! network failure carries the host agent's own code, so that its
+//! `RESOURCE_EXHAUSTED` reaches containerd as such), and
 //! `From<ShimError> for ttrpc::Error` renders the message with its chain of
 //! causes.
 
@@ -149,10 +151,8 @@ impl ShimError {
             Self::ContainerExists(_) | Self::ProcessExists { .. } => Code::ALREADY_EXISTS,
             Self::InvalidArgument { .. } | Self::Config(_) => Code::INVALID_ARGUMENT,
             Self::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
-            Self::Network { source, .. } => match source {
-                PodNetError::AgentUnavailable { .. } => Code::UNAVAILABLE,
-                _ => Code::INTERNAL,
-            },
+            // The host agent's code: RESOURCE_EXHAUSTED stays RESOURCE_EXHAUSTED.
+            Self::Network { source, .. } => source.code(),
             Self::Unsupported(_) => Code::UNIMPLEMENTED,
             Self::Runc { .. } | Self::RuncSpawn { .. } | Self::Io { .. } | Self::Shim { .. } => {
                 Code::INTERNAL
@@ -181,6 +181,7 @@ impl From<ShimError> for ttrpc::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent_client::ClientError;
 
     #[test]
     fn codes() {
@@ -212,12 +213,28 @@ mod tests {
         );
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::AgentUnavailable {
+            source: PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "refused".into(),
-            },
+            }),
         };
         assert_eq!(e.code(), Code::UNAVAILABLE);
+        let e = ShimError::Network {
+            sandbox_id: "s".into(),
+            source: PodNetError::Client(ClientError::AgentRefused {
+                op: "AttachNic",
+                code: Code::RESOURCE_EXHAUSTED,
+                message: "VM vm1 has 4 NICs (max_nics = 4)".into(),
+            }),
+        };
+        assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
+        match ttrpc::Error::from(e) {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::RESOURCE_EXHAUSTED);
+                assert!(s.message().contains("max_nics"), "{}", s.message());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

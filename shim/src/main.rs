@@ -1,7 +1,7 @@
 //! `containerd-shim-nestless-v2`: started by containerd (`start`, `delete`,
 //! or serving with `-socket`); see the library's `shim` module.
 
-use containerd_shim_nestless_v2::shim::{crate_config, NestlessShim, RUNTIME_NAME};
+use nestless_shim::shim::{crate_config, NestlessShim, RUNTIME_NAME};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -14,6 +14,10 @@
 //! JSON lines. Commands whose stdio belong to the container (create, exec)
 //! are run with `--log` and the last error line of that file is reported;
 //! the others have their stderr captured.
+//!
+//! The task service sees runc through the [`Runtime`] seam (the commands it
+//! needs, nothing of how they are run), so that a fake can stand in for it
+//! in unit tests.
 
 use std::{
     ffi::{OsStr, OsString},
@@ -22,6 +26,7 @@ use std::{
     process::{Command, Stdio},
 };
 
+use async_trait::async_trait;
 use log::debug;
 use tokio::{io::AsyncReadExt, net::unix::pipe::Receiver};
 
@@ -30,6 +35,44 @@ use crate::{
     reaper::Reaper,
     stdio::ChildStdio,
 };
+
+/// The runc commands the task service needs, for one container.
+///
+/// Implemented by [`Runc`]; unit tests put a fake in its place.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// `runc create`: the container's init process exists (blocked before
+    /// exec) when this returns.
+    async fn create(&self, id: &str, opts: &CreateOpts<'_>, stdio: ChildStdio) -> Result<()>;
+    /// `runc exec --detach`: the process runs when this returns.
+    async fn exec(&self, id: &str, opts: &ExecOpts<'_>, stdio: ChildStdio) -> Result<()>;
+    /// `runc start`.
+    async fn start(&self, id: &str) -> Result<()>;
+    /// `runc kill [--all] id signal`.
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()>;
+    /// `runc delete [--force] id`.
+    async fn delete(&self, id: &str, force: bool) -> Result<()>;
+    /// `runc pause`.
+    async fn pause(&self, id: &str) -> Result<()>;
+    /// `runc resume`.
+    async fn resume(&self, id: &str) -> Result<()>;
+    /// `runc ps --format json id`: the pids of the container's processes.
+    async fn ps(&self, id: &str) -> Result<Vec<u32>>;
+    /// `runc update --resources FILE id`.
+    async fn update(&self, id: &str, resources: &Path) -> Result<()>;
+}
+
+/// How runc is run for one container (recorded in its bundle, so that
+/// `delete` after a crash runs it the same way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuncSettings {
+    /// The binary (a path, or a name looked up in `PATH`).
+    pub binary: PathBuf,
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--systemd-cgroup`.
+    pub systemd_cgroup: bool,
+}
 
 /// How to run runc for one container.
 #[derive(Clone)]
@@ -92,105 +135,6 @@ impl Runc {
             cmd.arg("--log").arg(log).args(["--log-format", "json"]);
         }
         cmd
-    }
-
-    /// `runc create`: the container's init process exists (blocked before
-    /// exec) when this returns.
-    pub async fn create(&self, id: &str, opts: &CreateOpts<'_>, stdio: ChildStdio) -> Result<()> {
-        let mut cmd = self.command(Some(opts.log));
-        cmd.arg("create")
-            .arg("--bundle")
-            .arg(opts.bundle)
-            .arg("--pid-file")
-            .arg(opts.pid_file);
-        if let Some(s) = opts.console_socket {
-            cmd.arg("--console-socket").arg(s);
-        }
-        if opts.no_pivot {
-            cmd.arg("--no-pivot");
-        }
-        if opts.no_new_keyring {
-            cmd.arg("--no-new-keyring");
-        }
-        cmd.arg(id);
-        stdio.apply(&mut cmd);
-        self.run_logged("create", id, cmd, opts.log).await
-    }
-
-    /// `runc exec --detach`: the process runs when this returns.
-    pub async fn exec(&self, id: &str, opts: &ExecOpts<'_>, stdio: ChildStdio) -> Result<()> {
-        let mut cmd = self.command(Some(opts.log));
-        cmd.arg("exec")
-            .arg("--detach")
-            .arg("--process")
-            .arg(opts.process)
-            .arg("--pid-file")
-            .arg(opts.pid_file);
-        if let Some(s) = opts.console_socket {
-            cmd.arg("--console-socket").arg(s);
-        }
-        cmd.arg(id);
-        stdio.apply(&mut cmd);
-        self.run_logged("exec", id, cmd, opts.log).await
-    }
-
-    /// `runc start`.
-    pub async fn start(&self, id: &str) -> Result<()> {
-        self.run_captured("start", id, &[]).await.map(drop)
-    }
-
-    /// `runc kill [--all] id signal`.
-    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
-        let sig = signal.to_string();
-        let mut args: Vec<&OsStr> = Vec::new();
-        if all {
-            args.push(OsStr::new("--all"));
-        }
-        args.push(OsStr::new(id));
-        args.push(OsStr::new(&sig));
-        self.run_args("kill", id, &args).await.map(drop)
-    }
-
-    /// `runc delete [--force] id`.
-    pub async fn delete(&self, id: &str, force: bool) -> Result<()> {
-        let mut args: Vec<&OsStr> = Vec::new();
-        if force {
-            args.push(OsStr::new("--force"));
-        }
-        args.push(OsStr::new(id));
-        self.run_args("delete", id, &args).await.map(drop)
-    }
-
-    /// `runc pause`.
-    pub async fn pause(&self, id: &str) -> Result<()> {
-        self.run_captured("pause", id, &[]).await.map(drop)
-    }
-
-    /// `runc resume`.
-    pub async fn resume(&self, id: &str) -> Result<()> {
-        self.run_captured("resume", id, &[]).await.map(drop)
-    }
-
-    /// `runc update --resources FILE id`.
-    pub async fn update(&self, id: &str, resources: &Path) -> Result<()> {
-        let args = [
-            OsStr::new("--resources"),
-            resources.as_os_str(),
-            OsStr::new(id),
-        ];
-        self.run_args("update", id, &args).await.map(drop)
-    }
-
-    /// `runc ps --format json id`: the pids of the container's processes.
-    pub async fn ps(&self, id: &str) -> Result<Vec<u32>> {
-        let args = [OsStr::new("--format"), OsStr::new("json"), OsStr::new(id)];
-        let out = self.run_args("ps", id, &args).await?;
-        parse_ps(&out).map_err(|e| ShimError::Runc {
-            command: "ps",
-            id: id.to_owned(),
-            message: format!("unexpected output: {e}"),
-            not_found: false,
-        })
     }
 
     async fn run_captured(
@@ -264,6 +208,98 @@ impl Runc {
             .and_then(|data| last_error_in_log(&data))
             .unwrap_or_else(|| format!("exit status {status}"));
         Err(runc_error(command, id, message))
+    }
+}
+
+#[async_trait]
+impl Runtime for Runc {
+    async fn create(&self, id: &str, opts: &CreateOpts<'_>, stdio: ChildStdio) -> Result<()> {
+        let mut cmd = self.command(Some(opts.log));
+        cmd.arg("create")
+            .arg("--bundle")
+            .arg(opts.bundle)
+            .arg("--pid-file")
+            .arg(opts.pid_file);
+        if let Some(s) = opts.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        if opts.no_pivot {
+            cmd.arg("--no-pivot");
+        }
+        if opts.no_new_keyring {
+            cmd.arg("--no-new-keyring");
+        }
+        cmd.arg(id);
+        stdio.apply(&mut cmd);
+        self.run_logged("create", id, cmd, opts.log).await
+    }
+
+    async fn exec(&self, id: &str, opts: &ExecOpts<'_>, stdio: ChildStdio) -> Result<()> {
+        let mut cmd = self.command(Some(opts.log));
+        cmd.arg("exec")
+            .arg("--detach")
+            .arg("--process")
+            .arg(opts.process)
+            .arg("--pid-file")
+            .arg(opts.pid_file);
+        if let Some(s) = opts.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        cmd.arg(id);
+        stdio.apply(&mut cmd);
+        self.run_logged("exec", id, cmd, opts.log).await
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        self.run_captured("start", id, &[]).await.map(drop)
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let sig = signal.to_string();
+        let mut args: Vec<&OsStr> = Vec::new();
+        if all {
+            args.push(OsStr::new("--all"));
+        }
+        args.push(OsStr::new(id));
+        args.push(OsStr::new(&sig));
+        self.run_args("kill", id, &args).await.map(drop)
+    }
+
+    async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let mut args: Vec<&OsStr> = Vec::new();
+        if force {
+            args.push(OsStr::new("--force"));
+        }
+        args.push(OsStr::new(id));
+        self.run_args("delete", id, &args).await.map(drop)
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.run_captured("pause", id, &[]).await.map(drop)
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.run_captured("resume", id, &[]).await.map(drop)
+    }
+
+    async fn update(&self, id: &str, resources: &Path) -> Result<()> {
+        let args = [
+            OsStr::new("--resources"),
+            resources.as_os_str(),
+            OsStr::new(id),
+        ];
+        self.run_args("update", id, &args).await.map(drop)
+    }
+
+    async fn ps(&self, id: &str) -> Result<Vec<u32>> {
+        let args = [OsStr::new("--format"), OsStr::new("json"), OsStr::new(id)];
+        let out = self.run_args("ps", id, &args).await?;
+        parse_ps(&out).map_err(|e| ShimError::Runc {
+            command: "ps",
+            id: id.to_owned(),
+            message: format!("unexpected output: {e}"),
+            not_found: false,
+        })
     }
 }
 

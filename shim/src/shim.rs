@@ -45,12 +45,12 @@ use crate::{
     bundle::Record,
     config::ShimConfig,
     events::ContainerdEvents,
-    network,
     options::RuntimeOptions,
+    podnet,
     policy::{self, SpecView},
     reaper::Reaper,
-    runc::{self, Runc},
-    service::{unmount_rootfs, TaskService},
+    runc::{self, Runc, Runtime},
+    task::{rootfs, TaskService},
 };
 
 /// The runtime name containerd knows this shim by.
@@ -276,17 +276,11 @@ async fn cleanup_dead_shim(id: &str, namespace: &str, bundle: &Path) {
             Err(e) => warn!("{}", e.chain()),
         }
     }
-    unmount_rootfs(bundle).await;
+    rootfs::unmount(bundle).await;
     if let Some(sandbox_id) = record.as_ref().and_then(|r| r.network_sandbox.as_deref()) {
-        match network::backend_for(&config) {
-            Ok(backend) => match backend.teardown(sandbox_id).await {
-                Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
-                Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
-            },
-            Err(e) => warn!(
-                "cannot release the pod network of sandbox {sandbox_id}: {}",
-                e.chain()
-            ),
+        match podnet::from_config(&config).teardown(sandbox_id).await {
+            Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
+            Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
         }
     }
     Record::remove(bundle);

@@ -25,13 +25,18 @@ struct Rig {
 /// An agent serving this host as VM "local" (its NICs land in `vm_netns`,
 /// the host's own namespace unless a test says otherwise).
 fn rig_with(vm_netns: &str, nic_wait_ms: u64) -> Rig {
+    rig_with_vm(vm_netns, nic_wait_ms, "")
+}
+
+/// [`rig_with`], with more keys for the VM (`vm_extra`, TOML lines).
+fn rig_with_vm(vm_netns: &str, nic_wait_ms: u64, vm_extra: &str) -> Rig {
     require_root();
     let net = random_subnet();
     let bridge = Bridge::new(Some(&format!("{net}.1/24")));
     let agent = AgentProc::start(|dir| {
         format!(
             "{}[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n\
-             [[vm]]\nname = \"local\"\nbackend = \"netns\"\nnetns = \"{vm_netns}\"\nsocket = \"{}/local.sock\"\n",
+             [[vm]]\nname = \"local\"\nbackend = \"netns\"\nnetns = \"{vm_netns}\"\nsocket = \"{}/local.sock\"\n{vm_extra}",
             AgentProc::agent_section(dir),
             bridge.name,
             dir.display()
@@ -318,6 +323,38 @@ fn nic_that_never_appears_fails_cleanly() {
         .links()
         .iter()
         .all(|l| !l["ifname"].as_str().unwrap().starts_with("nlg")));
+}
+
+#[test]
+fn a_full_vm_is_refused_with_a_named_code() {
+    // The agent's RESOURCE_EXHAUSTED (the VM's max_nics) is CNI code 101, not
+    // a bare "plugin error"; the refused ADD changes nothing.
+    let rig = rig_with_vm("/proc/self/ns/net", 3000, "max_nics = 1\n");
+    let pods: Vec<Netns> = (0..2).map(|_| Netns::new("full")).collect();
+    let first = cni(
+        &rig,
+        "ADD",
+        &format!("sb{}", suffix()),
+        &pods[0].path(),
+        json!({}),
+    );
+    assert!(first.ok, "{}", first.stderr);
+    let second = cni(
+        &rig,
+        "ADD",
+        &format!("sb{}", suffix()),
+        &pods[1].path(),
+        json!({}),
+    );
+    assert!(!second.ok);
+    assert_eq!(second.stdout["code"], 101, "{}", second.stdout);
+    let msg = second.stdout["msg"].as_str().unwrap();
+    assert!(msg.contains("RESOURCE_EXHAUSTED"), "{msg}");
+    assert_eq!(leases(&rig), 1);
+    assert!(pods[1]
+        .links()
+        .iter()
+        .all(|l| l["ifname"].as_str() != Some("eth0")));
 }
 
 #[test]

@@ -478,7 +478,7 @@ fn shipped_configs_name_our_runtime_and_plugin() {
     assert_eq!(conflist["name"], "nestless");
     let version = conflist["cniVersion"].as_str().unwrap();
     assert!(
-        containerd_shim_nestless_v2::cni::SUPPORTED_VERSIONS.contains(&version),
+        nestless_shim::cni::SUPPORTED_VERSIONS.contains(&version),
         "cniVersion {version}"
     );
     let plugins = conflist["plugins"].as_array().unwrap();
@@ -486,7 +486,6 @@ fn shipped_configs_name_our_runtime_and_plugin() {
     assert_eq!(plugins[0]["type"], "nestless-cni");
     assert_eq!(plugins[0]["shimConfig"], "/etc/nestless/shim.toml");
     // The shim config it names is the shipped example's location, and the example parses.
-    let shim =
-        containerd_shim_nestless_v2::config::ShimConfig::load(&root.join("config/shim.toml"));
+    let shim = nestless_shim::config::ShimConfig::load(&root.join("config/shim.toml"));
     assert!(shim.is_ok(), "{:?}", shim.err());
 }

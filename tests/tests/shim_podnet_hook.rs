@@ -16,19 +16,19 @@ use std::{
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim_nestless_v2::{
-    config::ShimConfig,
-    error::ShimError,
-    events::RecordedEvents,
-    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
-    reaper::Reaper,
-    service::{NetworkFactory, TaskService},
-};
 use containerd_shim_protos::{
     api::{CreateTaskRequest, DeleteRequest, KillRequest, StartRequest, StateRequest, WaitRequest},
     protobuf::{well_known_types::any::Any, CodedOutputStream},
     shim_async::Task,
     ttrpc::{asynchronous::TtrpcContext, Code},
+};
+use nestless_shim::{
+    agent_client::ClientError,
+    config::ShimConfig,
+    events::RecordedEvents,
+    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
+    reaper::Reaper,
+    task::{NetworkFactory, TaskService},
 };
 use nestless_tests::containerd::{random_name, require_tool};
 
@@ -59,10 +59,10 @@ impl PodNetwork for FakeNet {
         s.setups
             .push((req.sandbox_id.clone(), req.netns.clone(), fresh));
         if s.fail_setup {
-            return Err(PodNetError::AgentUnavailable {
+            return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "injected failure".into(),
-            });
+            }));
         }
         Ok(PodNetInfo {
             interface: "eth0".into(),
@@ -75,10 +75,10 @@ impl PodNetwork for FakeNet {
         let mut s = self.0.lock().unwrap();
         s.teardowns.push(sandbox_id.to_owned());
         if s.fail_teardown {
-            return Err(PodNetError::AgentUnavailable {
+            return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "injected failure".into(),
-            });
+            }));
         }
         Ok(())
     }
@@ -194,9 +194,9 @@ fn pod_network_hook() {
         let net = FakeNet::default();
         let events = Arc::new(RecordedEvents::default());
         let factory_net = net.clone();
-        let factory: NetworkFactory = Arc::new(move |c: &ShimConfig| -> Result<Arc<dyn PodNetwork>, ShimError> {
+        let factory: NetworkFactory = Arc::new(move |c: &ShimConfig| -> Arc<dyn PodNetwork> {
             assert_eq!(c.runc.root, runc_root);
-            Ok(Arc::new(factory_net.clone()))
+            Arc::new(factory_net.clone())
         });
         let svc = TaskService::with_network(
             ns.clone(),

@@ -60,9 +60,12 @@ pub enum HostloError {
     },
     /// The agent side failed.
     #[error(transparent)]
-    Agent(#[from] crate::podnet::PodNetError),
+    Agent(#[from] crate::agent_client::ClientError),
+    /// The segment NIC could not be plugged into the pod.
+    #[error(transparent)]
+    Guest(#[from] crate::podnet::guest::GuestNetError),
     /// A socket in the pod netns could not be made.
-    #[error("cannot {op} in the pod network namespace: {source}")]
+    #[error("cannot {op} in the pod network namespace")]
     Socket {
         /// What.
         op: String,

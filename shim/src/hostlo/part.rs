@@ -18,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use nestless_protos::agent as pb;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
@@ -28,8 +27,9 @@ use super::{
     HostloError, HostloSpec, Port, Proto, MUX_PORT, SEGMENT_IFNAME,
 };
 use crate::{
-    config::AgentConfig,
-    podnet::agent::{nic_spec, plug_into_pod, AgentClient},
+    agent_client::{AgentClient, ClientError, PodView},
+    config::AgentEndpoint,
+    podnet::guest::{plug_into_pod, NicSpec},
 };
 
 /// A running part. Stop it with [`Part::stop`].
@@ -60,35 +60,34 @@ impl Drop for Part {
     }
 }
 
-fn proto_of(s: &str) -> Option<Proto> {
-    match s {
-        "tcp" => Some(Proto::Tcp),
-        "udp" => Some(Proto::Udp),
-        _ => None,
-    }
-}
-
 /// Joins the pod and starts the part's relays.
 pub async fn join(
-    agent: &AgentConfig,
+    agent: &AgentEndpoint,
     nic_wait: Duration,
     spec: &HostloSpec,
     sandbox_id: &str,
     netns: &Path,
 ) -> Result<Part, HostloError> {
     let client = AgentClient::connect(agent).await?;
-    let (nic, view) = client.hostlo_join(&spec.pod, spec.part, sandbox_id).await?;
+    let (nic, view) = match client.hostlo_join(&spec.pod, spec.part, sandbox_id).await {
+        Ok(joined) => joined,
+        // A segment NIC the part cannot use: the part has joined all the same.
+        Err(e @ ClientError::BadNic { .. }) => {
+            leave_after_failure(&client, spec).await;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let attempt = async {
-        let nspec = nic_spec(&nic, SEGMENT_IFNAME)?;
-        plug_into_pod(&nspec, netns, nic_wait)
-            .await
-            .map_err(crate::podnet::PodNetError::from)?;
+        let nspec = NicSpec::for_nic(&nic, SEGMENT_IFNAME);
+        plug_into_pod(&nspec, netns, nic_wait).await?;
         let address = match nspec.addresses.first() {
             Some((IpAddr::V4(a), _)) => *a,
             _ => {
-                return Err(HostloError::Agent(crate::podnet::PodNetError::BadReply(
-                    "segment NIC without an IPv4 address".into(),
-                )))
+                return Err(HostloError::Agent(ClientError::BadNic {
+                    id: nic.id.clone(),
+                    reason: "segment NIC without an IPv4 address".into(),
+                }))
             }
         };
         let sockets =
@@ -119,12 +118,7 @@ pub async fn join(
     let (address, sockets, tcp, udp) = match attempt {
         Ok(x) => x,
         Err(e) => {
-            if let Err(undo) = client.hostlo_leave(&spec.pod, spec.part).await {
-                log::error!(
-                    "hostlo {}: leaving after a failed join failed: {undo}",
-                    spec.pod
-                );
-            }
+            leave_after_failure(&client, spec).await;
             return Err(e);
         }
     };
@@ -152,8 +146,18 @@ pub async fn join(
     })
 }
 
+/// Leaves the pod after a join that failed half-way (logged, not returned).
+async fn leave_after_failure(client: &AgentClient, spec: &HostloSpec) {
+    if let Err(undo) = client.hostlo_leave(&spec.pod, spec.part).await {
+        log::error!(
+            "hostlo {}: leaving after a failed join failed: {undo}",
+            spec.pod
+        );
+    }
+}
+
 struct Runner {
-    agent: AgentConfig,
+    agent: AgentEndpoint,
     spec: HostloSpec,
     segment: IpAddr,
     sockets: Arc<NetnsSockets>,
@@ -167,7 +171,7 @@ impl Runner {
     async fn run(
         mut self,
         client: AgentClient,
-        first: pb::HostloWatchResponse,
+        first: PodView,
         tcp: tokio::net::TcpListener,
         udp: tokio::net::UdpSocket,
         mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -259,28 +263,16 @@ impl Runner {
         if self.published.as_ref() == Some(&ports) {
             return;
         }
-        let pb_ports: Vec<pb::HostloPort> = ports
-            .iter()
-            .map(|p| pb::HostloPort {
-                port: u32::from(p.port),
-                protocol: p.proto.as_str().into(),
-                ..Default::default()
-            })
-            .collect();
         match client
-            .hostlo_publish(&self.spec.pod, self.spec.part, pb_ports)
+            .hostlo_publish(&self.spec.pod, self.spec.part, &ports)
             .await
         {
             Ok(conflicts) => {
                 for c in conflicts {
-                    let port = c
-                        .port
-                        .as_ref()
-                        .map(|p| format!("{}/{}", p.port, p.protocol))
-                        .unwrap_or_default();
                     log::warn!(
-                        "hostlo {}: port {port} is served by parts {:?}: conflict, not relayed",
+                        "hostlo {}: port {} is served by parts {:?}: conflict, not relayed",
                         self.spec.pod,
+                        c.port,
                         c.parts
                     );
                 }
@@ -300,46 +292,26 @@ impl Runner {
         }
     }
 
-    async fn apply(&mut self, view: &pb::HostloWatchResponse) {
-        let conflicts: BTreeSet<Port> = view
-            .conflicts
-            .iter()
-            .filter_map(|c| c.port.as_ref())
-            .filter_map(|p| {
-                Some(Port {
-                    port: u16::try_from(p.port).ok()?,
-                    proto: proto_of(&p.protocol)?,
-                })
-            })
-            .collect();
+    async fn apply(&mut self, view: &PodView) {
+        let conflicts: BTreeSet<Port> = view.conflicts.iter().map(|c| c.port).collect();
         // Part 0 holds the pod IP (its eth0): its relays also listen there, so
         // that the network outside and the other parts (which reach the pod
         // IP over the tenant network) get to ports any part serves.
         let mut listen: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
         if self.spec.part == 0 {
-            listen.extend(view.pod_ip.parse::<IpAddr>().ok());
+            listen.extend(view.pod_ip);
         }
         let mut wanted: HashMap<(Port, IpAddr), SocketAddr> = HashMap::new();
         for part in &view.parts {
             if part.part == self.spec.part {
                 continue;
             }
-            let Ok(addr) = part.address.parse::<IpAddr>() else {
-                continue;
-            };
-            for p in &part.ports {
-                let Some(port) = u16::try_from(p.port)
-                    .ok()
-                    .zip(proto_of(&p.protocol))
-                    .map(|(port, proto)| Port { port, proto })
-                else {
-                    continue;
-                };
-                if conflicts.contains(&port) {
+            for port in &part.ports {
+                if conflicts.contains(port) {
                     continue;
                 }
                 for l in &listen {
-                    wanted.insert((port, *l), SocketAddr::new(addr, MUX_PORT));
+                    wanted.insert((*port, *l), SocketAddr::new(part.address, MUX_PORT));
                 }
             }
         }
@@ -383,12 +355,7 @@ impl Runner {
 
 /// Long-polls the pod's view and sends each new one; reconnects when the
 /// agent goes away (it restarts with the pod's state).
-async fn watch(
-    agent: AgentConfig,
-    pod: String,
-    mut since: u64,
-    out: mpsc::Sender<pb::HostloWatchResponse>,
-) {
+async fn watch(agent: AgentEndpoint, pod: String, mut since: u64, out: mpsc::Sender<PodView>) {
     loop {
         let client = match AgentClient::connect(&agent).await {
             Ok(c) => c,

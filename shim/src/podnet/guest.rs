@@ -13,6 +13,9 @@
 //!
 //! No polling: the wait is on netlink events, with a deadline. The temporary
 //! name avoids a clash with a name the pod namespace already has.
+//!
+//! [`plug_into_pod`] strings these steps together, and finds a NIC already
+//! in place (a retry, or a NIC `nestless-cni` plugged) without moving it again.
 
 use std::{
     net::IpAddr,
@@ -23,6 +26,8 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use nestless_model::MacAddr;
+
+use crate::agent_client::Nic;
 use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
@@ -46,6 +51,23 @@ pub struct NicSpec {
     pub addresses: Vec<(IpAddr, u8)>,
     /// Routes: destination, prefix, next hop (`None`: on-link).
     pub routes: Vec<(IpAddr, u8, Option<IpAddr>)>,
+}
+
+impl NicSpec {
+    /// What the guest must configure for `nic`, named `ifname`.
+    pub fn for_nic(nic: &Nic, ifname: &str) -> NicSpec {
+        NicSpec {
+            mac: nic.mac.octets(),
+            ifname: ifname.to_string(),
+            mtu: nic.mtu,
+            addresses: nic.addresses.iter().map(|a| (a.ip, a.prefix_len)).collect(),
+            routes: nic
+                .routes
+                .iter()
+                .map(|r| (r.destination, r.prefix_len, r.gateway))
+                .collect(),
+        }
+    }
 }
 
 /// Guest-side failures.
@@ -445,4 +467,51 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
         }
     }
     Ok(())
+}
+
+/// Puts the NIC described by `spec` into the namespace at `netns`,
+/// configured. If it is already there and configured, does nothing.
+pub async fn plug_into_pod(
+    spec: &NicSpec,
+    netns: &Path,
+    wait: Duration,
+) -> Result<(), GuestNetError> {
+    let s = spec.clone();
+    let already = {
+        let netns = netns.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            in_netns(
+                &netns,
+                move |h| async move { check_configured(&h, &s).await },
+            )
+        })
+        .await
+        .expect("netns worker")?
+    };
+    if already {
+        return Ok(());
+    }
+    // In the pod namespace already (an earlier attempt stopped half-way)?
+    let s = spec.clone();
+    let in_pod = {
+        let netns = netns.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            in_netns(&netns, move |h| async move {
+                Ok(wait_for_mac_in(&h, &s.mac).await?.is_some())
+            })
+        })
+        .await
+        .expect("netns worker")?
+    };
+    if !in_pod {
+        let (index, name) = wait_for_mac(&spec.mac, wait).await?;
+        move_to_netns(index, &name, netns).await?;
+    }
+    let s = spec.clone();
+    let netns = netns.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        in_netns(&netns, move |h| async move { configure(&h, &s).await })
+    })
+    .await
+    .expect("netns worker")
 }

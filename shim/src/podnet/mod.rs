@@ -1,10 +1,27 @@
 //! The pod-network seam: what the task service needs to give a sandbox its
-//! host-provided NIC and to release it. The agent-backed implementation lives
-//! here too (agent client, NIC discovery by MAC, netns configuration).
+//! host-provided NIC and to release it, and [`from_config`], which picks the
+//! implementation a shim configuration asks for.
+//!
+//! - [`agent`]: the implementation through the host agent (a NIC per
+//!   sandbox, and the sandbox's Hostlo part);
+//! - [`attach`]: attach, find by MAC, move into the netns, detach on failure:
+//!   the one routine the shim and `nestless-cni` share;
+//! - [`guest`]: netlink inside the VM; [`Disabled`]: `mode = "none"`.
+//!
+//! The task service asks for a backend only when a container owns a pod
+//! network (see [`crate::policy::network_role`]); the backend it gets is kept
+//! with the container, so that the same one releases the network on delete.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use crate::{
+    agent_client::ClientError,
+    config::{NetworkMode, ShimConfig},
+    hostlo::HostloError,
+};
 
 pub mod agent;
+pub mod attach;
 mod disabled;
 pub mod guest;
 pub use disabled::Disabled;
@@ -35,33 +52,38 @@ pub struct PodNetInfo {
 /// Errors of the pod-network seam.
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    /// The host agent refused a request.
-    #[error("host agent refused {op}: {code}: {message}")]
-    AgentRefused {
-        /// The request.
-        op: &'static str,
-        /// The ttrpc status code.
-        code: String,
-        /// The agent's message.
-        message: String,
-    },
-    /// Joining the sandbox's Hostlo pod failed.
-    #[error("Hostlo: {0}")]
-    Hostlo(String),
-    /// The agent's reply cannot be used.
-    #[error("unusable reply from the host agent: {0}")]
-    BadReply(String),
+    /// The host agent refused, could not be reached, or replied unusably.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// Joining the sandbox's Hostlo pod failed (or its annotations are wrong).
+    #[error("Hostlo")]
+    Hostlo(#[from] HostloError),
     /// Plugging the NIC into the pod failed.
     #[error(transparent)]
     Guest(#[from] guest::GuestNetError),
-    /// The host agent could not be reached.
-    #[error("host agent at {address} unreachable: {reason}")]
-    AgentUnavailable {
-        /// The agent address dialled.
-        address: String,
-        /// Why it failed.
-        reason: String,
-    },
+}
+
+impl PodNetError {
+    /// The ttrpc status code containerd should see: the host agent's own
+    /// code when it refused (also a Hostlo join), `UNAVAILABLE` when it could
+    /// not be reached, `INTERNAL` for anything else.
+    pub fn code(&self) -> ttrpc::Code {
+        match self {
+            Self::Client(e) | Self::Hostlo(HostloError::Agent(e)) => e.code(),
+            Self::Hostlo(_) | Self::Guest(_) => ttrpc::Code::INTERNAL,
+        }
+    }
+}
+
+/// Builds the pod network backend `config` asks for.
+pub fn from_config(config: &ShimConfig) -> Arc<dyn PodNetwork> {
+    match config.network.mode {
+        NetworkMode::None => Arc::new(Disabled),
+        NetworkMode::Agent => Arc::new(agent::AgentNetwork::new(
+            config.agent.clone(),
+            config.network.clone(),
+        )),
+    }
 }
 
 /// The pod-network seam.
@@ -71,4 +93,63 @@ pub trait PodNetwork: Send + Sync {
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError>;
     /// Releases the sandbox's NIC. Idempotent; succeeds when there is nothing to release.
     async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_codes_pass_through() {
+        let refused = |code| ClientError::AgentRefused {
+            op: "AttachNic",
+            code,
+            message: "no".into(),
+        };
+        for code in [
+            ttrpc::Code::RESOURCE_EXHAUSTED,
+            ttrpc::Code::PERMISSION_DENIED,
+            ttrpc::Code::INVALID_ARGUMENT,
+            ttrpc::Code::DEADLINE_EXCEEDED,
+        ] {
+            assert_eq!(PodNetError::from(refused(code)).code(), code);
+            assert_eq!(
+                PodNetError::from(HostloError::Agent(refused(code))).code(),
+                code
+            );
+        }
+        let unreachable = ClientError::AgentUnavailable {
+            address: "vsock://2:7070".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(
+            PodNetError::from(unreachable).code(),
+            ttrpc::Code::UNAVAILABLE
+        );
+        let bad_annotation = HostloError::Annotation {
+            key: crate::hostlo::PART_ANNOTATION,
+            reason: "x".into(),
+        };
+        assert_eq!(
+            PodNetError::from(bad_annotation).code(),
+            ttrpc::Code::INTERNAL
+        );
+        let guest = guest::GuestNetError::NicNotFound {
+            mac: "02:00:00:00:00:01".into(),
+            after: std::time::Duration::from_secs(3),
+        };
+        assert_eq!(PodNetError::from(guest).code(), ttrpc::Code::INTERNAL);
+    }
+
+    #[tokio::test]
+    async fn every_mode_has_a_backend() {
+        // `mode = "none"` gets the backend that does nothing; `agent` one that
+        // needs the agent (its teardown fails without one).
+        let mut c = ShimConfig::default();
+        c.agent.address = crate::config::AgentAddress::Unix("/nonexistent/agent.sock".into());
+        c.agent.connect_timeout = std::time::Duration::from_millis(10);
+        assert!(from_config(&c).teardown("s").await.is_err());
+        c.network.mode = NetworkMode::None;
+        from_config(&c).teardown("s").await.unwrap();
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use containerd_shim_nestless_v2::{
+use nestless_shim::{
     config::{AgentAddress, ShimConfig},
     podnet::{agent::AgentNetwork, PodNetRequest, PodNetwork},
 };
@@ -55,7 +55,7 @@ fn main() {
                 serde_json::json!({"interface": info.interface, "mac": info.mac, "addresses": info.addresses})
             ),
             Err(e) => {
-                println!("FAILED {e}");
+                println!("FAILED {}", chain(&e));
                 std::process::exit(1);
             }
         }
@@ -65,11 +65,22 @@ fn main() {
             _ = tokio::signal::ctrl_c() => {}
         }
         if let Err(e) = net.teardown(&sandbox).await {
-            println!("TEARDOWN-FAILED {e}");
+            println!("TEARDOWN-FAILED {}", chain(&e));
             std::process::exit(1);
         }
         println!("DONE");
     });
+}
+
+/// The error with its causes, `outer: inner: innermost`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 fn env_log() {

@@ -1,0 +1,339 @@
+//! The create pipeline, and its rollback.
+//!
+//! ```text
+//! step                                     undone, when a later step fails, by
+//! check the request                        -
+//! options → config → spec → network role   -
+//! mount the rootfs                         unmount
+//! open stdio, runc create                  runc delete -f   (stdio closes with the error)
+//! read the pid, start the stdio copies     -
+//! record in the bundle                     remove the record
+//! in the map, init's exit watched          out of the map
+//! pod network setup (network owner)        teardown
+//! cgroup + OOM watch                       -                (a failure is logged)
+//! ```
+//!
+//! A failing step undoes exactly what the steps before it did ([`Undo`]), so
+//! a failed Create leaves no runc container, no leased NIC, no record and no
+//! mount behind. The undo order: the runc container first (nothing runs on a
+//! network being torn down), then the network, the record, the rootfs.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use containerd_shim::api;
+use log::{info, warn};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::{
+    container::{started, Container, OwnedNetwork, Process},
+    TaskService,
+};
+use crate::{
+    bundle::Record,
+    cgroup::Cgroup,
+    config::ShimConfig,
+    error::{Result, ShimError},
+    options::{RuncOptions, RuntimeOptions},
+    podnet::{PodNetRequest, PodNetwork},
+    policy::{self, NetworkRole, SpecView},
+    runc::{self, CreateOpts, RuncSettings, Runtime},
+    stdio::{IoContext, PreparedIo, ProcessIo, StdioSpec},
+};
+
+/// Counts a create in flight for as long as it lives.
+pub(super) struct CreatingGuard(Arc<AtomicUsize>);
+
+impl CreatingGuard {
+    fn new(c: &Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        Self(c.clone())
+    }
+}
+
+impl Drop for CreatingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A created container, still locked (an early exit of its init is handled
+/// once the create event is out), and counted as being created.
+pub(super) struct Created {
+    pub(super) pid: u32,
+    _container: OwnedMutexGuard<Container>,
+    _creating: CreatingGuard,
+}
+
+/// What a create has done so far; [`Undo::run`] undoes it (runc container,
+/// network, record, rootfs).
+struct Undo<'a> {
+    id: &'a str,
+    bundle: &'a Path,
+    rootfs_mounted: bool,
+    runc: Option<&'a Arc<dyn Runtime>>,
+    record: bool,
+    network: Option<(&'a str, &'a Arc<dyn PodNetwork>)>,
+}
+
+impl Undo<'_> {
+    async fn run(self, svc: &TaskService) {
+        let id = self.id;
+        if let Some(runc) = self.runc {
+            if let Err(e) = runc.delete(id, true).await {
+                warn!("rollback of {id}: {}", e.chain());
+            }
+        }
+        if let Some((sandbox_id, backend)) = self.network {
+            if let Err(e) = backend.teardown(sandbox_id).await {
+                warn!("rollback of {id}: pod network of sandbox {sandbox_id}: {e}");
+            }
+        }
+        if self.record {
+            Record::remove(self.bundle);
+        }
+        if self.rootfs_mounted {
+            svc.inner.seams.rootfs.unmount(self.bundle).await;
+        }
+    }
+}
+
+impl TaskService {
+    /// Creates container `req.id`: the pipeline of this module's table.
+    pub(super) async fn create_container(&self, req: &api::CreateTaskRequest) -> Result<Created> {
+        let creating = CreatingGuard::new(&self.inner.creating);
+        let id = req.id.clone();
+        if id.is_empty() || id.contains('/') {
+            return Err(ShimError::invalid(
+                "id",
+                format!("{id:?} is not a container id"),
+            ));
+        }
+        if self.container(&id).is_ok() {
+            return Err(ShimError::ContainerExists(id));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(ShimError::Unsupported("restoring from a checkpoint"));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        if !bundle.is_absolute() {
+            return Err(ShimError::invalid(
+                "bundle",
+                format!("{:?} is not an absolute path", req.bundle),
+            ));
+        }
+
+        let options = RuntimeOptions::from_any(req.options.as_ref())?;
+        let config = ShimConfig::resolve(options.config_path.as_deref())?;
+        if config.source.is_some() {
+            log::set_max_level(config.log_level);
+        }
+        let spec_path = bundle.join("config.json");
+        let spec_data = tokio::fs::read(&spec_path)
+            .await
+            .map_err(|e| ShimError::io(format!("cannot read {}", spec_path.display()), e))?;
+        let spec = SpecView::from_json(&spec_data)
+            .map_err(|e| ShimError::invalid("bundle", format!("{}: {e}", spec_path.display())))?;
+        let role = policy::network_role(&id, &spec);
+        let network = match &role {
+            NetworkRole::Owner { sandbox_id, netns } => Some((
+                sandbox_id.clone(),
+                netns.clone(),
+                (self.inner.seams.network)(&config),
+            )),
+            NetworkRole::Nothing => None,
+        };
+        let settings = self.runc_settings(&config, options.runc.as_ref());
+        let runc = (self.inner.seams.runtime)(&settings);
+        let runc_opts = options.runc.clone().unwrap_or_default();
+        let stdio = StdioSpec {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let io_context = IoContext {
+            container_id: id.clone(),
+            namespace: self.inner.namespace.clone(),
+        };
+
+        let mut undo = Undo {
+            id: &id,
+            bundle: &bundle,
+            rootfs_mounted: false,
+            runc: None,
+            record: false,
+            network: None,
+        };
+        let rootfs_mounted = self.inner.seams.rootfs.mount(&bundle, &req.rootfs).await?;
+        undo.rootfs_mounted = rootfs_mounted;
+
+        let (pid, io) = match self
+            .runc_create(&id, &bundle, &runc, &runc_opts, &stdio, &io_context)
+            .await
+        {
+            Ok(created) => created,
+            Err(e) => {
+                undo.run(self).await;
+                return Err(e);
+            }
+        };
+        undo.runc = Some(&runc);
+
+        let record = Record {
+            runc_binary: settings.binary.clone(),
+            runc_root: settings.root.clone(),
+            systemd_cgroup: settings.systemd_cgroup,
+            config_path: config.source.clone(),
+            network_sandbox: network.as_ref().map(|(sandbox_id, ..)| sandbox_id.clone()),
+            rootfs_mounted,
+        };
+        undo.record = true;
+        if let Err(e) = record.store(&bundle) {
+            undo.run(self).await;
+            return Err(e);
+        }
+
+        let mut init = Process::new(stdio);
+        init.pid = pid;
+        init.io = Some(io);
+        let container = Arc::new(Mutex::new(Container {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            runc: runc.clone(),
+            init,
+            execs: HashMap::new(),
+            cgroup: None,
+            oom: None,
+            network: None,
+            rootfs_mounted,
+            gone: false,
+            io_context,
+            reaper: self.inner.reaper.clone(),
+        }));
+        // Visible (and locked) from here, so that an early exit of init is
+        // handled after this create has finished.
+        let mut c = container.clone().lock_owned().await;
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), container);
+        self.watch_exit(&id, "", pid);
+
+        if let Some((sandbox_id, netns, backend)) = &network {
+            let req_net = PodNetRequest {
+                sandbox_id: sandbox_id.clone(),
+                netns: netns.path(pid),
+                labels: policy::network_labels(&spec, &self.inner.namespace),
+            };
+            undo.network = Some((sandbox_id, backend));
+            match backend.setup(&req_net).await {
+                Ok(info) => {
+                    if !info.interface.is_empty() {
+                        info!(
+                            "sandbox {sandbox_id}: {} {} {:?} in {}",
+                            info.interface,
+                            info.mac,
+                            info.addresses,
+                            req_net.netns.display()
+                        );
+                    }
+                    c.network = Some(OwnedNetwork {
+                        sandbox_id: sandbox_id.clone(),
+                        backend: backend.clone(),
+                    });
+                }
+                Err(source) => {
+                    c.gone = true;
+                    let io = c.init.io.take();
+                    drop(c);
+                    self.remove(&id);
+                    undo.run(self).await;
+                    drop(io);
+                    let e = ShimError::Network {
+                        sandbox_id: sandbox_id.clone(),
+                        source,
+                    };
+                    warn!("create {id}: {}", e.chain());
+                    return Err(e);
+                }
+            }
+        }
+
+        match Cgroup::of_pid(pid) {
+            Ok(cg) => {
+                c.oom = self.watch_oom(&id, &cg);
+                c.cgroup = Some(cg);
+            }
+            Err(e) => warn!("container {id}: cannot find its cgroup: {e}"),
+        }
+        Ok(Created {
+            pid,
+            _container: c,
+            _creating: creating,
+        })
+    }
+
+    /// How runc runs for a container: `[runc]` of the config, overridden by runc options.
+    fn runc_settings(&self, config: &ShimConfig, opts: Option<&RuncOptions>) -> RuncSettings {
+        let binary = opts
+            .and_then(|o| o.binary_name.clone())
+            .unwrap_or_else(|| config.runc.binary.clone());
+        let root = opts
+            .and_then(|o| o.root.clone())
+            .unwrap_or_else(|| config.runc.root.clone());
+        let systemd_cgroup = config.runc.systemd_cgroup || opts.is_some_and(|o| o.systemd_cgroup);
+        RuncSettings {
+            binary,
+            root: runc::namespaced_root(&root, &self.inner.namespace),
+            systemd_cgroup,
+        }
+    }
+
+    /// Opens the stdio, runs `runc create`, reads the pid and starts the
+    /// copies; removes the runc container again if a step after `runc
+    /// create` fails.
+    async fn runc_create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        runc: &Arc<dyn Runtime>,
+        opts: &RuncOptions,
+        stdio: &StdioSpec,
+        io_context: &IoContext,
+    ) -> Result<(u32, ProcessIo)> {
+        let mut prepared = PreparedIo::prepare(stdio, io_context, &self.inner.reaper).await?;
+        let pid_file = bundle.join("init.pid");
+        let log = bundle.join("log.json");
+        let _ = tokio::fs::remove_file(&pid_file).await;
+        let _ = tokio::fs::remove_file(&log).await;
+        let console = prepared.console.take();
+        runc.create(
+            id,
+            &CreateOpts {
+                bundle,
+                pid_file: &pid_file,
+                console_socket: console.as_ref().map(|c| c.path()),
+                no_pivot: opts.no_pivot_root,
+                no_new_keyring: opts.no_new_keyring,
+                log: &log,
+            },
+            std::mem::take(&mut prepared.child),
+        )
+        .await?;
+        let started = started(&pid_file, console, prepared).await;
+        if started.is_err() {
+            if let Err(e) = runc.delete(id, true).await {
+                warn!("cannot remove half-created container {id}: {e}");
+            }
+        }
+        started
+    }
+}
