@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use nestless_model::MacAddr;
 use tokio::sync::Mutex;
 
 use crate::{
@@ -34,9 +35,9 @@ use crate::{
     ipam::Ipam,
     lifecycle::{self, Event, NicState, Presence, Recovery},
     links::HostLinks,
+    names::{Invalid, NicId, NicNames, HOST_IF_PREFIX},
     qmp::QmpClient,
     state::{NicRecord, StateFile},
-    types::{MacAddr, NicId, NicNames, HOST_IF_PREFIX},
 };
 
 /// Longest sandbox id accepted.
@@ -87,10 +88,7 @@ impl AttachRequest {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> AgentError {
-    AgentError::InvalidArgument {
-        field,
-        reason: reason.into(),
-    }
+    Invalid::new(field, reason).into()
 }
 
 /// Checks a sandbox id: 1 to 128 characters of `[A-Za-z0-9_.-]`.
@@ -540,7 +538,7 @@ impl Agent {
             let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
                 Some(m) => m,
                 None => loop {
-                    let m = crate::types::random_mac(&self.config.agent.mac_prefix);
+                    let m = crate::names::random_mac(&self.config.agent.mac_prefix);
                     if !used_macs.contains(&m) && !m.is_multicast() {
                         break m;
                     }
@@ -776,10 +774,11 @@ impl Agent {
                     });
                 }
                 if h.pod != pod && hostlo::segment_bridge(&h.pod) == bridge {
-                    return Err(AgentError::InvalidArgument {
-                        field: "pod",
-                        reason: format!("{pod:?} and the running pod {:?} map to the same segment {bridge}: rename one", h.pod),
-                    });
+                    return Err(Invalid::new(
+                        "pod",
+                        format!("{pod:?} and the running pod {:?} map to the same segment {bridge}: rename one", h.pod),
+                    )
+                    .into());
                 }
             }
         }

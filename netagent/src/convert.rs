@@ -7,8 +7,8 @@ use crate::{
     agent::{AttachRequest, NicSelector},
     config::NetworkConfig,
     error::AgentError,
+    names::{Invalid, NicId},
     state::NicRecord,
-    types::NicId,
 };
 
 /// An attach request from its protobuf form (checked by the agent).
@@ -31,15 +31,9 @@ pub fn detach_selector(req: &pb::DetachNicRequest) -> Result<NicSelector, AgentE
             .nic_id
             .parse::<NicId>()
             .map(NicSelector::Id)
-            .map_err(|reason| AgentError::InvalidArgument {
-                field: "nic_id",
-                reason,
-            }),
+            .map_err(|reason| Invalid::new("nic_id", reason).into()),
         (true, false) => Ok(NicSelector::Sandbox(req.sandbox_id.clone())),
-        _ => Err(AgentError::InvalidArgument {
-            field: "nic_id",
-            reason: "give exactly one of nic_id and sandbox_id".into(),
-        }),
+        _ => Err(Invalid::new("nic_id", "give exactly one of nic_id and sandbox_id").into()),
     }
 }
 
@@ -156,21 +150,17 @@ pub fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<crate::hostlo::Port>
     ports
         .iter()
         .map(|p| {
-            let port = u16::try_from(p.port).map_err(|_| AgentError::InvalidArgument {
-                field: "ports.port",
-                reason: format!("{} is not a port number", p.port),
+            let port = u16::try_from(p.port).map_err(|_| {
+                Invalid::new("ports.port", format!("{} is not a port number", p.port))
             })?;
             Ok(crate::hostlo::Port {
                 port,
                 proto: p
                     .protocol
                     .parse()
-                    .map_err(
-                        |e: nestless_model::PortParseError| AgentError::InvalidArgument {
-                            field: "ports.protocol",
-                            reason: e.to_string(),
-                        },
-                    )?,
+                    .map_err(|e: nestless_model::PortParseError| {
+                        Invalid::new("ports.protocol", e.to_string())
+                    })?,
             })
         })
         .collect()

@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::AgentError;
+use crate::names::Invalid;
 
 /// Prefix of segment bridges (distinct from `nlh`, the NICs' host ends).
 pub const SEGMENT_PREFIX: &str = "nls";
@@ -51,45 +51,45 @@ pub struct HostloRef {
 }
 
 /// Checks a Hostlo pod name: 1 to 63 characters of `[a-z0-9.-]`.
-pub fn check_pod(pod: &str) -> Result<(), AgentError> {
+pub fn check_pod(pod: &str) -> Result<(), Invalid> {
     if pod.is_empty()
         || pod.len() > 63
         || !pod
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
     {
-        return Err(AgentError::InvalidArgument {
-            field: "pod",
-            reason: format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
-        });
+        return Err(Invalid::new(
+            "pod",
+            format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
+        ));
     }
     Ok(())
 }
 
 /// Checks a part index.
-pub fn check_part(part: u32) -> Result<(), AgentError> {
+pub fn check_part(part: u32) -> Result<(), Invalid> {
     if part >= MAX_PARTS {
-        return Err(AgentError::InvalidArgument {
-            field: "part",
-            reason: format!("{part} is not between 0 and {}", MAX_PARTS - 1),
-        });
+        return Err(Invalid::new(
+            "part",
+            format!("{part} is not between 0 and {}", MAX_PARTS - 1),
+        ));
     }
     Ok(())
 }
 
 /// Checks and normalises (sorts, dedups) a published port list.
-pub fn check_ports(ports: &[Port]) -> Result<Vec<Port>, AgentError> {
+pub fn check_ports(ports: &[Port]) -> Result<Vec<Port>, Invalid> {
     if ports.len() > MAX_PORTS {
-        return Err(AgentError::InvalidArgument {
-            field: "ports",
-            reason: format!("{} ports, at most {MAX_PORTS}", ports.len()),
-        });
+        return Err(Invalid::new(
+            "ports",
+            format!("{} ports, at most {MAX_PORTS}", ports.len()),
+        ));
     }
     if let Some(p) = ports.iter().find(|p| p.port == 0) {
-        return Err(AgentError::InvalidArgument {
-            field: "ports.port",
-            reason: format!("port 0/{} is not a port", p.proto.as_str()),
-        });
+        return Err(Invalid::new(
+            "ports.port",
+            format!("port 0/{} is not a port", p.proto.as_str()),
+        ));
     }
     let mut v = ports.to_vec();
     v.sort();
@@ -114,7 +114,7 @@ pub fn segment_bridge(pod: &str) -> String {
 /// The MAC of part `part`'s segment NIC: `prefix` then a stable hash of the
 /// pod and part, so that a part that comes back has the same MAC and its
 /// peers' neighbour caches stay right.
-pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> crate::types::MacAddr {
+pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr {
     let h = fnv1a(pod.bytes().chain(part.to_be_bytes()).chain(*b"hostlo")).to_be_bytes();
     let mut m = [0u8; 6];
     // Hash bytes fill whatever the prefix leaves, last bytes first.
@@ -125,7 +125,7 @@ pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> crate::types::MacAddr {
     if prefix.is_empty() {
         m[0] = (m[0] | 0x02) & 0xfe;
     }
-    crate::types::MacAddr(m)
+    nestless_model::MacAddr(m)
 }
 
 /// The segment address of `part`.

@@ -12,7 +12,7 @@
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
-//! * [`config`], [`state`], [`ipam`], [`types`]: configuration, the durable
+//! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
 //!   state file, address allocation, names.
 #![warn(missing_docs)]
 
@@ -26,7 +26,7 @@ pub mod hostlo;
 pub mod ipam;
 pub mod lifecycle;
 pub mod links;
+pub mod names;
 pub mod qmp;
 pub mod server;
 pub mod state;
-pub mod types;

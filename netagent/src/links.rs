@@ -17,7 +17,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
 
-use crate::types::MacAddr;
+use nestless_model::MacAddr;
 
 /// A failed link operation: what was being done, to which interface, and why.
 #[derive(Debug, thiserror::Error)]

@@ -14,12 +14,9 @@ pub mod qemu;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use crate::{
-    lifecycle::Presence,
-    links::LinkError,
-    qmp::QmpError,
-    types::{MacAddr, NicId},
-};
+use nestless_model::MacAddr;
+
+use crate::{lifecycle::Presence, links::LinkError, names::NicId, qmp::QmpError};
 
 /// What a backend needs to plug one NIC.
 #[derive(Debug, Clone)]

@@ -35,8 +35,8 @@ use super::{BackendError, NicPlan, Plugged, VmBackend};
 use crate::{
     lifecycle::Presence,
     links::HostLinks,
+    names::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
     qmp::{Qmp, QmpError, DISCONNECTED_EVENT},
-    types::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
 };
 
 const VENDOR_REDHAT: u64 = 0x1b36;

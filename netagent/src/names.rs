@@ -1,12 +1,39 @@
-//! Small domain newtypes shared by the agent: MAC addresses, NIC ids and the
-//! names derived from them on the host and in QEMU.
+//! Names and small checked values of the agent: NIC ids, the names derived
+//! from them on the host and in QEMU, and [`Invalid`], the error of a value
+//! that breaks a rule. (MAC addresses are `nestless_model::MacAddr`, shared
+//! with the shim.)
+//!
+//! This module sits at the bottom of the agent: it imports nothing of it, so
+//! the pure rule modules ([`crate::hostlo`]) and the request parsers
+//! ([`crate::convert`]) can return [`Invalid`] without depending on
+//! [`crate::error::AgentError`], which wraps it.
 
 use std::{fmt, str::FromStr};
 
+use nestless_model::MacAddr;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use nestless_model::{MacAddr, MacParseError};
+/// A request field that breaks a rule: which field, and why. Becomes
+/// [`crate::error::AgentError::Invalid`] (ttrpc `INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// The field, as the protocol names it (`sandbox_id`, `ports.port`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Invalid {
+    /// `field` is wrong because of `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
 
 /// A random unicast MAC under `prefix` (the first bytes of the address; at
 /// most 6). Without a prefix the address is locally administered.
