@@ -1246,7 +1246,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{backend::qemu::fake::FakeQemu, links::fake::FakeLinks};
+    use crate::{backend::fake::FakeQemu, links::fake::FakeLinks};
     use std::path::Path;
 
     fn config(dir: &Path, range_end: &str) -> Config {

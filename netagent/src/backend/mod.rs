@@ -8,7 +8,11 @@
 //!   virtio-net-pci device over QMP.
 //! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
 //!   guest end of a veth pair whose host end is on the bridge.
+//! * [`fake`] (tests and the `testing` feature): `FakeQemu`, a simulated QEMU
+//!   behind the QMP seam.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 pub mod netns;
 pub mod qemu;
 
