@@ -56,16 +56,6 @@ pub enum BackendError {
         /// The QMP failure.
         source: QmpError,
     },
-    /// QEMU answered something this agent does not understand.
-    #[error("VM {vm}: unexpected reply to QMP {command}: {detail}")]
-    BadReply {
-        /// The VM.
-        vm: String,
-        /// The command.
-        command: &'static str,
-        /// What was wrong.
-        detail: String,
-    },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]
     NoFreeSlot {

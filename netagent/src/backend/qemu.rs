@@ -29,14 +29,20 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{BackendError, NicPlan, Plugged, VmBackend};
 use crate::{
     lifecycle::Presence,
     links::HostLinks,
     names::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
-    qmp::{Qmp, QmpError, DISCONNECTED_EVENT},
+    qmp::{
+        commands::{
+            self, CloseFd, Command, DeviceAddVirtioNet, DeviceDel, GetFd, HumanMonitorCommand,
+            NetdevAddTap, NetdevDel, QomList, QueryPci,
+        },
+        Qmp, QmpError, DISCONNECTED_EVENT,
+    },
 };
 
 pub(crate) const VENDOR_REDHAT: u64 = 0x1b36;
@@ -197,16 +203,15 @@ impl QemuBackend {
         }
     }
 
-    async fn run(&self, command: &str, args: Value) -> Result<Value, BackendError> {
-        self.qmp
-            .execute(command, args)
+    async fn run<C: Command>(&self, cmd: &C) -> Result<C::Reply, BackendError> {
+        commands::run(self.qmp.as_ref(), cmd)
             .await
             .map_err(|e| self.qmp_err(e))
     }
 
     /// Runs a removal command; "not found" counts as done.
-    async fn remove(&self, command: &str, args: Value) -> Result<(), BackendError> {
-        match self.qmp.execute(command, args).await {
+    async fn remove<C: Command>(&self, cmd: &C) -> Result<(), BackendError> {
+        match commands::run(self.qmp.as_ref(), cmd).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(self.qmp_err(e)),
@@ -215,30 +220,25 @@ impl QemuBackend {
 
     /// Ids of the user-created devices (`/machine/peripheral`).
     async fn devices(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self
-            .run("qom-list", json!({ "path": "/machine/peripheral" }))
+        let list = self
+            .run(&QomList {
+                path: "/machine/peripheral",
+            })
             .await?;
-        let list = v.as_array().ok_or_else(|| BackendError::BadReply {
-            vm: self.vm.clone(),
-            command: "qom-list",
-            detail: format!("expected a list, got {v}"),
-        })?;
         Ok(list
-            .iter()
-            .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .into_iter()
+            .filter(|p| p.kind.starts_with("child<") && !p.name.is_empty())
+            .map(|p| p.name)
             .collect())
     }
 
     /// Ids of the netdevs (QMP has no query for them in QEMU 7.2: read HMP).
     async fn netdevs(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self
-            .run(
-                "human-monitor-command",
-                json!({ "command-line": "info network" }),
-            )
+        let text = self
+            .run(&HumanMonitorCommand {
+                command_line: "info network",
+            })
             .await?;
-        let text = v.as_str().unwrap_or("");
         Ok(text
             .split(|c: char| c.is_whitespace() || c == '\\')
             .filter_map(|w| w.strip_suffix(':'))
@@ -247,7 +247,7 @@ impl QemuBackend {
     }
 
     async fn choose(&self) -> Result<String, BackendError> {
-        let pci = self.run("query-pci", Value::Null).await?;
+        let pci = self.run(&QueryPci).await?;
         choose_slot(&hotplug_buses(&pci), &self.slots).map_err(|detail| BackendError::NoFreeSlot {
             vm: self.vm.clone(),
             detail,
@@ -264,29 +264,24 @@ impl QemuBackend {
         self.links
             .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
             .await?;
-        self.qmp
-            .execute_with_fd("getfd", json!({ "fdname": names.fd_name }), tap.as_fd())
+        let getfd = GetFd {
+            fdname: &names.fd_name,
+        };
+        commands::run_with_fd(self.qmp.as_ref(), &getfd, tap.as_fd())
             .await
             .map_err(|e| self.qmp_err(e))?;
         // QEMU holds its own copy now; ours must not keep the tap alive.
         drop(tap);
-        self.run(
-            "netdev_add",
-            json!({ "type": "tap", "id": names.netdev, "fd": names.fd_name, "vhost": false }),
-        )
+        self.run(&NetdevAddTap::new(&names.netdev, &names.fd_name))
+            .await?;
+        self.run(&DeviceAddVirtioNet::new(
+            &names.device,
+            &names.netdev,
+            nic.mac,
+            slot,
+            nic.mtu,
+        ))
         .await?;
-        let mut dev = json!({
-            "driver": "virtio-net-pci",
-            "id": names.device,
-            "netdev": names.netdev,
-            "mac": nic.mac.to_string(),
-            "bus": slot,
-            "romfile": "",
-        });
-        if nic.mtu != 1500 {
-            dev["host_mtu"] = json!(nic.mtu);
-        }
-        self.run("device_add", dev).await?;
         Ok(())
     }
 
@@ -346,11 +341,8 @@ impl VmBackend for QemuBackend {
         let names = id.names();
         if self.devices().await?.contains(&names.device) {
             let mut events = self.qmp.subscribe();
-            match self
-                .qmp
-                .execute("device_del", json!({ "id": names.device }))
-                .await
-            {
+            let del = DeviceDel { id: &names.device };
+            match commands::run(self.qmp.as_ref(), &del).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {}
                 // A second device_del while the first is pending is refused: keep waiting.
@@ -368,10 +360,11 @@ impl VmBackend for QemuBackend {
                 });
             }
         }
-        self.remove("netdev_del", json!({ "id": names.netdev }))
-            .await?;
-        self.remove("closefd", json!({ "fdname": names.fd_name }))
-            .await?;
+        self.remove(&NetdevDel { id: &names.netdev }).await?;
+        self.remove(&CloseFd {
+            fdname: &names.fd_name,
+        })
+        .await?;
         self.links.delete(&names.host_if).await?;
         Ok(())
     }
@@ -429,6 +422,7 @@ mod tests {
     use super::*;
     use crate::backend::fake::FakeQemu;
     use crate::links::fake::FakeLinks;
+    use serde_json::json;
 
     fn plan(id: &str) -> NicPlan {
         NicPlan {
