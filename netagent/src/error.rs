@@ -102,3 +102,9 @@ impl From<AgentError> for ttrpc::Error {
         e.to_ttrpc()
     }
 }
+
+impl From<Invalid> for ttrpc::Error {
+    fn from(e: Invalid) -> ttrpc::Error {
+        AgentError::from(e).to_ttrpc()
+    }
+}

@@ -7,7 +7,8 @@
 //!
 //! * [`server`]: listeners (AF_VSOCK, per-VM unix sockets, admin socket) and
 //!   the ttrpc services; the caller VM is fixed at accept time.
-//! * [`convert`]: protobuf types to and from the agent's own.
+//! * [`server::convert`]: protobuf requests parsed (and so checked) into the
+//!   agent's types, and its replies back; the one place requests are checked.
 //! * [`agent`]: records, leases, per-VM locking, recovery after a crash.
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
@@ -19,7 +20,6 @@
 pub mod agent;
 pub mod backend;
 pub mod config;
-pub mod convert;
 pub mod ctl;
 pub mod error;
 pub mod hostlo;

@@ -89,7 +89,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         report.orphans
     );
     let running = server::serve(agent.clone()).await?;
-    let upkeep = server::spawn_upkeep(agent.clone(), Duration::from_secs(2));
+    let upkeep = nestless_netagent::agent::spawn_upkeep(agent.clone(), Duration::from_secs(2));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     log::info!("ready: serving {} VM(s)", agent.vms().count());
 
