@@ -5,6 +5,7 @@
 //! bridge) and hot-plugs the NIC into the VM; the shim moves it into the pod's
 //! network namespace. Modules, from the outside in:
 //!
+//! * [`daemon`]: the daemon's life: recover, serve, upkeep, signals, drain.
 //! * [`server`]: listeners (AF_VSOCK, per-VM unix sockets, admin socket) and
 //!   the ttrpc services; the caller VM is fixed at accept time.
 //! * [`server::convert`]: protobuf requests parsed (and so checked) into the
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod ctl;
+pub mod daemon;
 pub mod error;
 pub mod hostlo;
 pub mod ipam;
