@@ -3,7 +3,11 @@
 //! [`HostLinks`] is what the backends need from the host's network stack;
 //! [`Netlink`] implements it with `rtnetlink` (and the tun ioctl, since the
 //! kernel does not create taps over netlink). Tests of backend logic use a
-//! recording fake instead.
+//! recording fake instead ([`fake::FakeLinks`], under tests and the `testing`
+//! feature).
+
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 
 use std::{
     net::IpAddr,
@@ -17,7 +21,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
 
-use crate::types::MacAddr;
+use nestless_model::MacAddr;
 
 /// A failed link operation: what was being done, to which interface, and why.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,7 @@ pub struct LinkError {
 }
 
 impl LinkError {
-    fn new(op: &'static str, ifname: &str, source: std::io::Error) -> LinkError {
+    pub(crate) fn new(op: &'static str, ifname: &str, source: std::io::Error) -> LinkError {
         LinkError {
             op,
             ifname: ifname.to_string(),
@@ -382,95 +386,5 @@ mod tap {
         // SAFETY: TUNSETIFF reads an ifreq, which `req` is laid out as; it outlives the call.
         unsafe { tunsetiff(fd, &mut req as *mut IfReq as u64) }.map_err(std::io::Error::from)?;
         Ok(owned)
-    }
-}
-
-#[cfg(test)]
-pub mod fake {
-    //! A recording [`HostLinks`] for unit tests.
-    use super::*;
-    use std::{collections::BTreeSet, sync::Mutex};
-
-    /// Links that "exist", and calls made.
-    #[derive(Default)]
-    pub struct FakeLinks {
-        /// Existing link names.
-        pub links: Mutex<BTreeSet<String>>,
-        /// Calls, in order.
-        pub calls: Mutex<Vec<String>>,
-        /// Operation name that fails next (`create_veth`, `join_bridge`...).
-        pub fail: Mutex<Option<&'static str>>,
-    }
-
-    impl FakeLinks {
-        fn call(&self, op: &'static str, what: &str) -> Result<(), LinkError> {
-            self.calls.lock().unwrap().push(format!("{op} {what}"));
-            if *self.fail.lock().unwrap() == Some(op) {
-                *self.fail.lock().unwrap() = None;
-                return Err(LinkError::new(
-                    op,
-                    what,
-                    std::io::Error::from_raw_os_error(libc::EIO),
-                ));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl HostLinks for FakeLinks {
-        async fn exists(&self, ifname: &str) -> Result<bool, LinkError> {
-            Ok(self.links.lock().unwrap().contains(ifname))
-        }
-        async fn ensure_bridge(
-            &self,
-            bridge: &str,
-            _: Option<(IpAddr, u8)>,
-            _: u32,
-        ) -> Result<(), LinkError> {
-            self.call("ensure_bridge", bridge)?;
-            self.links.lock().unwrap().insert(bridge.to_string());
-            Ok(())
-        }
-        async fn ensure_segment(&self, name: &str, _: u32) -> Result<(), LinkError> {
-            self.call("ensure_segment", name)?;
-            self.links.lock().unwrap().insert(name.to_string());
-            Ok(())
-        }
-        async fn create_veth(
-            &self,
-            host: &str,
-            guest: &str,
-            _: MacAddr,
-            _: u32,
-            _: &Path,
-        ) -> Result<(), LinkError> {
-            self.call("create_veth", host)?;
-            self.links.lock().unwrap().insert(host.to_string());
-            let _ = guest;
-            Ok(())
-        }
-        fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError> {
-            self.call("open_tap", name)?;
-            self.links.lock().unwrap().insert(name.to_string());
-            Ok(std::fs::File::open("/dev/null").unwrap().into())
-        }
-        async fn join_bridge(&self, ifname: &str, bridge: &str, _: u32) -> Result<(), LinkError> {
-            self.call("join_bridge", &format!("{ifname} {bridge}"))
-        }
-        async fn delete(&self, ifname: &str) -> Result<bool, LinkError> {
-            self.call("delete", ifname)?;
-            Ok(self.links.lock().unwrap().remove(ifname))
-        }
-        async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
-            Ok(self
-                .links
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.starts_with(prefix))
-                .cloned()
-                .collect())
-        }
     }
 }

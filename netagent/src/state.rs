@@ -13,12 +13,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use nestless_model::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    lifecycle::NicState,
-    types::{MacAddr, NicId},
-};
+use crate::{lifecycle::NicState, names::NicId};
 
 /// Version of the file format.
 pub const STATE_VERSION: u32 = 1;
@@ -33,7 +31,10 @@ pub struct NicRecord {
     pub vm: String,
     /// The sandbox it was attached for (idempotency key within the VM).
     pub sandbox_id: String,
-    /// The network its addresses come from.
+    /// The VM's tenant network (`[[network]]` name). A BrFusion NIC's
+    /// addresses are leased from it; a Hostlo segment NIC's address comes from
+    /// `[hostlo] subnet` instead, and this names the tenant the pod belongs to
+    /// (only VMs of that network may join it).
     pub network: String,
     /// Its MAC.
     pub mac: MacAddr,

@@ -8,18 +8,19 @@
 //!   virtio-net-pci device over QMP.
 //! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
 //!   guest end of a veth pair whose host end is on the bridge.
+//! * [`fake`] (tests and the `testing` feature): `FakeQemu`, a simulated QEMU
+//!   behind the QMP seam.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 pub mod netns;
 pub mod qemu;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use crate::{
-    lifecycle::Presence,
-    links::LinkError,
-    qmp::QmpError,
-    types::{MacAddr, NicId},
-};
+use nestless_model::MacAddr;
+
+use crate::{lifecycle::Presence, links::LinkError, names::NicId, qmp::QmpError};
 
 /// What a backend needs to plug one NIC.
 #[derive(Debug, Clone)]
@@ -54,16 +55,6 @@ pub enum BackendError {
         vm: String,
         /// The QMP failure.
         source: QmpError,
-    },
-    /// QEMU answered something this agent does not understand.
-    #[error("VM {vm}: unexpected reply to QMP {command}: {detail}")]
-    BadReply {
-        /// The VM.
-        vm: String,
-        /// The command.
-        command: &'static str,
-        /// What was wrong.
-        detail: String,
     },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]

@@ -15,7 +15,7 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use super::{BackendError, NicPlan, Plugged, VmBackend};
-use crate::{lifecycle::Presence, links::HostLinks, types::NicId};
+use crate::{lifecycle::Presence, links::HostLinks, names::NicId};
 
 /// NICs as veth pairs into a network namespace.
 pub struct NetnsBackend {

@@ -1,12 +1,80 @@
-//! Small domain newtypes shared by the agent: MAC addresses, NIC ids and the
-//! names derived from them on the host and in QEMU.
+//! Names and small checked values of the agent: NIC ids, the names derived
+//! from them on the host and in QEMU, and [`Invalid`], the error of a value
+//! that breaks a rule. (MAC addresses are `nestless_model::MacAddr`, shared
+//! with the shim.)
+//!
+//! This module sits at the bottom of the agent: it imports nothing of it, so
+//! the pure rule modules ([`crate::hostlo`]) and the request parsers
+//! ([`crate::server::convert`]) can return [`Invalid`] without depending on
+//! [`crate::error::AgentError`], which wraps it.
 
 use std::{fmt, str::FromStr};
 
+use nestless_model::MacAddr;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use nestless_model::{MacAddr, MacParseError};
+/// A request field that breaks a rule: which field, and why. Becomes
+/// [`crate::error::AgentError::Invalid`] (ttrpc `INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// The field, as the protocol names it (`sandbox_id`, `ports.port`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Invalid {
+    /// `field` is wrong because of `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Longest sandbox id accepted.
+pub const MAX_SANDBOX_ID: usize = 128;
+
+/// A sandbox id from a request, checked: 1 to 128 characters of
+/// `[A-Za-z0-9_.-]`. The idempotency key of an attach within a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// Checks `id` (field `sandbox_id`).
+    pub fn parse(id: &str) -> Result<SandboxId, Invalid> {
+        if id.is_empty() || id.len() > MAX_SANDBOX_ID {
+            return Err(Invalid::new(
+                "sandbox_id",
+                format!("must be 1 to {MAX_SANDBOX_ID} characters"),
+            ));
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(Invalid::new(
+                "sandbox_id",
+                format!("{id:?} has characters outside [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(SandboxId(id.to_string()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// A random unicast MAC under `prefix` (the first bytes of the address; at
 /// most 6). Without a prefix the address is locally administered.
@@ -189,6 +257,16 @@ mod tests {
         }
         assert_eq!(NicNames::id_from_name("nlhxyz"), None);
         assert_eq!(NicNames::id_from_name("eth0"), None);
+    }
+
+    #[test]
+    fn sandbox_id_rules() {
+        assert_eq!(SandboxId::parse("pod-1_a.b").unwrap().as_str(), "pod-1_a.b");
+        for bad in ["", "a/b", "../etc", &"x".repeat(129)] {
+            let e = SandboxId::parse(bad).unwrap_err();
+            assert_eq!(e.field, "sandbox_id", "{bad}");
+        }
+        assert!(SandboxId::parse(&"x".repeat(128)).is_ok());
     }
 
     #[test]

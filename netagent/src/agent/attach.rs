@@ -1,0 +1,428 @@
+//! BrFusion: a sandbox's own NIC, attached and detached.
+//!
+//! ```text
+//! attach(vm, sandbox)                           detach(vm, nic id | sandbox)
+//!   network = the VM's? else NetworkNotAllowed    lock VM
+//!   lock VM                                        the VM's BrFusion record? else NicNotFound
+//!   same sandbox Attached? ─▶ it (created=false)   remove_nic:
+//!   same sandbox half-done? ─▶ remove_nic first      record Detaching, persist
+//!   a warm NIC? ─▶ give it (pool)                    backend.unplug (idempotent)
+//!   plug_new:                                        drop record, free lease, persist
+//!     quota, lease, MAC, id; record Attaching, persist
+//!     backend.plug ──fail──▶ drop record, free lease, persist
+//!     record Attached (+ slot), persist ──fail──▶ remove_nic
+//! ```
+
+use std::collections::BTreeMap;
+
+use super::{records::NewRecord, Agent, Vm};
+use crate::{
+    backend::NicPlan,
+    error::AgentError,
+    lifecycle::{Event, NicState},
+    names::{Invalid, NicId, SandboxId},
+    state::NicRecord,
+};
+
+/// Most labels on one NIC.
+pub const MAX_LABELS: usize = 16;
+/// Longest label key or value.
+pub const MAX_LABEL_LEN: usize = 253;
+
+/// A network name from a request, checked: 1 to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkName(String);
+
+impl NetworkName {
+    /// Checks `name` (field `network`).
+    pub fn parse(name: &str) -> Result<NetworkName, Invalid> {
+        if name.is_empty() || name.len() > 64 {
+            return Err(Invalid::new("network", "must be 1 to 64 characters"));
+        }
+        Ok(NetworkName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A NIC's labels from a request, checked: at most [`MAX_LABELS`], keys of
+/// 1 to [`MAX_LABEL_LEN`] bytes, values of at most [`MAX_LABEL_LEN`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(BTreeMap<String, String>);
+
+impl TryFrom<BTreeMap<String, String>> for Labels {
+    type Error = Invalid;
+
+    /// Checks the labels (field `labels`).
+    fn try_from(labels: BTreeMap<String, String>) -> Result<Labels, Invalid> {
+        if labels.len() > MAX_LABELS {
+            return Err(Invalid::new(
+                "labels",
+                format!("{} labels, at most {MAX_LABELS}", labels.len()),
+            ));
+        }
+        for (k, v) in &labels {
+            if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+                return Err(Invalid::new(
+                    "labels",
+                    format!(
+                        "key {k:?}: keys 1 to {MAX_LABEL_LEN} bytes, values up to {MAX_LABEL_LEN}"
+                    ),
+                ));
+            }
+        }
+        Ok(Labels(labels))
+    }
+}
+
+impl Labels {
+    /// The labels.
+    pub fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+}
+
+/// An attach request, checked.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    /// The sandbox (idempotency key within the VM).
+    pub sandbox_id: SandboxId,
+    /// Network; `None` for the VM's own.
+    pub network: Option<NetworkName>,
+    /// Labels.
+    pub labels: Labels,
+}
+
+impl AttachRequest {
+    /// A request for `sandbox_id` on the VM's own network, without labels.
+    pub fn for_sandbox(sandbox_id: SandboxId) -> AttachRequest {
+        AttachRequest {
+            sandbox_id,
+            network: None,
+            labels: Labels::default(),
+        }
+    }
+}
+
+/// Which NIC a detach names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NicSelector {
+    /// By NIC id.
+    Id(NicId),
+    /// By the sandbox it was attached for.
+    Sandbox(SandboxId),
+}
+
+/// Result of an attach.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// The record.
+    pub record: NicRecord,
+    /// False when the sandbox already had it.
+    pub created: bool,
+}
+
+/// How a new NIC is addressed and where it is plugged.
+pub(super) struct NewNic<'a> {
+    /// The record to write.
+    pub record: NewRecord<'a>,
+    /// The host bridge its host end joins.
+    pub bridge: String,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+impl Agent {
+    /// Gives VM `vm_name` a NIC for `req.sandbox_id` (or returns the one it has).
+    ///
+    /// # Errors
+    /// [`AgentError::UnknownVm`], [`AgentError::NetworkNotAllowed`] (another
+    /// tenant's network), [`AgentError::QuotaExceeded`], [`AgentError::Ipam`]
+    /// (no free address), [`AgentError::Backend`] (hot-plug failed; nothing
+    /// is left of the NIC), [`AgentError::State`].
+    pub async fn attach(&self, vm_name: &str, req: AttachRequest) -> Result<Attached, AgentError> {
+        let vm = self.vm(vm_name)?.clone();
+        let network = req
+            .network
+            .as_ref()
+            .map_or(vm.config.network.as_str(), NetworkName::as_str);
+        if network != vm.config.network {
+            return Err(AgentError::NetworkNotAllowed {
+                vm: vm_name.to_string(),
+                network: network.to_string(),
+                allowed: vm.config.network.clone(),
+            });
+        }
+        let _op = vm.op.lock().await;
+        if let Some(rec) = self.records.for_sandbox(vm_name, req.sandbox_id.as_str()) {
+            if rec.state == NicState::Attached {
+                return Ok(Attached {
+                    record: rec,
+                    created: false,
+                });
+            }
+            // A failed rollback or detach left it: finish that first.
+            self.remove_nic(&vm, &rec.id).await?;
+        }
+        if let Some(record) = self.claim_warm(&vm, &req).await? {
+            return Ok(Attached {
+                record,
+                created: true,
+            });
+        }
+        let record = self
+            .plug_new(
+                &vm,
+                brfusion_nic(&vm, req.sandbox_id.as_str(), req.labels.as_map(), false),
+            )
+            .await?;
+        if vm.config.warm_pool > 0 {
+            vm.upkeep.notify_one();
+        }
+        log::info!(
+            "VM {vm_name}: attached NIC {} ({}, {}) for sandbox {}{}",
+            record.id,
+            record.mac,
+            record.ipv4,
+            record.sandbox_id,
+            record
+                .slot
+                .as_deref()
+                .map(|s| format!(" on {s}"))
+                .unwrap_or_default()
+        );
+        Ok(Attached {
+            record,
+            created: true,
+        })
+    }
+
+    /// Leases, names, records (write-ahead) and plugs a new NIC. Caller holds
+    /// the VM lock. On failure nothing is left: no record, lease or device.
+    pub(super) async fn plug_new(&self, vm: &Vm, new: NewNic<'_>) -> Result<NicRecord, AgentError> {
+        let record = self
+            .records
+            .begin(&vm.config, new.record, &self.config.agent.mac_prefix)?;
+        if let Err(e) = self.records.persist().await {
+            self.records.remove(&record.id);
+            return Err(e);
+        }
+        let plan = NicPlan {
+            id: record.id.clone(),
+            mac: record.mac,
+            bridge: new.bridge,
+            mtu: new.mtu,
+        };
+        match vm.backend.plug(&plan).await {
+            Ok(plugged) => {
+                self.records.update(&record.id, |r| r.slot = plugged.slot);
+                let plugged = self.records.set_state(&record.id, Event::Plugged);
+                match (self.records.persist().await, plugged) {
+                    (Ok(()), Some(rec)) => Ok(rec),
+                    (Ok(()), None) => Err(gone(vm, &record.id)),
+                    (Err(e), _) => {
+                        // Not durable: undo, so that a restart cannot find a NIC the caller never got.
+                        if let Err(undo) = self.remove_nic(vm, &record.id).await {
+                            log::error!(
+                                "NIC {}: undo after a failed save failed: {undo}",
+                                record.id
+                            );
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => {
+                // The backend undid its own steps; forget the record.
+                self.records.set_state(&record.id, Event::Failed);
+                self.records.remove(&record.id);
+                if let Err(pe) = self.records.persist().await {
+                    log::error!("NIC {}: cannot persist the rollback: {pe}", record.id);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes back a NIC of VM `vm_name`.
+    ///
+    /// # Errors
+    /// [`AgentError::NicNotFound`] when the VM has no such BrFusion NIC
+    /// (another VM's is not told apart), [`AgentError::Backend`] (the record
+    /// stays Detaching and the upkeep retries), [`AgentError::State`].
+    pub async fn detach(&self, vm_name: &str, which: NicSelector) -> Result<NicRecord, AgentError> {
+        let vm = self.vm(vm_name)?.clone();
+        let _op = vm.op.lock().await;
+        let found = self.records.find_brfusion(vm_name, |r| match &which {
+            NicSelector::Id(id) => &r.id == id,
+            NicSelector::Sandbox(s) => r.sandbox_id == s.as_str(),
+        });
+        let Some(rec) = found else {
+            return Err(AgentError::NicNotFound {
+                vm: vm_name.to_string(),
+                what: match which {
+                    NicSelector::Id(id) => format!("with id {id}"),
+                    NicSelector::Sandbox(s) => format!("for sandbox {s}"),
+                },
+            });
+        };
+        self.remove_nic(&vm, &rec.id).await?;
+        log::info!(
+            "VM {vm_name}: detached NIC {} ({}) of sandbox {}",
+            rec.id,
+            rec.ipv4,
+            rec.sandbox_id
+        );
+        Ok(rec)
+    }
+
+    /// Records Detaching, unplugs, drops the record. Caller holds the VM lock.
+    pub(super) async fn remove_nic(&self, vm: &Vm, id: &NicId) -> Result<(), AgentError> {
+        if self.records.set_state(id, Event::Detach).is_some() {
+            self.records.persist().await?;
+        }
+        vm.backend.unplug(id).await?;
+        self.records.set_state(id, Event::Unplugged);
+        self.records.remove(id);
+        self.records.persist().await
+    }
+}
+
+/// A BrFusion NIC of `vm` on its network.
+pub(super) fn brfusion_nic<'a>(
+    vm: &'a Vm,
+    sandbox_id: &'a str,
+    labels: &BTreeMap<String, String>,
+    pooled: bool,
+) -> NewNic<'a> {
+    let net = vm.network();
+    NewNic {
+        record: NewRecord {
+            network: net,
+            fixed_ipv4: None,
+            mac: None,
+            sandbox_id,
+            labels: labels.clone(),
+            pooled,
+            hostlo: None,
+        },
+        bridge: net.bridge.clone(),
+        mtu: net.mtu,
+    }
+}
+
+/// The record of a NIC being plugged went away under the VM lock: only a
+/// bug can do that; the caller gets an error instead of a reply.
+fn gone(vm: &Vm, id: &NicId) -> AgentError {
+    log::error!("VM {}: NIC {id} vanished while it was plugged", vm.name());
+    AgentError::NicNotFound {
+        vm: vm.name().to_string(),
+        what: format!("with id {id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        agent::rig::{req, rig, sb},
+        state::StateFile,
+    };
+
+    #[tokio::test]
+    async fn attach_is_idempotent_per_sandbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let a = r.agent.attach("vm1", req("sb1")).await.unwrap();
+        assert!(a.created);
+        let b = r.agent.attach("vm1", req("sb1")).await.unwrap();
+        assert!(!b.created);
+        assert_eq!(a.record.id, b.record.id);
+        assert_eq!(r.q1.devices.lock().unwrap().len(), 1);
+        // Same sandbox id from another VM is another NIC.
+        let c = r.agent.attach("vm2", req("sb1")).await.unwrap();
+        assert_ne!(c.record.id, a.record.id);
+        assert_ne!(c.record.ipv4, a.record.ipv4);
+    }
+
+    #[tokio::test]
+    async fn bad_input_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.3");
+        let before = r.agent.records(None);
+        for (vm, rq, code) in [
+            ("nope", req("sb"), ttrpc::Code::PERMISSION_DENIED),
+            (
+                "vm1",
+                AttachRequest {
+                    network: Some(NetworkName::parse("other").unwrap()),
+                    ..req("s")
+                },
+                ttrpc::Code::PERMISSION_DENIED,
+            ),
+        ] {
+            let e = r.agent.attach(vm, rq).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e}");
+        }
+        assert_eq!(r.agent.records(None), before);
+        // Subnet of two addresses (10.9.0.2, .3): the third attach fails cleanly.
+        r.agent.attach("vm1", req("a")).await.unwrap();
+        r.agent.attach("vm2", req("b")).await.unwrap();
+        let e = r.agent.attach("vm2", req("c")).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::RESOURCE_EXHAUSTED, "{e}");
+        assert!(e.to_string().contains("no free address"), "{e}");
+        assert_eq!(r.agent.records(None).len(), 2);
+        assert_eq!(r.q2.devices.lock().unwrap().len(), 1);
+        // A VM naming another's NIC: not found, nothing changes.
+        let theirs = r.agent.records(Some("vm1"))[0].id.clone();
+        let e = r
+            .agent
+            .detach("vm2", NicSelector::Id(theirs))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
+        assert_eq!(r.q1.devices.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn quota_and_detach_free_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        for s in ["a", "b", "c"] {
+            r.agent.attach("vm1", req(s)).await.unwrap();
+        }
+        let e = r.agent.attach("vm1", req("d")).await.unwrap_err();
+        assert!(
+            matches!(e, AgentError::QuotaExceeded { quota: 3, .. }),
+            "{e}"
+        );
+        let rec = r
+            .agent
+            .detach("vm1", NicSelector::Sandbox(sb("b")))
+            .await
+            .unwrap();
+        assert!(!r.agent.records.is_leased("n", rec.ipv4));
+        r.agent.attach("vm1", req("d")).await.unwrap();
+        let e = r
+            .agent
+            .detach("vm1", NicSelector::Sandbox(sb("b")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn failed_plug_leaves_no_record_or_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        *r.q1.fail.lock().unwrap() = Some("device_add");
+        assert!(r.agent.attach("vm1", req("a")).await.is_err());
+        assert!(r.agent.records(None).is_empty());
+        assert_eq!(r.agent.records.leased("n"), 0);
+        assert!(StateFile::in_dir(dir.path()).load().unwrap().is_empty());
+        assert!(r.links.links.lock().unwrap().is_empty());
+    }
+}
