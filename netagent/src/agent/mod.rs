@@ -98,6 +98,8 @@ pub struct Agent {
     vms: BTreeMap<String, Arc<Vm>>,
     records: Records,
     hostlo: hostlo::Versions,
+    /// Held by whatever checks or changes the parts of a Hostlo pod.
+    segments: hostlo::SegmentLocks,
     started: Instant,
 }
 
@@ -166,6 +168,7 @@ impl Agent {
             vms,
             records,
             hostlo: hostlo::Versions::starting_now(),
+            segments: hostlo::SegmentLocks::default(),
             started: Instant::now(),
         })
     }

@@ -87,6 +87,11 @@ impl Agent {
                 }
                 _ => {}
             }
+            // A Hostlo part goes under its segment's lock, as a leave does.
+            let segment = match &rec.hostlo {
+                Some(h) => Some(self.segments.lock(&h.pod).await),
+                None => None,
+            };
             match self.remove_nic(&vm, &rec.id).await {
                 Ok(()) => {
                     log::info!(
@@ -95,9 +100,9 @@ impl Agent {
                         rec.state,
                         rec.ipv4
                     );
-                    if let Some(h) = &rec.hostlo {
+                    if let (Some(h), Some(segment)) = (&rec.hostlo, &segment) {
                         self.mark_pod_changed(&h.pod);
-                        self.remove_segment_if_empty(&h.pod).await;
+                        self.remove_segment_if_empty(segment, &h.pod).await;
                     }
                     match action {
                         Recovery::RollBack => report.rolled_back += 1,
