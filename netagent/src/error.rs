@@ -1,6 +1,8 @@
 //! The agent's errors and their one mapping onto ttrpc status codes.
 
-use crate::{backend::BackendError, ipam::IpamError, names::Invalid, state::StateError};
+use crate::{
+    backend::BackendError, ipam::IpamError, names::Invalid, stale::StaleRecords, state::StateError,
+};
 
 /// What can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +67,13 @@ pub enum AgentError {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// The state file could not be written.
+    /// The state file could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The state file has records the configuration does not account for
+    /// (at start only).
+    #[error(transparent)]
+    Stale(#[from] StaleRecords),
 }
 
 impl AgentError {
@@ -87,7 +93,7 @@ impl AgentError {
             AgentError::Backend(BackendError::UnplugTimeout { .. }) => Code::DEADLINE_EXCEEDED,
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,
-            AgentError::State(_) => Code::INTERNAL,
+            AgentError::State(_) | AgentError::Stale(_) => Code::INTERNAL,
         }
     }
 

@@ -173,9 +173,14 @@ pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr 
     nestless_model::MacAddr(m)
 }
 
-/// The segment address of `part`.
-pub fn part_address(subnet: ipnet::Ipv4Net, part: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + part + 1)
+/// The segment address of `part`: `.part + 1` of `subnet` (a network of
+/// at least /24, the config's rule, holds every part).
+pub fn part_address(subnet: ipnet::Ipv4Net, part: Part) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::from(subnet.network())
+            .saturating_add(part.get())
+            .saturating_add(1),
+    )
 }
 
 /// A port served by more than one part.
@@ -232,11 +237,11 @@ mod tests {
         assert_eq!(b, segment_bridge("web-frontend"), "stable");
         assert_ne!(b, segment_bridge("web-frontenc"));
         assert_eq!(
-            part_address("169.254.77.0/24".parse().unwrap(), 0),
+            part_address("169.254.77.0/24".parse().unwrap(), Part(0)),
             "169.254.77.1".parse::<Ipv4Addr>().unwrap()
         );
         assert_eq!(
-            part_address("169.254.77.0/24".parse().unwrap(), 252),
+            part_address("169.254.77.0/24".parse().unwrap(), Part(252)),
             "169.254.77.253".parse::<Ipv4Addr>().unwrap()
         );
     }

@@ -350,7 +350,7 @@ impl Agent {
         let new = NewNic {
             record: NewRecord {
                 network: vm.network(),
-                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part.get())),
+                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part)),
                 mac: Some(hostlo::part_mac(
                     &self.config.agent.mac_prefix,
                     pod.as_str(),

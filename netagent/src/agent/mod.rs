@@ -39,6 +39,8 @@ mod recovery;
 
 #[cfg(test)]
 mod rig;
+#[cfg(test)]
+mod stale_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -60,6 +62,7 @@ use crate::{
     error::AgentError,
     links::HostLinks,
     qmp::QmpClient,
+    stale::StalePolicy,
     state::{NicRecord, StateFile},
 };
 use records::Records;
@@ -104,8 +107,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent with real backends (QMP clients, netlink) for `config`.
-    pub fn new(config: Config, links: Arc<dyn HostLinks>) -> Result<Agent, AgentError> {
+    /// An agent with real backends (QMP clients, netlink) for `config`;
+    /// `stale` says what to do with state records that do not fit it.
+    pub fn new(
+        config: Config,
+        links: Arc<dyn HostLinks>,
+        stale: StalePolicy,
+    ) -> Result<Agent, AgentError> {
         let mut backends: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
         for vm in &config.vms {
             let b: Arc<dyn VmBackend> = match &vm.backend {
@@ -125,17 +133,30 @@ impl Agent {
             };
             backends.insert(vm.name.clone(), b);
         }
-        Agent::with_backends(config, links, backends)
+        Agent::build(config, links, backends, stale)
     }
 
     /// An agent with the given backends (tests use fakes), its records loaded
-    /// from the state file. A VM without a backend here is not served.
+    /// from the state file; it refuses records that do not fit the
+    /// configuration ([`StalePolicy::Refuse`]). A VM without a backend here
+    /// is not served.
     pub fn with_backends(
         config: Config,
         links: Arc<dyn HostLinks>,
-        mut backends: HashMap<String, Arc<dyn VmBackend>>,
+        backends: HashMap<String, Arc<dyn VmBackend>>,
     ) -> Result<Agent, AgentError> {
-        let records = Records::load(&config)?;
+        Agent::build(config, links, backends, StalePolicy::Refuse)
+    }
+
+    /// [`Agent::with_backends`], with records that do not fit dealt with as
+    /// `stale` says.
+    pub fn build(
+        config: Config,
+        links: Arc<dyn HostLinks>,
+        mut backends: HashMap<String, Arc<dyn VmBackend>>,
+        stale: StalePolicy,
+    ) -> Result<Agent, AgentError> {
+        let records = Records::load(&config, stale)?;
         let mut vms = BTreeMap::new();
         for vm in &config.vms {
             let Some(backend) = backends.remove(&vm.name) else {

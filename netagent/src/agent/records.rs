@@ -28,6 +28,7 @@ use crate::{
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
     names::{random_mac, NicId},
+    stale::{self, LoadError, StalePolicy},
     state::{NicRecord, StateError, StateFile},
 };
 
@@ -36,6 +37,7 @@ pub(super) struct Records {
     state: StateFile,
     store: StdMutex<Store>,
     save_lock: Mutex<()>,
+    dropped: usize,
 }
 
 struct Store {
@@ -71,50 +73,45 @@ pub(super) struct PodRecords {
 }
 
 impl Records {
-    /// The records of the state file, their leases taken again. A record
-    /// that no longer fits the configuration (unknown VM, address out of its
-    /// network) is kept, so that the reconciliation cleans it up, and logged.
-    pub fn load(config: &Config) -> Result<Records, StateError> {
-        let state = StateFile::in_dir(&config.agent.state_dir);
-        let mut store = Store {
-            records: BTreeMap::new(),
-            ipam: config
-                .networks
-                .values()
-                .map(|n| (n.name.clone(), Ipam::new(n)))
-                .collect(),
-        };
-        for rec in state.load()? {
-            let known_vm = config.vm(&rec.vm).is_some();
-            let leased = if rec.hostlo.is_some() {
-                Some(Ok(()))
-            } else {
-                store
-                    .ipam
-                    .get_mut(&rec.network)
-                    .map(|i| i.reserve(rec.ipv4))
-            };
-            match (known_vm, leased) {
-                (true, Some(Ok(()))) => {}
-                (vm, lease) => {
-                    // The configuration changed under the record. Keep it so that
-                    // the reconciliation cleans it up, but say so.
-                    log::warn!(
-                        "state record {} (VM {}, {} on {}) does not fit the configuration (VM known: {vm}, lease: {lease:?})",
-                        rec.id,
-                        rec.vm,
-                        rec.ipv4,
-                        rec.network
-                    );
-                }
-            }
-            store.records.insert(rec.id.clone(), rec);
+    /// The records of the state file, their leases taken again. Records of
+    /// VMs that are not configured are dropped; records that do not fit the
+    /// configuration are refused or dropped, as `policy` says (see
+    /// [`crate::stale`]). Either way, every BrFusion record kept holds its
+    /// lease, and only its own.
+    ///
+    /// # Errors
+    /// [`AgentError::State`] (unreadable file), [`AgentError::Stale`].
+    pub fn load(config: &Config, policy: StalePolicy) -> Result<Records, AgentError> {
+        let (state, sorted) = stale::load(config, policy).map_err(|e| match e {
+            LoadError::State(e) => AgentError::State(e),
+            LoadError::Stale(e) => AgentError::Stale(e),
+        })?;
+        for s in &sorted.misfits {
+            log::warn!("released (--release-stale): {s}");
         }
+        for r in &sorted.vm_gone {
+            log::warn!(
+                "dropped NIC {} of VM {}, which is no longer configured",
+                r.id,
+                r.vm
+            );
+        }
+        let store = Store {
+            records: sorted.fits.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            ipam: sorted.ipam,
+        };
         Ok(Records {
             state,
             store: StdMutex::new(store),
             save_lock: Mutex::new(()),
+            dropped: sorted.misfits.len() + sorted.vm_gone.len(),
         })
+    }
+
+    /// How many records of the state file [`Records::load`] dropped (the
+    /// file still has them until the next save).
+    pub fn dropped_at_load(&self) -> usize {
+        self.dropped
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {

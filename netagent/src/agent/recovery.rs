@@ -226,7 +226,11 @@ impl Agent {
                 total.released += 1;
             }
         }
-        if !stale.is_empty() {
+        // Records dropped at load (VM gone, or released misfits) leave the
+        // file with this save.
+        let dropped = self.records.dropped_at_load();
+        total.released += dropped;
+        if !stale.is_empty() || dropped > 0 {
             self.records.persist().await?;
         }
         total.orphans += self.sweep_host_links().await?;
@@ -377,6 +381,7 @@ mod tests {
             sandbox_id: "half".into(),
             state: NicState::Attaching,
             ipv4: "10.9.0.200".parse().unwrap(),
+            mac: "52:54:00:00:00:ee".parse().unwrap(),
             ..keep.clone()
         };
         recs.push(half.clone());
