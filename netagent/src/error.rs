@@ -74,6 +74,12 @@ pub enum AgentError {
     /// (at start only).
     #[error(transparent)]
     Stale(#[from] StaleRecords),
+    /// Every MAC under the configured prefix is taken.
+    #[error("no free MAC address is left under the prefix {prefix} (agent.mac_prefix)")]
+    NoFreeMac {
+        /// The prefix, as configured.
+        prefix: String,
+    },
 }
 
 impl AgentError {
@@ -94,6 +100,7 @@ impl AgentError {
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,
             AgentError::State(_) | AgentError::Stale(_) => Code::INTERNAL,
+            AgentError::NoFreeMac { .. } => Code::RESOURCE_EXHAUSTED,
         }
     }
 

@@ -166,7 +166,9 @@ pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr 
     for (i, b) in m.iter_mut().enumerate() {
         *b = h[(i + 2) % 4];
     }
-    m[..prefix.len()].copy_from_slice(prefix);
+    // A prefix is at most 5 bytes (the config's rule); a longer one is cut.
+    let n = prefix.len().min(m.len());
+    m[..n].copy_from_slice(&prefix[..n]);
     if prefix.is_empty() {
         m[0] = (m[0] | 0x02) & 0xfe;
     }
@@ -254,6 +256,8 @@ mod tests {
         assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "api", 1));
         assert_eq!(&part_mac(&p, "web", 1).0[..3], &p);
         assert!(!part_mac(&[], "web", 1).is_multicast());
+        // A prefix longer than a MAC is cut, not a panic.
+        assert_eq!(part_mac(&[0x02; 8], "web", 1).0, [0x02; 6]);
     }
 
     #[test]

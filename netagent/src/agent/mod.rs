@@ -38,6 +38,8 @@ mod records;
 mod recovery;
 
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod rig;
 #[cfg(test)]
 mod stale_tests;

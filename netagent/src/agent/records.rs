@@ -27,7 +27,7 @@ use crate::{
     hostlo::HostloRef,
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
-    names::{random_mac, NicId},
+    names::{free_mac, NicId},
     stale::{self, LoadError, StalePolicy},
     state::{NicRecord, StateError, StateFile},
 };
@@ -256,8 +256,9 @@ impl Records {
     /// the fixed one), picks a MAC no other record has and a fresh id.
     ///
     /// # Errors
-    /// [`AgentError::QuotaExceeded`], or [`AgentError::Ipam`] when the
-    /// network has no free address.
+    /// [`AgentError::QuotaExceeded`], [`AgentError::Ipam`] when the network
+    /// has no free address, [`AgentError::NoFreeMac`] when the MAC prefix
+    /// has none.
     pub fn begin(
         &self,
         vm: &VmConfig,
@@ -272,6 +273,20 @@ impl Records {
                 quota: vm.max_nics,
             });
         }
+        // The MAC first: a failure after the lease would leak it.
+        let used_macs: HashSet<MacAddr> = store.records.values().map(|r| r.mac).collect();
+        let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
+            Some(m) => m,
+            None => free_mac(mac_prefix, |m| used_macs.contains(m)).ok_or_else(|| {
+                AgentError::NoFreeMac {
+                    prefix: mac_prefix
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                }
+            })?,
+        };
         let (ipv4, ipv6) = match new.fixed_ipv4 {
             Some(a) => (a, None),
             None => {
@@ -282,16 +297,6 @@ impl Records {
                 let ipv4 = ipam.allocate()?;
                 (ipv4, ipam.ipv6_for(ipv4))
             }
-        };
-        let used_macs: HashSet<MacAddr> = store.records.values().map(|r| r.mac).collect();
-        let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
-            Some(m) => m,
-            None => loop {
-                let m = random_mac(mac_prefix);
-                if !used_macs.contains(&m) && !m.is_multicast() {
-                    break m;
-                }
-            },
         };
         let id = loop {
             let id = NicId::random();

@@ -436,6 +436,7 @@ mod tests {
         let cases = [
             ("subnet = \"10.88.0/16\"\ngateway = \"10.88.0.1\"", "network[0] (\"n\").subnet", "not an IPv4 CIDR"),
             ("subnet = \"10.88.0.5/16\"\ngateway = \"10.88.0.1\"", ".subnet", "host bits"),
+            ("subnet = \"0.0.0.0/0\"\ngateway = \"10.88.0.1\"", ".subnet", "too large (at least /8)"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.99.0.1\"", ".gateway", "outside subnet"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.0\"", ".gateway", "network or broadcast"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"banana\"", ".gateway", "not an IPv4 address"),
