@@ -7,7 +7,8 @@ const PRICES: &str = "name,class,memory,vcpu,zone,price\n\
 m5.large,m5,8,2,\"a, b\",0.096\n\
 m5.xlarge,m5,16,4,\"a, b\",0.192\n\
 m5.2xlarge,m5,32,8,\"a, b\",0.384\n\
-c5.large,c5,4,2,x,0.085\n";
+c5.large,c5,4,2,x,0.085\n\
+r5.large,r5,16,2,x,0.126\n";
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -190,4 +191,96 @@ fn malformed_rows_fail_with_file_and_line() {
         err.contains("task_events.csv.gz:2: expected 13 fields, found 10"),
         "{err}"
     );
+}
+
+/// Issue 14, case 6: an unknown family, or a trace-only option with `--pods`, is an error
+/// (not silently ignored); nothing planned prints no `-0.00`.
+#[test]
+fn options_that_do_not_apply_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = write(dir.path(), "prices.csv", PRICES);
+    let pods = write(
+        dir.path(),
+        "pods.csv",
+        "client,pod,container,cpu,memory\nalice,web,a,1,4\n",
+    );
+    let run = |extra: &[&str]| {
+        ctl()
+            .arg("plan")
+            .arg("--pods")
+            .arg(&pods)
+            .arg("--prices")
+            .arg(&prices)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--families", "m5,z9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prices.csv: no instance type of family [\"z9\"] (the list has c5, m5, r5)"),
+        "{err}"
+    );
+    for opt in ["--cpu-scale", "--mem-scale", "--at"] {
+        let out = run(&[opt, "16"]);
+        assert!(!out.status.success(), "{opt}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{opt} applies to --google input only")),
+            "{err}"
+        );
+    }
+    // A pod that fits no VM: nothing planned, and no negative zero anywhere.
+    let big = write(
+        dir.path(),
+        "big.csv",
+        "client,pod,container,cpu,memory\nalice,web,a,200,4\n",
+    );
+    let out = ctl()
+        .arg("plan")
+        .arg("--pods")
+        .arg(&big)
+        .arg("--prices")
+        .arg(&prices)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("-0.0"), "{text}");
+}
+
+/// Issue 14, case 3 through the command: a 1e30 request names its line; a CRLF file
+/// names the right line.
+#[test]
+fn absurd_requests_and_crlf_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = write(dir.path(), "prices.csv", PRICES);
+    for (text, want) in [
+        (
+            "client,pod,container,cpu,memory\nu,p,a,1e30,1\nu,p,b,0.002,1\n",
+            "pods.csv:2: field `cpu` = \"1e30\" is above the limit of 1000000 vCPU",
+        ),
+        (
+            "client,pod,container,cpu,memory\r\nu,p,a,1,1\r\nu,p,b,x,1\r\n",
+            "pods.csv:3: field `cpu` = \"x\"",
+        ),
+        (
+            "client,pod,container,cpu,memory\ru,p,a,1,1\r\ru,p,b,x,1\r",
+            "pods.csv:4: field `cpu` = \"x\"",
+        ),
+    ] {
+        let pods = write(dir.path(), "pods.csv", text);
+        let out = ctl()
+            .arg("plan")
+            .arg("--pods")
+            .arg(&pods)
+            .arg("--prices")
+            .arg(&prices)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    }
 }

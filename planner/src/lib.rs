@@ -32,6 +32,7 @@ pub mod error;
 pub mod exact;
 pub mod google;
 pub mod input;
+pub mod lines;
 pub mod model;
 pub mod pack;
 pub mod plan;

@@ -191,7 +191,7 @@ pub fn summarise(rows: &[ClientRow]) -> Summary {
         mean_saving_among_savers_pct: if savers.is_empty() {
             0.0
         } else {
-            savers.iter().sum::<f64>() / savers.len() as f64
+            savers.iter().fold(0.0, |a, x| a + x) / savers.len() as f64
         },
         median_saving_among_savers_pct: if savers.is_empty() {
             0.0
@@ -200,17 +200,24 @@ pub fn summarise(rows: &[ClientRow]) -> Summary {
         } else {
             (savers[savers.len() / 2 - 1] + savers[savers.len() / 2]) / 2.0
         },
-        total_whole: planned.iter().filter_map(|r| r.cost_whole).sum(),
-        total_hostlo: planned.iter().filter_map(|r| r.cost_hostlo).sum(),
+        // `fold(0.0, ..)`, not `sum()`: the float sum of nothing is -0.0, printed "-0.00".
+        total_whole: planned
+            .iter()
+            .filter_map(|r| r.cost_whole)
+            .fold(0.0, |a, x| a + x),
+        total_hostlo: planned
+            .iter()
+            .filter_map(|r| r.cost_hostlo)
+            .fold(0.0, |a, x| a + x),
         mean_gap_whole_pct: planned
             .iter()
             .map(|r| gap(r.cost_whole, r.lower_bound))
-            .sum::<f64>()
+            .fold(0.0, |a, x| a + x)
             / n,
         mean_gap_hostlo_pct: planned
             .iter()
             .map(|r| gap(r.cost_hostlo, r.lower_bound))
-            .sum::<f64>()
+            .fold(0.0, |a, x| a + x)
             / n,
     }
 }
@@ -518,6 +525,16 @@ mod tests {
             types_whole: String::new(),
             types_hostlo: String::new(),
         }
+    }
+
+    /// Issue 14, case 6: nothing planned prints 0.00, not -0.00.
+    #[test]
+    fn nothing_planned_prints_no_negative_zero() {
+        let rows = vec![row("e", Status::Infeasible, None, None)];
+        let text = summary_text(&summarise(&rows));
+        assert!(!text.contains("-0."), "{text}");
+        assert!(text.contains("total cost: 0.00 $/h"), "{text}");
+        assert!(!summary_text(&summarise(&[])).contains("-0."));
     }
 
     #[test]
