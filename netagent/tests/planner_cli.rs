@@ -66,6 +66,11 @@ fn plans_a_pods_csv_with_all_outputs() {
     assert_eq!(alice["cost_whole"].as_f64().unwrap(), 0.384);
     assert_eq!(alice["cost_hostlo"].as_f64().unwrap(), 0.288);
     assert!((alice["saving_pct"].as_f64().unwrap() - 25.0).abs() < 1e-9);
+    assert_eq!(alice["verdict"], "saves");
+    assert_eq!(alice["bound_whole"].as_f64().unwrap(), 0.384);
+    assert_eq!(alice["bound_hostlo"].as_f64().unwrap(), 0.288);
+    let bob = clients.iter().find(|c| c["client"] == "bob").unwrap();
+    assert_eq!(bob["verdict"], "single-container");
     assert_eq!(v["summary"]["with_saving"], 1);
     assert_eq!(v["summary"]["planned"], 2);
     let svg = std::fs::read_to_string(&svg).unwrap();
@@ -123,9 +128,15 @@ fn plans_a_pods_csv_with_all_outputs() {
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.contains("clients with a saving: 1 of 2 = 50.0 %"),
+        text.contains("clients with a proven saving: 1 of 2 = 50.0 %"),
         "{text}"
     );
+    // Both plans proven optimal; bob's single pod is single-container.
+    assert!(
+        text.contains("gap to the lower bound (a): 2 proven optimal"),
+        "{text}"
+    );
+    assert!(text.contains("1 with single-container pods only"), "{text}");
 }
 
 #[test]

@@ -37,6 +37,7 @@ pub mod model;
 pub mod pack;
 pub mod plan;
 pub mod report;
+pub mod setcover;
 
 pub use error::{PlanError, Result, RowProblem, Violation};
 pub use model::{
