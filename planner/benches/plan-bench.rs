@@ -46,10 +46,25 @@ fn plan(
     host: HostModel,
     threads: usize,
 ) -> anyhow::Result<(f64, Vec<ClientRow>)> {
-    let cfg = PlanConfig {
+    let mut cfg = PlanConfig {
         host,
         ..Default::default()
     };
+    if let Ok(v) = std::env::var("NESTLESS_BENCH_SEARCH") {
+        let f: Vec<usize> = v.split(',').filter_map(|x| x.parse().ok()).collect();
+        if f.len() == 3 {
+            cfg.search.pair_candidates = f[0];
+            cfg.search.max_passes = f[1];
+            cfg.search.move_sources = f[2];
+        }
+    }
+    if let Some(ms) = std::env::var("NESTLESS_BENCH_LIMIT_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        cfg.exact =
+            (ms > 0).then(|| nestless_planner::setcover::Limits::per_client(ms as f64 / 1e3));
+    }
     let t1 = Instant::now();
     let plans = plan_all(clients, cat, &cfg, threads);
     let plan_s = t1.elapsed().as_secs_f64();
@@ -252,16 +267,22 @@ fn exact_on_trace() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `count` containers in trace-like clients: jobs of identical tasks (as in the Google
-/// trace), heavy-tailed numbers of jobs per client and tasks per job, a few jobs with two
-/// task shapes; requests from 0.1 to 4 vCPU at 0.5 to 8 GiB per vCPU. Every pod fits an
-/// m5 host. Fixed seed.
+/// `count` containers in clients shaped like the planned clients of the Google trace
+/// (median 2 pods and 3 containers, a heavy tail up to hundreds of pods): pods per client
+/// and containers per pod from Pareto tails, half of the pods single-container, the tasks
+/// of a job identical (as in the trace) with a second shape in one job of five; requests
+/// from 0.1 to 4 vCPU at 0.5 to 8 GiB per vCPU. Every pod fits an m5 host. Fixed seed.
 pub fn generate(count: usize, seed: u64) -> Vec<Client> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut rows = Vec::with_capacity(count);
     let mut client = 0;
+    // Pareto tail: 1 + floor(u^(-1/alpha) - 1), capped.
+    let pareto = |rng: &mut rand::rngs::StdRng, alpha: f64, cap: usize| {
+        let u: f64 = rng.random_range(1e-9..1.0);
+        ((u.powf(-1.0 / alpha)) as usize).clamp(1, cap)
+    };
     while rows.len() < count {
-        let pods = 1 + (rng.random::<f64>().powi(3) * 60.0) as usize;
+        let pods = pareto(&mut rng, 0.9, 600);
         for p in 0..pods {
             let shapes = if rng.random_bool(0.2) { 2 } else { 1 };
             let shape: Vec<(f64, f64)> = (0..shapes)
@@ -273,7 +294,11 @@ pub fn generate(count: usize, seed: u64) -> Vec<Client> {
                 .collect();
             let per = shape.iter().map(|s| s.0).sum::<f64>().max(0.01);
             let most = ((40.0 / per) as usize).max(1);
-            let tasks = (1 + (rng.random::<f64>().powi(4) * 200.0) as usize).min(most);
+            let tasks = if rng.random_bool(0.5) {
+                1
+            } else {
+                pareto(&mut rng, 0.8, 400).min(most)
+            };
             for t in 0..tasks {
                 if rows.len() >= count {
                     break;
@@ -294,7 +319,11 @@ pub fn generate(count: usize, seed: u64) -> Vec<Client> {
 
 fn million(threads: usize) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let clients = generate(1_000_000, 0x1e6);
+    let n: usize = std::env::var("NESTLESS_BENCH_CONTAINERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let clients = generate(n, 0x1e6);
     let gen_s = t0.elapsed().as_secs_f64();
     let cat = catalogue("m5,c5,r5")?;
     let n: usize = clients.iter().map(|c| c.container_count()).sum();
@@ -308,8 +337,13 @@ fn million(threads: usize) -> anyhow::Result<()> {
     println!("## 10^6 generated containers");
     println!();
     println!(
-        "{n} containers, {} clients (largest {big} containers), generated in {gen_s:.2} s; planned in {plan_s:.2} s on {threads} threads; peak RSS {:.0} MiB",
+        "{n} containers, {} clients (median {} containers, largest {big}), generated in {gen_s:.2} s; planned in {plan_s:.2} s on {threads} threads; peak RSS {:.0} MiB",
         clients.len(),
+        {
+            let mut v: Vec<usize> = clients.iter().map(|c| c.container_count()).collect();
+            v.sort_unstable();
+            v[v.len() / 2]
+        },
         peak_rss_mib()
     );
     print!("{}", summary_text(&s));

@@ -14,6 +14,7 @@ use super::input::load_pods;
 use super::model::{validate, Catalogue, Client, HostModel, Mode, Res};
 use super::plan::{plan_all, PlanConfig};
 use super::report::{cdf_svg, client_row, summarise, summary_text, table_csv, table_text};
+use super::setcover::Limits;
 
 /// Output format of the per-client results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +83,10 @@ pub struct PlanArgs {
     /// Write the Hostlo placement as pod annotations (JSON lines, one per spanning pod).
     #[arg(long)]
     pub emit_annotations: Option<PathBuf>,
+    /// Time limit of the exact part per client, in seconds (half for each plan); 0 keeps
+    /// the heuristic alone, with the demand bound only.
+    #[arg(long, default_value_t = 2.0)]
+    pub time_limit: f64,
     /// Worker threads (default: available parallelism).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -206,8 +211,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(args.time_limit.is_finite() && args.time_limit >= 0.0 && args.time_limit <= 86_400.0) {
+        bail!(
+            "--time-limit {}: must be a number of seconds from 0 to 86400",
+            args.time_limit
+        );
+    }
     let cfg = PlanConfig {
         host,
+        exact: (args.time_limit > 0.0).then(|| Limits::per_client(args.time_limit)),
         ..Default::default()
     };
     let t1 = Instant::now();

@@ -97,6 +97,24 @@ impl Flat {
 /// when that is cheaper.
 pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> ClientPlan {
     let flat = Flat::new(client);
+    // Large clients: a lighter local search (no pair re-packing, one pass); the exact
+    // part, which works on classes of equal containers, does the rest. (The full search
+    // costs minutes per 10^5 containers of trace-like clients.)
+    let light;
+    let cfg = if flat.items.len() > LIGHT_SEARCH_ITEMS {
+        light = PlanConfig {
+            search: SearchOptions {
+                pair_candidates: 0,
+                max_passes: 1,
+                move_sources: cfg.search.move_sources.min(16),
+                ..cfg.search
+            },
+            ..*cfg
+        };
+        &light
+    } else {
+        cfg
+    };
     let single_container = client.pods.iter().all(|p| p.containers.len() <= 1);
     // The demand bound (LP relaxation over capacity), valid for both plans.
     let demand_lb = {
@@ -153,6 +171,9 @@ pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Client
         single_container,
     }
 }
+
+/// Above this many containers, [`plan_client`] runs a lighter local search.
+pub const LIGHT_SEARCH_ITEMS: usize = 64;
 
 /// Items grouped into classes of equal size; zero-size items get no class.
 struct Classes {
@@ -845,7 +866,9 @@ fn best_regroup(
     pods.sort();
     pods.dedup();
     let k = pods.len();
-    if k < 2 || k > exact_pods {
+    // Every partition of the pods re-packs each subset: only for few containers.
+    const MAX_PARTITION_ITEMS: usize = 48;
+    if k < 2 || k > exact_pods || ids.len() > MAX_PARTITION_ITEMS {
         return repack(ids, flat, packer, options).map(|p| (p.cost, vec![p.bins]));
     }
     let full = (1usize << k) - 1;
@@ -896,6 +919,8 @@ fn improve_groups(
     options: &[(Vec<usize>, Option<Res>)],
 ) {
     const MAX_GROUP_ITEMS: usize = 512;
+    // Pooling two groups and re-packing them: for groups of moderate size.
+    const MAX_PAIR_ITEMS: usize = 192;
     let waste = |g: &[Bin]| -> f64 {
         g.iter()
             .map(|b| {
@@ -903,6 +928,13 @@ fn improve_groups(
                 t.price as f64 * (1.0 - b.load.dominant_share(t.cap)).max(0.0)
             })
             .sum()
+    };
+    // Item sets already re-packed without gain: the same search would find the same.
+    let mut tried: std::collections::HashSet<Vec<usize>> = Default::default();
+    let key = |ids: &[usize]| {
+        let mut k = ids.to_vec();
+        k.sort_unstable();
+        k
     };
     for _ in 0..cfg.search.max_passes {
         let before = sol.cost;
@@ -912,7 +944,7 @@ fn improve_groups(
             let g = &sol.groups[gi];
             let ids: Vec<usize> = g.iter().flat_map(|b| b.items.iter().copied()).collect();
             gi += 1;
-            if ids.len() < 2 || ids.len() > MAX_GROUP_ITEMS {
+            if ids.len() < 2 || ids.len() > MAX_GROUP_ITEMS || !tried.insert(key(&ids)) {
                 continue;
             }
             let old = group_cost(cat, g);
@@ -949,7 +981,7 @@ fn improve_groups(
                     .chain(&sol.groups[b])
                     .flat_map(|bin| bin.items.iter().copied())
                     .collect();
-                if ids.len() > MAX_GROUP_ITEMS {
+                if ids.len() > MAX_PAIR_ITEMS || !tried.insert(key(&ids)) {
                     continue;
                 }
                 let old = group_cost(cat, &sol.groups[a]) + group_cost(cat, &sol.groups[b]);

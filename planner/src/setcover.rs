@@ -145,6 +145,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Limits for a client's budget of `seconds`: half for each plan, 30 % of that for the
+    /// MILP.
+    pub fn per_client(seconds: f64) -> Self {
+        let plan = Duration::from_secs_f64((seconds / 2.0).clamp(0.0, 43_200.0));
+        Self {
+            time: plan,
+            milp_time: plan.mul_f64(0.3),
+            ..Default::default()
+        }
+    }
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -314,6 +327,7 @@ pub fn knapsack(
     items: &[(usize, f64, Res, u64)],
     cap: Res,
     node_limit: u64,
+    deadline: Instant,
 ) -> (Vec<(usize, u64)>, f64, f64) {
     let positive: Vec<(usize, f64, Res, u64)> =
         items.iter().copied().filter(|x| x.1 > 0.0).collect();
@@ -326,6 +340,7 @@ pub fn knapsack(
         nodes: u64,
         limit: u64,
         cut: bool,
+        deadline: Instant,
     }
     fn dfs(its: &Items, st: &mut St, i: usize, room: Res, val: f64) {
         st.nodes += 1;
@@ -336,7 +351,7 @@ pub fn knapsack(
         if i == its.it.len() {
             return;
         }
-        if st.nodes > st.limit {
+        if st.nodes > st.limit || (st.nodes & 1023 == 0 && Instant::now() >= st.deadline) {
             st.cut = true;
             return;
         }
@@ -368,6 +383,7 @@ pub fn knapsack(
         nodes: 0,
         limit: node_limit,
         cut: false,
+        deadline,
     };
     dfs(&its, &mut st, 0, cap, 0.0);
     let mut counts: Vec<(usize, u64)> = (0..n)
@@ -485,7 +501,7 @@ pub fn solve(
                         if root <= c * (1.0 + 1e-9) {
                             (Vec::new(), 0.0, root)
                         } else {
-                            knapsack(&items, cap, limits.knapsack_nodes)
+                            knapsack(&items, cap, limits.knapsack_nodes, cg_deadline)
                         }
                     } else {
                         let positive: Vec<(usize, f64, Res, u64)> =
@@ -584,7 +600,16 @@ pub fn solve(
     // cost ≥ LB + Σ_p (reduced cost of p) λ_p. With all of them in the pool, the MILP
     // decides: its bound, or `ub` if it finds nothing cheaper, is a global bound.
     let gap = ub.map_or(f64::INFINITY, |u| u as f64 * SCALE - best_lb) * (1.0 + 1e-9) + 1e-9;
-    let complete = match enumerate(inst, cat, &demand, &fits, &best_pi, gap, limits.enumerate) {
+    let complete = match enumerate(
+        inst,
+        cat,
+        &demand,
+        &fits,
+        &best_pi,
+        gap,
+        limits.enumerate,
+        cg_deadline.max(Instant::now() + limits.milp_time / 2),
+    ) {
         Some(all) => {
             for p in all {
                 push(p, &mut pool);
@@ -813,7 +838,10 @@ fn milp(
     });
     let left = deadline.saturating_duration_since(Instant::now());
     let mut opts = SolveOptions::default();
-    opts.time_limit = Some(left.max(Duration::from_millis(20)));
+    if left.is_zero() {
+        return (None, None);
+    }
+    opts.time_limit = Some(left);
     opts.warm_start = warm;
     let Ok(out) = mp.solve_with(opts) else {
         return (None, None);
@@ -852,6 +880,7 @@ fn milp(
 /// Every maximal pattern (no class below its demand can be added) whose reduced cost
 /// `c_p − Σ_k π_ko a_kp` is below `gap` (in solver units), or `None` if there are more
 /// than `limit` or the search visits more than `20 × limit` patterns.
+#[allow(clippy::too_many_arguments)]
 fn enumerate(
     inst: &Instance,
     cat: &Catalogue,
@@ -860,6 +889,7 @@ fn enumerate(
     pi: &[Vec<f64>],
     gap: f64,
     limit: usize,
+    deadline: Instant,
 ) -> Option<Vec<Pattern>> {
     struct Ctx<'a> {
         its: Items,
@@ -872,10 +902,13 @@ fn enumerate(
         out: Vec<Vec<(usize, u64)>>,
         visited: usize,
         limit: usize,
+        deadline: Instant,
     }
     fn rec(c: &mut Ctx<'_>, i: usize, room: Res, val: f64) -> bool {
         c.visited += 1;
-        if c.visited > c.limit.saturating_mul(20) {
+        if c.visited > c.limit.saturating_mul(20)
+            || (c.visited & 1023 == 0 && Instant::now() >= c.deadline)
+        {
             return false;
         }
         // Even the best completion keeps the reduced cost at or above the gap.
@@ -940,6 +973,7 @@ fn enumerate(
                 out: Vec::new(),
                 visited,
                 limit: limit.saturating_sub(out.len()),
+                deadline,
             };
             if !rec(&mut c, 0, cap, 0.0) {
                 return None;
