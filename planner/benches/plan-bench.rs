@@ -19,10 +19,15 @@ use nestless_planner::report::{client_row, summarise, summary_text, ClientRow, S
 use nestless_planner::{plan_all, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res};
 use rand::{Rng, SeedableRng};
 
+/// `NESTLESS_DATA_DIR` (a relative one from the workspace root), or `../shared/data`
+/// beside the workspace.
 fn data() -> PathBuf {
-    std::env::var_os("NESTLESS_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    match std::env::var_os("NESTLESS_DATA_DIR").map(PathBuf::from) {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => root.join(p),
+        None => root.join("../shared/data"),
+    }
 }
 
 fn catalogue(families: &str) -> anyhow::Result<Catalogue> {

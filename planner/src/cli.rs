@@ -85,7 +85,7 @@ pub struct PlanArgs {
     pub emit_annotations: Option<PathBuf>,
     /// Time limit of the exact part per client, in seconds (half for each plan); 0 keeps
     /// the heuristic alone, with the demand bound only.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub time_limit: f64,
     /// Worker threads (default: available parallelism).
     #[arg(long)]

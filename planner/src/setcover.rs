@@ -136,11 +136,11 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            time: Duration::from_secs(1),
+            time: Duration::from_millis(500),
             knapsack_nodes: 50_000,
             rounds: 200,
             enumerate: 5000,
-            milp_time: Duration::from_millis(300),
+            milp_time: Duration::from_millis(150),
         }
     }
 }

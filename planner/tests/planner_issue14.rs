@@ -6,6 +6,7 @@ use std::path::Path;
 use nestless_planner::catalogue::{parse_catalogue, FamilyFilter};
 use nestless_planner::model::group_clients;
 use nestless_planner::report::{client_row, Verdict};
+use nestless_planner::setcover::Limits;
 use nestless_planner::{
     plan_client, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res,
 };
@@ -50,6 +51,15 @@ fn catalogue(families: &str) -> Catalogue {
     .0
 }
 
+/// The default model with a generous time limit: a debug build runs the MILP solver far
+/// slower than a release build, and these values must be proven, not just found.
+fn config() -> PlanConfig {
+    PlanConfig {
+        exact: Some(Limits::per_client(20.0)),
+        ..Default::default()
+    }
+}
+
 /// A client from pods of (vCPU, GiB) containers.
 fn client(pods: &[Vec<(f64, f64)>]) -> Client {
     let mut rows = Vec::new();
@@ -82,7 +92,7 @@ fn nine_single_container_pods_have_no_saving() {
         vec![(4.0, 2.0)],
         vec![(1.0, 7.0)],
     ]);
-    let cfg = PlanConfig::default();
+    let cfg = config();
     let plan = plan_client(&cl, &cat, &cfg);
     let (a, b) = (plan.whole.clone().unwrap(), plan.hostlo.clone().unwrap());
     validate(&cl, &cat, cfg.host, Mode::Whole, &a).unwrap();
@@ -103,7 +113,7 @@ fn nine_single_container_pods_have_no_saving() {
 fn eleven_memory_containers_save_twelve_and_a_half_percent() {
     let cat = catalogue("r5");
     let cl = client(&[vec![(0.5, 8.2); 11]]);
-    let cfg = PlanConfig::default();
+    let cfg = config();
     let plan = plan_client(&cl, &cat, &cfg);
     let (a, b) = (plan.whole.clone().unwrap(), plan.hostlo.clone().unwrap());
     validate(&cl, &cat, cfg.host, Mode::Whole, &a).unwrap();
@@ -135,4 +145,21 @@ fn eleven_memory_containers_save_twelve_and_a_half_percent() {
     );
     assert_eq!(plan.hostlo.unwrap().cost(&cat), 882_000);
     assert_eq!(plan.bound_hostlo, 882_000);
+}
+
+/// Issue 14, item 5: no fixed ceiling below 50 % on a saving. c5 jumps from 16 to 36
+/// vCPU: a pod of 17 containers of (1 vCPU, 1 GiB) needs c5.9xlarge ($1.53/h) in one VM,
+/// but c5.4xlarge + c5.large ($0.765/h) with Hostlo: exactly 50 %, proven.
+#[test]
+fn a_missing_size_makes_the_saving_reach_fifty_percent() {
+    let cat = catalogue("m5,c5,r5");
+    let cl = client(&[vec![(1.0, 1.0); 17]]);
+    let plan = plan_client(&cl, &cat, &config());
+    let (a, b) = (plan.whole.clone().unwrap(), plan.hostlo.clone().unwrap());
+    assert_eq!(a.cost(&cat), 1_530_000);
+    assert_eq!(b.cost(&cat), 765_000);
+    assert_eq!((plan.bound_whole, plan.bound_hostlo), (1_530_000, 765_000));
+    let row = client_row(&cl, &plan, &cat);
+    assert_eq!(row.verdict, Verdict::Saves);
+    assert!((row.saving_pct.unwrap() - 50.0).abs() < 1e-9);
 }
