@@ -295,3 +295,55 @@ fn absurd_requests_and_crlf_name_the_line() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// `--time-limit`: 0 keeps the heuristic (bounds from capacity only), a bad value is an
+/// error.
+#[test]
+fn time_limit_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let prices = write(dir.path(), "prices.csv", PRICES);
+    let pods = write(
+        dir.path(),
+        "pods.csv",
+        "client,pod,container,cpu,memory\nalice,web,a,1,4\nalice,web,b,1,4\nalice,web,c,1,4\n",
+    );
+    let run = |limit: &str| {
+        ctl()
+            .arg("plan")
+            .arg("--pods")
+            .arg(&pods)
+            .arg("--prices")
+            .arg(&prices)
+            .args([
+                "--format",
+                "json",
+                "--families",
+                "m5",
+                "--time-limit",
+                limit,
+            ])
+            .output()
+            .unwrap()
+    };
+    for bad in ["-1", "NaN", "1e9"] {
+        let out = run(bad);
+        assert!(!out.status.success(), "{bad}");
+    }
+    let err = String::from_utf8_lossy(&run("1e9").stderr).to_string();
+    assert!(
+        err.contains("--time-limit 1000000000: must be a number of seconds from 0 to 86400"),
+        "{err}"
+    );
+    let out = run("0");
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alice = &v["clients"][0];
+    // 3 vCPU / 12 GiB: (a) m5.xlarge; (b) the same. The capacity bound (1.5 m5.large) is
+    // below, so without the exact part nothing is proven.
+    assert_eq!(alice["cost_whole"].as_f64().unwrap(), 0.192);
+    assert!(alice["bound_whole"].as_f64().unwrap() < 0.192);
+    assert_eq!(alice["verdict"], "undecided");
+    let out = run("1");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["clients"][0]["verdict"], "no-saving");
+}
