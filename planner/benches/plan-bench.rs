@@ -9,6 +9,8 @@
 //! ```
 //!
 //! The data is read from `../shared/data` beside the repository (or `NESTLESS_DATA_DIR`).
+//! `NESTLESS_BENCH_LIMIT_MS` sets the exact part's time limit per client (default 1000;
+//! 0: heuristic only), `NESTLESS_BENCH_CONTAINERS` the size of the generated set.
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -55,14 +57,6 @@ fn plan(
         host,
         ..Default::default()
     };
-    if let Ok(v) = std::env::var("NESTLESS_BENCH_SEARCH") {
-        let f: Vec<usize> = v.split(',').filter_map(|x| x.parse().ok()).collect();
-        if f.len() == 3 {
-            cfg.search.pair_candidates = f[0];
-            cfg.search.max_passes = f[1];
-            cfg.search.move_sources = f[2];
-        }
-    }
     if let Some(ms) = std::env::var("NESTLESS_BENCH_LIMIT_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

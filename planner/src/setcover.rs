@@ -637,7 +637,7 @@ pub fn solve(
     }
     if complete {
         if let Some(b) = milp_bound {
-            let b = round_up(b * (1.0 - 1e-9));
+            let b = round_up(b - 1e-6 * b.abs().max(1.0));
             lower_bound = lower_bound.max(ub.map_or(b, |u| b.min(u)));
         }
     }
