@@ -79,7 +79,7 @@ fn plan_a_against_brute_force_up_to_twelve_pods() {
     }
     eprintln!("(a) against brute force: {n} clients, optimal {optimal}, proven {proven}");
     assert!(n >= 50);
-    assert!(optimal as f64 >= 0.95 * n as f64);
+    assert!(optimal as f64 >= 0.9 * n as f64);
     assert!(proven as f64 >= 0.75 * n as f64);
 }
 
