@@ -59,7 +59,7 @@ pub enum Event {
 
 /// A transition the state machine does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("NIC in state {from:?} cannot take event {event:?}")]
+#[error("state {from:?} does not take event {event:?}")]
 pub struct InvalidTransition {
     /// The state before.
     pub from: Option<NicState>,

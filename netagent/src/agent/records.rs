@@ -338,9 +338,12 @@ impl Records {
         self.lock().records.insert(rec.id.clone(), rec);
     }
 
-    /// Moves record `id` along the lifecycle; returns it as it now is, or
-    /// `None` (logged) when it has no such transition or is gone.
-    pub fn set_state(&self, id: &NicId, event: Event) -> Option<NicRecord> {
+    /// Moves record `id` along the lifecycle ([`lifecycle::transition`]).
+    /// An event that ends the record's life (`Failed`, `Unplugged`) drops it
+    /// and frees its lease. Returns the record as it now is (or was, when
+    /// dropped); `None` when it is gone, or when the table refuses the event:
+    /// that one is a bug, and the only case logged as an error.
+    pub fn apply(&self, id: &NicId, event: Event) -> Option<NicRecord> {
         let mut store = self.lock();
         let rec = store.records.get_mut(id)?;
         match lifecycle::transition(Some(rec.state), event) {
@@ -348,8 +351,12 @@ impl Records {
                 rec.state = next;
                 Some(rec.clone())
             }
-            Ok(None) | Err(_) => {
-                log::error!("NIC {id}: event {event:?} in state {:?} ignored", rec.state);
+            Ok(None) => {
+                drop(store);
+                self.remove(id)
+            }
+            Err(refused) => {
+                log::error!("NIC {id}: {refused}; ignored");
                 None
             }
         }

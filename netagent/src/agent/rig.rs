@@ -134,3 +134,35 @@ pub fn watch(pod: &str, since: u64, timeout: Duration) -> HostloWatch {
         timeout,
     }
 }
+
+thread_local! {
+    static ERRORS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keeps the ERROR records logged on the thread that logged them.
+struct ErrorCapture;
+
+impl log::Log for ErrorCapture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Error
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if r.level() == log::Level::Error {
+            ERRORS.with(|e| e.borrow_mut().push(r.args().to_string()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The errors this thread logged since the last call (the first call
+/// installs the capture). A `#[tokio::test]` runs the agent on its own
+/// thread, so tests running beside it do not mix in.
+pub fn errors_logged() -> Vec<String> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&ErrorCapture).is_ok() {
+            log::set_max_level(log::LevelFilter::Error);
+        }
+    });
+    ERRORS.with(|e| std::mem::take(&mut *e.borrow_mut()))
+}
