@@ -8,9 +8,9 @@
 //! snapshot, so the file never goes back in time.
 //!
 //! ```text
-//! AttachNic(sandbox)                         DetachNic(nic)
+//! AttachNic(scope, sandbox, interface)       DetachNic(nic | scope, sandbox[, interface])
 //!   lock VM                                    lock VM
-//!   same sandbox attached? ─▶ return it        find the VM's record ─▶ NotFound
+//!   same attachment? ─▶ return it              find the VM's records ─▶ NotFound
 //!   quota, lease, MAC, id                      record Detaching, persist
 //!   record Attaching, persist                  backend.unplug (idempotent)
 //!   backend.plug ──fail──▶ drop record,        drop record, free lease, persist
@@ -49,7 +49,8 @@ use std::{
 use tokio::sync::{Mutex, Notify};
 
 pub use attach::{
-    AttachRequest, Attached, Labels, NetworkName, NicSelector, MAX_LABELS, MAX_LABEL_LEN,
+    AttachRequest, Attached, Attachment, Labels, NetworkName, NicSelector, MAX_LABELS,
+    MAX_LABEL_LEN,
 };
 pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch};
 pub use recovery::{spawn_upkeep, ReconcileReport};

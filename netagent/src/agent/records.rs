@@ -27,7 +27,7 @@ use crate::{
     hostlo::HostloRef,
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
-    names::{random_mac, NicId},
+    names::{random_mac, NicId, DEFAULT_IFNAME},
     state::{NicRecord, StateError, StateFile},
 };
 
@@ -52,8 +52,12 @@ pub(super) struct NewRecord<'a> {
     /// A preferred MAC (Hostlo: stable per pod and part, so that a restarted
     /// part's neighbours need not relearn it); random when taken or absent.
     pub mac: Option<MacAddr>,
+    /// The scope of the sandbox (see [`NicRecord::scope`]).
+    pub scope: &'a str,
     /// The sandbox; empty for a pooled NIC.
     pub sandbox_id: &'a str,
+    /// The interface name in the pod (see [`NicRecord::interface`]).
+    pub interface: &'a str,
     /// Labels from the request.
     pub labels: BTreeMap<String, String>,
     /// A warm-pool NIC.
@@ -163,11 +167,6 @@ impl Records {
             .any(|r| r.vm == vm && r.state != NicState::Attached)
     }
 
-    /// VM `vm`'s BrFusion NIC of `sandbox_id` (pooled NICs have no sandbox).
-    pub fn for_sandbox(&self, vm: &str, sandbox_id: &str) -> Option<NicRecord> {
-        self.find_brfusion(vm, |r| r.sandbox_id == sandbox_id)
-    }
-
     /// VM `vm`'s BrFusion NIC (pooled or not) that `matches`.
     pub fn find_brfusion(
         &self,
@@ -227,7 +226,9 @@ impl Records {
             .collect()
     }
 
-    /// The parts of Hostlo pod `pod` and the pod IP.
+    /// The parts of Hostlo pod `pod` and the pod IP: the address of the
+    /// `eth0` NIC of part 0's sandbox in the empty scope (CRI's pod NIC), in
+    /// part 0's VM.
     pub fn hostlo_pod(&self, pod: &str) -> PodRecords {
         let store = self.lock();
         let parts: Vec<NicRecord> = store
@@ -247,7 +248,9 @@ impl Records {
                         r.vm == p0.vm
                             && r.hostlo.is_none()
                             && !r.pooled
+                            && r.scope.is_empty()
                             && r.sandbox_id == p0.sandbox_id
+                            && r.interface == DEFAULT_IFNAME
                     })
                     .map(|r| r.ipv4)
             });
@@ -306,6 +309,8 @@ impl Records {
             id: id.clone(),
             vm: vm.name.clone(),
             sandbox_id: new.sandbox_id.to_string(),
+            scope: new.scope.to_string(),
+            interface: new.interface.to_string(),
             network: new.network.name.clone(),
             mac,
             ipv4,
@@ -406,5 +411,39 @@ impl Records {
             .ipam
             .get(network)
             .is_some_and(|i| i.is_leased(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agent::rig::{join, keyed, rig};
+
+    /// Issue 9, item 1: the pod IP of a Hostlo pod is the `eth0` NIC of
+    /// part 0's sandbox in the empty scope (CRI's), not a NIC of the same
+    /// sandbox id in a containerd namespace, nor its second interface.
+    #[tokio::test]
+    async fn hostlo_pod_ip_is_the_cri_eth0_of_part_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        r.agent
+            .attach("vm2", keyed("team-one", "sb0", "eth0"))
+            .await
+            .unwrap();
+        r.agent
+            .attach("vm2", keyed("", "sb0", "net1"))
+            .await
+            .unwrap();
+        let eth0 = r
+            .agent
+            .attach("vm2", keyed("", "sb0", ""))
+            .await
+            .unwrap()
+            .record;
+        let (_, view) = r
+            .agent
+            .hostlo_join("vm2", join("web", 0, "sb0"))
+            .await
+            .unwrap();
+        assert_eq!(view.pod_ip, Some(eth0.ipv4));
     }
 }

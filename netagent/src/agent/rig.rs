@@ -4,13 +4,13 @@
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
-use super::{Agent, AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch};
+use super::{Agent, AttachRequest, Attachment, HostloJoin, HostloPart, HostloPublish, HostloWatch};
 use crate::{
     backend::{fake::FakeQemu, qemu::QemuBackend, VmBackend},
     config::Config,
     hostlo::{Part, PodName, Port, PortList},
     links::fake::FakeLinks,
-    names::SandboxId,
+    names::{IfName, SandboxId, Scope},
 };
 
 pub fn config(dir: &Path, range_end: &str) -> Config {
@@ -102,6 +102,18 @@ pub fn sb(id: &str) -> SandboxId {
 
 pub fn req(id: &str) -> AttachRequest {
     AttachRequest::for_sandbox(sb(id))
+}
+
+/// A request for sandbox `sandbox`'s `interface` in `scope`.
+pub fn keyed(scope: &str, sandbox: &str, interface: &str) -> AttachRequest {
+    AttachRequest {
+        attachment: Attachment {
+            scope: Scope::parse(scope).unwrap(),
+            sandbox_id: sb(sandbox),
+            interface: IfName::parse(interface).unwrap(),
+        },
+        ..req(sandbox)
+    }
 }
 
 pub fn join(pod: &str, part: u32, sandbox: &str) -> HostloJoin {

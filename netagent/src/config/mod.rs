@@ -327,21 +327,7 @@ impl Config {
     }
 }
 
-/// Checks a Linux interface name.
-pub fn check_ifname(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?} is not 1 to 15 characters"));
-    }
-    if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-        || name == "."
-        || name == ".."
-    {
-        return Err(format!("{name:?} is not a valid interface name"));
-    }
-    Ok(())
-}
+pub use crate::names::check_ifname;
 
 #[cfg(test)]
 mod tests {
