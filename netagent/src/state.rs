@@ -90,6 +90,20 @@ fn is_default_interface(name: &String) -> bool {
 struct StateDoc {
     version: u32,
     nics: Vec<NicRecord>,
+    /// Absent in files written before it existed: empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    last_leased: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// The NIC records.
+    pub nics: Vec<NicRecord>,
+    /// Per network, the address handed out last: allocation goes on after
+    /// it across restarts (next-fit), so a released address is not reused
+    /// at once.
+    pub last_leased: BTreeMap<String, Ipv4Addr>,
 }
 
 /// State file errors.
@@ -144,9 +158,14 @@ impl StateFile {
 
     /// The records; none when the file does not exist yet.
     pub fn load(&self) -> Result<Vec<NicRecord>, StateError> {
+        Ok(self.read()?.nics)
+    }
+
+    /// Everything the file holds; nothing when it does not exist yet.
+    pub fn read(&self) -> Result<State, StateError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
             Err(e) => return Err(self.io("read")(e)),
         };
         let doc: StateDoc = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
@@ -159,19 +178,32 @@ impl StateFile {
                 message: format!("version {} (this agent reads {STATE_VERSION})", doc.version),
             });
         }
-        Ok(doc.nics)
+        Ok(State {
+            nics: doc.nics,
+            last_leased: doc.last_leased,
+        })
     }
 
-    /// Replaces the file's content with `records`, atomically and durably.
+    /// Replaces the file's content with `records` (and no allocation
+    /// cursors), atomically and durably.
     pub fn save<'a>(
         &self,
         records: impl IntoIterator<Item = &'a NicRecord>,
     ) -> Result<(), StateError> {
+        self.write(State {
+            nics: records.into_iter().cloned().collect(),
+            last_leased: BTreeMap::new(),
+        })
+    }
+
+    /// Replaces the file's content with `state`, atomically and durably.
+    pub fn write(&self, state: State) -> Result<(), StateError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(self.io("create the directory of"))?;
         let doc = StateDoc {
             version: STATE_VERSION,
-            nics: records.into_iter().cloned().collect(),
+            nics: state.nics,
+            last_leased: state.last_leased,
         };
         let body = serde_json::to_vec_pretty(&doc).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),

@@ -28,7 +28,7 @@ use crate::{
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
     names::{random_mac, NicId, DEFAULT_IFNAME},
-    state::{NicRecord, StateError, StateFile},
+    state::{NicRecord, State, StateError, StateFile},
 };
 
 /// The records and leases, persisted to the state file.
@@ -88,7 +88,13 @@ impl Records {
                 .map(|n| (n.name.clone(), Ipam::new(n)))
                 .collect(),
         };
-        for rec in state.load()? {
+        let saved = state.read()?;
+        for (network, last) in &saved.last_leased {
+            if let Some(ipam) = store.ipam.get_mut(network) {
+                ipam.resume_after(*last);
+            }
+        }
+        for rec in saved.nics {
             let known_vm = config.vm(&rec.vm).is_some();
             let leased = if rec.hostlo.is_some() {
                 Some(Ok(()))
@@ -385,10 +391,20 @@ impl Records {
     /// [`AgentError::State`] when the file cannot be written.
     pub async fn persist(&self) -> Result<(), AgentError> {
         let _g = self.save_lock.lock().await;
-        let snapshot: Vec<NicRecord> = self.lock().records.values().cloned().collect();
+        let snapshot = {
+            let store = self.lock();
+            State {
+                nics: store.records.values().cloned().collect(),
+                last_leased: store
+                    .ipam
+                    .iter()
+                    .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
+                    .collect(),
+            }
+        };
         let state = self.state.clone();
         let path = state.path().to_path_buf();
-        tokio::task::spawn_blocking(move || state.save(&snapshot))
+        tokio::task::spawn_blocking(move || state.write(snapshot))
             .await
             .map_err(|e| StateError::Io {
                 op: "write (the save task failed)",
@@ -445,5 +461,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(view.pod_ip, Some(eth0.ipv4));
+    }
+
+    /// Next-fit goes on after the last address across a restart: the
+    /// state file keeps it.
+    #[tokio::test]
+    async fn a_restart_does_not_reuse_the_address_released_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let r = rig(dir.path(), "10.9.0.254");
+            let a = r
+                .agent
+                .attach("vm2", keyed("", "a", ""))
+                .await
+                .unwrap()
+                .record;
+            r.agent
+                .detach("vm2", crate::agent::NicSelector::Id(a.id.clone()))
+                .await
+                .unwrap();
+            a
+        };
+        let r = rig(dir.path(), "10.9.0.254");
+        let b = r
+            .agent
+            .attach("vm2", keyed("", "b", ""))
+            .await
+            .unwrap()
+            .record;
+        assert_ne!(b.ipv4, a.ipv4, "handed out again at once");
+        assert_eq!(u32::from(b.ipv4), u32::from(a.ipv4) + 1);
     }
 }
