@@ -17,11 +17,17 @@ use std::{
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+    packet_route::{
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+        AddressFamily,
+    },
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
 
 use nestless_model::MacAddr;
+
+use crate::names::bridge_mac;
 
 /// A failed link operation: what was being done, to which interface, and why.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +61,9 @@ impl LinkError {
 pub trait HostLinks: Send + Sync {
     /// True when a link of this name exists in the agent's namespace.
     async fn exists(&self, ifname: &str) -> Result<bool, LinkError>;
-    /// Creates the bridge if missing, gives it `address` if it lacks it, sets it up.
+    /// Creates the bridge if missing (with the fixed MAC of its name,
+    /// [`crate::names::bridge_mac`], so that ports coming and going never
+    /// change it), gives it `address` if it lacks it, sets it up.
     async fn ensure_bridge(
         &self,
         bridge: &str,
@@ -75,8 +83,10 @@ pub trait HostLinks: Send + Sync {
     /// Opens a tap (non-persistent: it disappears with the last fd) with a
     /// virtio-net header, returning its fd.
     fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError>;
-    /// Creates the bridge `name` (marked as the agent's) if missing, with no
-    /// address and no uplink, and sets it up: a Hostlo segment.
+    /// Creates the bridge `name` if missing, with no address and no uplink
+    /// and the fixed MAC of its name, marks it as the agent's (its owner
+    /// alias, so that a sweep finds it after a crash) and sets it up: a
+    /// Hostlo segment.
     async fn ensure_segment(&self, name: &str, mtu: u32) -> Result<(), LinkError>;
     /// Sets the MTU, joins `ifname` to `bridge` and sets it up.
     async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError>;
@@ -85,6 +95,10 @@ pub trait HostLinks: Send + Sync {
     /// Names of the links this agent made (marked with its owner alias)
     /// whose name starts with `prefix`.
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError>;
+    /// Removes the host's neighbour entries (ARP, NDP) for `addrs` on
+    /// `bridge`: an address released or leased again must not keep the MAC
+    /// of the NIC that had it before. Entries that do not exist are fine.
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError>;
 }
 
 fn nl_io(e: rtnetlink::Error) -> std::io::Error {
@@ -142,6 +156,17 @@ impl Netlink {
         }
     }
 
+    /// Every link of the namespace.
+    async fn dump(&self) -> Result<Vec<LinkMessage>, LinkError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| LinkError::new("list", "links", nl_io(e)))
+    }
+
     async fn index(&self, op: &'static str, ifname: &str) -> Result<u32, LinkError> {
         self.get(ifname)
             .await?
@@ -176,7 +201,12 @@ impl HostLinks for Netlink {
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(bridge).mtu(mtu).build())
+                    .add(
+                        LinkBridge::new(bridge)
+                            .mtu(mtu)
+                            .address(bridge_mac(bridge).0.to_vec())
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| LinkError::new("create bridge", bridge, nl_io(e)))?;
@@ -225,7 +255,7 @@ impl HostLinks for Netlink {
                     .add(
                         LinkBridge::new(name)
                             .mtu(mtu)
-                            .alias(self.owner.clone())
+                            .address(bridge_mac(name).0.to_vec())
                             .build(),
                     )
                     .execute()
@@ -234,12 +264,19 @@ impl HostLinks for Netlink {
                 self.index("create segment bridge", name).await?
             }
         };
+        // The kernel ignores an alias given at creation (IFLA_IFALIAS is
+        // only applied to an existing link): mark it here, with `up`.
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .alias(self.owner.clone())
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(|e| LinkError::new("set up", name, nl_io(e)))
+            .map_err(|e| LinkError::new("mark and set up", name, nl_io(e)))
     }
 
     async fn create_veth(
@@ -311,15 +348,38 @@ impl HostLinks for Netlink {
         }
     }
 
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
+        let Some(index) = self.get(bridge).await?.map(|m| m.header.index) else {
+            // No bridge, no neighbours on it.
+            return Ok(());
+        };
+        for addr in addrs {
+            let mut msg = NeighbourMessage::default();
+            msg.header.ifindex = index;
+            let (family, dest) = match addr {
+                IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(*a)),
+                IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(*a)),
+            };
+            msg.header.family = family;
+            msg.attributes.push(NeighbourAttribute::Destination(dest));
+            match self.handle.neighbours().del(msg).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if matches!(e.raw_code().abs(), libc::ENOENT | libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(LinkError::new(
+                        "forget the neighbour entry on",
+                        bridge,
+                        nl_io(e),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| LinkError::new("list", "links", nl_io(e)))?;
+        let links = self.dump().await?;
         Ok(links
             .iter()
             .filter(|m| {

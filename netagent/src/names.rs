@@ -181,6 +181,23 @@ pub fn random_mac(prefix: &[u8]) -> MacAddr {
     MacAddr(bytes)
 }
 
+/// The MAC of a bridge the agent creates (a network's bridge with
+/// `manage_bridge`, a Hostlo segment): derived from its name (64-bit FNV-1a),
+/// locally administered and unicast. A bridge without a MAC of its own takes
+/// the lowest MAC of its ports, so removing one pod's port could change the
+/// gateway's MAC under every other pod; a MAC set once never changes.
+pub fn bridge_mac(name: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(*b"/bridge") {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&h.to_be_bytes()[2..]);
+    m[0] = (m[0] | 0x02) & 0xfe;
+    MacAddr(m)
+}
+
 /// The agent's id for a NIC: 10 lower-case hex digits.
 ///
 /// Every name the NIC has on the host and in QEMU is derived from it, so that
@@ -358,6 +375,17 @@ mod tests {
             assert_eq!(e.field, "sandbox_id", "{bad}");
         }
         assert!(SandboxId::parse(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn bridge_macs_are_fixed_local_and_unicast() {
+        let m = bridge_mac("nlbr0");
+        assert_eq!(m, bridge_mac("nlbr0"), "stable");
+        assert_ne!(m, bridge_mac("nlbr1"));
+        for name in ["nlbr0", "nls0badf00d", "b", ""] {
+            let m = bridge_mac(name);
+            assert!(m.is_local() && !m.is_multicast(), "{name}: {m}");
+        }
     }
 
     #[test]

@@ -1,19 +1,27 @@
-//! BrFusion: a sandbox's own NIC, attached and detached.
+//! BrFusion: a sandbox's own NICs, attached and detached. An attachment is
+//! (scope, sandbox, interface) within the calling VM ([`Attachment`]): one
+//! sandbox id in two containerd namespaces is two sandboxes, and a sandbox
+//! holds one NIC per interface name.
 //!
 //! ```text
-//! attach(vm, sandbox)                           detach(vm, nic id | sandbox)
+//! attach(vm, attachment)                        detach(vm, nic id | scope, sandbox[, interface])
 //!   network = the VM's? else NetworkNotAllowed    lock VM
-//!   lock VM                                        the VM's BrFusion record? else NicNotFound
-//!   same sandbox Attached? ─▶ it (created=false)   remove_nic:
-//!   same sandbox half-done? ─▶ remove_nic first      record Detaching, persist
-//!   a warm NIC? ─▶ give it (pool)                    backend.unplug (idempotent)
-//!   plug_new:                                        drop record, free lease, persist
-//!     quota, lease, MAC, id; record Attaching, persist
+//!   lock VM                                        the VM's BrFusion records? else NicNotFound
+//!   same attachment Attached? ─▶ it (created=false)  each, remove_nic:
+//!   same attachment half-done? ─▶ remove_nic first     record Detaching, persist
+//!   a warm NIC? ─▶ give it (pool)                      backend.unplug (idempotent)
+//!   plug_new:                                          drop record, free lease,
+//!     quota, lease, MAC, id; record Attaching, persist forget host neighbours, persist
+//!     forget the host's neighbours of the addresses
 //!     backend.plug ──fail──▶ drop record, free lease, persist
 //!     record Attached (+ slot), persist ──fail──▶ remove_nic
 //! ```
+//!
+//! Every undo releases only what its own call made: a failed plug drops the
+//! record it began (the backend undoes its own steps, by the new NIC's
+//! names), and a failed save removes the NIC it just plugged.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{records::NewRecord, Agent, Vm};
 use crate::{
@@ -304,6 +312,8 @@ impl Agent {
             self.records.apply(&record.id, Event::Failed);
             return Err(e);
         }
+        // The address may have been someone else's a moment ago.
+        self.forget_neighbours(&record).await;
         let plan = NicPlan {
             id: record.id.clone(),
             mac: record.mac,
@@ -401,8 +411,30 @@ impl Agent {
             self.records.persist().await?;
         }
         vm.backend.unplug(id).await?;
-        self.records.apply(id, Event::Unplugged);
+        if let Some(gone) = self.records.apply(id, Event::Unplugged) {
+            self.forget_neighbours(&gone).await;
+        }
         self.records.persist().await
+    }
+
+    /// Removes the host's neighbour entries for a BrFusion NIC's addresses
+    /// on its network's bridge, when the address is released or leased
+    /// again: the next NIC to hold it has another MAC, and the host must
+    /// not keep sending it to the old one until the entry ages out (tens of
+    /// seconds). A Hostlo NIC's address keeps its MAC (per pod and part).
+    /// A failure is logged: the entry then ages out as it would have.
+    async fn forget_neighbours(&self, rec: &NicRecord) {
+        if rec.hostlo.is_some() {
+            return;
+        }
+        let Some(net) = self.network(&rec.network) else {
+            return;
+        };
+        let mut addrs = vec![IpAddr::V4(rec.ipv4)];
+        addrs.extend(rec.ipv6.map(IpAddr::V6));
+        if let Err(e) = self.links.forget_neighbours(&net.bridge, &addrs).await {
+            log::warn!("NIC {}: {e}", rec.id);
+        }
     }
 }
 
@@ -681,6 +713,33 @@ mod tests {
             "untouched"
         );
     }
+
+    /// Issue 9, item 5: the host forgets its neighbour entries for an
+    /// address on the network's bridge when it is leased (it may have been
+    /// another NIC's) and when it is released (the root test
+    /// `a_reused_address_keeps_no_stale_neighbour` shows both families on
+    /// the kernel).
+    #[tokio::test]
+    async fn leased_and_released_addresses_are_forgotten_by_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let forgets = || -> Vec<String> {
+            r.links
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.starts_with("forget_neighbours"))
+                .cloned()
+                .collect()
+        };
+        let a = r.agent.attach("vm1", req("a")).await.unwrap().record;
+        let line = format!("forget_neighbours br0 {}", a.ipv4);
+        assert_eq!(forgets(), std::slice::from_ref(&line), "leased");
+        r.agent.detach("vm1", NicSelector::Id(a.id)).await.unwrap();
+        assert_eq!(forgets(), [line.clone(), line], "released");
+    }
+
     #[tokio::test]
     async fn failed_plug_leaves_no_record_or_lease() {
         let dir = tempfile::tempdir().unwrap();

@@ -80,6 +80,13 @@ impl HostLinks for FakeLinks {
         self.call("delete", ifname)?;
         Ok(self.links.lock().unwrap().remove(ifname))
     }
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
+        let addrs: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+        self.call(
+            "forget_neighbours",
+            &format!("{bridge} {}", addrs.join(",")),
+        )
+    }
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
         Ok(self
             .links
