@@ -10,20 +10,24 @@
 pub mod fake;
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::{
+    packet_core::NetlinkPayload,
     packet_route::{
         link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
-        AddressFamily,
+        AddressFamily, RouteNetlinkMessage,
     },
+    sys::{AsyncSocket, SocketAddr},
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use nestless_model::MacAddr;
 
@@ -95,6 +99,9 @@ pub trait HostLinks: Send + Sync {
     /// Names of the links this agent made (marked with its owner alias)
     /// whose name starts with `prefix`.
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError>;
+    /// Names of every link whose name starts with `prefix`, whoever made it
+    /// (one dump: the presence check of many NICs at once).
+    async fn names(&self, prefix: &str) -> Result<HashSet<String>, LinkError>;
     /// Removes the host's neighbour entries (ARP, NDP) for `addrs` on
     /// `bridge`: an address released or leased again must not keep the MAC
     /// of the NIC that had it before. Entries that do not exist are fine.
@@ -348,6 +355,16 @@ impl HostLinks for Netlink {
         }
     }
 
+    async fn names(&self, prefix: &str) -> Result<HashSet<String>, LinkError> {
+        Ok(self
+            .dump()
+            .await?
+            .iter()
+            .filter_map(|m| link_name(m).filter(|n| n.starts_with(prefix)))
+            .map(str::to_string)
+            .collect())
+    }
+
     async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
         let Some(index) = self.get(bridge).await?.map(|m| m.header.index) else {
             // No bridge, no neighbours on it.
@@ -395,6 +412,40 @@ impl HostLinks for Netlink {
             })
             .collect())
     }
+}
+
+/// The name of a link message.
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The names of the links deleted from now on whose name starts with
+/// `prefix`, as the kernel announces them (RTM_DELLINK to the link
+/// multicast group): how the agent learns that someone else deleted a
+/// NIC's host end, or that a namespace holding its other end went away.
+/// The channel closes if the netlink socket fails.
+pub fn deleted_links(prefix: &'static str) -> std::io::Result<UnboundedReceiver<String>> {
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection()?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
+                if let Some(name) = link_name(&link).filter(|n| n.starts_with(prefix)) {
+                    if tx.send(name.to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// The kind of a link message (`veth`, `tun`, `bridge`...), for diagnostics.

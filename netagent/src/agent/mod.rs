@@ -42,7 +42,10 @@ mod rig;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -76,8 +79,12 @@ pub struct Vm {
     op: Mutex<()>,
     /// The backend's connection generation at the last reconciliation.
     seen_generation: AtomicU64,
-    /// Wakes the VM's upkeep task before its next tick (a warm NIC was taken).
+    /// Wakes the VM's upkeep task before its next tick (a warm NIC was
+    /// taken, a NIC's host end was deleted).
     upkeep: Notify,
+    /// The guest restarted since the last reconciliation: the NICs given
+    /// to sandboxes are released by the next one.
+    guest_restarted: AtomicBool,
 }
 
 impl Vm {
@@ -158,6 +165,7 @@ impl Agent {
                     op: Mutex::new(()),
                     seen_generation: AtomicU64::new(0),
                     upkeep: Notify::new(),
+                    guest_restarted: AtomicBool::new(false),
                 }),
             );
         }

@@ -148,6 +148,11 @@ impl Records {
             .collect()
     }
 
+    /// Record `id`, if any.
+    pub fn get(&self, id: &NicId) -> Option<NicRecord> {
+        self.lock().records.get(id).cloned()
+    }
+
     /// The ids of every record.
     pub fn ids(&self) -> Vec<NicId> {
         self.lock().records.keys().cloned().collect()
