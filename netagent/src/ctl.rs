@@ -124,6 +124,7 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                             "pod": p.pod, "network": p.network, "bridge": p.bridge, "members": p.members,
                             "pod_ip": v.pod_ip, "ports": ports,
                             "conflicts": v.conflicts.iter().map(|c| format!("{}/{}", c.port.port, c.port.protocol)).collect::<Vec<_>>(),
+                            "conflicting_parts": v.conflicts.iter().map(|c| (format!("{}/{}", c.port.port, c.port.protocol), json!(c.parts))).collect::<serde_json::Map<_, _>>(),
                             "version": v.version,
                         })
                     })

@@ -207,10 +207,6 @@ async fn hotplug_into_a_real_guest_and_unplug() {
         0,
         "lease kept"
     );
-    assert!(rig
-        .agent
-        .log()
-        .contains(&format!("detached NIC {names_id}")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,11 +302,6 @@ async fn qemu_restart_releases_the_lost_nics() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(host_links(&format!("nlh{}", nic.id)).is_empty(), "tap left");
-    assert!(
-        rig.agent.log().contains("reconnected"),
-        "{}",
-        rig.agent.log()
-    );
     // And the new QEMU serves attaches.
     let n2 = c
         .attach_nic(ctx(), &attach_req("reborn"))
@@ -385,5 +376,4 @@ async fn kill9_of_the_agent_leaks_no_tap_device_or_lease() {
             .collect();
         assert_eq!(taps, ids, "round {round}: taps vs records");
     }
-    assert!(rig.agent.log().matches("recovered:").count() > rounds);
 }
