@@ -411,10 +411,12 @@ impl Agent {
             self.records.persist().await?;
         }
         vm.backend.unplug(id).await?;
-        if let Some(gone) = self.records.apply(id, Event::Unplugged) {
+        let gone = self.records.apply(id, Event::Unplugged);
+        self.records.persist().await?;
+        if let Some(gone) = gone {
             self.forget_neighbours(&gone).await;
         }
-        self.records.persist().await
+        Ok(())
     }
 
     /// Removes the host's neighbour entries for a BrFusion NIC's addresses
