@@ -453,8 +453,12 @@ fn a_lost_reply_is_asked_again_and_gets_the_same_nic() {
     );
     // One NIC, attached once: the retry got the same NIC.
     assert_eq!(leases(&rig), 1, "{}", rig.agent.state());
-    assert_eq!(rig.agent.log().matches("attached NIC").count(), 1);
     let ip = out.stdout["ips"][0]["address"].as_str().unwrap().to_owned();
+    assert_eq!(
+        out.stdout["interfaces"][0]["mac"],
+        rig.agent.state()["nics"][0]["mac"],
+        "the pod has the one NIC the agent attached"
+    );
     let addr = check(&[
         "ip", "-n", &pod.name, "-o", "-4", "addr", "show", "dev", "eth0",
     ]);

@@ -220,13 +220,6 @@ fn brfusion_pods_across_two_vms() {
     for (node, rec) in [(n0, &rec0), (n1, &rec1)] {
         let ids = node.pci_device_ids();
         assert!(!ids.contains(&format!("nl-{}", rec.id)), "{ids:?}");
-        assert!(
-            c.agent()
-                .log()
-                .contains(&format!("detached NIC {}", rec.id)),
-            "agent log:\n{}",
-            c.agent().log()
-        );
         assert!(!c.bridge().ports().contains(&format!("nlh{}", rec.id)));
         assert_eq!(
             node.stray_links(),
@@ -443,11 +436,6 @@ fn agent_kill9_during_pod_creation_leaks_nothing() {
         outcomes.push((round, created.is_ok()));
     }
     eprintln!("[e2e] outcomes: {outcomes:?}");
-    let recoveries = c.agent().log().matches("recovered:").count();
-    assert!(
-        recoveries > rounds.len(),
-        "{recoveries} recoveries in the agent log"
-    );
 }
 
 #[test]
