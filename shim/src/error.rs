@@ -101,9 +101,9 @@ pub enum ShimError {
     Network {
         /// The sandbox.
         sandbox_id: String,
-        /// Why.
+        /// Why (boxed: the pod network's errors carry several names).
         #[source]
-        source: PodNetError,
+        source: Box<PodNetError>,
     },
     /// A helper of the containerd-shim crate failed (mounts, sockets).
     #[error("{context}")]
@@ -213,19 +213,19 @@ mod tests {
         );
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::Client(ClientError::AgentUnavailable {
+            source: Box::new(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "refused".into(),
-            }),
+            })),
         };
         assert_eq!(e.code(), Code::UNAVAILABLE);
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::Client(ClientError::AgentRefused {
+            source: Box::new(PodNetError::Client(ClientError::AgentRefused {
                 op: "AttachNic",
                 code: Code::RESOURCE_EXHAUSTED,
                 message: "VM vm1 has 4 NICs (max_nics = 4)".into(),
-            }),
+            })),
         };
         assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
         match ttrpc::Error::from(e) {

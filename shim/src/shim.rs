@@ -277,10 +277,13 @@ async fn cleanup_dead_shim(id: &str, namespace: &str, bundle: &Path) {
         }
     }
     rootfs::unmount(bundle).await;
-    if let Some(sandbox_id) = record.as_ref().and_then(|r| r.network_sandbox.as_deref()) {
-        match podnet::from_config(&config).teardown(sandbox_id).await {
-            Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
-            Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
+    if let Some(r) = record.as_ref() {
+        if let Some(sandbox_id) = r.network_sandbox.as_deref() {
+            let sandbox = podnet::SandboxRef::new(r.network_scope.clone(), sandbox_id);
+            match podnet::from_config(&config).teardown(&sandbox).await {
+                Ok(()) => info!("pod network of sandbox {sandbox} released"),
+                Err(e) => warn!("cannot release the pod network of sandbox {sandbox}: {e}"),
+            }
         }
     }
     Record::remove(bundle);

@@ -87,6 +87,7 @@ pub async fn join(
                 return Err(HostloError::Agent(ClientError::BadNic {
                     id: nic.id.clone(),
                     reason: "segment NIC without an IPv4 address".into(),
+                    created: true,
                 }))
             }
         };

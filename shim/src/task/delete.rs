@@ -83,10 +83,10 @@ impl TaskService {
             oom.abort();
         }
         if let Some(net) = network {
-            if let Err(e) = net.backend.teardown(&net.sandbox_id).await {
+            if let Err(e) = net.backend.teardown(&net.sandbox).await {
                 warn!(
                     "container {id}: releasing the pod network of sandbox {} failed (deleting anyway): {e}",
-                    net.sandbox_id
+                    net.sandbox
                 );
             }
         }

@@ -28,7 +28,7 @@ use crate::{
     error::{Result, ShimError},
     events::RecordedEvents,
     options::RUNTIME_OPTIONS_TYPE,
-    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
+    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork, SandboxRef},
     reaper::Reaper,
     runc::{CreateOpts, ExecOpts, Runtime},
     stdio::ChildStdio,
@@ -161,7 +161,7 @@ struct FakeNet(World);
 #[async_trait]
 impl PodNetwork for FakeNet {
     async fn setup(&self, req: &PodNetRequest) -> std::result::Result<PodNetInfo, PodNetError> {
-        self.0.note(format!("setup {}", req.sandbox_id));
+        self.0.note(format!("setup {}", req.sandbox));
         if self.0.failing("setup") {
             return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
@@ -182,8 +182,8 @@ impl PodNetwork for FakeNet {
         })
     }
 
-    async fn teardown(&self, sandbox_id: &str) -> std::result::Result<(), PodNetError> {
-        self.0.note(format!("teardown {sandbox_id}"));
+    async fn teardown(&self, sandbox: &SandboxRef) -> std::result::Result<(), PodNetError> {
+        self.0.note(format!("teardown {sandbox}"));
         Ok(())
     }
 }
@@ -376,7 +376,7 @@ async fn a_created_owner_has_its_rootfs_runc_container_record_and_network() {
     let h = Harness::new();
     let pid = h.create("c1", true).await.unwrap().pid;
     assert_eq!(pid, INIT_PID);
-    assert_eq!(h.world.take(), ["mount", "runc create", "setup c1"]);
+    assert_eq!(h.world.take(), ["mount", "runc create", "setup test/c1"]);
     assert!(h.dir.path().join("c1").join(RECORD_FILE).is_file());
     assert_eq!(h.events.topics(), ["/tasks/create"]);
     assert_eq!(h.status("c1", "").await, api::Status::CREATED);
@@ -476,13 +476,14 @@ async fn a_failed_record_deletes_the_runc_container_and_unmounts() {
     .await;
 }
 
-/// What a create whose pod network setup fails does, and undoes.
+/// What a create whose pod network setup fails does, and undoes: no
+/// teardown, since a failed setup gives back what it made itself, and a NIC
+/// the sandbox already had (CNI's) is not the create's to release.
 const AFTER_A_FAILED_SETUP: &[&str] = &[
     "mount",
     "runc create",
-    "setup c1",
+    "setup test/c1",
     "runc delete --force",
-    "teardown c1",
     "unmount",
 ];
 
@@ -493,7 +494,7 @@ async fn a_failed_network_undoes_everything_before_it() {
     let e = h.create("c1", true).await.unwrap_err();
     let msg = message(&e);
     assert!(
-        msg.contains("pod network of sandbox c1") && msg.contains("injected failure"),
+        msg.contains("pod network of sandbox test/c1") && msg.contains("injected failure"),
         "{msg}"
     );
     assert_eq!(code(e), Code::UNAVAILABLE);
@@ -645,7 +646,7 @@ async fn a_container_lives_by_the_state_table() {
             "runc ps",
             "runc kill 9",
             "runc delete",
-            "teardown c1",
+            "teardown test/c1",
             "unmount",
         ]
     );
