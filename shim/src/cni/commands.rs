@@ -25,7 +25,7 @@ use crate::{
     config::{InterfaceName, ShimConfig},
     podnet::{
         attach::{attach_and_plug, AttachRequest},
-        guest::{self, NicSpec},
+        guest::{self, NicSpec, NicState},
         PodNetError,
     },
 };
@@ -96,25 +96,32 @@ pub async fn cmd_check(env: &CniEnv, conf: &NetConf, cfg: &ShimConfig) -> Result
         })?;
     let nic = listed.nic?;
     let spec = NicSpec::for_nic(&nic, &ifname);
-    let netns = std::path::PathBuf::from(&env.netns);
-    let ok = tokio::task::spawn_blocking(move || {
-        guest::in_netns(&netns, move |h| async move {
-            guest::check_configured(&h, &spec).await
-        })
-    })
-    .await
-    .map_err(|e| CniError::new(CniCode::Internal, e.to_string()))?
-    .map_err(PodNetError::from)?;
-    if !ok {
-        return Err(CniError::new(
+    let pod = guest::Netlink::open(Path::new(&env.netns)).map_err(PodNetError::from)?;
+    let not = |why: String| {
+        CniError::new(
             CniCode::Internal,
             format!(
-                "NIC {} ({}) is not configured as {ifname} in {}",
+                "NIC {} ({}) is not configured as {ifname} in {}: {why}",
                 nic.id, nic.mac, env.netns
             ),
-        ));
+        )
+    };
+    match guest::check_configured(&pod, &spec)
+        .await
+        .map_err(PodNetError::from)?
+    {
+        NicState::Ready => Ok(String::new()),
+        NicState::Missing => Err(not("it is not in the namespace".into())),
+        NicState::Differs(why) => Err(not(why)),
+        NicState::DadFailed(ip) => Err(CniError::new(
+            CniCode::Internal,
+            guest::GuestNetError::DadFailed {
+                ifname: ifname.clone(),
+                ip,
+            }
+            .to_string(),
+        )),
     }
-    Ok(String::new())
 }
 
 /// STATUS: whether the agent answers (else the plugin is not available).
