@@ -228,6 +228,21 @@ mod tests {
             })),
         };
         assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
+        // The guest's failure reads once, without Debug noise.
+        let guest = ShimError::Network {
+            sandbox_id: "team-one/app".into(),
+            source: Box::new(PodNetError::Guest(
+                crate::podnet::guest::GuestNetError::Route {
+                    route: "fd00:20::/64 via fd00:20::1".into(),
+                    error: std::io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+                },
+            )),
+        };
+        assert_eq!(
+            guest.chain(),
+            "pod network of sandbox team-one/app: cannot add route fd00:20::/64 via fd00:20::1: \
+             No route to host (os error 113)"
+        );
         match ttrpc::Error::from(e) {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::RESOURCE_EXHAUSTED);

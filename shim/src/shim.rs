@@ -163,9 +163,12 @@ impl Shim for NestlessShim {
         let _ = tokio::time::timeout(SERVE_TIMEOUT, out.read_to_end(&mut sink)).await;
         if !socket_serves(&path) {
             let _ = child.kill();
-            let status = child.wait().ok();
+            let ended = match child.wait() {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
             return Err(other(format!(
-                "the serving shim (pid {pid}) does not listen on {address} (exit status {status:?})"
+                "the serving shim (pid {pid}) does not listen on {address} ({ended})"
             )));
         }
 

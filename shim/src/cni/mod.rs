@@ -160,9 +160,21 @@ impl From<PodNetError> for CniError {
     fn from(e: PodNetError) -> CniError {
         match e {
             PodNetError::Client(e) => e.into(),
-            other => CniError::new(CniCode::Internal, other.to_string()),
+            other => CniError::new(CniCode::Internal, chain(&other)),
         }
     }
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// The CNI environment of one invocation.
@@ -521,6 +533,29 @@ mod tests {
         assert_eq!(e.code, CniCode::TryAgainLater);
         let e = CniError::from(PodNetError::from(ClientError::BadReply("no NIC".into())));
         assert_eq!(e.code, CniCode::Internal);
+        // A failure's causes are part of the message, each once.
+        let e = CniError::from(PodNetError::from(crate::hostlo::HostloError::Annotation {
+            key: crate::hostlo::PART_ANNOTATION,
+            reason: "\"x\" is not a part number".into(),
+        }));
+        assert_eq!(
+            e.msg,
+            "cannot join the Hostlo pod: annotation io.nestless.hostlo/part: \"x\" is not a part number"
+        );
+        let e = CniError::from(PodNetError::from(
+            crate::podnet::guest::GuestNetError::Route {
+                route: crate::podnet::guest::route_text(
+                    "0.0.0.0".parse().unwrap(),
+                    0,
+                    Some("10.0.0.1".parse().unwrap()),
+                ),
+                error: std::io::Error::from_raw_os_error(libc::ENETUNREACH),
+            },
+        ));
+        assert_eq!(
+            e.msg,
+            "cannot add route default via 10.0.0.1: Network is unreachable (os error 101)"
+        );
     }
 
     #[test]

@@ -271,10 +271,14 @@ impl Runner {
             Ok(conflicts) => {
                 for c in conflicts {
                     log::warn!(
-                        "hostlo {}: port {} is served by parts {:?}: conflict, not relayed",
+                        "hostlo {}: port {} is served by parts {}: conflict, not relayed",
                         self.spec.pod,
                         c.port,
                         c.parts
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
                 log::info!(

@@ -58,7 +58,7 @@ pub enum PodNetError {
     #[error(transparent)]
     Client(#[from] ClientError),
     /// Joining the sandbox's Hostlo pod failed (or its annotations are wrong).
-    #[error("Hostlo")]
+    #[error("cannot join the Hostlo pod")]
     Hostlo(#[from] HostloError),
     /// Plugging the NIC into the pod failed.
     #[error(transparent)]

@@ -76,7 +76,7 @@ fn err(op: &'static str, what: impl Into<String>, errno: i32) -> GuestNetError {
     GuestNetError::Netlink {
         op,
         what: what.into(),
-        source: std::io::Error::from_raw_os_error(errno),
+        error: std::io::Error::from_raw_os_error(errno),
     }
 }
 
@@ -466,7 +466,7 @@ impl NsLinks for FakeNs {
             })
             .ok_or_else(|| GuestNetError::Sysctl {
                 key: key.to_owned(),
-                source: std::io::ErrorKind::NotFound.into(),
+                error: std::io::ErrorKind::NotFound.into(),
             })
     }
 

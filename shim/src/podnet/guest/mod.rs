@@ -138,7 +138,9 @@ pub fn route_text(destination: IpAddr, prefix: u8, via: Option<IpAddr>) -> Strin
     }
 }
 
-/// Guest-side failures.
+/// Guest-side failures. The kernel's answer (an `io::Error`) is part of each
+/// message, and not a separate cause, so that a chain of causes does not say
+/// it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestNetError {
     /// The NIC did not show up.
@@ -164,46 +166,46 @@ pub enum GuestNetError {
         want: String,
     },
     /// A network namespace could not be used.
-    #[error("cannot use network namespace {}: {source}", path.display())]
+    #[error("cannot use network namespace {}: {error}", path.display())]
     Netns {
         /// The namespace.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A netlink request failed.
-    #[error("cannot {op} {what}: {source}")]
+    #[error("cannot {op} {what}: {error}")]
     Netlink {
         /// What was being done.
         op: &'static str,
         /// On what.
         what: String,
         /// The kernel's answer.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A route could not be added.
-    #[error("cannot add route {route}: {source}")]
+    #[error("cannot add route {route}: {error}")]
     Route {
         /// The route, as `ip route` writes it.
         route: String,
         /// The kernel's answer.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A setting under `/proc/sys/net` could not be read or written.
-    #[error("cannot use /proc/sys/net/{key}: {source}")]
+    #[error("cannot use /proc/sys/net/{key}: {error}")]
     Sysctl {
         /// The key, e.g. `ipv4/conf/eth0/arp_notify`.
         key: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// An address could not be announced to the neighbours.
-    #[error("cannot announce {ip}: {source}")]
+    #[error("cannot announce {ip}: {error}")]
     Announce {
         /// The address.
         ip: IpAddr,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Duplicate address detection found the address in use on the link.
     #[error(
@@ -229,7 +231,7 @@ pub enum GuestNetError {
 
 impl GuestNetError {
     fn is_busy(&self) -> bool {
-        matches!(self, Self::Netlink { source, .. } if source.raw_os_error() == Some(libc::EBUSY))
+        matches!(self, Self::Netlink { error, .. } if error.raw_os_error() == Some(libc::EBUSY))
     }
 }
 

@@ -52,15 +52,15 @@ fn nl(op: &'static str, what: impl Into<String>) -> impl FnOnce(rtnetlink::Error
     move |e| GuestNetError::Netlink {
         op,
         what,
-        source: io_of(e),
+        error: io_of(e),
     }
 }
 
-fn open_failed(source: std::io::Error) -> GuestNetError {
+fn open_failed(error: std::io::Error) -> GuestNetError {
     GuestNetError::Netlink {
         op: "open",
         what: "a netlink socket".into(),
-        source,
+        error,
     }
 }
 
@@ -74,9 +74,9 @@ struct Namespace {
 
 impl Namespace {
     fn open(path: &Path) -> Result<Namespace, GuestNetError> {
-        let file = File::open(path).map_err(|source| GuestNetError::Netns {
+        let file = File::open(path).map_err(|error| GuestNetError::Netns {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Ok(Namespace {
             file: Some(Arc::new(file)),
@@ -96,7 +96,7 @@ impl Namespace {
             .await
             .map_err(|e| GuestNetError::Netns {
                 path: self.path.clone(),
-                source: std::io::Error::other(format!("namespace worker failed: {e}")),
+                error: std::io::Error::other(format!("namespace worker failed: {e}")),
             })?
     }
 
@@ -114,7 +114,7 @@ impl Namespace {
                 nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                     |e| GuestNetError::Netns {
                         path: path.clone(),
-                        source: e.into(),
+                        error: e.into(),
                     },
                 )?;
                 f()
@@ -123,7 +123,7 @@ impl Namespace {
             .unwrap_or_else(|_| {
                 Err(GuestNetError::Netns {
                     path: path.clone(),
-                    source: std::io::Error::other("namespace worker thread panicked"),
+                    error: std::io::Error::other("namespace worker thread panicked"),
                 })
             })
         })
@@ -204,7 +204,7 @@ impl Netlink {
         {
             return Err(GuestNetError::Sysctl {
                 key: key.to_owned(),
-                source: std::io::ErrorKind::InvalidInput.into(),
+                error: std::io::ErrorKind::InvalidInput.into(),
             });
         }
         Ok(Path::new("/proc/sys/net").join(key))
@@ -342,9 +342,9 @@ impl NsLinks for Netlink {
     }
 
     async fn move_to(&self, index: u32, target: &Path, name: &str) -> Result<(), GuestNetError> {
-        let ns = File::open(target).map_err(|source| GuestNetError::Netns {
+        let ns = File::open(target).map_err(|error| GuestNetError::Netns {
             path: target.to_path_buf(),
-            source,
+            error,
         })?;
         let msg = LinkUnspec::new_with_index(index)
             .setns_by_fd(ns.as_raw_fd())
@@ -434,7 +434,7 @@ impl NsLinks for Netlink {
             (_, Some(g)) => {
                 return Err(GuestNetError::Route {
                     route: super::route_text(destination, prefix, via),
-                    source: std::io::Error::other(format!(
+                    error: std::io::Error::other(format!(
                         "the gateway {g} is not of the destination's family"
                     )),
                 })
@@ -445,7 +445,7 @@ impl NsLinks for Netlink {
             Err(e) if exists(&e) => Ok(()),
             Err(e) => Err(GuestNetError::Route {
                 route: super::route_text(destination, prefix, via),
-                source: io_of(e),
+                error: io_of(e),
             }),
         }
     }
@@ -457,7 +457,7 @@ impl NsLinks for Netlink {
             .run(move || {
                 std::fs::read_to_string(&path)
                     .map(|s| s.trim().to_owned())
-                    .map_err(|source| GuestNetError::Sysctl { key, source })
+                    .map_err(|error| GuestNetError::Sysctl { key, error })
             })
             .await
     }
@@ -467,7 +467,7 @@ impl NsLinks for Netlink {
         let (key, value) = (key.to_owned(), value.to_owned());
         self.ns
             .run(move || {
-                std::fs::write(&path, value).map_err(|source| GuestNetError::Sysctl { key, source })
+                std::fs::write(&path, value).map_err(|error| GuestNetError::Sysctl { key, error })
             })
             .await
     }
@@ -479,7 +479,7 @@ impl NsLinks for Netlink {
                     IpAddr::V4(v4) => announce::send_garp(index, mac, v4),
                     IpAddr::V6(v6) => announce::send_na(index, mac, v6),
                 }
-                .map_err(|source| GuestNetError::Announce { ip, source })
+                .map_err(|error| GuestNetError::Announce { ip, error })
             })
             .await
     }
