@@ -482,9 +482,12 @@ fn shipped_configs_name_our_runtime_and_plugin() {
         "cniVersion {version}"
     );
     let plugins = conflist["plugins"].as_array().unwrap();
-    assert_eq!(plugins.len(), 1);
+    assert_eq!(plugins.len(), 2);
     assert_eq!(plugins[0]["type"], "nestless-cni");
     assert_eq!(plugins[0]["shimConfig"], "/etc/nestless/shim.toml");
+    // hostPort mappings: the portmap plugin, chained after ours (its prevResult).
+    assert_eq!(plugins[1]["type"], "portmap");
+    assert_eq!(plugins[1]["capabilities"]["portMappings"], true);
     // The shim config it names is the shipped example's location, and the example parses.
     let shim = nestless_shim::config::ShimConfig::load(&root.join("config/shim.toml"));
     assert!(shim.is_ok(), "{:?}", shim.err());
