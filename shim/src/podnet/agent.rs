@@ -73,12 +73,14 @@ impl PodNetwork for AgentNetwork {
         .await?;
         let nic = &attached.nic;
         if let Some(spec) = hostlo {
+            let pod_ips: Vec<_> = nic.addresses.iter().map(|a| a.ip).collect();
             match hostlo::part::join(
                 &self.agent,
                 self.network.nic_wait,
                 &spec,
                 &req.sandbox.id,
                 &req.netns,
+                &pod_ips,
             )
             .await
             {
