@@ -606,6 +606,13 @@ fn ipv6_is_usable_when_add_returns() {
         );
         let chk = cni(&rig, "CHECK", &sb, &pod.path(), json!({}));
         assert!(chk.ok, "CHECK: {}", chk.stdout);
+        // The pod takes eth0 down and up: its IPv6 address stays (keep_addr_on_down).
+        check(&["ip", "-n", &pod.name, "link", "set", "eth0", "down"]);
+        check(&["ip", "-n", &pod.name, "link", "set", "eth0", "up"]);
+        assert!(
+            !addr_line(&pod, "eth0", &v6).is_empty(),
+            "{v6} went with the link"
+        );
         assert!(cni(&rig, "DEL", &sb, &pod.path(), json!({})).ok);
     }
 }

@@ -8,7 +8,7 @@
 //!   ethN: netns = pod, name = eth0  ────────▶  one request: the kernel takes it down,
 //!                                              moves and names it (no rename of an up link)
 //! pod's namespace:
-//!   arp_notify, ndisc_notify; short DAD timer (IPv6)
+//!   arp_notify, ndisc_notify; short DAD timer, keep_addr_on_down (IPv6)
 //!   mtu, addresses, up; lo up
 //!   wait (link and address events): link running, every IPv6 address past DAD
 //!     (dadfailed: the attach fails)
@@ -419,6 +419,15 @@ pub async fn configure(
             &format!("ipv6/conf/{ifname}/router_solicitation_delay"),
             "0",
             "DAD starts after a random delay",
+        )
+        .await;
+        // IPv6 addresses go when a link goes down, unless told to stay: a pod that
+        // takes eth0 down and up again would keep IPv4 only.
+        try_sysctl(
+            ns,
+            &format!("ipv6/conf/{ifname}/keep_addr_on_down"),
+            "1",
+            "IPv6 addresses are lost when the link goes down",
         )
         .await;
         let key = format!("ipv6/neigh/{ifname}/retrans_time_ms");

@@ -202,6 +202,10 @@ async fn the_plug_returns_once_ipv6_has_passed_dad_with_a_short_timer() {
         Some("1")
     );
     assert_eq!(
+        k.sysctl(POD, "ipv6/conf/eth0/keep_addr_on_down").as_deref(),
+        Some("1")
+    );
+    assert_eq!(
         k.sysctl(POD, "ipv4/conf/eth0/arp_notify").as_deref(),
         Some("1")
     );
