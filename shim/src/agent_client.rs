@@ -315,9 +315,10 @@ pub struct AttachArgs<'a> {
 pub struct Attached {
     /// The NIC.
     pub nic: Nic,
-    /// True when this call plugged it; false when the sandbox already had it
-    /// (a retry, or the shim after nestless-cni): then it is not the
-    /// caller's to give back when something fails.
+    /// True when this call plugged it (also when the call had to ask again
+    /// after a lost reply: the first attempt may have made it); false when the
+    /// sandbox already had it (the shim after nestless-cni, a kubelet retry):
+    /// then it is not the caller's to give back when something fails.
     pub created: bool,
 }
 
@@ -577,16 +578,20 @@ impl AgentClient {
             labels: args.labels.clone(),
             ..Default::default()
         };
+        let mut retried = false;
         let resp = match self.client.attach_nic(self.ctx(), &req).await {
             Err(e) if is_transport(&e) => {
                 log::warn!("sandbox {sandbox}: AttachNic: {e}; asking again");
+                retried = true;
                 let again = AgentClient::connect(&self.endpoint).await?;
                 again.client.attach_nic(again.ctx(), &req).await
             }
             other => other,
         }
         .map_err(|e| self.refused("AttachNic", e))?;
-        let created = resp.created;
+        // After a lost reply, "already there" may well be the NIC the first
+        // attempt made: it counts as this call's (it is this sandbox's either way).
+        let created = resp.created || retried;
         let pb_nic = resp
             .nic
             .into_option()

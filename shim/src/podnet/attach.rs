@@ -274,6 +274,73 @@ mod tests {
         assert_eq!(agent.nics()[0].3, first.nic.id);
     }
 
+    /// A unix socket in front of `agent` that loses the reply to the first
+    /// connection's first request (the agent restarting under it looks the
+    /// same to the caller); later connections pass through.
+    fn lossy_proxy(agent: &FakeAgent, dir: &Path) -> crate::config::AgentEndpoint {
+        use tokio::{
+            io::{AsyncReadExt, AsyncWriteExt},
+            net::{UnixListener, UnixStream},
+        };
+        let crate::config::AgentAddress::Unix(upstream) = agent.endpoint().address else {
+            unreachable!("the fake listens on a unix socket")
+        };
+        let path = dir.join("proxy.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((client, _)) = listener.accept().await {
+                let agent = UnixStream::connect(&upstream).await.unwrap();
+                let (mut c_in, mut c_out) = client.into_split();
+                let (mut a_in, mut a_out) = agent.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut c_in, &mut a_out).await;
+                });
+                if std::mem::take(&mut first) {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = a_in.read(&mut buf).await;
+                        let _ = c_out.shutdown().await;
+                    });
+                } else {
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut a_in, &mut c_out).await;
+                    });
+                }
+            }
+        });
+        let mut e = agent.endpoint();
+        e.address = crate::config::AgentAddress::Unix(path);
+        e
+    }
+
+    #[tokio::test]
+    async fn a_nic_whose_reply_was_lost_is_given_back_when_the_plug_fails() {
+        // The first attempt made the NIC, its reply was lost; the retry hears
+        // "already there" (created = false). It is this call's all the same.
+        let agent = FakeAgent::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let client = AgentClient::connect(&lossy_proxy(&agent, dir.path()))
+            .await
+            .unwrap();
+        let labels = HashMap::new();
+        let sb = SandboxRef::new("default", "lossy");
+        let failing = FailingPlug(Mutex::new(vec!["eth0".into()]));
+        attach_and_plug_with(&client, &request(&sb, "eth0", &labels), &failing)
+            .await
+            .unwrap_err();
+        let calls = agent.take_calls();
+        assert_eq!(
+            calls[..2],
+            ["attach default/lossy/eth0", "attach default/lossy/eth0"]
+        );
+        assert!(calls[2].starts_with("detach nic "), "{calls:?}");
+        assert!(
+            agent.nics().is_empty(),
+            "the NIC outlived the failed attach"
+        );
+    }
+
     #[tokio::test]
     async fn an_agent_that_ignores_scope_and_interface_is_refused_untouched() {
         // An agent keyed by sandbox id alone answers team-two/app with
