@@ -467,3 +467,93 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
         assert!(host_links(&segment_bridge(pod)).is_empty(), "{pod}");
     }
 }
+
+/// Hostlo over IPv6 on a dual-stack network: localhost is ::1 as well as
+/// 127.0.0.1 in every part, a service bound to ::1 only is reached from the
+/// other part over both, and part 0's IPv6 pod address reaches it from outside.
+#[test]
+fn hostlo_over_ipv6() {
+    require_root();
+    assert!(
+        run(&["socat", "-V"]).status.success(),
+        "socat is required (apt install socat)"
+    );
+    let net = random_subnet();
+    let octets: Vec<&str> = net.split('.').collect();
+    let net6 = format!("fd4e:{}:{}::", octets[1], octets[2]);
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    check(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{net6}1/64"),
+        "dev",
+        &bridge.name,
+        "nodad",
+    ]);
+    let vms = [Netns::new("h6a"), Netns::new("h6b")];
+    let pods = [Netns::new("p6a"), Netns::new("p6b")];
+    let agent = AgentProc::start(|dir| {
+        let mut s = AgentProc::agent_section(dir);
+        s += &format!(
+            "[[network]]\nname = \"t\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n\
+             subnet6 = \"{net6}/64\"\ngateway6 = \"{net6}1\"\n",
+            bridge.name
+        );
+        for (i, vm) in vms.iter().enumerate() {
+            s += &format!("[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\n", vm.name, dir.display());
+        }
+        s
+    });
+    let pod_name = format!("v6-{}", suffix());
+    let p0 = Part::start(&agent, &vms[0], 0, &pods[0], &pod_name, 0, &[]);
+    let p1 = Part::start(&agent, &vms[1], 1, &pods[1], &pod_name, 1, &[]);
+    let pod_ip6 = p0.ready["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find(|a| a.contains(':'))
+        .expect("part 0 has an IPv6 address")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // Part 1 serves TCP 8081 on ::1 only.
+    let _svc = Service::start(
+        &pods[1],
+        &["TCP6-LISTEN:8081,bind=[::1],reuseaddr,fork", "EXEC:cat"],
+    );
+    wait_for(&agent, "part 1's port published", |v| {
+        has_port(v, "1:8081/tcp")
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while talk(&pods[0], "TCP6:[::1]:8081", "x") != "x" {
+        assert!(
+            Instant::now() < deadline,
+            "no relay for 8081 on ::1:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(talk(&pods[0], "TCP6:[::1]:8081", "over-v6"), "over-v6");
+    // An IPv4 client reaches the IPv6-only service too (the mux delivers to ::1).
+    assert_eq!(talk(&pods[0], "TCP:127.0.0.1:8081", "from-v4"), "from-v4");
+    // From outside, over IPv6, to part 0's pod address.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo outside6 | socat -t 3 - TCP6:[{pod_ip6}]:8081"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "outside6",
+        "outside -> [{pod_ip6}]:8081: {out:?}"
+    );
+    p0.stop();
+    p1.stop();
+    assert_eq!(view(&agent), Value::Array(vec![]));
+}

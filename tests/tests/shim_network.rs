@@ -377,7 +377,9 @@ fn ctr_container_gets_the_agents_nic_and_gives_it_back() {
     rig.assert_nothing_left();
     // The shim's log reaches containerd's through a pipe: wait for it.
     wait_until("the shim logs the release", Duration::from_secs(10), || {
-        rig.c.log().contains(&format!("sandbox {id}: NIC released"))
+        rig.c
+            .log()
+            .contains(&format!("sandbox {}/{id}: NICs released", rig.ns))
     });
 }
 
@@ -551,9 +553,10 @@ fn killed_shim_is_cleaned_up_by_delete_which_releases_the_nic() {
         "containerd logs the release",
         Duration::from_secs(10),
         || {
-            rig.c
-                .log()
-                .contains("pod network of sandbox orphan released")
+            rig.c.log().contains(&format!(
+                "pod network of sandbox {}/orphan released",
+                rig.ns
+            ))
         },
     );
     let _ = rig.ctr(&["task", "rm", "orphan"]);
@@ -601,8 +604,10 @@ fn delete_with_the_agent_down_completes_and_the_agent_releases_on_return() {
         Duration::from_secs(10),
         || {
             let log = rig.c.log();
-            log.contains("releasing the pod network of sandbox lonely failed")
-                && log.contains(&address)
+            log.contains(&format!(
+                "releasing the pod network of sandbox {}/lonely failed",
+                rig.ns
+            )) && log.contains(&address)
         },
     );
     rig.c.assert_no_shim_left(&rig.ns, SHIM_GONE);
@@ -612,5 +617,82 @@ fn delete_with_the_agent_down_completes_and_the_agent_releases_on_return() {
     assert_eq!(rig.records().len(), 1);
     rig.agent.restart();
     assert!(rig.leases().is_empty(), "{:?}", rig.leases());
+    rig.assert_nothing_left();
+}
+
+/// One container id in two containerd namespaces is two sandboxes: two NICs, and
+/// the second never touches the first's. Needs the agent to key NICs by scope
+/// (issue 9, the agent's half).
+#[test]
+fn one_container_id_in_two_containerd_namespaces_gets_two_nics() {
+    let rig = rig();
+    let gw = format!("{}.1", rig.net);
+    let other = random_name("nl2");
+    rig.c.import_busybox(&other);
+    let id = "app";
+    rig.run_detached(id, &["sleep", "1000"]);
+    let args = rig.run_args(&rig.shim_toml, &["-d"], id, &["sleep", "1000"]);
+    rig.c.ctr_ok(&other, &strs(&args));
+    wait_until(
+        "app in the second namespace runs",
+        Duration::from_secs(10),
+        || {
+            rig.c
+                .ctr_ok(&other, &["task", "ls"])
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains("RUNNING"))
+        },
+    );
+
+    let records = rig.records();
+    assert_eq!(records.len(), 2, "one NIC per namespace: {records:?}");
+    assert_ne!(records[0]["mac"], records[1]["mac"]);
+    assert_ne!(records[0]["ipv4"], records[1]["ipv4"]);
+    let ping = |ns: &str, exec_id: &str| {
+        rig.c.ctr(
+            ns,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                exec_id,
+                id,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "3",
+                &gw,
+            ],
+        )
+    };
+    assert_eq!(
+        ping(&rig.ns, "p1").code,
+        0,
+        "the first app lost its network"
+    );
+    assert_eq!(ping(&other, "p2").code, 0, "the second app has no network");
+
+    // Deleting the second leaves the first its NIC.
+    rig.c.ctr_ok(&other, &["task", "kill", "-s", "SIGKILL", id]);
+    wait_until(
+        "app in the second namespace stops",
+        Duration::from_secs(10),
+        || {
+            rig.c
+                .ctr_ok(&other, &["task", "ls"])
+                .lines()
+                .any(|l| l.starts_with(id) && l.contains("STOPPED"))
+        },
+    );
+    rig.c.ctr_ok(&other, &["task", "rm", id]);
+    rig.c.ctr_ok(&other, &["container", "rm", id]);
+    assert_eq!(rig.records().len(), 1, "{:?}", rig.records());
+    assert_eq!(
+        ping(&rig.ns, "p3").code,
+        0,
+        "the first app lost its network"
+    );
+    rig.kill_and_remove(id);
     rig.assert_nothing_left();
 }
