@@ -99,7 +99,7 @@ integration_tests() {
 # counters that libFuzzer's coverage feedback reads, plus debug assertions and overflow checks.
 # That it really fuzzes is checked, not assumed: libFuzzer must report instrumentation counters
 # (none: blind random inputs) and each target must run FUZZ_MIN_EXECS executions.
-FUZZ_SECONDS=${NESTLESS_FUZZ_SECONDS:-60}
+FUZZ_SECONDS=${NESTLESS_FUZZ_SECONDS:-45}
 FUZZ_MIN_EXECS=${NESTLESS_FUZZ_MIN_EXECS:-1000}
 FUZZ=(--sanitizer none --debug-assertions --target-dir fuzz/target)
 fuzz_build() {

@@ -72,7 +72,9 @@ fn raw_calls(mut rest: &[u8]) -> Vec<(&'static str, Call)> {
 
 /// Text for a name field: mostly names the agent would take, sometimes any.
 fn text(u: &mut Unstructured<'_>) -> arbitrary::Result<String> {
-    const WORDS: [&str; 8] = ["sb-1", "sb-2", "web", "db", "a", "b", "", "x.y-z_0"];
+    const WORDS: [&str; 10] = [
+        "sb-1", "sb-2", "web", "db", "a", "b", "", "x.y-z_0", "eth0", "net1",
+    ];
     if u.ratio(1, 4)? {
         String::arbitrary(u)
     } else {
@@ -94,6 +96,8 @@ fn built(kind: u8, u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<u8>> {
             let mut m = pb::AttachNicRequest {
                 sandbox_id: text(u)?,
                 network: text(u)?,
+                scope: text(u)?,
+                interface: text(u)?,
                 ..Default::default()
             };
             for _ in 0..u.int_in_range(0..=3)? {
@@ -104,6 +108,8 @@ fn built(kind: u8, u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<u8>> {
         1 => pb::DetachNicRequest {
             nic_id: text(u)?,
             sandbox_id: text(u)?,
+            scope: text(u)?,
+            interface: text(u)?,
             ..Default::default()
         }
         .write_to_bytes(),

@@ -3,7 +3,7 @@
 //! ```text
 //! netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
 //!   ─▶ recover (bridges, reconcile, sweep)
-//!   ─▶ serve (every socket listens) ─▶ upkeep tasks ─▶ sd_notify READY=1
+//!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch ─▶ sd_notify READY=1
 //!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
 //! ```
 //!
@@ -17,7 +17,8 @@ use crate::{
     agent::{spawn_upkeep, Agent, ReconcileReport},
     config::Config,
     error::AgentError,
-    links::{owner_alias, Netlink},
+    links::{deleted_links, owner_alias, Netlink},
+    names::HOST_IF_PREFIX,
     server::{self, ServeError},
     stale::StalePolicy,
 };
@@ -90,7 +91,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         report.orphans
     );
     let running = server::serve(agent.clone()).await?;
-    let upkeep = spawn_upkeep(agent.clone(), UPKEEP_PERIOD);
+    let mut upkeep = spawn_upkeep(agent.clone(), UPKEEP_PERIOD);
+    // NICs whose host end someone deletes are released at once, rather
+    // than at the upkeep's next presence check.
+    match deleted_links(HOST_IF_PREFIX) {
+        Ok(mut deleted) => {
+            let agent = agent.clone();
+            upkeep.push(tokio::spawn(async move {
+                while let Some(name) = deleted.recv().await {
+                    agent.host_link_gone(&name);
+                }
+            }));
+        }
+        Err(e) => log::warn!(
+            "cannot watch link deletions ({e}): NICs removed behind the agent's back are found by the upkeep every {}s",
+            UPKEEP_PERIOD.as_secs()
+        ),
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     log::info!("ready: serving {} VM(s)", agent.vms().count());
 

@@ -76,6 +76,97 @@ impl fmt::Display for SandboxId {
     }
 }
 
+/// Longest scope accepted (containerd's limit on namespace names).
+pub const MAX_SCOPE: usize = 76;
+
+/// The namespace a sandbox id is unique in, checked: 0 to [`MAX_SCOPE`]
+/// characters of `[A-Za-z0-9_.-]`. The containerd namespace of a container
+/// the shim attaches outside CRI; empty for CRI sandboxes and CNI
+/// attachments, whose ids containerd makes unique across namespaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(String);
+
+impl Scope {
+    /// Checks `scope` (field `scope`).
+    pub fn parse(scope: &str) -> Result<Scope, Invalid> {
+        if scope.len() > MAX_SCOPE {
+            return Err(Invalid::new(
+                "scope",
+                format!("must be at most {MAX_SCOPE} characters"),
+            ));
+        }
+        if !scope
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(Invalid::new(
+                "scope",
+                format!("{scope:?} has characters outside [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(Scope(scope.to_string()))
+    }
+
+    /// The scope as text (empty for CRI and CNI).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The interface name a NIC takes in the pod when the request names none.
+pub const DEFAULT_IFNAME: &str = "eth0";
+
+/// Checks a Linux interface name as the kernel does (`dev_valid_name`):
+/// 1 to 15 bytes, not `.` or `..`, no `/`, `:`, whitespace or NUL.
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} is not 1 to 15 characters"));
+    }
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    Ok(())
+}
+
+/// The interface name a NIC takes in the pod (CNI_IFNAME), checked; an
+/// empty request field means [`DEFAULT_IFNAME`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfName(String);
+
+impl IfName {
+    /// Checks `name` (field `interface`); empty is [`DEFAULT_IFNAME`].
+    pub fn parse(name: &str) -> Result<IfName, Invalid> {
+        if name.is_empty() {
+            return Ok(IfName::default());
+        }
+        check_ifname(name).map_err(|reason| Invalid::new("interface", reason))?;
+        Ok(IfName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for IfName {
+    /// [`DEFAULT_IFNAME`].
+    fn default() -> IfName {
+        IfName(DEFAULT_IFNAME.to_string())
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A random unicast MAC under `prefix` (the first bytes of the address; at
 /// most 6). Without a prefix the address is locally administered.
 pub fn random_mac(prefix: &[u8]) -> MacAddr {
@@ -117,6 +208,23 @@ pub fn free_mac(prefix: &[u8], taken: impl Fn(&MacAddr) -> bool) -> Option<MacAd
             MacAddr(bytes)
         })
         .find(usable)
+}
+
+/// The MAC of a bridge the agent creates (a network's bridge with
+/// `manage_bridge`, a Hostlo segment): derived from its name (64-bit FNV-1a),
+/// locally administered and unicast. A bridge without a MAC of its own takes
+/// the lowest MAC of its ports, so removing one pod's port could change the
+/// gateway's MAC under every other pod; a MAC set once never changes.
+pub fn bridge_mac(name: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(*b"/bridge") {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&h.to_be_bytes()[2..]);
+    m[0] = (m[0] | 0x02) & 0xfe;
+    MacAddr(m)
 }
 
 /// The agent's id for a NIC: 10 lower-case hex digits.
@@ -309,6 +417,37 @@ mod tests {
             assert_eq!(e.field, "sandbox_id", "{bad}");
         }
         assert!(SandboxId::parse(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn bridge_macs_are_fixed_local_and_unicast() {
+        let m = bridge_mac("nlbr0");
+        assert_eq!(m, bridge_mac("nlbr0"), "stable");
+        assert_ne!(m, bridge_mac("nlbr1"));
+        for name in ["nlbr0", "nls0badf00d", "b", ""] {
+            let m = bridge_mac(name);
+            assert!(m.is_local() && !m.is_multicast(), "{name}: {m}");
+        }
+    }
+
+    #[test]
+    fn scope_rules() {
+        assert_eq!(Scope::parse("").unwrap().as_str(), "");
+        assert_eq!(Scope::parse("team-one").unwrap().as_str(), "team-one");
+        assert!(Scope::parse(&"n".repeat(76)).is_ok());
+        for bad in ["a/b", "team one", "k8s:io", &"n".repeat(77)] {
+            assert_eq!(Scope::parse(bad).unwrap_err().field, "scope", "{bad}");
+        }
+    }
+
+    #[test]
+    fn interface_rules() {
+        assert_eq!(IfName::parse("").unwrap().as_str(), "eth0", "empty is eth0");
+        assert_eq!(IfName::parse("net1").unwrap().as_str(), "net1");
+        assert!(IfName::parse(&"n".repeat(15)).is_ok());
+        for bad in [".", "..", "a/b", "a:b", "a b", &"n".repeat(16)] {
+            assert_eq!(IfName::parse(bad).unwrap_err().field, "interface", "{bad}");
+        }
     }
 
     #[test]

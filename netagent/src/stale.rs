@@ -268,7 +268,14 @@ pub enum LoadError {
 /// [`LoadError`].
 pub fn load(config: &Config, policy: StalePolicy) -> Result<(StateFile, Sorted), LoadError> {
     let state = StateFile::in_dir(&config.agent.state_dir);
-    let mut sorted = sort(config, state.load()?, state.path())?;
+    let saved = state.read()?;
+    let mut sorted = sort(config, saved.nics, state.path())?;
+    // Next-fit goes on where the previous run stopped (see `Ipam`).
+    for (network, last) in &saved.last_leased {
+        if let Some(ipam) = sorted.ipam.get_mut(network) {
+            ipam.resume_after(*last);
+        }
+    }
     if !sorted.misfits.is_empty() && policy == StalePolicy::Refuse {
         return Err(StaleRecords {
             state: state.path().to_path_buf(),
@@ -396,6 +403,14 @@ pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<So
                     });
                 }
             }
+            // What is left of the addresses never leased: IPv6 mirrors
+            // (of gateway6, outside subnet6, a reserved anycast address).
+            if let Some(why) = net.unleasable(rec.ipv4) {
+                return Some(Misfit::Ipv6 {
+                    network: net.name.clone(),
+                    what: format!("the address {} is never leased: {why}", rec.ipv4),
+                });
+            }
             None
         })();
         if let Some(misfit) = misfit {
@@ -474,6 +489,8 @@ mod tests {
             id: id.parse().unwrap(),
             vm: vm.into(),
             sandbox_id: format!("sb-{id}"),
+            scope: String::new(),
+            interface: "eth0".into(),
             network: network.into(),
             mac: MacAddr([0x52, 0x54, 0, 0, 0, mac]),
             ipv4: ipv4.parse().unwrap(),
@@ -537,6 +554,7 @@ mod tests {
                 rec("00000000c1", "vm1", "green", "10.40.0.10", 21),
                 "fd00:40::a",
             ),
+            rec("00000000c2", "vm1", "green", "10.40.0.9", 22),
         ];
         let s = sort(&cfg, records, Path::new("/var/lib/nestless/state.json")).unwrap();
         let fits: Vec<String> = s.fits.iter().map(|r| r.id.to_string()).collect();
@@ -574,6 +592,10 @@ mod tests {
             (
                 "00000000b4",
                 "has a part on network \"green\" too (NIC 00000000b0)",
+            ),
+            (
+                "00000000c2",
+                "10.40.0.9 is never leased: its IPv6 mirror fd00:40::9 is gateway6",
             ),
         ];
         assert_eq!(why.len(), expect.len(), "{why:#?}");

@@ -356,7 +356,9 @@ impl Agent {
                     pod.as_str(),
                     part.get(),
                 )),
+                scope: "",
                 sandbox_id: sandbox_id.as_str(),
+                interface: nestless_model::hostlo::SEGMENT_IFNAME,
                 labels: BTreeMap::new(),
                 pooled: false,
                 hostlo: Some(HostloRef {

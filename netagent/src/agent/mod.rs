@@ -8,9 +8,9 @@
 //! snapshot, so the file never goes back in time.
 //!
 //! ```text
-//! AttachNic(sandbox)                         DetachNic(nic)
+//! AttachNic(scope, sandbox, interface)       DetachNic(nic | scope, sandbox[, interface])
 //!   lock VM                                    lock VM
-//!   same sandbox attached? ─▶ return it        find the VM's record ─▶ NotFound
+//!   same attachment? ─▶ return it              find the VM's records ─▶ NotFound
 //!   quota, lease, MAC, id                      record Detaching, persist
 //!   record Attaching, persist                  backend.unplug (idempotent)
 //!   backend.plug ──fail──▶ drop record,        drop record, free lease, persist
@@ -46,14 +46,18 @@ mod stale_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{atomic::AtomicU64, Arc},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use tokio::sync::{Mutex, Notify};
 
 pub use attach::{
-    AttachRequest, Attached, Labels, NetworkName, NicSelector, MAX_LABELS, MAX_LABEL_LEN,
+    AttachRequest, Attached, Attachment, Labels, NetworkName, NicSelector, MAX_LABELS,
+    MAX_LABEL_LEN,
 };
 pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch};
 pub use recovery::{spawn_upkeep, ReconcileReport};
@@ -80,8 +84,12 @@ pub struct Vm {
     op: Mutex<()>,
     /// The backend's connection generation at the last reconciliation.
     seen_generation: AtomicU64,
-    /// Wakes the VM's upkeep task before its next tick (a warm NIC was taken).
+    /// Wakes the VM's upkeep task before its next tick (a warm NIC was
+    /// taken, a NIC's host end was deleted).
     upkeep: Notify,
+    /// The guest restarted since the last reconciliation: the NICs given
+    /// to sandboxes are released by the next one.
+    guest_restarted: AtomicBool,
 }
 
 impl Vm {
@@ -182,6 +190,7 @@ impl Agent {
                     op: Mutex::new(()),
                     seen_generation: AtomicU64::new(0),
                     upkeep: Notify::new(),
+                    guest_restarted: AtomicBool::new(false),
                 }),
             );
         }

@@ -31,9 +31,12 @@ impl Agent {
         let Some(before) = self.records.warm(vm.name(), &vm.config.network) else {
             return Ok(None);
         };
+        let key = &req.attachment;
         let claimed = self.records.update(&before.id, |r| {
             r.pooled = false;
-            r.sandbox_id = req.sandbox_id.as_str().to_string();
+            r.scope = key.scope.as_str().to_string();
+            r.sandbox_id = key.sandbox_id.as_str().to_string();
+            r.interface = key.interface.as_str().to_string();
             r.labels = req.labels.as_map().clone();
         });
         if let Err(e) = self.records.persist().await {
@@ -45,12 +48,11 @@ impl Agent {
             return Ok(None);
         };
         log::info!(
-            "VM {}: gave warm NIC {} ({}, {}) to sandbox {}",
+            "VM {}: gave warm NIC {} ({}, {}) to sandbox {key}",
             vm.name(),
             record.id,
             record.mac,
             record.ipv4,
-            record.sandbox_id
         );
         Ok(Some(record))
     }
@@ -71,7 +73,7 @@ impl Agent {
                 return Ok(plugged);
             }
             let rec = self
-                .plug_new(&vm, brfusion_nic(&vm, "", &BTreeMap::new(), true))
+                .plug_new(&vm, brfusion_nic(&vm, None, &BTreeMap::new()))
                 .await?;
             log::debug!("VM {vm_name}: warm NIC {} ({}) plugged", rec.id, rec.mac);
             plugged += 1;

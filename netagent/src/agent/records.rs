@@ -27,9 +27,9 @@ use crate::{
     hostlo::HostloRef,
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
-    names::{free_mac, NicId},
+    names::{free_mac, NicId, DEFAULT_IFNAME},
     stale::{self, LoadError, StalePolicy},
-    state::{NicRecord, StateError, StateFile},
+    state::{NicRecord, State, StateError, StateFile},
 };
 
 /// The records and leases, persisted to the state file.
@@ -54,8 +54,12 @@ pub(super) struct NewRecord<'a> {
     /// A preferred MAC (Hostlo: stable per pod and part, so that a restarted
     /// part's neighbours need not relearn it); random when taken or absent.
     pub mac: Option<MacAddr>,
+    /// The scope of the sandbox (see [`NicRecord::scope`]).
+    pub scope: &'a str,
     /// The sandbox; empty for a pooled NIC.
     pub sandbox_id: &'a str,
+    /// The interface name in the pod (see [`NicRecord::interface`]).
+    pub interface: &'a str,
     /// Labels from the request.
     pub labels: BTreeMap<String, String>,
     /// A warm-pool NIC.
@@ -135,6 +139,11 @@ impl Records {
             .collect()
     }
 
+    /// Record `id`, if any.
+    pub fn get(&self, id: &NicId) -> Option<NicRecord> {
+        self.lock().records.get(id).cloned()
+    }
+
     /// The ids of every record.
     pub fn ids(&self) -> Vec<NicId> {
         self.lock().records.keys().cloned().collect()
@@ -158,11 +167,6 @@ impl Records {
             .records
             .values()
             .any(|r| r.vm == vm && r.state != NicState::Attached)
-    }
-
-    /// VM `vm`'s BrFusion NIC of `sandbox_id` (pooled NICs have no sandbox).
-    pub fn for_sandbox(&self, vm: &str, sandbox_id: &str) -> Option<NicRecord> {
-        self.find_brfusion(vm, |r| r.sandbox_id == sandbox_id)
     }
 
     /// VM `vm`'s BrFusion NIC (pooled or not) that `matches`.
@@ -224,7 +228,9 @@ impl Records {
             .collect()
     }
 
-    /// The parts of Hostlo pod `pod` and the pod IP.
+    /// The parts of Hostlo pod `pod` and the pod IP: the address of the
+    /// `eth0` NIC of part 0's sandbox in the empty scope (CRI's pod NIC), in
+    /// part 0's VM.
     pub fn hostlo_pod(&self, pod: &str) -> PodRecords {
         let store = self.lock();
         let parts: Vec<NicRecord> = store
@@ -244,7 +250,9 @@ impl Records {
                         r.vm == p0.vm
                             && r.hostlo.is_none()
                             && !r.pooled
+                            && r.scope.is_empty()
                             && r.sandbox_id == p0.sandbox_id
+                            && r.interface == DEFAULT_IFNAME
                     })
                     .map(|r| r.ipv4)
             });
@@ -308,6 +316,8 @@ impl Records {
             id: id.clone(),
             vm: vm.name.clone(),
             sandbox_id: new.sandbox_id.to_string(),
+            scope: new.scope.to_string(),
+            interface: new.interface.to_string(),
             network: new.network.name.clone(),
             mac,
             ipv4,
@@ -340,9 +350,12 @@ impl Records {
         self.lock().records.insert(rec.id.clone(), rec);
     }
 
-    /// Moves record `id` along the lifecycle; returns it as it now is, or
-    /// `None` (logged) when it has no such transition or is gone.
-    pub fn set_state(&self, id: &NicId, event: Event) -> Option<NicRecord> {
+    /// Moves record `id` along the lifecycle ([`lifecycle::transition`]).
+    /// An event that ends the record's life (`Failed`, `Unplugged`) drops it
+    /// and frees its lease. Returns the record as it now is (or was, when
+    /// dropped); `None` when it is gone, or when the table refuses the event:
+    /// that one is a bug, and the only case logged as an error.
+    pub fn apply(&self, id: &NicId, event: Event) -> Option<NicRecord> {
         let mut store = self.lock();
         let rec = store.records.get_mut(id)?;
         match lifecycle::transition(Some(rec.state), event) {
@@ -350,8 +363,12 @@ impl Records {
                 rec.state = next;
                 Some(rec.clone())
             }
-            Ok(None) | Err(_) => {
-                log::error!("NIC {id}: event {event:?} in state {:?} ignored", rec.state);
+            Ok(None) => {
+                drop(store);
+                self.remove(id)
+            }
+            Err(refused) => {
+                log::error!("NIC {id}: {refused}; ignored");
                 None
             }
         }
@@ -375,10 +392,20 @@ impl Records {
     /// [`AgentError::State`] when the file cannot be written.
     pub async fn persist(&self) -> Result<(), AgentError> {
         let _g = self.save_lock.lock().await;
-        let snapshot: Vec<NicRecord> = self.lock().records.values().cloned().collect();
+        let snapshot = {
+            let store = self.lock();
+            State {
+                nics: store.records.values().cloned().collect(),
+                last_leased: store
+                    .ipam
+                    .iter()
+                    .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
+                    .collect(),
+            }
+        };
         let state = self.state.clone();
         let path = state.path().to_path_buf();
-        tokio::task::spawn_blocking(move || state.save(&snapshot))
+        tokio::task::spawn_blocking(move || state.write(snapshot))
             .await
             .map_err(|e| StateError::Io {
                 op: "write (the save task failed)",
@@ -401,5 +428,69 @@ impl Records {
             .ipam
             .get(network)
             .is_some_and(|i| i.is_leased(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agent::rig::{join, keyed, rig};
+
+    /// Issue 9, item 1: the pod IP of a Hostlo pod is the `eth0` NIC of
+    /// part 0's sandbox in the empty scope (CRI's), not a NIC of the same
+    /// sandbox id in a containerd namespace, nor its second interface.
+    #[tokio::test]
+    async fn hostlo_pod_ip_is_the_cri_eth0_of_part_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        r.agent
+            .attach("vm2", keyed("team-one", "sb0", "eth0"))
+            .await
+            .unwrap();
+        r.agent
+            .attach("vm2", keyed("", "sb0", "net1"))
+            .await
+            .unwrap();
+        let eth0 = r
+            .agent
+            .attach("vm2", keyed("", "sb0", ""))
+            .await
+            .unwrap()
+            .record;
+        let (_, view) = r
+            .agent
+            .hostlo_join("vm2", join("web", 0, "sb0"))
+            .await
+            .unwrap();
+        assert_eq!(view.pod_ip, Some(eth0.ipv4));
+    }
+
+    /// Next-fit goes on after the last address across a restart: the
+    /// state file keeps it.
+    #[tokio::test]
+    async fn a_restart_does_not_reuse_the_address_released_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let r = rig(dir.path(), "10.9.0.254");
+            let a = r
+                .agent
+                .attach("vm2", keyed("", "a", ""))
+                .await
+                .unwrap()
+                .record;
+            r.agent
+                .detach("vm2", crate::agent::NicSelector::Id(a.id.clone()))
+                .await
+                .unwrap();
+            a
+        };
+        let r = rig(dir.path(), "10.9.0.254");
+        let b = r
+            .agent
+            .attach("vm2", keyed("", "b", ""))
+            .await
+            .unwrap()
+            .record;
+        assert_ne!(b.ipv4, a.ipv4, "handed out again at once");
+        assert_eq!(u32::from(b.ipv4), u32::from(a.ipv4) + 1);
     }
 }

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::Agent;
 use crate::{
-    backend::BackendError,
+    backend::{BackendError, BackendEvent},
     error::AgentError,
     hostlo,
     lifecycle::{self, Presence, Recovery},
@@ -73,8 +73,14 @@ impl Agent {
         } else {
             ids.iter().map(|i| (i.clone(), Presence::Unknown)).collect()
         };
+        // A guest restart is forgotten only once a reachable backend was
+        // asked about every NIC.
+        let restarted = generation.is_some() && vm.guest_restarted.swap(false, Ordering::AcqRel);
         for rec in &records {
-            let p = presence.get(&rec.id).copied().unwrap_or(Presence::Unknown);
+            let mut p = presence.get(&rec.id).copied().unwrap_or(Presence::Unknown);
+            if restarted && !rec.pooled && p == Presence::Present {
+                p = Presence::Stale;
+            }
             let action = lifecycle::recovery(rec.state, p);
             match action {
                 Recovery::Keep => {
@@ -257,8 +263,10 @@ impl Agent {
     }
 
     /// One round of the background upkeep of VM `vm_name`: if its backend
-    /// was reconnected (QEMU restarted) or a cleanup is pending, reconcile;
-    /// then refill its warm pool. `None` when nothing was reconciled.
+    /// was restarted (a new QEMU, a new namespace at the VM's path), the
+    /// guest restarted, a cleanup is pending or a NIC is gone (its device or
+    /// host end removed behind the agent's back), reconcile; then refill its
+    /// warm pool. `None` when nothing was reconciled.
     ///
     /// # Errors
     /// [`AgentError::UnknownVm`]; an unreachable backend is `Ok(None)`.
@@ -270,10 +278,11 @@ impl Agent {
             Err(_) => return Ok(None),
         };
         let seen = vm.seen_generation.load(Ordering::Acquire);
-        let report = if generation != seen || pending {
+        let restarted = vm.guest_restarted.load(Ordering::Acquire);
+        let report = if generation != seen || pending || restarted || self.lost_any(&vm).await {
             if generation != seen && seen != 0 {
                 log::info!(
-                    "VM {vm_name}: backend reconnected (generation {seen} -> {generation}), reconciling"
+                    "VM {vm_name}: backend restarted (generation {seen} -> {generation}), reconciling"
                 );
             }
             Some(self.reconcile_vm(vm_name).await?)
@@ -286,6 +295,54 @@ impl Agent {
             }
         }
         Ok(report)
+    }
+
+    /// Whether the backend lost an Attached NIC of `vm` (the presence check
+    /// of the upkeep; under the VM's lock, so no plug is half done).
+    async fn lost_any(&self, vm: &super::Vm) -> bool {
+        let _op = vm.op.lock().await;
+        let ids: Vec<NicId> = self
+            .records
+            .snapshot(Some(vm.name()))
+            .into_iter()
+            .filter(|r| r.state == lifecycle::NicState::Attached)
+            .map(|r| r.id)
+            .collect();
+        if ids.is_empty() {
+            return false;
+        }
+        vm.backend
+            .presence(&ids)
+            .await
+            .values()
+            .any(|p| *p == Presence::Gone)
+    }
+
+    /// The host link `ifname` was deleted (a netlink notification): when it
+    /// was a NIC's host end, wake its VM's upkeep, which releases the NIC if
+    /// the VM lost it (someone else deleted the link, or the namespace that
+    /// held its other end went away).
+    pub fn host_link_gone(&self, ifname: &str) {
+        let Some(id) = NicNames::id_from_name(ifname) else {
+            return;
+        };
+        let Some(rec) = self.records.get(&id) else {
+            return;
+        };
+        if let Some(vm) = self.vms.get(&rec.vm) {
+            log::debug!("VM {}: host end {ifname} of NIC {id} deleted", rec.vm);
+            vm.upkeep.notify_one();
+        }
+    }
+
+    /// VM `vm_name`'s guest restarted: its next reconciliation releases the
+    /// NICs given to sandboxes (the warm pool stays), and it runs now.
+    pub fn guest_restarted(&self, vm_name: &str) {
+        if let Some(vm) = self.vms.get(vm_name) {
+            log::info!("VM {vm_name}: the guest restarted; its sandboxes' NICs will be released");
+            vm.guest_restarted.store(true, Ordering::Release);
+            vm.upkeep.notify_one();
+        }
     }
 
     /// Waits until no VM operation is in flight (each VM's lock is taken and
@@ -304,7 +361,8 @@ impl Agent {
 }
 
 /// Spawns the per-VM upkeep: every `period`, or at once when an attach took
-/// a warm NIC, [`Agent::upkeep_vm`].
+/// a warm NIC, a NIC's host end was deleted or the VM reported something
+/// ([`crate::backend::BackendEvent`]), [`Agent::upkeep_vm`].
 pub fn spawn_upkeep(agent: Arc<Agent>, period: Duration) -> Vec<JoinHandle<()>> {
     let vms: Vec<_> = agent.vms().cloned().collect();
     vms.into_iter()
@@ -312,12 +370,18 @@ pub fn spawn_upkeep(agent: Arc<Agent>, period: Duration) -> Vec<JoinHandle<()>> 
             let agent = agent.clone();
             tokio::spawn(async move {
                 let name = vm.name();
+                let mut events = vm.backend.events();
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
                         _ = vm.upkeep.notified() => {}
+                        ev = events.next() => {
+                            if ev == BackendEvent::GuestRestarted {
+                                agent.guest_restarted(name);
+                            }
+                        }
                     }
                     match agent.upkeep_vm(name).await {
                         Ok(Some(report)) if report != Default::default() => {
@@ -429,6 +493,104 @@ mod tests {
                 .cloned()
                 .collect::<Vec<_>>(),
             vec![keep.id.names().host_if]
+        );
+    }
+
+    /// Issue 9, item 8: a NIC whose tap someone deleted, or whose device
+    /// the guest dropped, is released by the upkeep while the agent runs
+    /// (record, lease and what is left of it), and only that NIC.
+    #[tokio::test]
+    async fn nics_lost_behind_the_agents_back_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let a = r.agent.attach("vm1", req("a")).await.unwrap().record;
+        let b = r.agent.attach("vm1", req("b")).await.unwrap().record;
+        let c = r.agent.attach("vm1", req("c")).await.unwrap().record;
+        r.agent.recover().await.unwrap();
+        assert_eq!(r.agent.upkeep_vm("vm1").await.unwrap(), None, "all there");
+        // Someone deletes a's tap; the netlink notification wakes the upkeep.
+        let tap = a.id.names().host_if;
+        r.links.links.lock().unwrap().remove(&tap);
+        r.agent.host_link_gone(&tap);
+        let rep = r.agent.upkeep_vm("vm1").await.unwrap().unwrap();
+        assert_eq!((rep.released, rep.kept), (1, 2), "{rep:?}");
+        assert!(!r
+            .q1
+            .devices
+            .lock()
+            .unwrap()
+            .contains_key(&a.id.names().device));
+        assert!(!r.agent.records.is_leased("n", a.ipv4));
+        // The guest ejects b's device itself (QEMU reports DEVICE_DELETED).
+        r.q1.devices.lock().unwrap().remove(&b.id.names().device);
+        let mut events = r.agent.vm("vm1").unwrap().backend.events();
+        r.q1.emit(
+            "DEVICE_DELETED",
+            serde_json::json!({"device": b.id.names().device}),
+        );
+        assert_eq!(events.next().await, BackendEvent::Changed);
+        let rep = r.agent.upkeep_vm("vm1").await.unwrap().unwrap();
+        assert_eq!((rep.released, rep.kept), (1, 1), "{rep:?}");
+        assert!(!r.q1.netdevs.lock().unwrap().contains(&b.id.names().netdev));
+        assert!(!r
+            .links
+            .links
+            .lock()
+            .unwrap()
+            .contains(&b.id.names().host_if));
+        let left: Vec<NicId> = r.agent.records(None).into_iter().map(|x| x.id).collect();
+        assert_eq!(left, vec![c.id]);
+        assert_eq!(r.agent.records.leased("n"), 1);
+        // The quota is free again.
+        r.agent.attach("vm1", req("d")).await.unwrap();
+    }
+
+    /// Issue 9, item 8: a guest reboot (QEMU's RESET) releases the NICs
+    /// given to sandboxes, whose pods died with the guest; the warm pool,
+    /// given to nobody, stays.
+    #[tokio::test]
+    async fn a_guest_restart_releases_the_sandboxes_nics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = crate::agent::rig::config(dir.path(), "10.9.0.254");
+        cfg.vms[0].warm_pool = 1;
+        let links = Arc::new(FakeLinks::default());
+        let q1 = Arc::new(FakeQemu::new(4));
+        let agent = crate::agent::Agent::with_backends(
+            cfg,
+            links.clone(),
+            crate::agent::rig::backends(&links, &[("vm1", q1.clone())]),
+        )
+        .unwrap();
+        agent.refill_pool("vm1").await.unwrap();
+        let a = agent.attach("vm1", req("a")).await.unwrap().record;
+        agent.refill_pool("vm1").await.unwrap();
+        let pooled: Vec<NicId> = agent
+            .records(None)
+            .into_iter()
+            .filter(|r| r.pooled)
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(pooled.len(), 1);
+        let mut events = agent.vm("vm1").unwrap().backend.events();
+        q1.emit(
+            "RESET",
+            serde_json::json!({"guest": true, "reason": "guest-reset"}),
+        );
+        assert_eq!(events.next().await, BackendEvent::GuestRestarted);
+        agent.guest_restarted("vm1");
+        let rep = agent.upkeep_vm("vm1").await.unwrap().unwrap();
+        assert_eq!((rep.released, rep.kept), (1, 1), "{rep:?}");
+        let left: Vec<NicId> = agent.records(None).into_iter().map(|r| r.id).collect();
+        assert_eq!(left, pooled, "the pool stays, a's NIC went");
+        assert!(!q1
+            .devices
+            .lock()
+            .unwrap()
+            .contains_key(&a.id.names().device));
+        assert_eq!(
+            agent.upkeep_vm("vm1").await.unwrap(),
+            None,
+            "a restart is acted on once"
         );
     }
 

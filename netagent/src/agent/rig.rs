@@ -4,13 +4,13 @@
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
-use super::{Agent, AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch};
+use super::{Agent, AttachRequest, Attachment, HostloJoin, HostloPart, HostloPublish, HostloWatch};
 use crate::{
     backend::{fake::FakeQemu, qemu::QemuBackend, VmBackend},
     config::Config,
     hostlo::{Part, PodName, Port, PortList},
     links::fake::FakeLinks,
-    names::SandboxId,
+    names::{IfName, SandboxId, Scope},
 };
 
 pub fn config(dir: &Path, range_end: &str) -> Config {
@@ -104,6 +104,18 @@ pub fn req(id: &str) -> AttachRequest {
     AttachRequest::for_sandbox(sb(id))
 }
 
+/// A request for sandbox `sandbox`'s `interface` in `scope`.
+pub fn keyed(scope: &str, sandbox: &str, interface: &str) -> AttachRequest {
+    AttachRequest {
+        attachment: Attachment {
+            scope: Scope::parse(scope).unwrap(),
+            sandbox_id: sb(sandbox),
+            interface: IfName::parse(interface).unwrap(),
+        },
+        ..req(sandbox)
+    }
+}
+
 pub fn join(pod: &str, part: u32, sandbox: &str) -> HostloJoin {
     HostloJoin {
         pod: PodName::parse(pod).unwrap(),
@@ -133,4 +145,36 @@ pub fn watch(pod: &str, since: u64, timeout: Duration) -> HostloWatch {
         since,
         timeout,
     }
+}
+
+thread_local! {
+    static ERRORS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Keeps the ERROR records logged on the thread that logged them.
+struct ErrorCapture;
+
+impl log::Log for ErrorCapture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Error
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if r.level() == log::Level::Error {
+            ERRORS.with(|e| e.borrow_mut().push(r.args().to_string()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The errors this thread logged since the last call (the first call
+/// installs the capture). A `#[tokio::test]` runs the agent on its own
+/// thread, so tests running beside it do not mix in.
+pub fn errors_logged() -> Vec<String> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&ErrorCapture).is_ok() {
+            log::set_max_level(log::LevelFilter::Error);
+        }
+    });
+    ERRORS.with(|e| std::mem::take(&mut *e.borrow_mut()))
 }

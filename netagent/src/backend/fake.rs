@@ -64,6 +64,14 @@ impl FakeQemu {
         }
     }
 
+    /// Sends an event as QEMU would (`RESET` for a guest reboot).
+    pub fn emit(&self, name: &str, data: Value) {
+        let _ = self.events.send(QmpEvent {
+            name: name.into(),
+            data,
+        });
+    }
+
     pub(crate) fn query_pci(&self) -> Value {
         let devices = self.devices.lock().unwrap();
         let mut root = vec![

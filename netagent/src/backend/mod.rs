@@ -97,6 +97,46 @@ impl BackendError {
     }
 }
 
+/// What a VM reports by itself, without being asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The guest restarted (QEMU's `RESET`): its pods are gone, and with
+    /// them every use of the NICs given to sandboxes.
+    GuestRestarted,
+    /// Something about the VM's NICs may have changed (a device the guest
+    /// dropped, a lost connection): check them.
+    Changed,
+}
+
+/// A VM's own reports ([`VmBackend::events`]).
+pub struct BackendEvents(Option<tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>>);
+
+impl BackendEvents {
+    /// A backend that reports nothing: [`BackendEvents::next`] never returns.
+    pub fn none() -> BackendEvents {
+        BackendEvents(None)
+    }
+
+    /// The next report.
+    pub async fn next(&mut self) -> BackendEvent {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let Some(rx) = self.0.as_mut() else {
+                return std::future::pending().await;
+            };
+            match rx.recv().await {
+                Ok(ev) => {
+                    if let Some(e) = qemu::event(&ev) {
+                        return e;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                Err(RecvError::Closed) => self.0 = None,
+            }
+        }
+    }
+}
+
 /// One VM's way of getting NICs.
 #[async_trait::async_trait]
 pub trait VmBackend: Send + Sync {
@@ -113,7 +153,12 @@ pub trait VmBackend: Send + Sync {
     /// Ids of the agent's objects the VM holds that are not in `known`
     /// (left by a crash between steps); the host's links are swept by the agent.
     async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError>;
-    /// Checks that the VM can be reached; returns its connection generation,
-    /// which changes when the VM (QEMU) was restarted.
+    /// Checks that the VM can be reached; returns its generation, which
+    /// changes when the VM was restarted (a new QEMU connection, a new
+    /// namespace at the VM's path).
     async fn probe(&self) -> Result<u64, BackendError>;
+    /// What the VM reports by itself from now on.
+    fn events(&self) -> BackendEvents {
+        BackendEvents::none()
+    }
 }

@@ -31,17 +31,17 @@ use std::{
 
 use serde_json::Value;
 
-use super::{BackendError, NicPlan, Plugged, VmBackend};
+use super::{BackendError, BackendEvent, BackendEvents, NicPlan, Plugged, VmBackend};
 use crate::{
     lifecycle::Presence,
     links::HostLinks,
-    names::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
+    names::{NicId, NicNames, HOST_IF_PREFIX, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
     qmp::{
         commands::{
             self, CloseFd, Command, DeviceAddVirtioNet, DeviceDel, GetFd, HumanMonitorCommand,
             NetdevAddTap, NetdevDel, QomList, QueryPci,
         },
-        Qmp, QmpError, DISCONNECTED_EVENT,
+        Qmp, QmpError, QmpEvent, DISCONNECTED_EVENT,
     },
 };
 
@@ -369,20 +369,32 @@ impl VmBackend for QemuBackend {
         Ok(())
     }
 
+    /// A NIC is present when QEMU has its device and the host has its tap:
+    /// a device whose tap someone deleted carries nothing any more.
     async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        let unknown = || {
+            ids.iter()
+                .map(|id| (id.clone(), Presence::Unknown))
+                .collect()
+        };
         let devices = match self.devices().await {
             Ok(d) => d,
             Err(e) => {
                 log::warn!("VM {}: cannot list devices: {e}", self.vm);
-                return ids
-                    .iter()
-                    .map(|id| (id.clone(), Presence::Unknown))
-                    .collect();
+                return unknown();
+            }
+        };
+        let taps = match self.links.names(HOST_IF_PREFIX).await {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("VM {}: cannot list taps: {e}", self.vm);
+                return unknown();
             }
         };
         ids.iter()
             .map(|id| {
-                let p = if devices.contains(&id.names().device) {
+                let names = id.names();
+                let p = if devices.contains(&names.device) && taps.contains(&names.host_if) {
                     Presence::Present
                 } else {
                     Presence::Gone
@@ -414,6 +426,29 @@ impl VmBackend for QemuBackend {
 
     async fn probe(&self) -> Result<u64, BackendError> {
         self.qmp.connect().await.map_err(|e| self.qmp_err(e))
+    }
+
+    fn events(&self) -> BackendEvents {
+        BackendEvents(Some(self.qmp.subscribe()))
+    }
+}
+
+/// What a QMP event tells the agent: `RESET` (a guest reboot, or
+/// `system_reset`) that the guest restarted; the deletion of one of the
+/// agent's devices (the guest may eject one itself) or a lost connection
+/// that the NICs may have changed. `None` for the rest.
+pub(crate) fn event(ev: &QmpEvent) -> Option<BackendEvent> {
+    match ev.name.as_str() {
+        "RESET" => Some(BackendEvent::GuestRestarted),
+        "DEVICE_DELETED"
+            if ev.data["device"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(QEMU_DEVICE_PREFIX)) =>
+        {
+            Some(BackendEvent::Changed)
+        }
+        DISCONNECTED_EVENT => Some(BackendEvent::Changed),
+        _ => None,
     }
 }
 

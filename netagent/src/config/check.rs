@@ -1,6 +1,9 @@
 //! The rules between values, once each value is typed ([`super::raw`]): a
-//! gateway inside its subnet, a range in order, IPv6 sized like IPv4, routes
-//! of a family the network has, no overlapping subnets, names, CIDs or
+//! gateway inside its subnet, a range in order that holds an address to
+//! lease, subnets of host addresses, IPv6 large enough to mirror the IPv4
+//! range (and an MTU that IPv6 takes), routes that `ip route add` takes
+//! (gateway on the link and of the destination's family, no host bits, no
+//! duplicate) with a gateway that is a router's address, no overlapping subnets, names, CIDs or
 //! sockets used twice, a VM's backend keys matching its `backend`, a VM
 //! reachable somehow, a warm pool within the quota, the Hostlo subnet apart
 //! from every network. Each error names the file and the key.
@@ -8,18 +11,59 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nestless_model::hostlo::DEFAULT_SEGMENT_SUBNET;
 
 use super::{
+    mirror6,
     raw::{segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
-    AgentSettings, BackendConfig, Config, ConfigError, HostloConfig, NetworkConfig, RouteConfig,
-    VmConfig,
+    reserved6, AgentSettings, BackendConfig, Config, ConfigError, HostloConfig, NetworkConfig,
+    RouteConfig, VmConfig, IPV6_MIN_MTU,
 };
+
+/// The IPv4 address of `net`'s subnet whose IPv6 mirror in `s6` is `a`.
+fn mirrored4(net: &NetworkConfig, s6: Ipv6Net, a: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+    let offset = u128::from(a).checked_sub(u128::from(s6.network()))?;
+    let v4 = u32::from(net.subnet.network()).checked_add(u32::try_from(offset).ok()?)?;
+    let v4 = Ipv4Addr::from(v4);
+    net.subnet.contains(&v4).then_some(v4)
+}
+
+/// Why the IPv4 network `net` holds no host addresses, or `None`: "this
+/// network" (0/8), loopback (127/8), multicast (224/4), reserved (240/4).
+fn not_unicast4(net: Ipv4Net) -> Option<&'static str> {
+    [
+        ("0.0.0.0/8", "in 0.0.0.0/8 (\"this network\")"),
+        ("127.0.0.0/8", "loopback"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved (240.0.0.0/4)"),
+    ]
+    .into_iter()
+    .find_map(|(block, why)| {
+        let block: Ipv4Net = block.parse().ok()?;
+        (block.contains(&net.network()) || net.contains(&block.network())).then_some(why)
+    })
+}
+
+/// Why the IPv6 network `net` holds no host addresses, or `None`: one that
+/// meets ::/96 (the unspecified and loopback addresses), IPv4-mapped
+/// addresses (::ffff:0:0/96) or multicast (ff00::/8).
+fn not_unicast6(net: Ipv6Net) -> Option<&'static str> {
+    [
+        ("::/96", "in ::/96 (the unspecified and loopback addresses)"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("ff00::/8", "multicast"),
+    ]
+    .into_iter()
+    .find_map(|(block, why)| {
+        let block: Ipv6Net = block.parse().ok()?;
+        (block.contains(&net.network()) || net.contains(&block.network())).then_some(why)
+    })
+}
 
 /// The checked configuration of `raw`, read from `path`.
 pub(super) fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -147,6 +191,12 @@ impl Checker<'_> {
 
     fn check_network(&self, key: &str, n: RawNetwork) -> Result<NetworkConfig, ConfigError> {
         let subnet = n.subnet;
+        if let Some(why) = not_unicast4(subnet) {
+            return Err(self.err(
+                format!("{key}.subnet"),
+                format!("{subnet} is {why}: not a network of host addresses"),
+            ));
+        }
         let usable =
             |a: Ipv4Addr| subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast();
         let gateway = n.gateway;
@@ -178,51 +228,49 @@ impl Checker<'_> {
                 format!("{last} comes before range_start {first}"),
             ));
         }
+        if n.subnet6.is_some() && n.mtu < IPV6_MIN_MTU {
+            return Err(self.err(
+                format!("{key}.mtu"),
+                format!(
+                    "{} is below {IPV6_MIN_MTU}, the least a link with IPv6 (subnet6) may have: the kernel refuses the IPv6 address",
+                    n.mtu
+                ),
+            ));
+        }
         match (n.subnet6, n.gateway6) {
             (None, Some(_)) => {
                 return Err(self.err(format!("{key}.gateway6"), "set without subnet6"))
             }
             (Some(s6), g6) => {
-                // IPv6 addresses mirror the IPv4 host offset: the v6 subnet must hold them.
-                let host_bits6 = 128 - u32::from(s6.prefix_len());
-                let host_bits4 = 32 - u32::from(subnet.prefix_len());
-                if host_bits6 < host_bits4 {
+                if let Some(why) = not_unicast6(s6) {
                     return Err(self.err(
                         format!("{key}.subnet6"),
-                        format!("{s6} is smaller than the IPv4 subnet {subnet}"),
+                        format!("{s6} is {why}: not a network of host addresses"),
                     ));
                 }
-                if let Some(g6) = g6 {
-                    if !s6.contains(&g6) || g6 == s6.network() {
+                // IPv6 addresses mirror the IPv4 host offset: the mirror of
+                // the whole range must be host addresses of subnet6.
+                for a in [first, last] {
+                    let mirror = mirror6(subnet, s6, a);
+                    if let Some(why) = mirror.map_or(Some("outside subnet6"), |m| reserved6(s6, m))
+                    {
                         return Err(self.err(
-                            format!("{key}.gateway6"),
-                            format!("{g6} is outside subnet6 {s6}"),
+                            format!("{key}.subnet6"),
+                            format!(
+                                "{s6} is too small to mirror the IPv4 range {first}-{last}: the mirror of {a} is {why}"
+                            ),
                         ));
+                    }
+                }
+                if let Some(g6) = g6 {
+                    if let Some(why) = reserved6(s6, g6) {
+                        return Err(self.err(format!("{key}.gateway6"), format!("{g6} is {why}")));
                     }
                 }
             }
             (None, None) => {}
         }
-        let mut routes = Vec::new();
-        for (j, r) in n.routes.into_iter().enumerate() {
-            let rkey = format!("{key}.routes[{j}]");
-            if let Some(g) = r.gateway {
-                if g.is_ipv4() != r.destination.addr().is_ipv4() {
-                    return Err(self.err(
-                        format!("{rkey}.gateway"),
-                        "address family differs from the destination's",
-                    ));
-                }
-            }
-            if r.destination.addr().is_ipv6() && n.subnet6.is_none() {
-                return Err(self.err(format!("{rkey}.destination"), "an IPv6 route needs subnet6"));
-            }
-            routes.push(RouteConfig {
-                destination: r.destination,
-                gateway: r.gateway,
-            });
-        }
-        Ok(NetworkConfig {
+        let net = NetworkConfig {
             name: n.name,
             bridge: n.bridge,
             subnet,
@@ -232,8 +280,127 @@ impl Checker<'_> {
             manage_bridge: n.manage_bridge,
             subnet6: n.subnet6,
             gateway6: n.gateway6,
-            routes,
-        })
+            routes: Vec::new(),
+        };
+        let leasable = u32::from(first)..=u32::from(last);
+        if !leasable
+            .clone()
+            .any(|a| net.unleasable(Ipv4Addr::from(a)).is_none())
+        {
+            return Err(self.err(
+                format!("{key}.range_end"),
+                format!("the range {first}-{last} holds no address to lease (the gateways are never leased)"),
+            ));
+        }
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (j, r) in n.routes.into_iter().enumerate() {
+            let rkey = format!("{key}.routes[{j}]");
+            let route = RouteConfig {
+                destination: r.destination,
+                gateway: r.gateway,
+            };
+            self.check_route(&rkey, &net, &route, &routes)?;
+            routes.push(route);
+        }
+        Ok(NetworkConfig { routes, ..net })
+    }
+
+    /// One extra route of `net`, given the ones before it: what `ip route
+    /// add` refuses (a gateway off the link or of the other family, a
+    /// destination with host bits, a route that is there already: the
+    /// default route, the subnet's own, an earlier one) and a gateway that
+    /// is no router's address (network, broadcast or anycast address, an
+    /// address the range hands to pods).
+    fn check_route(
+        &self,
+        rkey: &str,
+        net: &NetworkConfig,
+        r: &RouteConfig,
+        before: &[RouteConfig],
+    ) -> Result<(), ConfigError> {
+        let dest = r.destination;
+        if dest.addr().is_ipv6() && net.subnet6.is_none() {
+            return Err(self.err(format!("{rkey}.destination"), "an IPv6 route needs subnet6"));
+        }
+        if dest.trunc() != dest {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} has host bits set (did you mean {}?)", dest.trunc()),
+            ));
+        }
+        let default_route = match dest {
+            IpNet::V4(_) => Some("gateway"),
+            IpNet::V6(_) => net.gateway6.map(|_| "gateway6"),
+        };
+        if dest.prefix_len() == 0 {
+            if let Some(via) = default_route {
+                return Err(self.err(
+                    format!("{rkey}.destination"),
+                    format!("{dest} is the default route, which {via} gives already"),
+                ));
+            }
+        }
+        if dest == IpNet::V4(net.subnet) || net.subnet6.is_some_and(|s6| dest == IpNet::V6(s6)) {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} is the network's own subnet, reached on the link already"),
+            ));
+        }
+        if let Some(i) = before.iter().position(|b| b.destination == dest) {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} is routed already by routes[{i}]"),
+            ));
+        }
+        let Some(g) = r.gateway else {
+            return Ok(());
+        };
+        let why = match (g, dest) {
+            (IpAddr::V4(_), IpNet::V6(_)) | (IpAddr::V6(_), IpNet::V4(_)) => {
+                Some("of another address family than the destination".to_string())
+            }
+            (IpAddr::V4(g4), _) => {
+                if !net.subnet.contains(&g4) {
+                    Some(format!(
+                        "outside subnet {}: the kernel refuses a gateway off the link",
+                        net.subnet
+                    ))
+                } else if g4 == net.subnet.network() || g4 == net.subnet.broadcast() {
+                    Some(format!(
+                        "the network or broadcast address of {}",
+                        net.subnet
+                    ))
+                } else if net.leases(g4) {
+                    Some(format!(
+                        "in the lease range {}-{}: a pod may be given it",
+                        net.range.0, net.range.1
+                    ))
+                } else {
+                    None
+                }
+            }
+            (IpAddr::V6(g6), _) => {
+                let s6 = net.subnet6.unwrap_or_default();
+                if !s6.contains(&g6) {
+                    Some(format!(
+                        "outside subnet6 {s6}: the kernel refuses a gateway off the link"
+                    ))
+                } else if let Some(why) = reserved6(s6, g6) {
+                    Some(why.to_string())
+                } else if mirrored4(net, s6, g6).is_some_and(|a| net.leases(a)) {
+                    Some(format!(
+                        "the IPv6 mirror of an address of the lease range {}-{}: a pod may be given it",
+                        net.range.0, net.range.1
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            Some(why) => Err(self.err(format!("{rkey}.gateway"), format!("{g} is {why}"))),
+            None => Ok(()),
+        }
     }
 
     fn check_vm(

@@ -227,6 +227,84 @@ pub struct NetworkConfig {
     pub routes: Vec<RouteConfig>,
 }
 
+/// Smallest MTU of a link that carries IPv6 (RFC 8200): below it the kernel
+/// disables IPv6 on the link and refuses its addresses.
+pub const IPV6_MIN_MTU: u32 = 1280;
+
+/// Size of the block of reserved subnet anycast addresses at the top of
+/// every IPv6 subnet (RFC 2526).
+const ANYCAST6_BLOCK: u128 = 128;
+
+impl NetworkConfig {
+    /// The IPv6 address paired with `v4`: the IPv6 subnet's network plus the
+    /// IPv4 address's host offset. `None` without `subnet6`, or when `v4` is
+    /// not in the subnet or the offset does not fit.
+    pub fn ipv6_for(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+        let net6 = self.subnet6?;
+        mirror6(self.subnet, net6, v4)
+    }
+
+    /// Whether the allocator may hand `v4` out: in the range, and not
+    /// [`NetworkConfig::unleasable`].
+    pub fn leases(&self, v4: Ipv4Addr) -> bool {
+        (self.range.0..=self.range.1).contains(&v4) && self.unleasable(v4).is_none()
+    }
+
+    /// Why the IPv4 address `v4` (of the range) cannot be leased, or `None`:
+    /// the gateway, or an address whose IPv6 mirror is the IPv6 gateway or
+    /// not a host address of `subnet6`.
+    pub fn unleasable(&self, v4: Ipv4Addr) -> Option<String> {
+        if v4 == self.gateway {
+            return Some("the gateway".into());
+        }
+        let net6 = self.subnet6?;
+        let Some(v6) = mirror6(self.subnet, net6, v4) else {
+            return Some(format!("its IPv6 mirror is outside {net6}"));
+        };
+        if Some(v6) == self.gateway6 {
+            return Some(format!("its IPv6 mirror {v6} is gateway6"));
+        }
+        reserved6(net6, v6).map(|why| format!("its IPv6 mirror {v6} is {why}"))
+    }
+}
+
+/// `net6`'s network plus the host offset of `v4` in `subnet`.
+pub fn mirror6(subnet: Ipv4Net, net6: Ipv6Net, v4: Ipv4Addr) -> Option<Ipv6Addr> {
+    if !subnet.contains(&v4) {
+        return None;
+    }
+    let offset = u128::from(u32::from(v4) - u32::from(subnet.network()));
+    let host_bits = 128 - u32::from(net6.prefix_len());
+    if host_bits < 128 && offset >> host_bits != 0 {
+        return None;
+    }
+    Some(Ipv6Addr::from(u128::from(net6.network()) + offset))
+}
+
+/// Why `a`, an address of `net6`, is no host's address: the subnet-router
+/// anycast address (all host bits zero), or one of the reserved subnet
+/// anycast addresses, the top 128 of the subnet (RFC 2526; the all-ones
+/// address among them). `None` for a usable address.
+pub fn reserved6(net6: Ipv6Net, a: Ipv6Addr) -> Option<&'static str> {
+    if !net6.contains(&a) {
+        return Some("outside subnet6");
+    }
+    let host_bits = 128 - u32::from(net6.prefix_len());
+    let offset = u128::from(a) - u128::from(net6.network());
+    let size = if host_bits >= 128 {
+        u128::MAX
+    } else {
+        1u128 << host_bits
+    };
+    if offset == 0 {
+        Some("the subnet-router anycast address of subnet6")
+    } else if offset >= size.saturating_sub(ANYCAST6_BLOCK) {
+        Some("a reserved subnet anycast address of subnet6 (its top 128, RFC 2526)")
+    } else {
+        None
+    }
+}
+
 /// How a VM's NICs are provided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendConfig {
@@ -327,21 +405,7 @@ impl Config {
     }
 }
 
-/// Checks a Linux interface name.
-pub fn check_ifname(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?} is not 1 to 15 characters"));
-    }
-    if name
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-        || name == "."
-        || name == ".."
-    {
-        return Err(format!("{name:?} is not a valid interface name"));
-    }
-    Ok(())
-}
+pub use crate::names::check_ifname;
 
 #[cfg(test)]
 mod tests {
@@ -442,7 +506,7 @@ mod tests {
             ("subnet = \"10.88.0.0/16\"\ngateway = \"banana\"", ".gateway", "not an IPv4 address"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\nmtu = 10", ".mtu", "between 68"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\nrange_start = \"10.88.9.0\"\nrange_end = \"10.88.1.0\"", ".range_end", "comes before"),
-            ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\nsubnet6 = \"fd00::/120\"", ".subnet6", "smaller"),
+            ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\nsubnet6 = \"fd00::/120\"", ".subnet6", "too small"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\ngateway6 = \"fd00::1\"", ".gateway6", "without subnet6"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"\nroutes = [{destination = \"fd00::/8\"}]", ".routes[0].destination", "needs subnet6"),
         ];
@@ -455,6 +519,114 @@ mod tests {
         let two = "[[network]]\nname=\"a\"\nbridge=\"b1\"\nsubnet=\"10.0.0.0/16\"\ngateway=\"10.0.0.1\"\n[[network]]\nname=\"b\"\nbridge=\"b2\"\nsubnet=\"10.0.5.0/24\"\ngateway=\"10.0.5.1\"";
         assert!(err(two).contains("overlaps"));
         assert!(err("").contains("at least one [[network]]"));
+    }
+
+    /// The network of issue 9 (items 3 and 7), with one key changed: each
+    /// case is refused naming that key.
+    fn net6(extra: &str) -> String {
+        with_network(&format!(
+            "subnet = \"10.20.30.0/24\"\ngateway = \"10.20.30.254\"\n\
+             subnet6 = \"fd00:20::/64\"\ngateway6 = \"fd00:20::1\"\n{extra}"
+        ))
+    }
+
+    /// Issue 9, item 3: the IPv6 side of a network: its gateway is a host
+    /// address inside subnet6, subnet6 is a network of host addresses, and
+    /// it can mirror the whole IPv4 range.
+    #[test]
+    fn ipv6_networks() {
+        let c = parse(&net6("")).unwrap();
+        let n = &c.networks["n"];
+        assert_eq!(
+            n.unleasable("10.20.30.1".parse().unwrap()).unwrap(),
+            "its IPv6 mirror fd00:20::1 is gateway6"
+        );
+        assert!(n.unleasable("10.20.30.2".parse().unwrap()).is_none());
+        let v6 = |subnet6: &str, gateway6: &str, range: &str| {
+            with_network(&format!(
+                "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"{subnet6}\"\n{gateway6}{range}"
+            ))
+        };
+        let cases = [
+            (v6("fd00::/64", "gateway6 = \"fd01::1\"\n", ""), ".gateway6", "outside subnet6"),
+            (v6("fd00::/64", "gateway6 = \"fd00::\"\n", ""), ".gateway6", "subnet-router anycast"),
+            (v6("fd00::/64", "gateway6 = \"fd00::ffff:ffff:ffff:ff80\"\n", ""), ".gateway6", "reserved subnet anycast"),
+            (v6("fd00::/64", "gateway6 = \"fd00::ffff:ffff:ffff:ffff\"\n", ""), ".gateway6", "reserved subnet anycast"),
+            // /24 of IPv4 needs more than the 256 addresses of a /120: its
+            // top 128 are anycast addresses.
+            (v6("fd00::/120", "", ""), ".subnet6", "too small to mirror the IPv4 range 10.0.0.1-10.0.0.254"),
+            (v6("ff02::/64", "", ""), ".subnet6", "multicast"),
+            (v6("::/64", "", ""), ".subnet6", "unspecified and loopback"),
+            (v6("::ffff:0:0/96", "", ""), ".subnet6", "IPv4-mapped"),
+            (with_network("subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"fd00::/64\"\nmtu = 1279"), ".mtu", "below 1280"),
+            (with_network("subnet = \"127.1.0.0/24\"\ngateway = \"127.1.0.1\""), ".subnet", "loopback"),
+            (with_network("subnet = \"224.1.0.0/24\"\ngateway = \"224.1.0.1\""), ".subnet", "multicast"),
+            (with_network("subnet = \"0.0.0.0/24\"\ngateway = \"0.0.0.1\""), ".subnet", "this network"),
+            (with_network("subnet = \"240.0.0.0/24\"\ngateway = \"240.0.0.1\""), ".subnet", "reserved"),
+            // A range of one address, which is a gateway's mirror.
+            (v6("fd00::/64", "gateway6 = \"fd00::5\"\n", "range_start = \"10.0.0.5\"\nrange_end = \"10.0.0.5\""), ".range_end", "holds no address to lease"),
+            (with_network("subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.5\"\nrange_start = \"10.0.0.5\"\nrange_end = \"10.0.0.5\""), ".range_end", "holds no address to lease"),
+        ];
+        for (text, key, msg) in cases {
+            let e = err(&text);
+            assert!(e.contains(key) && e.contains(msg), "{text}\n{e}");
+        }
+        // The edges that are right: 1280 with IPv6, a /119 for a /24, a
+        // gateway6 anywhere else in subnet6.
+        for ok in [
+            with_network("subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"fd00::/64\"\nmtu = 1280"),
+            with_network("subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nmtu = 576"),
+            v6("fd00::/119", "gateway6 = \"fd00::17f\"\n", ""),
+            v6("fd00::/64", "gateway6 = \"fd00::ffff:ffff:ffff:ff7f\"\n", ""),
+        ] {
+            parse(&ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
+        }
+    }
+
+    /// Issue 9, item 7: routes `ip route add` refuses, and gateways that
+    /// are no router's address, are refused at check time naming the key.
+    #[test]
+    fn routes_the_kernel_refuses() {
+        let route = |r: &str| net6(&format!("routes = [{r}]"));
+        let cases = [
+            (route("{destination = \"10.50.0.0/16\", gateway = \"10.99.0.1\"}"), ".routes[0].gateway", "outside subnet 10.20.30.0/24"),
+            (route("{destination = \"fd50::/48\", gateway = \"fd99::1\"}"), ".routes[0].gateway", "outside subnet6 fd00:20::/64"),
+            (route("{destination = \"10.50.0.1/16\", gateway = \"10.20.30.254\"}"), ".routes[0].destination", "host bits set (did you mean 10.50.0.0/16?)"),
+            (route("{destination = \"fd50::1/48\"}"), ".routes[0].destination", "host bits"),
+            (route("{destination = \"10.50.0.0/16\", gateway = \"fd00:20::1\"}"), ".routes[0].gateway", "another address family"),
+            (route("{destination = \"fd50::/48\", gateway = \"10.20.30.254\"}"), ".routes[0].gateway", "another address family"),
+            (route("{destination = \"10.50.0.0/16\", gateway = \"10.20.30.0\"}"), ".routes[0].gateway", "network or broadcast"),
+            (route("{destination = \"10.50.0.0/16\", gateway = \"10.20.30.255\"}"), ".routes[0].gateway", "network or broadcast"),
+            (route("{destination = \"fd50::/48\", gateway = \"fd00:20::\"}"), ".routes[0].gateway", "subnet-router anycast"),
+            (route("{destination = \"10.50.0.0/16\", gateway = \"10.20.30.7\"}"), ".routes[0].gateway", "lease range"),
+            (route("{destination = \"fd50::/48\", gateway = \"fd00:20::7\"}"), ".routes[0].gateway", "lease range"),
+            (route("{destination = \"0.0.0.0/0\", gateway = \"10.20.30.254\"}"), ".routes[0].destination", "default route"),
+            (route("{destination = \"::/0\", gateway = \"fd00:20::1\"}"), ".routes[0].destination", "default route"),
+            (route("{destination = \"10.20.30.0/24\"}"), ".routes[0].destination", "own subnet"),
+            (route("{destination = \"fd00:20::/64\"}"), ".routes[0].destination", "own subnet"),
+            (
+                route("{destination = \"10.50.0.0/16\"}, {destination = \"10.60.0.0/16\"}, {destination = \"10.50.0.0/16\", gateway = \"10.20.30.254\"}"),
+                ".routes[2].destination",
+                "routed already by routes[0]",
+            ),
+        ];
+        for (text, key, msg) in cases {
+            let e = err(&text);
+            assert!(e.contains(key) && e.contains(msg), "{text}\n{e}");
+        }
+        // What the kernel takes: a gateway on the link outside the range,
+        // the gateways themselves, on-link routes, ::/0 without gateway6.
+        let ok = net6(
+            "range_end = \"10.20.30.200\"\nroutes = [{destination = \"10.50.0.0/16\", gateway = \"10.20.30.250\"}, \
+             {destination = \"10.60.0.0/16\", gateway = \"10.20.30.254\"}, {destination = \"fd50::/48\", gateway = \"fd00:20::1\"}, \
+             {destination = \"fd60::/48\", gateway = \"fd00:20::fa\"}, {destination = \"172.16.0.0/12\"}]",
+        );
+        let c = parse(&ok).unwrap_or_else(|e| panic!("{ok}\n{e}"));
+        assert_eq!(c.networks["n"].routes.len(), 5);
+        parse(&with_network(
+            "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"fd00::/64\"\nroutes = [{destination = \"::/0\"}]",
+        ))
+        .unwrap();
     }
 
     #[test]

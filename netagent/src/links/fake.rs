@@ -3,7 +3,13 @@
 //! fail. Compiled for unit tests and with the `testing` feature, never into a
 //! release binary.
 
-use std::{collections::BTreeSet, net::IpAddr, os::fd::OwnedFd, path::Path, sync::Mutex};
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::IpAddr,
+    os::fd::OwnedFd,
+    path::Path,
+    sync::Mutex,
+};
 
 use nestless_model::MacAddr;
 
@@ -89,6 +95,23 @@ impl HostLinks for FakeLinks {
         round_trip().await;
         self.call("delete", ifname)?;
         Ok(self.links.lock().unwrap().remove(ifname))
+    }
+    async fn names(&self, prefix: &str) -> Result<HashSet<String>, LinkError> {
+        Ok(self
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
+        let addrs: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+        self.call(
+            "forget_neighbours",
+            &format!("{bridge} {}", addrs.join(",")),
+        )
     }
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
         Ok(self

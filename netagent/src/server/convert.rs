@@ -20,12 +20,12 @@ use nestless_protos::agent as pb;
 
 use crate::{
     agent::{
-        AttachRequest, HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch, Labels,
-        NetworkName, NicSelector,
+        AttachRequest, Attachment, HostloJoin, HostloPart, HostloPodInfo, HostloPublish,
+        HostloWatch, Labels, NetworkName, NicSelector,
     },
     config::{HostloConfig, NetworkConfig},
     hostlo::{Conflict, Part, PodName, PodView, Port, PortList},
-    names::{Invalid, NicId, SandboxId},
+    names::{IfName, Invalid, NicId, SandboxId, Scope},
     state::NicRecord,
 };
 
@@ -40,7 +40,11 @@ impl TryFrom<&pb::AttachNicRequest> for AttachRequest {
 
     fn try_from(req: &pb::AttachNicRequest) -> Result<AttachRequest, Invalid> {
         Ok(AttachRequest {
-            sandbox_id: SandboxId::parse(&req.sandbox_id)?,
+            attachment: Attachment {
+                scope: Scope::parse(&req.scope)?,
+                sandbox_id: SandboxId::parse(&req.sandbox_id)?,
+                interface: IfName::parse(&req.interface)?,
+            },
             network: (!req.network.is_empty())
                 .then(|| NetworkName::parse(&req.network))
                 .transpose()?,
@@ -57,15 +61,29 @@ impl TryFrom<&pb::AttachNicRequest> for AttachRequest {
 impl TryFrom<&pb::DetachNicRequest> for NicSelector {
     type Error = Invalid;
 
-    /// Exactly one of `nic_id` and `sandbox_id`.
+    /// Exactly one of `nic_id` and `sandbox_id`; `scope` and `interface`
+    /// only with `sandbox_id` (an empty `interface`: every NIC of the
+    /// sandbox in that scope).
     fn try_from(req: &pb::DetachNicRequest) -> Result<NicSelector, Invalid> {
         match (req.nic_id.is_empty(), req.sandbox_id.is_empty()) {
-            (false, true) => req
-                .nic_id
-                .parse::<NicId>()
-                .map(NicSelector::Id)
-                .map_err(|reason| Invalid::new("nic_id", reason)),
-            (true, false) => Ok(NicSelector::Sandbox(SandboxId::parse(&req.sandbox_id)?)),
+            (false, true) => {
+                for (field, value) in [("scope", &req.scope), ("interface", &req.interface)] {
+                    if !value.is_empty() {
+                        return Err(Invalid::new(field, "only with sandbox_id, not nic_id"));
+                    }
+                }
+                req.nic_id
+                    .parse::<NicId>()
+                    .map(NicSelector::Id)
+                    .map_err(|reason| Invalid::new("nic_id", reason))
+            }
+            (true, false) => Ok(NicSelector::Sandbox {
+                scope: Scope::parse(&req.scope)?,
+                sandbox_id: SandboxId::parse(&req.sandbox_id)?,
+                interface: (!req.interface.is_empty())
+                    .then(|| IfName::parse(&req.interface))
+                    .transpose()?,
+            }),
             _ => Err(Invalid::new(
                 "nic_id",
                 "give exactly one of nic_id and sandbox_id",
@@ -194,6 +212,8 @@ pub fn nic(rec: &NicRecord, net: &NetworkConfig) -> pb::Nic {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        scope: rec.scope.clone(),
+        interface: rec.interface.clone(),
         ..Default::default()
     }
 }
@@ -298,6 +318,8 @@ pub fn lease(rec: &NicRecord) -> pb::Lease {
         vm: rec.vm.clone(),
         nic_id: rec.id.to_string(),
         sandbox_id: rec.sandbox_id.clone(),
+        scope: rec.scope.clone(),
+        interface: rec.interface.clone(),
         ..Default::default()
     }
 }
@@ -330,6 +352,8 @@ mod tests {
             id: "0000000001".parse().unwrap(),
             vm: "v".into(),
             sandbox_id: "s".into(),
+            scope: "team-one".into(),
+            interface: "net1".into(),
             network: "n".into(),
             mac: "52:54:00:00:00:01".parse().unwrap(),
             ipv4: "10.1.2.3".parse().unwrap(),
@@ -360,6 +384,15 @@ mod tests {
             ]
         );
         assert_eq!(n.labels["k"], "v");
+        assert_eq!(
+            (n.scope.as_str(), n.interface.as_str()),
+            ("team-one", "net1")
+        );
+        let l = lease(&rec);
+        assert_eq!(
+            (l.scope.as_str(), l.interface.as_str()),
+            ("team-one", "net1")
+        );
     }
 
     /// The field a request is refused for, and that the refusal is
@@ -386,7 +419,13 @@ mod tests {
     #[test]
     fn attach_requests() {
         let r = AttachRequest::try_from(&attach("sb-1", "", &[("k", "v")])).unwrap();
-        assert_eq!(r.sandbox_id.as_str(), "sb-1");
+        assert_eq!(r.attachment.sandbox_id.as_str(), "sb-1");
+        assert_eq!(r.attachment.scope.as_str(), "", "no scope: CRI and CNI");
+        assert_eq!(
+            r.attachment.interface.as_str(),
+            "eth0",
+            "no interface: eth0"
+        );
         assert!(r.network.is_none(), "empty network: the VM's own");
         assert_eq!(r.labels.as_map()["k"], "v");
         let r = AttachRequest::try_from(&attach("sb-1", "tenant", &[])).unwrap();
@@ -410,6 +449,27 @@ mod tests {
         ] {
             assert_eq!(refused(AttachRequest::try_from(&req)), field, "{req:?}");
         }
+        let scoped = |scope: &str, interface: &str| pb::AttachNicRequest {
+            scope: scope.into(),
+            interface: interface.into(),
+            ..attach("app", "", &[])
+        };
+        let r = AttachRequest::try_from(&scoped("team-one", "net1")).unwrap();
+        assert_eq!(
+            (r.attachment.scope.as_str(), r.attachment.interface.as_str()),
+            ("team-one", "net1")
+        );
+        assert_eq!(r.attachment.to_string(), "team-one/app net1");
+        for (req, field) in [
+            (scoped("team/one", ""), "scope"),
+            (scoped(&"n".repeat(77), ""), "scope"),
+            (scoped("", "a/b"), "interface"),
+            (scoped("", "eth0:1"), "interface"),
+            (scoped("", ".."), "interface"),
+            (scoped("", &"i".repeat(16)), "interface"),
+        ] {
+            assert_eq!(refused(AttachRequest::try_from(&req)), field, "{req:?}");
+        }
     }
 
     #[test]
@@ -428,8 +488,63 @@ mod tests {
         };
         assert_eq!(
             NicSelector::try_from(&by_sandbox).unwrap(),
-            NicSelector::Sandbox(SandboxId::parse("sb").unwrap())
+            NicSelector::Sandbox {
+                scope: Scope::default(),
+                sandbox_id: SandboxId::parse("sb").unwrap(),
+                interface: None,
+            },
+            "no interface: every NIC of the sandbox"
         );
+        let one = pb::DetachNicRequest {
+            sandbox_id: "sb".into(),
+            scope: "team-two".into(),
+            interface: "net1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            NicSelector::try_from(&one).unwrap(),
+            NicSelector::Sandbox {
+                scope: Scope::parse("team-two").unwrap(),
+                sandbox_id: SandboxId::parse("sb").unwrap(),
+                interface: Some(IfName::parse("net1").unwrap()),
+            }
+        );
+        for (req, field) in [
+            (
+                pb::DetachNicRequest {
+                    nic_id: "0000000001".into(),
+                    scope: "team-two".into(),
+                    ..Default::default()
+                },
+                "scope",
+            ),
+            (
+                pb::DetachNicRequest {
+                    nic_id: "0000000001".into(),
+                    interface: "eth0".into(),
+                    ..Default::default()
+                },
+                "interface",
+            ),
+            (
+                pb::DetachNicRequest {
+                    sandbox_id: "sb".into(),
+                    scope: "a b".into(),
+                    ..Default::default()
+                },
+                "scope",
+            ),
+            (
+                pb::DetachNicRequest {
+                    sandbox_id: "sb".into(),
+                    interface: "a/b".into(),
+                    ..Default::default()
+                },
+                "interface",
+            ),
+        ] {
+            assert_eq!(refused(NicSelector::try_from(&req)), field, "{req:?}");
+        }
         let both = pb::DetachNicRequest {
             nic_id: "0000000001".into(),
             sandbox_id: "s".into(),

@@ -90,8 +90,10 @@ impl agent_ttrpc::NetAgent for VmService {
         .await;
         attached.map_err(|e| {
             log::warn!(
-                "VM {vm_name}: AttachNic for sandbox {:?} failed: {e}",
-                req.sandbox_id
+                "VM {vm_name}: AttachNic for sandbox {:?} (scope {:?}, interface {:?}) failed: {e}",
+                req.sandbox_id,
+                req.scope,
+                req.interface
             );
             e.into()
         })

@@ -14,6 +14,7 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
+pub use crate::agent_client::SandboxRef;
 use crate::{
     agent_client::ClientError,
     config::{NetworkMode, ShimConfig},
@@ -29,8 +30,9 @@ pub use disabled::Disabled;
 /// What the task service knows about a sandbox when it asks for its network.
 #[derive(Debug, Clone)]
 pub struct PodNetRequest {
-    /// The pod sandbox id (the CRI sandbox id, or the container id outside CRI).
-    pub sandbox_id: String,
+    /// The pod sandbox (the CRI sandbox id in the empty scope, or the
+    /// container id in its containerd namespace outside CRI).
+    pub sandbox: SandboxRef,
     /// Path of the sandbox's network namespace (a bind mount from CRI, or
     /// `/proc/<pid>/ns/net` of the created init process).
     pub netns: PathBuf,
@@ -56,7 +58,7 @@ pub enum PodNetError {
     #[error(transparent)]
     Client(#[from] ClientError),
     /// Joining the sandbox's Hostlo pod failed (or its annotations are wrong).
-    #[error("Hostlo")]
+    #[error("cannot join the Hostlo pod")]
     Hostlo(#[from] HostloError),
     /// Plugging the NIC into the pod failed.
     #[error(transparent)]
@@ -90,9 +92,12 @@ pub fn from_config(config: &ShimConfig) -> Arc<dyn PodNetwork> {
 #[async_trait::async_trait]
 pub trait PodNetwork: Send + Sync {
     /// Gives the sandbox its NIC, configured inside `req.netns`. Idempotent.
+    /// A setup that fails gives back what it made, and only that: a NIC the
+    /// sandbox already had (nestless-cni's, or an earlier call's) stays.
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError>;
-    /// Releases the sandbox's NIC. Idempotent; succeeds when there is nothing to release.
-    async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError>;
+    /// Releases every NIC of the sandbox. Idempotent; succeeds when there is
+    /// nothing to release.
+    async fn teardown(&self, sandbox: &SandboxRef) -> Result<(), PodNetError>;
 }
 
 #[cfg(test)]
@@ -148,8 +153,9 @@ mod tests {
         let mut c = ShimConfig::default();
         c.agent.address = crate::config::AgentAddress::Unix("/nonexistent/agent.sock".into());
         c.agent.connect_timeout = std::time::Duration::from_millis(10);
-        assert!(from_config(&c).teardown("s").await.is_err());
+        let sb = SandboxRef::new("default", "s");
+        assert!(from_config(&c).teardown(&sb).await.is_err());
         c.network.mode = NetworkMode::None;
-        from_config(&c).teardown("s").await.unwrap();
+        from_config(&c).teardown(&sb).await.unwrap();
     }
 }

@@ -9,14 +9,17 @@
 //! read the pid, start the stdio copies     -
 //! record in the bundle                     remove the record
 //! in the map, init's exit watched          out of the map
-//! pod network setup (network owner)        teardown
+//! pod network setup (network owner)        -                (a failed setup gives back what it made)
 //! cgroup + OOM watch                       -                (a failure is logged)
 //! ```
 //!
 //! A failing step undoes exactly what the steps before it did ([`Undo`]), so
-//! a failed Create leaves no runc container, no leased NIC, no record and no
-//! mount behind. The undo order: the runc container first (nothing runs on a
-//! network being torn down), then the network, the record, the rootfs.
+//! a failed Create leaves no runc container, no NIC it leased, no record and
+//! no mount behind. The undo order: the runc container first, then the
+//! record, the rootfs. The pod network is the last step that can fail, and a
+//! setup that fails gives back the NIC it made itself, and only that one: a
+//! NIC the sandbox already had (nestless-cni's, in the CRI path) is not the
+//! create's to release; CNI DEL releases it.
 
 use std::{
     collections::HashMap,
@@ -41,7 +44,7 @@ use crate::{
     config::ShimConfig,
     error::{Result, ShimError},
     options::{RuncOptions, RuntimeOptions},
-    podnet::{PodNetRequest, PodNetwork},
+    podnet::PodNetRequest,
     policy::{self, NetworkRole, SpecView},
     runc::{self, CreateOpts, RuncSettings, Runtime},
     stdio::{IoContext, PreparedIo, ProcessIo, StdioSpec},
@@ -72,14 +75,13 @@ pub(super) struct Created {
 }
 
 /// What a create has done so far; [`Undo::run`] undoes it (runc container,
-/// network, record, rootfs).
+/// record, rootfs).
 struct Undo<'a> {
     id: &'a str,
     bundle: &'a Path,
     rootfs_mounted: bool,
     runc: Option<&'a Arc<dyn Runtime>>,
     record: bool,
-    network: Option<(&'a str, &'a Arc<dyn PodNetwork>)>,
 }
 
 impl Undo<'_> {
@@ -88,11 +90,6 @@ impl Undo<'_> {
         if let Some(runc) = self.runc {
             if let Err(e) = runc.delete(id, true).await {
                 warn!("rollback of {id}: {}", e.chain());
-            }
-        }
-        if let Some((sandbox_id, backend)) = self.network {
-            if let Err(e) = backend.teardown(sandbox_id).await {
-                warn!("rollback of {id}: pod network of sandbox {sandbox_id}: {e}");
             }
         }
         if self.record {
@@ -140,10 +137,10 @@ impl TaskService {
             .map_err(|e| ShimError::io(format!("cannot read {}", spec_path.display()), e))?;
         let spec = SpecView::from_json(&spec_data)
             .map_err(|e| ShimError::invalid("bundle", format!("{}: {e}", spec_path.display())))?;
-        let role = policy::network_role(&id, &spec);
+        let role = policy::network_role(&id, &spec, &self.inner.namespace);
         let network = match &role {
-            NetworkRole::Owner { sandbox_id, netns } => Some((
-                sandbox_id.clone(),
+            NetworkRole::Owner { sandbox, netns } => Some((
+                sandbox.clone(),
                 netns.clone(),
                 (self.inner.seams.network)(&config),
             )),
@@ -169,7 +166,6 @@ impl TaskService {
             rootfs_mounted: false,
             runc: None,
             record: false,
-            network: None,
         };
         let rootfs_mounted = self.inner.seams.rootfs.mount(&bundle, &req.rootfs).await?;
         undo.rootfs_mounted = rootfs_mounted;
@@ -191,7 +187,11 @@ impl TaskService {
             runc_root: settings.root.clone(),
             systemd_cgroup: settings.systemd_cgroup,
             config_path: config.source.clone(),
-            network_sandbox: network.as_ref().map(|(sandbox_id, ..)| sandbox_id.clone()),
+            network_sandbox: network.as_ref().map(|(sandbox, ..)| sandbox.id.clone()),
+            network_scope: network
+                .as_ref()
+                .map(|(sandbox, ..)| sandbox.scope.clone())
+                .unwrap_or_default(),
             rootfs_mounted,
         };
         undo.record = true;
@@ -227,26 +227,25 @@ impl TaskService {
             .insert(id.clone(), container);
         self.watch_exit(&id, "", pid);
 
-        if let Some((sandbox_id, netns, backend)) = &network {
+        if let Some((sandbox, netns, backend)) = &network {
             let req_net = PodNetRequest {
-                sandbox_id: sandbox_id.clone(),
+                sandbox: sandbox.clone(),
                 netns: netns.path(pid),
                 labels: policy::network_labels(&spec, &self.inner.namespace),
             };
-            undo.network = Some((sandbox_id, backend));
             match backend.setup(&req_net).await {
                 Ok(info) => {
                     if !info.interface.is_empty() {
                         info!(
-                            "sandbox {sandbox_id}: {} {} {:?} in {}",
+                            "sandbox {sandbox}: {} {} {} in {}",
                             info.interface,
                             info.mac,
-                            info.addresses,
+                            info.addresses.join(","),
                             req_net.netns.display()
                         );
                     }
                     c.network = Some(OwnedNetwork {
-                        sandbox_id: sandbox_id.clone(),
+                        sandbox: sandbox.clone(),
                         backend: backend.clone(),
                     });
                 }
@@ -258,8 +257,8 @@ impl TaskService {
                     undo.run(self).await;
                     drop(io);
                     let e = ShimError::Network {
-                        sandbox_id: sandbox_id.clone(),
-                        source,
+                        sandbox_id: sandbox.to_string(),
+                        source: Box::new(source),
                     };
                     warn!("create {id}: {}", e.chain());
                     return Err(e);
