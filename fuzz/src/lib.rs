@@ -37,6 +37,7 @@ name = "a"
 bridge = "nlfuzza"
 subnet = "10.9.0.0/24"
 gateway = "10.9.0.1"
+range_end = "10.9.0.200"
 subnet6 = "fd00:9::/64"
 gateway6 = "fd00:9::1"
 routes = [{ destination = "10.0.0.0/8", gateway = "10.9.0.254" }]
