@@ -18,12 +18,28 @@
 //! measured in turns within each round, the starting one rotating, so that load drifts
 //! affect all alike.
 //!
+//! The `per-packet` section (issue 18) measures what nesting adds per packet rather than
+//! per byte: with GSO/GRO a bulk stream pays the bridge, veth and NAT once per 64 KiB
+//! segment, and the emulated vCPU's copy cost hides the rest. It turns TSO, GSO and GRO
+//! off on every hop (the host bridge and its ports, every interface of both guests and of
+//! both pods) and measures, per setup, in turns:
+//!
+//! - UDP with 64 B and 512 B datagrams, both directions, `iperf3 -u -b 0`: the datagrams
+//!   the receiver got per second (and sent, lost);
+//! - TCP bulk throughput without offloads, both directions (`iperf3`);
+//! - TCP request/response with 32 connections at once (`nestless-rr tps`), transactions/s;
+//!
+//! each with the serving guest's kernel CPU time (system + irq + softirq from its
+//! `/proc/stat`, 10 ms ticks) per datagram received or sent, per 1448 B segment, per
+//! transaction, so that the figure explains itself.
+//!
 //! ```sh
-//! CARGO_TARGET_DIR=... cargo bench -p nestless-tests --bench headline
+//! CARGO_TARGET_DIR=... cargo bench -p nestless-tests --bench headline [-- SECTION...]
+//! # SECTION: stream, per-packet, ready (default: all three)
 //! # NESTLESS_BENCH_RUNS (default 5), NESTLESS_BENCH_SECONDS (iperf3 -t, default 5)
 //! ```
 //!
-//! Needs root, QEMU, vhost-device-vsock, iperf3 and iptables (see tests/demo.sh).
+//! Needs root, QEMU, vhost-device-vsock, iperf3, ethtool and iptables (see tests/demo.sh).
 
 use std::{
     collections::BTreeMap,
@@ -57,6 +73,8 @@ fn env_or(key: &str, default: u64) -> u64 {
 /// Where the host connects for one setup.
 struct Target {
     label: &'static str,
+    /// The VM that serves it: 0 for (a) and (c), 1 for (b) and (a').
+    node: usize,
     ip: String,
     iperf_port: u16,
     rr_port: u16,
@@ -76,29 +94,39 @@ fn start_servers(node: &Node, pid: Option<u32>) {
     };
 }
 
-/// One iperf3 run from the host; Mbit/s received at the far end. The iperf3 server
-/// re-opens its listening socket after each test, which takes a while in a TCG guest: a
-/// refused or reset connection is retried.
-fn iperf(t: &Target, seconds: u64, reverse: bool) -> f64 {
+/// One iperf3 run from the host with `extra` arguments; its JSON report. The iperf3
+/// server re-opens its listening socket after each test, which takes a while in a TCG
+/// guest: a refused or reset connection is retried.
+fn iperf_json(t: &Target, seconds: u64, reverse: bool, extra: &[&str]) -> Value {
     let mut last = String::new();
     for _ in 0..10 {
         let mut cmd = Command::new("iperf3");
         cmd.args(["-c", &t.ip, "-p", &t.iperf_port.to_string()])
             .args(["-t", &seconds.to_string(), "-O", "1", "-J"])
-            .args(["--connect-timeout", "10000"]);
+            .args(["--connect-timeout", "10000"])
+            .args(extra);
         if reverse {
             cmd.arg("-R");
         }
         let r = run(cmd, None, Duration::from_secs(seconds + 60));
         let v: Value = serde_json::from_str(&r.stdout)
             .unwrap_or_else(|e| panic!("iperf3 to {}: {e}: {} {}", t.label, r.stdout, r.stderr));
-        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return bps / 1e6;
+        if v["end"]["sum_received"]["bytes"].is_number() {
+            return v;
         }
         last = v["error"].as_str().unwrap_or(&r.stdout).to_owned();
         std::thread::sleep(Duration::from_secs(1));
     }
     panic!("iperf3 to {} failed 10 times, last: {last}", t.label)
+}
+
+/// One TCP iperf3 run from the host; Mbit/s received at the far end.
+fn iperf(t: &Target, seconds: u64, reverse: bool) -> f64 {
+    let v = iperf_json(t, seconds, reverse, &[]);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e6
 }
 
 /// One request/response run from the host; the p50 round trip in microseconds.
@@ -145,7 +173,8 @@ fn pct(x: f64) -> String {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; nothing else is taken.
+    // `cargo bench` passes --bench; the other arguments name sections.
+    let sections = sections();
     let runs = env_or("NESTLESS_BENCH_RUNS", 5).max(1) as usize;
     let seconds = env_or("NESTLESS_BENCH_SECONDS", 5).max(2);
     let rr_bin = Binaries::get().path("nestless-rr");
@@ -172,7 +201,11 @@ fn main() {
         natted.cri_pod(
             "bench-nested",
             NESTED_HANDLER,
-            &[(IPERF_PORT, NESTED_IPERF_PORT), (RR_PORT, NESTED_RR_PORT)],
+            &[
+                &format!("{IPERF_PORT}:{NESTED_IPERF_PORT}"),
+                &format!("{IPERF_PORT}:{NESTED_IPERF_PORT}/udp"),
+                &format!("{RR_PORT}:{NESTED_RR_PORT}"),
+            ],
             "exec sleep 1000000",
         )
     });
@@ -190,24 +223,28 @@ fn main() {
     let targets = [
         Target {
             label: "(a) single layer (VM's own NIC)",
+            node: 0,
             ip: plain.own_ip().to_owned(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
         },
         Target {
             label: "(b) nested (CNI bridge + NAT)",
+            node: 1,
             ip: natted.own_ip().to_owned(),
             iperf_port: NESTED_IPERF_PORT,
             rr_port: NESTED_RR_PORT,
         },
         Target {
             label: "(c) BrFusion (host NIC in the pod)",
+            node: 0,
             ip: fused.ip.clone(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
         },
         Target {
             label: "(a') own NIC of the VM with NAT",
+            node: 1,
             ip: natted.own_ip().to_owned(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
@@ -218,148 +255,409 @@ fn main() {
         rr_probe(t, rr_bin);
     }
 
-    let mut tx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut rx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut lat: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    for round in 0..runs {
-        for k in 0..targets.len() {
-            let i = (round + k) % targets.len();
-            let t = &targets[i];
-            let a = iperf(t, seconds, false);
-            let b = iperf(t, seconds, true);
-            let l = rr(t, rr_bin);
-            eprintln!(
-                "[bench] round {round} {}: host->guest {a:.1} Mbit/s, guest->host {b:.1} Mbit/s, \
-                 RR p50 {l:.0} us",
-                t.label
-            );
-            tx.entry(i).or_default().push(a);
-            rx.entry(i).or_default().push(b);
-            lat.entry(i).or_default().push(l);
-        }
-    }
-
-    // Pod network-ready time: RunPodSandbox returns once CNI has configured eth0; and the
-    // CNI ADD alone (a fresh netns -> eth0 configured), as CRI execs the plugin. Cold
-    // hot-plug and the CNI bridge plugin in VM 0 (the datapath runs are over: its NAT rules
-    // no longer matter), BrFusion from VM 1's warm pool.
-    let ready_setups: [(&str, &Node, &str, &str, &str); 3] = [
-        (
-            "BrFusion, cold hot-plug (VM 0)",
-            plain,
-            CRI_HANDLER,
-            "nestless-cni",
-            NESTLESS_NET,
-        ),
-        (
-            "BrFusion, warm pool (VM 1)",
-            natted,
-            CRI_HANDLER,
-            "nestless-cni",
-            NESTLESS_NET,
-        ),
-        (
-            "CNI bridge + NAT (VM 0)",
-            plain,
-            NESTED_HANDLER,
-            "bridge",
-            NESTED_NET,
-        ),
-    ];
-    let mut ready: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    let mut cni_add: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
-    for round in 0..runs {
-        for (k, (_, node, handler, plugin, conf)) in ready_setups.iter().enumerate() {
-            cni_add.entry(k).or_default().push(cni_add_ms(
-                node,
-                plugin,
-                conf,
-                &format!("{k}-{round}"),
-            ));
-            let r = node.cri(&[
-                "runp",
-                "--name",
-                &format!("ready-{k}-{round}"),
-                "--handler",
-                handler,
-            ]);
-            ready
-                .entry(k)
-                .or_default()
-                .push(r["ms"].as_f64().expect("ms"));
-            node.cri_delete(r["id"].as_str().expect("id"));
-        }
-    }
-    let warm_claims = cluster.agent().log().matches("gave warm NIC").count();
-
-    println!();
-    println!(
-        "nestless headline: accel {:?}, 1 vCPU / 1 GiB guests, {runs} runs, iperf3 -t {seconds} -O 1, \
-         RR {RR_COUNT} x {RR_SIZE} B (p50); NAT rules: VM 0 (a, c) {nat0}, VM 1 (b, a') {nat1}",
-        plain.vm().accel(),
-    );
-    println!(
-        "{:<36} {:>26} {:>26} {:>24}",
-        "", "host->guest Mbit/s", "guest->host Mbit/s", "RR p50 us"
-    );
-    println!(
-        "{:<36} {:>26} {:>26} {:>24}",
-        "", "min / median / max", "min / median / max", "min / median / max"
-    );
     let fmt = |s: Stats, prec: usize| {
         format!("{:.p$} / {:.p$} / {:.p$}", s.min, s.median, s.max, p = prec)
     };
-    for (i, t) in targets.iter().enumerate() {
+    if sections.contains(&Section::Stream) {
+        let mut tx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut rx: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut lat: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for round in 0..runs {
+            for k in 0..targets.len() {
+                let i = (round + k) % targets.len();
+                let t = &targets[i];
+                let a = iperf(t, seconds, false);
+                let b = iperf(t, seconds, true);
+                let l = rr(t, rr_bin);
+                eprintln!(
+                    "[bench] round {round} {}: host->guest {a:.1} Mbit/s, guest->host {b:.1} Mbit/s, \
+                     RR p50 {l:.0} us",
+                    t.label
+                );
+                tx.entry(i).or_default().push(a);
+                rx.entry(i).or_default().push(b);
+                lat.entry(i).or_default().push(l);
+            }
+        }
+
+        println!();
+        println!(
+            "nestless headline: accel {:?}, 1 vCPU / 1 GiB guests, {runs} runs, iperf3 -t {seconds} -O 1, \
+             RR {RR_COUNT} x {RR_SIZE} B (p50); NAT rules: VM 0 (a, c) {nat0}, VM 1 (b, a') {nat1}",
+            plain.vm().accel(),
+        );
         println!(
             "{:<36} {:>26} {:>26} {:>24}",
-            t.label,
-            fmt(stats(&tx[&i]), 1),
-            fmt(stats(&rx[&i]), 1),
-            fmt(stats(&lat[&i]), 0)
+            "", "host->guest Mbit/s", "guest->host Mbit/s", "RR p50 us"
         );
-    }
-    let med = |m: &BTreeMap<usize, Vec<f64>>, i: usize| stats(&m[&i]).median;
-    println!();
-    println!(
-        "{:<28} {:>14} {:>14} {:>12}   paper",
-        "ratio of medians", "host->guest", "guest->host", "RR p50"
-    );
-    println!(
-        "{:<28} {:>14} {:>14} {:>12}   -68 % throughput, +31 % latency",
-        "(b) nested / (a)",
-        pct(med(&tx, 1) / med(&tx, 0)),
-        pct(med(&rx, 1) / med(&rx, 0)),
-        pct(med(&lat, 1) / med(&lat, 0)),
-    );
-    println!(
-        "{:<28} {:>14} {:>14} {:>12}   = single layer",
-        "(c) BrFusion / (a)",
-        pct(med(&tx, 2) / med(&tx, 0)),
-        pct(med(&rx, 2) / med(&rx, 0)),
-        pct(med(&lat, 2) / med(&lat, 0)),
-    );
-    println!(
-        "{:<28} {:>14} {:>14} {:>12}   (control: the NAT rules' cost on the VM's own NIC)",
-        "(a') / (a)",
-        pct(med(&tx, 3) / med(&tx, 0)),
-        pct(med(&rx, 3) / med(&rx, 0)),
-        pct(med(&lat, 3) / med(&lat, 0)),
-    );
-    println!();
-    println!("pod network-ready, ms (min / median / max):   RunPodSandbox          CNI ADD alone");
-    for (k, (label, ..)) in ready_setups.iter().enumerate() {
         println!(
-            "  {label:<40} {:>22} {:>22}",
-            fmt(stats(&ready[&k]), 0),
-            fmt(stats(&cni_add[&k]), 0)
+            "{:<36} {:>26} {:>26} {:>24}",
+            "", "min / median / max", "min / median / max", "min / median / max"
+        );
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "{:<36} {:>26} {:>26} {:>24}",
+                t.label,
+                fmt(stats(&tx[&i]), 1),
+                fmt(stats(&rx[&i]), 1),
+                fmt(stats(&lat[&i]), 0)
+            );
+        }
+        let med = |m: &BTreeMap<usize, Vec<f64>>, i: usize| stats(&m[&i]).median;
+        println!();
+        println!(
+            "{:<28} {:>14} {:>14} {:>12}   paper",
+            "ratio of medians", "host->guest", "guest->host", "RR p50"
+        );
+        println!(
+            "{:<28} {:>14} {:>14} {:>12}   -68 % throughput, +31 % latency",
+            "(b) nested / (a)",
+            pct(med(&tx, 1) / med(&tx, 0)),
+            pct(med(&rx, 1) / med(&rx, 0)),
+            pct(med(&lat, 1) / med(&lat, 0)),
+        );
+        println!(
+            "{:<28} {:>14} {:>14} {:>12}   = single layer",
+            "(c) BrFusion / (a)",
+            pct(med(&tx, 2) / med(&tx, 0)),
+            pct(med(&rx, 2) / med(&rx, 0)),
+            pct(med(&lat, 2) / med(&lat, 0)),
+        );
+        println!(
+            "{:<28} {:>14} {:>14} {:>12}   (control: the NAT rules' cost on the VM's own NIC)",
+            "(a') / (a)",
+            pct(med(&tx, 3) / med(&tx, 0)),
+            pct(med(&rx, 3) / med(&rx, 0)),
+            pct(med(&lat, 3) / med(&lat, 0)),
         );
     }
-    println!(
-        "  (warm NICs handed out: {warm_claims}, for {} warm-pool attaches)",
-        2 * runs
-    );
+    if sections.contains(&Section::PerPacket) {
+        per_packet(
+            &cluster,
+            &targets,
+            &[fused.pid, nested.pid],
+            runs,
+            seconds,
+            rr_bin,
+        );
+    }
+    if sections.contains(&Section::Ready) {
+        // Pod network-ready time: RunPodSandbox returns once CNI has configured eth0; and the
+        // CNI ADD alone (a fresh netns -> eth0 configured), as CRI execs the plugin. Cold
+        // hot-plug and the CNI bridge plugin in VM 0 (the datapath runs are over: its NAT rules
+        // no longer matter), BrFusion from VM 1's warm pool.
+        let ready_setups: [(&str, &Node, &str, &str, &str); 3] = [
+            (
+                "BrFusion, cold hot-plug (VM 0)",
+                plain,
+                CRI_HANDLER,
+                "nestless-cni",
+                NESTLESS_NET,
+            ),
+            (
+                "BrFusion, warm pool (VM 1)",
+                natted,
+                CRI_HANDLER,
+                "nestless-cni",
+                NESTLESS_NET,
+            ),
+            (
+                "CNI bridge + NAT (VM 0)",
+                plain,
+                NESTED_HANDLER,
+                "bridge",
+                NESTED_NET,
+            ),
+        ];
+        let mut ready: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut cni_add: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for round in 0..runs {
+            for (k, (_, node, handler, plugin, conf)) in ready_setups.iter().enumerate() {
+                cni_add.entry(k).or_default().push(cni_add_ms(
+                    node,
+                    plugin,
+                    conf,
+                    &format!("{k}-{round}"),
+                ));
+                let r = node.cri(&[
+                    "runp",
+                    "--name",
+                    &format!("ready-{k}-{round}"),
+                    "--handler",
+                    handler,
+                ]);
+                ready
+                    .entry(k)
+                    .or_default()
+                    .push(r["ms"].as_f64().expect("ms"));
+                node.cri_delete(r["id"].as_str().expect("id"));
+            }
+        }
+        let warm_claims = cluster.agent().log().matches("gave warm NIC").count();
+
+        println!();
+        println!(
+            "pod network-ready, ms (min / median / max):   RunPodSandbox          CNI ADD alone"
+        );
+        for (k, (label, ..)) in ready_setups.iter().enumerate() {
+            println!(
+                "  {label:<40} {:>22} {:>22}",
+                fmt(stats(&ready[&k]), 0),
+                fmt(stats(&cni_add[&k]), 0)
+            );
+        }
+        println!(
+            "  (warm NICs handed out: {warm_claims}, for {} warm-pool attaches)",
+            2 * runs
+        );
+    }
     println!("\ntotal {:.0?}", t0.elapsed());
     drop(cluster);
+}
+
+/// The parts of a run (`cargo bench --bench headline -- SECTION...`).
+#[derive(Debug, PartialEq)]
+enum Section {
+    /// TCP streams and one connection's request/response latency (offloads on).
+    Stream,
+    /// Per-packet workloads with offloads off (issue 18).
+    PerPacket,
+    /// Pod network-ready time.
+    Ready,
+}
+
+/// The sections the command line names (all when it names none); exits with a usage
+/// message on an unknown one.
+fn sections() -> Vec<Section> {
+    let mut out = Vec::new();
+    for a in std::env::args().skip(1).filter(|a| !a.starts_with("--")) {
+        out.push(match a.as_str() {
+            "stream" => Section::Stream,
+            "per-packet" => Section::PerPacket,
+            "ready" => Section::Ready,
+            _ => {
+                eprintln!("headline: unknown section {a:?} (stream, per-packet, ready)");
+                std::process::exit(2);
+            }
+        });
+    }
+    if out.is_empty() {
+        out = vec![Section::Stream, Section::PerPacket, Section::Ready];
+    }
+    out
+}
+
+/// The per-packet workloads: label, unit of the rate, what the CPU time is divided by.
+const WORKLOADS: [(&str, &str, &str); 7] = [
+    ("UDP 64 B host->guest", "kpps", "datagram received"),
+    ("UDP 64 B guest->host", "kpps", "datagram sent"),
+    ("UDP 512 B host->guest", "kpps", "datagram received"),
+    ("UDP 512 B guest->host", "kpps", "datagram sent"),
+    ("TCP no offloads host->guest", "Mbit/s", "1448 B segment"),
+    ("TCP no offloads guest->host", "Mbit/s", "1448 B segment"),
+    ("TCP RR, 32 connections x 64 B", "ktps", "transaction"),
+];
+/// Connections of the transactions-per-second workload.
+const TPS_CONNS: &str = "32";
+/// TCP payload per segment on a 1500 B MTU path (timestamps on): 1500 - 20 - 20 - 12.
+const MSS: f64 = 1448.0;
+
+/// Runs workload `w` against `t` for `seconds`; returns the rate (in the workload's unit)
+/// and the count of packets or transactions the serving guest handled.
+fn run_workload(w: usize, t: &Target, seconds: u64, rr_bin: &str) -> (f64, f64) {
+    match w {
+        0..=3 => {
+            let len = if w < 2 { 64 } else { 512 };
+            let reverse = w % 2 == 1;
+            let v = iperf_json(
+                t,
+                seconds,
+                reverse,
+                &["-u", "-l", &len.to_string(), "-b", "0"],
+            );
+            let end = &v["end"];
+            let sent = end["sum_sent"]["packets"].as_f64().unwrap_or(0.0);
+            let received = end["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / len as f64;
+            let took = end["sum_received"]["seconds"]
+                .as_f64()
+                .filter(|s| *s > 0.0)
+                .unwrap_or(seconds as f64);
+            eprintln!(
+                "[bench]   {}: sent {sent:.0}, received {received:.0}, lost {:.0} ({:.1} %)",
+                t.label,
+                (sent - received).max(0.0),
+                100.0 * (sent - received).max(0.0) / sent.max(1.0)
+            );
+            // The guest handles what it receives (host->guest) or what it sends.
+            let handled = if reverse { sent } else { received };
+            (received / took / 1e3, handled)
+        }
+        4 | 5 => {
+            let v = iperf_json(t, seconds, w == 5, &[]);
+            let end = &v["end"]["sum_received"];
+            let bytes = end["bytes"].as_f64().expect("bytes");
+            let mbps = end["bits_per_second"].as_f64().expect("bits_per_second") / 1e6;
+            (mbps, bytes / MSS)
+        }
+        _ => {
+            let mut cmd = Command::new(rr_bin);
+            cmd.args([
+                "tps",
+                &format!("{}:{}", t.ip, t.rr_port),
+                TPS_CONNS,
+                &seconds.to_string(),
+                RR_SIZE,
+            ]);
+            let r = run(cmd, None, Duration::from_secs(seconds + 120));
+            let v: Value = serde_json::from_str(&r.stdout)
+                .unwrap_or_else(|e| panic!("nestless-rr tps to {}: {e}: {}", t.label, r.stderr));
+            let n = v["transactions"].as_f64().expect("transactions");
+            (v["tps"].as_f64().expect("tps") / 1e3, n)
+        }
+    }
+}
+
+/// The guest's kernel CPU time so far (system + irq + softirq of `/proc/stat`'s `cpu`
+/// line, in USER_HZ ticks of 10 ms).
+fn guest_kernel_ticks(node: &Node) -> u64 {
+    let line = node.sh("head -n 1 /proc/stat");
+    // cpu user nice system idle iowait irq softirq steal ...
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert!(f.len() >= 7, "unexpected /proc/stat line: {line}");
+    f[2] + f[5] + f[6]
+}
+
+/// Turns TSO, GSO and GRO off on every hop: the cluster bridge and its ports on the host,
+/// every interface of both guests' root namespaces and of the pods' namespaces (`pods`:
+/// a process of each pod, in VM 0 then VM 1). Prints what stayed on (`[fixed]` features).
+fn offloads_off(cluster: &Cluster, pods: &[u32; 2]) {
+    const OFF: &str = "tso off gso off gro off";
+    const SHOW: &str =
+        "grep -E '^(tcp-segmentation|generic-segmentation|generic-receive)-offload: on'";
+    let bridge = &cluster.bridge().name;
+    let ports: Vec<Value> = serde_json::from_str(
+        &run(
+            {
+                let mut c = Command::new("ip");
+                c.args(["-j", "link", "show", "master", bridge]);
+                c
+            },
+            None,
+            Duration::from_secs(10),
+        )
+        .ok(),
+    )
+    .expect("ip -j link");
+    let mut still_on = Vec::new();
+    for dev in
+        std::iter::once(bridge.as_str()).chain(ports.iter().filter_map(|p| p["ifname"].as_str()))
+    {
+        let sh = |script: String| {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            run(c, None, Duration::from_secs(10)).stdout
+        };
+        sh(format!("ethtool -K {dev} {OFF} 2>/dev/null"));
+        let on = sh(format!("ethtool -k {dev} | {SHOW}"));
+        if !on.trim().is_empty() {
+            still_on.push(format!("host {dev}: {}", on.trim().replace('\n', ", ")));
+        }
+    }
+    let script = format!(
+        "for d in $(ls /sys/class/net); do [ $d = lo ] && continue; \
+         ethtool -K $d {OFF} 2>/dev/null; ethtool -k $d | {SHOW} | sed \"s/^/$d /\"; done; true"
+    );
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        for (what, out) in [
+            ("root", node.sh(&script)),
+            ("pod", node.in_netns(pods[i], &script)),
+        ] {
+            if !out.trim().is_empty() {
+                still_on.push(format!("VM {i} {what}: {}", out.trim().replace('\n', ", ")));
+            }
+        }
+    }
+    if still_on.is_empty() {
+        eprintln!("[bench] offloads: tso, gso, gro off on every hop");
+    } else {
+        eprintln!("[bench] offloads that stayed on: {}", still_on.join("; "));
+    }
+}
+
+/// The per-packet section: every workload against every setup, in turns within each
+/// round (the first setup rotating), with the serving guest's kernel CPU time per
+/// packet or transaction; prints a table of medians and the ratios to (a).
+fn per_packet(
+    cluster: &Cluster,
+    targets: &[Target],
+    pods: &[u32; 2],
+    runs: usize,
+    seconds: u64,
+    rr_bin: &str,
+) {
+    offloads_off(cluster, pods);
+    let mut rate: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for round in 0..runs {
+        for (w, (label, unit, _)) in WORKLOADS.iter().enumerate() {
+            for k in 0..targets.len() {
+                let i = (round + k) % targets.len();
+                let t = &targets[i];
+                let node = cluster.node(t.node);
+                let before = guest_kernel_ticks(node);
+                let (r, handled) = run_workload(w, t, seconds, rr_bin);
+                let ticks = guest_kernel_ticks(node) - before;
+                let us = ticks as f64 * 1e4 / handled.max(1.0);
+                eprintln!(
+                    "[bench] round {round} {label} {}: {r:.2} {unit}, guest kernel {:.2} us each \
+                     ({ticks} ticks / {handled:.0})",
+                    t.label, us
+                );
+                rate.entry((w, i)).or_default().push(r);
+                cpu.entry((w, i)).or_default().push(us);
+            }
+        }
+    }
+    println!();
+    println!(
+        "per-packet workloads: offloads off on every hop, {runs} runs of {seconds} s; \
+         rate median (min-max) and the serving guest's kernel CPU per unit (median, us)"
+    );
+    print!("{:<32}", "");
+    for t in targets {
+        print!(
+            " {:>30}",
+            &t.label[..t.label.find(')').map_or(t.label.len(), |p| p + 1)]
+        );
+    }
+    println!(" {:>14} {:>14}", "(b)/(a)", "(c)/(a)");
+    for (w, (label, unit, per)) in WORKLOADS.iter().enumerate() {
+        let med = |i: usize| stats(&rate[&(w, i)]).median;
+        print!("{:<32}", format!("{label} {unit}"));
+        for i in 0..targets.len() {
+            let s = stats(&rate[&(w, i)]);
+            print!(
+                " {:>30}",
+                format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max)
+            );
+        }
+        println!(" {:>14} {:>14}", pct(med(1) / med(0)), pct(med(2) / med(0)));
+        let cmed = |i: usize| stats(&cpu[&(w, i)]).median;
+        print!("{:<32}", format!("  guest us per {per}"));
+        for i in 0..targets.len() {
+            print!(" {:>30}", format!("{:.2}", cmed(i)));
+        }
+        println!(
+            " {:>14} {:>14}",
+            pct(cmed(1) / cmed(0)),
+            pct(cmed(2) / cmed(0))
+        );
+    }
+    println!("paper (KVM, 10 GbE): nested -68 % throughput, BrFusion +31 % over nested");
 }
 
 /// The network configs `cni_add_ms` runs: the first plugin of each runtime's conflist.

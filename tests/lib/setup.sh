@@ -3,11 +3,11 @@
 # fresh Debian 12 machine, as root. Sourced, never run; each function is idempotent.
 
 # Debian packages: QEMU for the guests, containerd/runc/CNI plugins (the guest image is made
-# from the same packages, and the host tests run them), busybox (ping, cpio), iperf3 and
+# from the same packages, and the host tests run them), busybox (ping, cpio), iperf3, ethtool and
 # iptables (copied into guests for the benchmark's baselines), protobuf-compiler (the CRI
 # client's build), g++ (libFuzzer, built by the fuzz targets' libfuzzer-sys), and the usual
 # tools.
-APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 socat
+APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 ethtool socat
 	iptables iproute2 xz-utils zstd binutils util-linux kmod systemd protobuf-compiler
 	ca-certificates curl gcc g++ libc6-dev)
 

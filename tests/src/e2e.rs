@@ -317,6 +317,10 @@ pub fn guest_tree(root: &Path, bins: &Binaries) {
         &root.join("usr/bin/iperf3"),
     );
     copy_exec(
+        &host_program(&["/usr/sbin/ethtool", "/sbin/ethtool"], "ethtool"),
+        &root.join("usr/bin/ethtool"),
+    );
+    copy_exec(
         &host_program(
             &[
                 "/usr/sbin/xtables-legacy-multi",
@@ -632,16 +636,10 @@ impl Node {
         ));
     }
 
-    /// Creates a pod through CRI with runtime `handler` (`--port C:H` mappings for the
-    /// nested baseline), starts a busybox container in it running `script`; returns the
+    /// Creates a pod through CRI with runtime `handler` (port mappings for the nested
+    /// baseline, as `nestless-cri runp --port` takes them: `C:H`, `C:H/udp`), starts a busybox container in it running `script`; returns the
     /// pod and RunPodSandbox's duration in ms as the client in the guest measured it.
-    pub fn cri_pod(
-        &self,
-        name: &str,
-        handler: &str,
-        ports: &[(u16, u16)],
-        script: &str,
-    ) -> (Pod, f64) {
+    pub fn cri_pod(&self, name: &str, handler: &str, ports: &[&str], script: &str) -> (Pod, f64) {
         self.cri_pod_annotated(name, handler, ports, &[], script)
     }
 
@@ -650,7 +648,7 @@ impl Node {
         &self,
         name: &str,
         handler: &str,
-        ports: &[(u16, u16)],
+        ports: &[&str],
         annotations: &[String],
         script: &str,
     ) -> (Pod, f64) {
@@ -661,9 +659,9 @@ impl Node {
             "--handler".into(),
             handler.into(),
         ];
-        for (c, h) in ports {
+        for p in ports {
             args.push("--port".into());
-            args.push(format!("{c}:{h}"));
+            args.push((*p).to_owned());
         }
         for a in annotations {
             args.push("--annotation".into());

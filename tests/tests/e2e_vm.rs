@@ -261,7 +261,7 @@ fn dual_stack_host_port_and_a_link_manager_in_the_6_1_guest() {
 
     let mut pods = Vec::new();
     for i in 0..3 {
-        let ports: &[(u16, u16)] = if i == 0 { &[(80, 8080)] } else { &[] };
+        let ports: &[&str] = if i == 0 { &["80:8080"] } else { &[] };
         let (pod, ms) = step(&format!("CRI pod {i} with a link manager at work"), || {
             n.cri_pod(
                 &format!("dual{i}"),

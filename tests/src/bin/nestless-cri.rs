@@ -62,9 +62,10 @@ enum Cmd {
         /// Runtime handler (containerd's runtime name), e.g. `nestless`.
         #[arg(long, default_value = "")]
         handler: String,
-        /// A TCP port mapping CONTAINER_PORT:HOST_PORT (CNI portmap).
+        /// A port mapping CONTAINER_PORT:HOST_PORT[/tcp|/udp] (CNI portmap; TCP unless
+        /// named).
         #[arg(long = "port", value_parser = parse_port)]
-        ports: Vec<(i32, i32)>,
+        ports: Vec<(i32, i32, i32)>,
         /// A pod annotation K=V.
         #[arg(long = "annotation", value_parser = parse_kv)]
         annotations: Vec<(String, String)>,
@@ -145,10 +146,21 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not K=V"))
 }
 
-fn parse_port(s: &str) -> Result<(i32, i32), String> {
-    let bad = || format!("{s:?} is not CONTAINER_PORT:HOST_PORT");
-    let (c, h) = s.split_once(':').ok_or_else(bad)?;
-    Ok((c.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?))
+/// `CONTAINER_PORT:HOST_PORT[/tcp|/udp]` as (container port, host port, CRI protocol).
+fn parse_port(s: &str) -> Result<(i32, i32, i32), String> {
+    let bad = || format!("{s:?} is not CONTAINER_PORT:HOST_PORT[/tcp|/udp]");
+    let (ports, protocol) = match s.rsplit_once('/') {
+        None => (s, cri::Protocol::Tcp),
+        Some((p, "tcp")) => (p, cri::Protocol::Tcp),
+        Some((p, "udp")) => (p, cri::Protocol::Udp),
+        Some(_) => return Err(bad()),
+    };
+    let (c, h) = ports.split_once(':').ok_or_else(bad)?;
+    Ok((
+        c.parse().map_err(|_| bad())?,
+        h.parse().map_err(|_| bad())?,
+        protocol as i32,
+    ))
 }
 
 /// What `runp`, `stopp`, `rmp`, `stop` and `rm` print.
@@ -316,8 +328,8 @@ async fn run(args: Args) -> Result<Value> {
                 hostname: name,
                 port_mappings: ports
                     .into_iter()
-                    .map(|(container_port, host_port)| cri::PortMapping {
-                        protocol: cri::Protocol::Tcp as i32,
+                    .map(|(container_port, host_port, protocol)| cri::PortMapping {
+                        protocol,
                         container_port,
                         host_port,
                         host_ip: String::new(),
@@ -561,7 +573,10 @@ mod tests {
 
     #[test]
     fn parses_flags() {
-        assert_eq!(parse_port("80:8080"), Ok((80, 8080)));
+        assert_eq!(
+            parse_port("80:8080"),
+            Ok((80, 8080, cri::Protocol::Tcp as i32))
+        );
         assert!(parse_port("80").is_err());
         assert_eq!(parse_kv("a=b=c"), Ok(("a".into(), "b=c".into())));
         let a = Args::try_parse_from([
@@ -576,6 +591,12 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(a.command, Cmd::Runp { ref handler, .. } if handler == "nestless"));
+        let udp = cri::Protocol::Udp as i32;
+        assert_eq!(parse_port("53:1053/udp"), Ok((53, 1053, udp)));
+        assert_eq!(parse_port("80:8080/tcp"), parse_port("80:8080"));
+        assert!(parse_port("80:8080/sctp")
+            .unwrap_err()
+            .contains("80:8080/sctp"));
         let a =
             Args::try_parse_from(["nestless-cri", "exec", "c1", "--", "ip", "-o", "addr"]).unwrap();
         assert!(matches!(a.command, Cmd::Exec { ref cmd, .. } if cmd.len() == 3));

@@ -12,6 +12,11 @@
 //! nestless-rr ping-udp ADDR:PORT [COUNT] [SIZE] [WARMUP]
 //!     the same with datagrams (a request unanswered within 2 s is sent again; the JSON
 //!     line then also has "lost")
+//! nestless-rr tps ADDR:PORT [CONNS] [SECONDS] [SIZE]
+//!     transactions per second, netperf TCP_RR with many streams: CONNS connections
+//!     (default 32), each on its own thread, TCP_NODELAY, doing round trips of SIZE bytes
+//!     (default 64) back to back for SECONDS (default 5); prints one JSON line:
+//!     {"conns":..,"size":..,"seconds":..,"transactions":..,"tps":..}
 //! ```
 //!
 //! The server serves each connection on its own thread until the peer closes it.
@@ -25,7 +30,8 @@ use std::{
 };
 
 const USAGE: &str = "usage: nestless-rr serve|serve-udp [ADDR:]PORT | \
-    nestless-rr ping|ping-udp ADDR:PORT [COUNT] [SIZE] [WARMUP]";
+    nestless-rr ping|ping-udp ADDR:PORT [COUNT] [SIZE] [WARMUP] | \
+    nestless-rr tps ADDR:PORT [CONNS] [SECONDS] [SIZE]";
 
 /// `[ADDR:]PORT` as a socket address (ADDR defaults to 0.0.0.0).
 fn listen_addr(s: &str) -> Result<String, String> {
@@ -172,6 +178,45 @@ fn ping_udp(
     Ok((s, lost))
 }
 
+/// Round trips completed by `conns` connections, each on its own thread, in `seconds`
+/// (all connections are opened before the clock starts); returns (transactions, seconds
+/// measured).
+fn tps(addr: &str, conns: usize, seconds: f64, size: usize) -> std::io::Result<(u64, f64)> {
+    let streams = (0..conns)
+        .map(|_| {
+            let c = TcpStream::connect(addr)?;
+            c.set_nodelay(true)?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            Ok(c)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(seconds);
+    let workers: Vec<_> = streams
+        .into_iter()
+        .map(|mut conn| {
+            thread::spawn(move || -> std::io::Result<u64> {
+                let request = vec![0x5au8; size];
+                let mut reply = vec![0u8; size];
+                let mut done = 0u64;
+                while Instant::now() < until {
+                    conn.write_all(&request)?;
+                    conn.read_exact(&mut reply)?;
+                    done += 1;
+                }
+                Ok(done)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| std::io::Error::other("a connection's thread panicked"))??;
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
+}
+
 fn print_summary(s: &Summary, size: usize, extra: &str) {
     println!(
         "{{\"count\":{},\"size\":{size},\"min_us\":{:.1},\"p50_us\":{:.1},\"p90_us\":{:.1},\"p99_us\":{:.1},\"max_us\":{:.1},\"mean_us\":{:.1}{extra}}}",
@@ -209,6 +254,21 @@ fn main() -> ExitCode {
                     .map_err(|e| format!("ping-udp {}: {e}", args[1]))?;
                 print_summary(&s, size.max(8), &format!(",\"lost\":{lost}"));
             }
+            Ok(())
+        })(),
+        Some("tps") if (2..=5).contains(&args.len()) => (|| {
+            let conns = arg(&args, 2, 32usize)?.max(1);
+            let seconds = arg(&args, 3, 5f64)?;
+            let size = arg(&args, 4, 64usize)?.max(1);
+            if !(seconds.is_finite() && seconds > 0.0) {
+                return Err(format!("SECONDS must be positive\n{USAGE}"));
+            }
+            let (n, took) =
+                tps(&args[1], conns, seconds, size).map_err(|e| format!("tps {}: {e}", args[1]))?;
+            println!(
+                "{{\"conns\":{conns},\"size\":{size},\"seconds\":{took:.3},\"transactions\":{n},\"tps\":{:.1}}}",
+                n as f64 / took
+            );
             Ok(())
         })(),
         _ => Err(USAGE.to_owned()),
@@ -270,6 +330,27 @@ mod tests {
         let (s, _lost) = ping_udp(&addr.to_string(), 50, 100, 5).unwrap();
         assert_eq!(s.count, 50);
         assert!(s.min > 0.0 && s.min <= s.p50 && s.p50 <= s.max);
+    }
+
+    #[test]
+    fn many_connections_count_their_transactions() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        thread::spawn(move || serve(&addr.to_string()));
+        let mut tries = 0;
+        let (n, took) = loop {
+            match tps(&addr.to_string(), 4, 0.2, 32) {
+                Ok(r) => break r,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(n >= 4, "every connection did at least one round trip: {n}");
+        assert!(took >= 0.2, "{took}");
     }
 
     #[test]
