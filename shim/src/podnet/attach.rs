@@ -52,7 +52,7 @@ pub async fn attach_and_plug(
     let failed: PodNetError = match client.attach(req.sandbox_id, req.labels).await {
         Ok(nic) => {
             let spec = NicSpec::for_nic(&nic, req.ifname);
-            match guest::plug_into_pod(&spec, req.netns, req.nic_wait).await {
+            match guest::plug_into_pod(&spec, req.netns, req.nic_wait, true).await {
                 Ok(()) => return Ok(nic),
                 Err(e) => e.into(),
             }

@@ -32,7 +32,7 @@ use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkMessage},
+        link::{LinkAttribute, LinkInfo, LinkMessage},
         RouteNetlinkMessage,
     },
     Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder,
@@ -90,6 +90,18 @@ pub enum GuestNetError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The pod's namespace holds a network interface that nestless did not put there.
+    #[error(
+        "network namespace {netns} already has {links}, which nestless did not put there: \
+         nestless gives a pod its own NIC and shares its network namespace with no other \
+         network (with Docker: run with --network none)"
+    )]
+    NotOurs {
+        /// The namespace.
+        netns: PathBuf,
+        /// The interfaces found, e.g. `eth0 (veth)`.
+        links: String,
     },
     /// A netlink request failed.
     #[error("cannot {op} {what}: {source}")]
@@ -305,6 +317,44 @@ where
     })
 }
 
+fn link_kind(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Inside the pod namespace: the interfaces that are neither loopback, nor the NIC of
+/// `spec`, nor a Hostlo segment NIC (`hostlo0`): another network manager's, as
+/// `name (kind)`. Docker's bridge networks put their veth there before the task starts:
+/// during `runc create` (Docker 26, the `libnetwork-setkey` hook) or between create and
+/// start (Docker 28); another CNI plugin before the sandbox is created.
+pub async fn foreign_links(handle: &Handle, spec: &NicSpec) -> Result<Vec<String>, GuestNetError> {
+    let links: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list", "links"))?;
+    Ok(links
+        .iter()
+        .filter(|l| {
+            let name = link_name(l);
+            name != "lo"
+                && name != nestless_model::hostlo::SEGMENT_IFNAME
+                && link_mac(l) != Some(&spec.mac[..])
+        })
+        .map(|l| match link_kind(l) {
+            Some(kind) => format!("{} ({kind})", link_name(l)),
+            None => link_name(l),
+        })
+        .collect())
+}
+
 /// Inside the pod namespace: is the NIC there, named and addressed as `spec` says?
 pub async fn check_configured(handle: &Handle, spec: &NicSpec) -> Result<bool, GuestNetError> {
     let Some(link) = find_by_mac(handle, &spec.mac).await? else {
@@ -471,23 +521,38 @@ pub async fn configure(handle: &Handle, spec: &NicSpec) -> Result<(), GuestNetEr
 
 /// Puts the NIC described by `spec` into the namespace at `netns`,
 /// configured. If it is already there and configured, does nothing.
+///
+/// With `exclusive` (the pod's own NIC), a namespace that holds an interface of another
+/// network manager ([`foreign_links`]) is refused with [`GuestNetError::NotOurs`]
+/// (a Hostlo segment NIC joins a namespace that has the pod's NIC: not exclusive).
 pub async fn plug_into_pod(
     spec: &NicSpec,
     netns: &Path,
     wait: Duration,
+    exclusive: bool,
 ) -> Result<(), GuestNetError> {
     let s = spec.clone();
-    let already = {
+    let (already, foreign) = {
         let netns = netns.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            in_netns(
-                &netns,
-                move |h| async move { check_configured(&h, &s).await },
-            )
+            in_netns(&netns, move |h| async move {
+                let foreign = if exclusive {
+                    foreign_links(&h, &s).await?
+                } else {
+                    Vec::new()
+                };
+                Ok((check_configured(&h, &s).await?, foreign))
+            })
         })
         .await
         .expect("netns worker")?
     };
+    if !foreign.is_empty() {
+        return Err(GuestNetError::NotOurs {
+            netns: netns.to_path_buf(),
+            links: foreign.join(", "),
+        });
+    }
     if already {
         return Ok(());
     }

@@ -70,6 +70,7 @@ impl PodNetError {
     pub fn code(&self) -> ttrpc::Code {
         match self {
             Self::Client(e) | Self::Hostlo(HostloError::Agent(e)) => e.code(),
+            Self::Guest(guest::GuestNetError::NotOurs { .. }) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Hostlo(_) | Self::Guest(_) => ttrpc::Code::INTERNAL,
         }
     }

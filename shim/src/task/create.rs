@@ -9,14 +9,28 @@
 //! read the pid, start the stdio copies     -
 //! record in the bundle                     remove the record
 //! in the map, init's exit watched          out of the map
-//! pod network setup (network owner)        teardown
 //! cgroup + OOM watch                       -                (a failure is logged)
 //! ```
 //!
 //! A failing step undoes exactly what the steps before it did ([`Undo`]), so
-//! a failed Create leaves no runc container, no leased NIC, no record and no
-//! mount behind. The undo order: the runc container first (nothing runs on a
-//! network being torn down), then the network, the record, the rootfs.
+//! a failed Create leaves no runc container, no record and no mount behind.
+//! The undo order: the runc container first, then the record, the rootfs.
+//!
+//! The pod network of a network owner is set up when its task **starts**
+//! ([`TaskService::start_network`]), not here: containerd's CRI runs CNI before
+//! the create, but Docker configures the namespace of a container on one of its
+//! networks during `runc create` (Docker 26: the `libnetwork-setkey` prestart
+//! hook) or after the create returns (Docker 28: `SetKey` from the daemon, before
+//! the start). At start every party has had its turn, so the setup sees a namespace
+//! that is final, and refuses one that holds another's interface instead of
+//! fighting over `eth0` with it.
+//!
+//! ```text
+//! Start(init) of a network owner
+//! pod network setup                        teardown, SIGKILL init: Stopped (TaskExit),
+//!                                          so that the caller deletes the task as usual
+//! runc start                               -
+//! ```
 
 use std::{
     collections::HashMap,
@@ -28,11 +42,15 @@ use std::{
 };
 
 use containerd_shim::api;
+use containerd_shim_protos::{events::task::TaskExit, protobuf::MessageField, topics};
 use log::{info, warn};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use super::{
-    container::{started, Container, OwnedNetwork, Process},
+    container::{
+        started, timestamp, Container, OwnedNetwork, PendingNetwork, Process, KILLED_STATUS,
+    },
+    state::ProcState,
     TaskService,
 };
 use crate::{
@@ -41,8 +59,9 @@ use crate::{
     config::ShimConfig,
     error::{Result, ShimError},
     options::{RuncOptions, RuntimeOptions},
-    podnet::{PodNetRequest, PodNetwork},
+    podnet::PodNetRequest,
     policy::{self, NetworkRole, SpecView},
+    reaper::Exit,
     runc::{self, CreateOpts, RuncSettings, Runtime},
     stdio::{IoContext, PreparedIo, ProcessIo, StdioSpec},
 };
@@ -72,14 +91,13 @@ pub(super) struct Created {
 }
 
 /// What a create has done so far; [`Undo::run`] undoes it (runc container,
-/// network, record, rootfs).
+/// record, rootfs).
 struct Undo<'a> {
     id: &'a str,
     bundle: &'a Path,
     rootfs_mounted: bool,
     runc: Option<&'a Arc<dyn Runtime>>,
     record: bool,
-    network: Option<(&'a str, &'a Arc<dyn PodNetwork>)>,
 }
 
 impl Undo<'_> {
@@ -88,11 +106,6 @@ impl Undo<'_> {
         if let Some(runc) = self.runc {
             if let Err(e) = runc.delete(id, true).await {
                 warn!("rollback of {id}: {}", e.chain());
-            }
-        }
-        if let Some((sandbox_id, backend)) = self.network {
-            if let Err(e) = backend.teardown(sandbox_id).await {
-                warn!("rollback of {id}: pod network of sandbox {sandbox_id}: {e}");
             }
         }
         if self.record {
@@ -169,7 +182,6 @@ impl TaskService {
             rootfs_mounted: false,
             runc: None,
             record: false,
-            network: None,
         };
         let rootfs_mounted = self.inner.seams.rootfs.mount(&bundle, &req.rootfs).await?;
         undo.rootfs_mounted = rootfs_mounted;
@@ -212,6 +224,7 @@ impl TaskService {
             cgroup: None,
             oom: None,
             network: None,
+            pending_network: None,
             rootfs_mounted,
             gone: false,
             io_context,
@@ -227,44 +240,17 @@ impl TaskService {
             .insert(id.clone(), container);
         self.watch_exit(&id, "", pid);
 
-        if let Some((sandbox_id, netns, backend)) = &network {
-            let req_net = PodNetRequest {
-                sandbox_id: sandbox_id.clone(),
-                netns: netns.path(pid),
-                labels: policy::network_labels(&spec, &self.inner.namespace),
-            };
-            undo.network = Some((sandbox_id, backend));
-            match backend.setup(&req_net).await {
-                Ok(info) => {
-                    if !info.interface.is_empty() {
-                        info!(
-                            "sandbox {sandbox_id}: {} {} {:?} in {}",
-                            info.interface,
-                            info.mac,
-                            info.addresses,
-                            req_net.netns.display()
-                        );
-                    }
-                    c.network = Some(OwnedNetwork {
-                        sandbox_id: sandbox_id.clone(),
-                        backend: backend.clone(),
-                    });
-                }
-                Err(source) => {
-                    c.gone = true;
-                    let io = c.init.io.take();
-                    drop(c);
-                    self.remove(&id);
-                    undo.run(self).await;
-                    drop(io);
-                    let e = ShimError::Network {
-                        sandbox_id: sandbox_id.clone(),
-                        source,
-                    };
-                    warn!("create {id}: {}", e.chain());
-                    return Err(e);
-                }
-            }
+        // The pod network is set up when the task starts (see `start_network`): by then
+        // every other party that configures the namespace has had its turn.
+        if let Some((sandbox_id, netns, backend)) = network {
+            c.pending_network = Some(PendingNetwork {
+                req: PodNetRequest {
+                    sandbox_id,
+                    netns: netns.path(pid),
+                    labels: policy::network_labels(&spec, &self.inner.namespace),
+                },
+                backend,
+            });
         }
 
         match Cgroup::of_pid(pid) {
@@ -279,6 +265,74 @@ impl TaskService {
             _container: c,
             _creating: creating,
         })
+    }
+
+    /// The pod network step of a network owner, run by Start before `runc start`.
+    /// On failure the network is torn down and the init killed and marked Stopped
+    /// (one TaskExit, status 137), so that containerd, ctr, Docker or CRI delete the
+    /// task as after any failed start; the error names the sandbox and the cause.
+    pub(super) async fn start_network(&self, c: &mut MutexGuard<'_, Container>) -> Result<()> {
+        let Some(PendingNetwork { req, backend }) = c.pending_network.take() else {
+            return Ok(());
+        };
+        let id = c.id.clone();
+        match backend.setup(&req).await {
+            Ok(info) => {
+                if !info.interface.is_empty() {
+                    info!(
+                        "sandbox {}: {} {} {:?} in {}",
+                        req.sandbox_id,
+                        info.interface,
+                        info.mac,
+                        info.addresses,
+                        req.netns.display()
+                    );
+                }
+                c.network = Some(OwnedNetwork {
+                    sandbox_id: req.sandbox_id,
+                    backend,
+                });
+                Ok(())
+            }
+            Err(source) => {
+                if let Err(e) = backend.teardown(&req.sandbox_id).await {
+                    warn!("start {id}: pod network of sandbox {}: {e}", req.sandbox_id);
+                }
+                let pid = c.init.pid;
+                if let Err(e) = c.runc.kill(&id, libc::SIGKILL as u32, false).await {
+                    warn!("start {id}: cannot kill the init process: {}", e.chain());
+                }
+                // Stopped now, whatever the reaper says later (an exit of a stopped
+                // process is not news); then gone from the kernel, so that `runc delete`
+                // finds the container stopped.
+                let exit = Exit {
+                    pid,
+                    status: KILLED_STATUS,
+                    at: std::time::SystemTime::now(),
+                };
+                c.init.state = ProcState::Stopped;
+                c.init.exit.send_replace(Some(exit));
+                self.publish(
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    TaskExit {
+                        container_id: id.clone(),
+                        id: id.clone(),
+                        pid,
+                        exit_status: KILLED_STATUS,
+                        exited_at: MessageField::some(timestamp(exit.at)),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                wait_gone(pid).await;
+                let e = ShimError::Network {
+                    sandbox_id: req.sandbox_id,
+                    source,
+                };
+                warn!("start {id}: {}", e.chain());
+                Err(e)
+            }
+        }
     }
 
     /// How runc runs for a container: `[runc]` of the config, overridden by runc options.
@@ -335,5 +389,14 @@ impl TaskService {
             }
         }
         started
+    }
+}
+
+/// Waits (up to 5 s) until `pid` is gone: killed and reaped by the shim's reaper.
+async fn wait_gone(pid: u32) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    // SAFETY: kill(2) with signal 0 only checks for the process.
+    while unsafe { libc::kill(pid as i32, 0) } == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
