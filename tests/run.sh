@@ -93,12 +93,15 @@ export NESTLESS_BIN_DIR=$PWD/target/debug NESTLESS_SHIM_BIN=$PWD/target/debug/co
 # (containerd-1.6 is Debian 12's own; tests/lib/versions.sh has the others).
 SHIM_SUITES=(shim_ctr shim_cri shim_network shim_task_api shim_podnet_hook)
 
+# The Docker suites: each runs whole on Docker 26 (on containerd 1.7) and 28 (on 2.x).
+DOCKER_SUITES=(docker)
+
 # Root tests: namespaces, bridges, taps; real QEMU VMs; everything but the matrix's suites.
 integration_tests() {
 	local args=(--lib --bins) t
 	for t in tests/tests/*.rs; do
 		t=$(basename "$t" .rs)
-		[[ " ${SHIM_SUITES[*]} " == *" $t "* ]] || args+=(--test "$t")
+		[[ " ${SHIM_SUITES[*]} ${DOCKER_SUITES[*]} " == *" $t "* ]] || args+=(--test "$t")
 	done
 	cargo test -p nestless-tests "${args[@]}" -- --test-threads 2
 	cargo test -p nestless-tests --doc
@@ -112,12 +115,23 @@ matrix_run() {
 	local log rc=0
 	log=$(mktemp)
 	echo "=== $label"
-	NESTLESS_CONTAINERD=$dir cargo test -p nestless-tests --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
+	NESTLESS_CONTAINERD=$dir NESTLESS_DOCKER=${NESTLESS_DOCKER:-} cargo test -p nestless-tests --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 	local passed failed
 	passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 	failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 	rm -f "$log"
 	MATRIX+=("$(printf '%-44s %3d passed, %d failed' "$label" "$passed" "$failed")")
+	return $rc
+}
+
+docker_matrix() {
+	local v c args=() t rc=0
+	for t in "${DOCKER_SUITES[@]}"; do args+=(--test "$t"); done
+	for v in docker-26 docker-28; do
+		c=$(cat "$NESTLESS_VERSIONS_DIR/$v/CONTAINERD")
+		NESTLESS_DOCKER=$NESTLESS_VERSIONS_DIR/$v matrix_run "$NESTLESS_VERSIONS_DIR/$c" \
+			"Docker $(cat "$NESTLESS_VERSIONS_DIR/$v/VERSION") ($v, $c)" "${args[@]}" -- --test-threads 2 || rc=1
+	done
 	return $rc
 }
 
@@ -145,3 +159,4 @@ fi
 phase "unit tests" unit_tests
 phase "integration + VM tests" integration_tests
 phase "containerd matrix" containerd_matrix
+phase "Docker matrix" docker_matrix

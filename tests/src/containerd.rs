@@ -800,7 +800,7 @@ impl Drop for Containerd {
 }
 
 /// Unmounts (lazily) everything mounted under `dir`, deepest first.
-fn unmount_under(dir: &Path) {
+pub fn unmount_under(dir: &Path) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
