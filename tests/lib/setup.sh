@@ -8,7 +8,7 @@
 # client's build), and the usual tools.
 APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 socat
 	iptables iproute2 xz-utils zstd binutils util-linux kmod systemd protobuf-compiler
-	ca-certificates curl gcc libc6-dev)
+	ca-certificates curl gcc libc6-dev debootstrap)
 
 install_packages() {
 	local missing=()
