@@ -78,13 +78,26 @@ fn the_dockerfile_builds_and_its_image_runs() {
     eprintln!("[dockerfile] {}", d.version);
     let tar = sid_rootfs();
     d.docker_ok(&["import", &tar.to_string_lossy(), "nestless-test/debian:sid"]);
+    // The Rust base: Debian's rustc and cargo, and the machine's own certificate
+    // authorities (its way out to crates.io may be a TLS-inspecting proxy).
     let ctx = d.dir().join("rust-image");
-    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::create_dir_all(ctx.join("ca")).unwrap();
+    for e in std::fs::read_dir("/usr/local/share/ca-certificates")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "crt") {
+            std::fs::copy(e.path(), ctx.join("ca").join(e.file_name())).unwrap();
+        }
+    }
     std::fs::write(
         ctx.join("Dockerfile"),
         "FROM nestless-test/debian:sid\n\
          RUN apt-get update && apt-get install -y --no-install-recommends rustc cargo gcc \
-         libc6-dev ca-certificates && rm -rf /var/lib/apt/lists/*\n",
+         libc6-dev ca-certificates && rm -rf /var/lib/apt/lists/*\n\
+         COPY ca/ /usr/local/share/ca-certificates/\n\
+         RUN update-ca-certificates\n",
     )
     .unwrap();
     let r = run(
