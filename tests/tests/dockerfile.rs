@@ -44,7 +44,7 @@ fn sid_rootfs() -> PathBuf {
         .unwrap_or_default()
         .as_secs()
         / 86_400;
-    let tar = dir.join(format!("sid-minbase-{day}.tar"));
+    let tar = dir.join(format!("sid-minbase-{day}-v2.tar"));
     if tar.is_file() {
         return tar;
     }
@@ -59,6 +59,26 @@ fn sid_rootfs() -> PathBuf {
         "debootstrap of sid failed:\n{}\n{}",
         r.stdout, r.stderr
     );
+    // The machine's apt setting on Release files' Valid-Until (its archive mirror may serve
+    // them past it, which the machine's own apt is told to accept), so that the image's apt,
+    // in the Rust base and in the Dockerfile's runtime stage, reaches the same mirror.
+    let valid_until: String = std::fs::read_dir("/etc/apt/apt.conf.d")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter(|l| l.contains("Check-Valid-Until"))
+                .map(|l| format!("{l}\n"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    std::fs::write(
+        root.join("etc/apt/apt.conf.d/99host-valid-until"),
+        valid_until,
+    )
+    .expect("the image's apt setting");
     let part = tar.with_extension("part");
     let mut c = Command::new("tar");
     c.arg("-C").arg(&root).arg("-cf").arg(&part).arg(".");
