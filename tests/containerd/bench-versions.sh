@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . tests/lib/versions.sh
 fetch_versions >/dev/null
-cargo bench -p nestless-tests --bench shim_versions --no-run 2>/dev/null
+cargo bench -q -p nestless-tests --bench shim_versions --no-run
 echo "| containerd | RunPodSandbox p50, nestless | p50, runc-v2 | ratio | shim RSS per pod, nestless | runc-v2 | ratio |"
 echo "|---|---|---|---|---|---|---|"
 for v in containerd-1.6 containerd-1.7 containerd-2; do
-	NESTLESS_CONTAINERD=$NESTLESS_VERSIONS_DIR/$v cargo bench -q -p nestless-tests --bench shim_versions 2>/dev/null | grep '^|'
+	NESTLESS_CONTAINERD=$NESTLESS_VERSIONS_DIR/$v cargo bench -q -p nestless-tests --bench shim_versions | grep '^|'
 done
