@@ -1,9 +1,11 @@
 //! A private containerd for tests, with `containerd-shim-nestless-v2` registered.
 //!
-//! [`Containerd::start`] runs the Debian `containerd` on a fresh directory of
-//! its own (root, state, sockets, config, the shim's config and runc root),
-//! with the shim's directory first on its `PATH`, so that the runtime name
-//! `io.containerd.nestless.v2` resolves to the shim under test:
+//! [`Containerd::start`] runs the containerd under test ([`build`]: the folder
+//! `NESTLESS_CONTAINERD` names, one of `tests/lib/versions.sh`'s 1.6, 1.7 and 2.x, else
+//! the system's) on a fresh directory of its own (root, state, sockets, config, the
+//! shim's config and runc root), with the shim's directory first on its `PATH`, then
+//! that version's own programs, so that the runtime name `io.containerd.nestless.v2`
+//! resolves to the shim under test and `io.containerd.runc.v2` to that version's:
 //!
 //! ```text
 //!   test ──ctr --address <dir>/containerd.sock -n NS──> containerd ──start──> containerd-shim-nestless-v2
@@ -11,16 +13,17 @@
 //!                                                            └── <dir>/root, <dir>/state     └── runc --root <dir>/runc/NS
 //! ```
 //!
-//! The CRI plugin is configured as the brief asks: `restrict_oom_score_adj`,
-//! `sandbox_image` = a locally imported static pause image, a `nestless`
-//! runtime handler whose options carry the shim's config path.
+//! The CRI plugin is configured by the shipped drop-in of the version's configuration
+//! generation ([`crate::dropin`]), with the test's paths: `restrict_oom_score_adj`,
+//! the sandbox image = a locally imported static pause image, the `nestless`
+//! runtime handler's options carrying the shim's config path.
 //!
 //! Images come from scripts, without a registry: `tests/vm/build-busybox-image.sh`
 //! ([`BUSYBOX_IMAGE`]) and `tests/containerd/build-pause-image.sh`
 //! ([`PAUSE_IMAGE`]). Dropping the [`Containerd`] kills it and its shims,
 //! force-deletes leftover runc containers, unmounts and removes its directory.
 //! Nothing here skips: a missing containerd, ctr or runc is a panic saying
-//! what to install.
+//! what to install or fetch.
 
 use crate::dropin::{self, Adapt, Generation};
 
