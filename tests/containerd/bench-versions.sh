@@ -8,6 +8,10 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 . tests/lib/versions.sh
 fetch_versions >/dev/null
+# The agent, nestless-cni and the CRI client as the tests run them (the same for both
+# shims); the shim under test is the release build the bench makes.
+cargo build -q -p nestless-netagent -p containerd-shim-nestless-v2 -p nestless-tests --bins
+export NESTLESS_BIN_DIR=${NESTLESS_BIN_DIR:-$PWD/target/debug}
 cargo bench -q -p nestless-tests --bench shim_versions --no-run
 echo "| containerd | RunPodSandbox p50, nestless | p50, runc-v2 | ratio | shim RSS per pod, nestless | runc-v2 | ratio |"
 echo "|---|---|---|---|---|---|---|"
