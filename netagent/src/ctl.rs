@@ -95,7 +95,8 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                     .map(|n| {
                         let nic = n.nic.as_ref().cloned().unwrap_or_default();
                         json!({
-                            "vm": n.vm, "id": nic.id, "sandbox_id": nic.sandbox_id, "state": n.state,
+                            "vm": n.vm, "id": nic.id, "scope": nic.scope, "sandbox_id": nic.sandbox_id,
+                            "interface": nic.interface, "state": n.state,
                             "mac": nic.mac, "addresses": nic.addresses.iter().map(|a| format!("{}/{}", a.address, a.prefix_len)).collect::<Vec<_>>(),
                             "network": nic.network, "host_ifname": n.host_ifname, "slot": n.slot,
                             "created_unix": n.created_unix,
@@ -123,6 +124,7 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                             "pod": p.pod, "network": p.network, "bridge": p.bridge, "members": p.members,
                             "pod_ip": v.pod_ip, "ports": ports,
                             "conflicts": v.conflicts.iter().map(|c| format!("{}/{}", c.port.port, c.port.protocol)).collect::<Vec<_>>(),
+                            "conflicting_parts": v.conflicts.iter().map(|c| (format!("{}/{}", c.port.port, c.port.protocol), json!(c.parts))).collect::<serde_json::Map<_, _>>(),
                             "version": v.version,
                         })
                     })
@@ -137,7 +139,10 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
             Value::Array(
                 r.leases
                     .iter()
-                    .map(|l| json!({"network": l.network, "address": l.address, "vm": l.vm, "nic_id": l.nic_id, "sandbox_id": l.sandbox_id}))
+                    .map(|l| json!({
+                        "network": l.network, "address": l.address, "vm": l.vm, "nic_id": l.nic_id,
+                        "scope": l.scope, "sandbox_id": l.sandbox_id, "interface": l.interface,
+                    }))
                     .collect(),
             )
         }
@@ -160,14 +165,24 @@ pub fn table(view: View, v: &Value) -> String {
         View::Nics => &[
             "vm",
             "id",
+            "scope",
             "sandbox_id",
+            "interface",
             "state",
             "mac",
             "addresses",
             "host_ifname",
             "slot",
         ],
-        View::Leases => &["network", "address", "vm", "nic_id", "sandbox_id"],
+        View::Leases => &[
+            "network",
+            "address",
+            "vm",
+            "nic_id",
+            "scope",
+            "sandbox_id",
+            "interface",
+        ],
         View::Hostlo => &[
             "pod",
             "network",
@@ -225,16 +240,24 @@ mod tests {
     #[test]
     fn tables_align_and_show_dashes() {
         let v = json!([
-            {"network": "default", "address": "10.0.0.2", "vm": "vm1", "nic_id": "0000000001", "sandbox_id": ""},
-            {"network": "default", "address": "10.0.0.10", "vm": "vm-long", "nic_id": "0000000002", "sandbox_id": "sb"}
+            {"network": "default", "address": "10.0.0.2", "vm": "vm1", "nic_id": "0000000001",
+             "scope": "", "sandbox_id": "", "interface": "eth0"},
+            {"network": "default", "address": "10.0.0.10", "vm": "vm-long", "nic_id": "0000000002",
+             "scope": "team-one", "sandbox_id": "sb", "interface": "net1"}
         ]);
         let t = table(View::Leases, &v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "NETWORK  ADDRESS    VM       NIC_ID      SANDBOX_ID"
+            "NETWORK  ADDRESS    VM       NIC_ID      SCOPE     SANDBOX_ID  INTERFACE"
         );
-        assert_eq!(lines[1], "default  10.0.0.2   vm1      0000000001  -");
-        assert_eq!(lines[2], "default  10.0.0.10  vm-long  0000000002  sb");
+        assert_eq!(
+            lines[1],
+            "default  10.0.0.2   vm1      0000000001  -         -           eth0"
+        );
+        assert_eq!(
+            lines[2],
+            "default  10.0.0.10  vm-long  0000000002  team-one  sb          net1"
+        );
     }
 }

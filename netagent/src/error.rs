@@ -1,6 +1,6 @@
 //! The agent's errors and their one mapping onto ttrpc status codes.
 
-use crate::{backend::BackendError, ipam::IpamError, state::StateError};
+use crate::{backend::BackendError, ipam::IpamError, names::Invalid, state::StateError};
 
 /// What can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
@@ -9,13 +9,8 @@ pub enum AgentError {
     #[error("unknown VM: {0}")]
     UnknownVm(String),
     /// A request field is malformed.
-    #[error("invalid request: {field}: {reason}")]
-    InvalidArgument {
-        /// The field.
-        field: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error("invalid request: {0}")]
+    Invalid(#[from] Invalid),
     /// The VM has no such NIC (it may be another VM's: that is not told).
     #[error("VM {vm} has no NIC {what}")]
     NicNotFound {
@@ -81,7 +76,7 @@ impl AgentError {
         use ttrpc::Code;
         match self {
             AgentError::UnknownVm(_) => Code::PERMISSION_DENIED,
-            AgentError::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
+            AgentError::Invalid(_) => Code::INVALID_ARGUMENT,
             AgentError::NicNotFound { .. } => Code::NOT_FOUND,
             AgentError::NetworkNotAllowed { .. } => Code::PERMISSION_DENIED,
             AgentError::QuotaExceeded { .. } => Code::RESOURCE_EXHAUSTED,
@@ -105,5 +100,11 @@ impl AgentError {
 impl From<AgentError> for ttrpc::Error {
     fn from(e: AgentError) -> ttrpc::Error {
         e.to_ttrpc()
+    }
+}
+
+impl From<Invalid> for ttrpc::Error {
+    fn from(e: Invalid) -> ttrpc::Error {
+        AgentError::from(e).to_ttrpc()
     }
 }

@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::AgentError;
+use crate::names::Invalid;
 
 /// Prefix of segment bridges (distinct from `nlh`, the NICs' host ends).
 pub const SEGMENT_PREFIX: &str = "nls";
@@ -50,51 +50,96 @@ pub struct HostloRef {
     pub ports: Vec<Port>,
 }
 
-/// Checks a Hostlo pod name: 1 to 63 characters of `[a-z0-9.-]`.
-pub fn check_pod(pod: &str) -> Result<(), AgentError> {
-    if pod.is_empty()
-        || pod.len() > 63
-        || !pod
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-    {
-        return Err(AgentError::InvalidArgument {
-            field: "pod",
-            reason: format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
-        });
+/// A Hostlo pod name, checked: 1 to 63 characters of `[a-z0-9.-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodName(String);
+
+impl PodName {
+    /// Checks `pod` (field `pod`).
+    pub fn parse(pod: &str) -> Result<PodName, Invalid> {
+        if pod.is_empty()
+            || pod.len() > 63
+            || !pod
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(Invalid::new(
+                "pod",
+                format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
+            ));
+        }
+        Ok(PodName(pod.to_string()))
     }
-    Ok(())
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
-/// Checks a part index.
-pub fn check_part(part: u32) -> Result<(), AgentError> {
-    if part >= MAX_PARTS {
-        return Err(AgentError::InvalidArgument {
-            field: "part",
-            reason: format!("{part} is not between 0 and {}", MAX_PARTS - 1),
-        });
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
-    Ok(())
 }
 
-/// Checks and normalises (sorts, dedups) a published port list.
-pub fn check_ports(ports: &[Port]) -> Result<Vec<Port>, AgentError> {
-    if ports.len() > MAX_PORTS {
-        return Err(AgentError::InvalidArgument {
-            field: "ports",
-            reason: format!("{} ports, at most {MAX_PORTS}", ports.len()),
-        });
+/// A part index, checked: 0 to [`MAX_PARTS`] - 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Part(u32);
+
+impl Part {
+    /// Checks `part` (field `part`).
+    pub fn parse(part: u32) -> Result<Part, Invalid> {
+        if part >= MAX_PARTS {
+            return Err(Invalid::new(
+                "part",
+                format!("{part} is not between 0 and {}", MAX_PARTS - 1),
+            ));
+        }
+        Ok(Part(part))
     }
-    if let Some(p) = ports.iter().find(|p| p.port == 0) {
-        return Err(AgentError::InvalidArgument {
-            field: "ports.port",
-            reason: format!("port 0/{} is not a port", p.proto.as_str()),
-        });
+
+    /// The index.
+    pub fn get(self) -> u32 {
+        self.0
     }
-    let mut v = ports.to_vec();
-    v.sort();
-    v.dedup();
-    Ok(v)
+}
+
+/// The ports a part publishes, checked and normalised: at most
+/// [`MAX_PORTS`], no port 0, sorted, each once.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortList(Vec<Port>);
+
+impl PortList {
+    /// Checks `ports` (fields `ports`, `ports.port`), then sorts and dedups them.
+    pub fn new(ports: Vec<Port>) -> Result<PortList, Invalid> {
+        if ports.len() > MAX_PORTS {
+            return Err(Invalid::new(
+                "ports",
+                format!("{} ports, at most {MAX_PORTS}", ports.len()),
+            ));
+        }
+        if let Some(p) = ports.iter().find(|p| p.port == 0) {
+            return Err(Invalid::new(
+                "ports.port",
+                format!("port 0/{} is not a port", p.proto.as_str()),
+            ));
+        }
+        let mut v = ports;
+        v.sort();
+        v.dedup();
+        Ok(PortList(v))
+    }
+
+    /// The ports, sorted.
+    pub fn as_slice(&self) -> &[Port] {
+        &self.0
+    }
+
+    /// The ports, sorted.
+    pub fn into_vec(self) -> Vec<Port> {
+        self.0
+    }
 }
 
 fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
@@ -114,7 +159,7 @@ pub fn segment_bridge(pod: &str) -> String {
 /// The MAC of part `part`'s segment NIC: `prefix` then a stable hash of the
 /// pod and part, so that a part that comes back has the same MAC and its
 /// peers' neighbour caches stay right.
-pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> crate::types::MacAddr {
+pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr {
     let h = fnv1a(pod.bytes().chain(part.to_be_bytes()).chain(*b"hostlo")).to_be_bytes();
     let mut m = [0u8; 6];
     // Hash bytes fill whatever the prefix leaves, last bytes first.
@@ -125,7 +170,7 @@ pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> crate::types::MacAddr {
     if prefix.is_empty() {
         m[0] = (m[0] | 0x02) & 0xfe;
     }
-    crate::types::MacAddr(m)
+    nestless_model::MacAddr(m)
 }
 
 /// The segment address of `part`.
@@ -208,17 +253,23 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(check_pod("a.b-1").is_ok());
+        assert!(PodName::parse("a.b-1").is_ok());
         for bad in ["", "Upper", "a_b", &"x".repeat(64)] {
-            assert!(check_pod(bad).is_err(), "{bad}");
+            assert!(PodName::parse(bad).is_err(), "{bad}");
         }
-        assert!(check_part(252).is_ok() && check_part(253).is_err());
+        assert!(Part::parse(252).is_ok() && Part::parse(253).is_err());
         assert_eq!(
-            check_ports(&[p(80, Proto::Tcp), p(53, Proto::Udp), p(80, Proto::Tcp)]).unwrap(),
+            PortList::new(vec![
+                p(80, Proto::Tcp),
+                p(53, Proto::Udp),
+                p(80, Proto::Tcp)
+            ])
+            .unwrap()
+            .into_vec(),
             vec![p(53, Proto::Udp), p(80, Proto::Tcp)]
         );
-        assert!(check_ports(&[p(0, Proto::Tcp)]).is_err());
-        assert!(check_ports(&vec![p(1, Proto::Tcp); 1025]).is_err());
+        assert!(PortList::new(vec![p(0, Proto::Tcp)]).is_err());
+        assert!(PortList::new(vec![p(1, Proto::Tcp); 1025]).is_err());
         assert!("sctp".parse::<Proto>().is_err());
     }
 

@@ -1,11 +1,15 @@
 //! Per-network address allocation.
 //!
 //! Each network hands out IPv4 addresses from its range (never the network,
-//! broadcast or gateway address). Allocation is next-fit: it continues after
-//! the last address handed out, so a released address is not reused at once
-//! (stale ARP/neighbour entries in peers age out first). The IPv6 address of a
-//! NIC, when the network has `subnet6`, mirrors the IPv4 host offset, so the
-//! pair needs no second allocator.
+//! broadcast or gateway address). The IPv6 address of a NIC, when the network
+//! has `subnet6`, mirrors the IPv4 host offset, so the pair needs no second
+//! allocator; an IPv4 address whose mirror is the IPv6 gateway or a reserved
+//! IPv6 address (subnet-router or RFC 2526 anycast) is never handed out
+//! either ([`NetworkConfig::unleasable`]), so no lease of either family is a
+//! gateway, network, broadcast or anycast address. Allocation is next-fit:
+//! it continues after the last address handed out (kept in the state file
+//! across restarts), so a released address is not reused at once (stale
+//! ARP/neighbour entries in peers age out first).
 //!
 //! Leases are not stored separately: they are rebuilt from the NIC records at
 //! start ([`Ipam::reserve`]), so the two can never disagree.
@@ -33,6 +37,16 @@ pub enum IpamError {
         /// The address.
         addr: Ipv4Addr,
     },
+    /// The address is never leased (a gateway, or its IPv6 mirror is one).
+    #[error("{addr} is never leased on network {network:?}: {why}")]
+    Reserved {
+        /// The network.
+        network: String,
+        /// The address.
+        addr: Ipv4Addr,
+        /// Why.
+        why: String,
+    },
     /// The address is leased already.
     #[error("{addr} is already leased on network {network:?}")]
     InUse {
@@ -46,15 +60,17 @@ pub enum IpamError {
 /// The address allocator of one network.
 #[derive(Debug, Clone)]
 pub struct Ipam {
-    network: String,
-    subnet_base: u32,
+    net: NetworkConfig,
     first: u32,
     last: u32,
-    gateway: u32,
+    /// Leased or reserved, by index from `first`.
     bits: Vec<u64>,
+    /// Bits set (leases and reserved addresses).
     used: u32,
-    cursor: u32,
-    subnet6: Option<ipnet::Ipv6Net>,
+    /// Indices never leased (see [`NetworkConfig::unleasable`]), sorted.
+    reserved: Vec<u32>,
+    /// Index of the address handed out last.
+    last_given: Option<u32>,
 }
 
 impl Ipam {
@@ -64,20 +80,46 @@ impl Ipam {
         let last = u32::from(net.range.1);
         let len = (last - first + 1) as usize;
         let mut ipam = Ipam {
-            network: net.name.clone(),
-            subnet_base: u32::from(net.subnet.network()),
+            net: net.clone(),
             first,
             last,
-            gateway: u32::from(net.gateway),
             bits: vec![0; len.div_ceil(64)],
             used: 0,
-            cursor: 0,
-            subnet6: net.subnet6,
+            reserved: Vec::new(),
+            last_given: None,
         };
-        // The gateway is never handed out; mark it used if it lies in the range.
-        if (first..=last).contains(&ipam.gateway) {
-            ipam.set(ipam.gateway - first, true);
+        // The addresses that may be unleasable: the gateway, the mirror of
+        // the IPv6 gateway, and (when subnet6 is small) the range's end,
+        // whose mirrors reach subnet6's reserved anycast block.
+        let mut candidates = vec![net.gateway];
+        if let Some(net6) = net.subnet6 {
+            let base6 = u128::from(net6.network());
+            if let Some(g6) = net.gateway6 {
+                let v4 = u128::from(g6)
+                    .checked_sub(base6)
+                    .and_then(|o| u32::try_from(o).ok())
+                    .and_then(|o| u32::from(net.subnet.network()).checked_add(o));
+                candidates.extend(v4.map(Ipv4Addr::from));
+            }
+            let host_bits6 = 128 - u32::from(net6.prefix_len());
+            if host_bits6 <= 32 {
+                let size6 = 1u64 << host_bits6;
+                let limit = u64::from(u32::from(net.subnet.network())) + size6.saturating_sub(128);
+                let from = u32::try_from(limit.max(u64::from(first))).unwrap_or(u32::MAX);
+                candidates.extend((from..=last).map(Ipv4Addr::from));
+            }
         }
+        for a in candidates {
+            let a32 = u32::from(a);
+            if (first..=last).contains(&a32) && net.unleasable(a).is_some() {
+                let i = a32 - first;
+                if !ipam.get(i) {
+                    ipam.set(i, true);
+                    ipam.reserved.push(i);
+                }
+            }
+        }
+        ipam.reserved.sort_unstable();
         ipam
     }
 
@@ -101,27 +143,29 @@ impl Ipam {
         self.last - self.first + 1
     }
 
-    /// Number of addresses the range holds (the gateway excluded).
+    /// Number of addresses the range leases (reserved ones excluded).
     pub fn capacity(&self) -> u32 {
-        self.size() - u32::from((self.first..=self.last).contains(&self.gateway))
+        self.size() - self.reserved.len() as u32
     }
 
     /// Number of leased addresses.
     pub fn leased(&self) -> u32 {
-        self.used - u32::from((self.first..=self.last).contains(&self.gateway))
+        self.used - self.reserved.len() as u32
     }
 
-    /// Leases the next free address.
+    /// Leases the next free address after the one handed out last
+    /// (next-fit, as CNI's host-local does): an address just released is
+    /// not handed out again before the others have been.
     pub fn allocate(&mut self) -> Result<Ipv4Addr, IpamError> {
         let size = self.size();
         if self.used >= size {
             return Err(IpamError::Exhausted {
-                network: self.network.clone(),
+                network: self.net.name.clone(),
                 size: self.capacity(),
             });
         }
         // Next-fit, skipping whole words that are full.
-        let mut i = self.cursor % size;
+        let mut i = self.last_given.map_or(0, |l| (l + 1) % size);
         let mut scanned = 0u32;
         while scanned < size {
             if i.is_multiple_of(64) && self.bits[(i / 64) as usize] == u64::MAX && size - i >= 64 {
@@ -131,27 +175,49 @@ impl Ipam {
             }
             if !self.get(i) {
                 self.set(i, true);
-                self.cursor = (i + 1) % size;
+                self.last_given = Some(i);
                 return Ok(Ipv4Addr::from(self.first + i));
             }
             i = (i + 1) % size;
             scanned += 1;
         }
         Err(IpamError::Exhausted {
-            network: self.network.clone(),
+            network: self.net.name.clone(),
             size: self.capacity(),
         })
     }
 
+    /// The address handed out last, if any.
+    pub fn last_given(&self) -> Option<Ipv4Addr> {
+        self.last_given.map(|i| Ipv4Addr::from(self.first + i))
+    }
+
+    /// Goes on after `addr` (the last address a previous run handed out,
+    /// from the state file); ignored when it is not in the range.
+    pub fn resume_after(&mut self, addr: Ipv4Addr) {
+        let a = u32::from(addr);
+        if (self.first..=self.last).contains(&a) {
+            self.last_given = Some(a - self.first);
+        }
+    }
+
     fn index(&self, addr: Ipv4Addr) -> Result<u32, IpamError> {
         let a = u32::from(addr);
-        if a < self.first || a > self.last || a == self.gateway {
+        if a < self.first || a > self.last {
             return Err(IpamError::OutOfRange {
-                network: self.network.clone(),
+                network: self.net.name.clone(),
                 addr,
             });
         }
-        Ok(a - self.first)
+        let i = a - self.first;
+        if self.reserved.binary_search(&i).is_ok() {
+            return Err(IpamError::Reserved {
+                network: self.net.name.clone(),
+                addr,
+                why: self.net.unleasable(addr).unwrap_or_default(),
+            });
+        }
+        Ok(i)
     }
 
     /// Marks `addr` leased (restoring state).
@@ -159,7 +225,7 @@ impl Ipam {
         let i = self.index(addr)?;
         if self.get(i) {
             return Err(IpamError::InUse {
-                network: self.network.clone(),
+                network: self.net.name.clone(),
                 addr,
             });
         }
@@ -185,11 +251,7 @@ impl Ipam {
 
     /// The IPv6 address paired with `v4`, when the network has `subnet6`.
     pub fn ipv6_for(&self, v4: Ipv4Addr) -> Option<Ipv6Addr> {
-        let net6 = self.subnet6?;
-        let offset = u32::from(v4).checked_sub(self.subnet_base)?;
-        Some(Ipv6Addr::from(
-            u128::from(net6.network()) + u128::from(offset),
-        ))
+        self.net.ipv6_for(v4)
     }
 }
 
@@ -282,6 +344,7 @@ mod tests {
             ipam.reserve("10.0.0.1".parse().unwrap()),
             Err(IpamError::OutOfRange { .. })
         ));
+        assert!(!ipam.is_leased("10.0.0.1".parse().unwrap()));
         let got: HashSet<_> = (0..2).map(|_| ipam.allocate().unwrap()).collect();
         assert!(!got.contains(&"10.0.0.11".parse().unwrap()));
         assert!(ipam.allocate().is_err());
@@ -301,6 +364,80 @@ mod tests {
             ipam.allocate().unwrap(),
             "10.0.9.9".parse::<Ipv4Addr>().unwrap()
         );
+    }
+
+    /// Issue 9, item 3: with the IPv6 gateway at `::1`, the IPv4 address
+    /// whose mirror it is (`.1`) is never leased, nor the IPv4 gateway: no
+    /// lease of either family is a gateway, across the whole range.
+    #[test]
+    fn no_lease_mirrors_a_gateway() {
+        let mut n = net("10.20.30.0/24", "10.20.30.254", None);
+        n.subnet6 = Some("fd00:20::/64".parse().unwrap());
+        n.gateway6 = Some("fd00:20::1".parse().unwrap());
+        let mut ipam = Ipam::new(&n);
+        assert_eq!(ipam.capacity(), 252, "254 less both gateways");
+        let first = ipam.allocate().unwrap();
+        assert_eq!(first, "10.20.30.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(ipam.ipv6_for(first), Some("fd00:20::2".parse().unwrap()));
+        let mut all = vec![first];
+        while let Ok(a) = ipam.allocate() {
+            all.push(a);
+        }
+        assert_eq!(all.len(), 252);
+        for a in all {
+            assert_ne!(a, n.gateway);
+            assert_ne!(ipam.ipv6_for(a), n.gateway6, "{a}");
+        }
+        assert!(matches!(
+            ipam.reserve("10.20.30.1".parse().unwrap()),
+            Err(IpamError::Reserved { .. })
+        ));
+        assert_eq!(ipam.leased(), 252);
+    }
+
+    /// A subnet6 so small that the range's mirror reaches its reserved
+    /// anycast block (the top 128, RFC 2526): those addresses are never
+    /// leased (the config check refuses such a network; the allocator
+    /// holds the rule on its own).
+    #[test]
+    fn no_lease_mirrors_an_anycast_address() {
+        let mut n = net("10.0.0.0/24", "10.0.0.1", None);
+        n.subnet6 = Some("fd00::/120".parse().unwrap());
+        let mut ipam = Ipam::new(&n);
+        let mut got = Vec::new();
+        while let Ok(a) = ipam.allocate() {
+            got.push(a);
+        }
+        // .2 to .127: .1 is the gateway, .128 up mirror fd00::80 and above.
+        assert_eq!(got.len(), 126);
+        assert_eq!(got.last(), Some(&"10.0.0.127".parse::<Ipv4Addr>().unwrap()));
+    }
+
+    /// Next-fit goes on after the last address across a restart (the
+    /// state file keeps it): a released address is not handed out again
+    /// at once.
+    #[test]
+    fn next_fit_resumes_after_a_restart() {
+        let n = net("10.0.0.0/24", "10.0.0.1", Some(("10.0.0.10", "10.0.0.20")));
+        let mut ipam = Ipam::new(&n);
+        let a = ipam.allocate().unwrap();
+        let b = ipam.allocate().unwrap();
+        ipam.release(a);
+        ipam.release(b);
+        let last = ipam.last_given().unwrap();
+        assert_eq!(last, b);
+        let mut again = Ipam::new(&n);
+        again.resume_after(last);
+        assert_eq!(
+            again.allocate().unwrap(),
+            "10.0.0.12".parse::<Ipv4Addr>().unwrap()
+        );
+        // Wrapping round, the freed ones come back last.
+        let mut rest = Vec::new();
+        while let Ok(x) = again.allocate() {
+            rest.push(x);
+        }
+        assert_eq!(&rest[rest.len() - 2..], &[a, b]);
     }
 
     #[test]

@@ -5,28 +5,30 @@
 //! bridge) and hot-plugs the NIC into the VM; the shim moves it into the pod's
 //! network namespace. Modules, from the outside in:
 //!
+//! * [`daemon`]: the daemon's life: recover, serve, upkeep, signals, drain.
 //! * [`server`]: listeners (AF_VSOCK, per-VM unix sockets, admin socket) and
 //!   the ttrpc services; the caller VM is fixed at accept time.
-//! * [`convert`]: protobuf types to and from the agent's own.
+//! * [`server::convert`]: protobuf requests parsed (and so checked) into the
+//!   agent's types, and its replies back; the one place requests are checked.
 //! * [`agent`]: records, leases, per-VM locking, recovery after a crash.
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
-//! * [`config`], [`state`], [`ipam`], [`types`]: configuration, the durable
+//! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
 //!   state file, address allocation, names.
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod backend;
 pub mod config;
-pub mod convert;
 pub mod ctl;
+pub mod daemon;
 pub mod error;
 pub mod hostlo;
 pub mod ipam;
 pub mod lifecycle;
 pub mod links;
+pub mod names;
 pub mod qmp;
 pub mod server;
 pub mod state;
-pub mod types;

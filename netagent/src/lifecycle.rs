@@ -59,7 +59,7 @@ pub enum Event {
 
 /// A transition the state machine does not allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("NIC in state {from:?} cannot take event {event:?}")]
+#[error("state {from:?} does not take event {event:?}")]
 pub struct InvalidTransition {
     /// The state before.
     pub from: Option<NicState>,
@@ -88,8 +88,12 @@ pub fn transition(
 pub enum Presence {
     /// The NIC is there (device plugged / veth pair alive).
     Present,
-    /// Nothing of it is left in the VM (the VM or its namespace was restarted).
+    /// Nothing of it is left in the VM (the VM or its namespace was
+    /// restarted, or someone deleted its host end).
     Gone,
+    /// It is there, but the guest restarted since it was given to a sandbox
+    /// (QEMU's `RESET`): no pod in the guest uses it any more.
+    Stale,
     /// The backend cannot be asked now (QMP down): decide later.
     Unknown,
 }
@@ -116,7 +120,7 @@ pub fn recovery(state: NicState, presence: Presence) -> Recovery {
         (NicState::Attaching, _) => Recovery::RollBack,
         (NicState::Detaching, _) => Recovery::FinishDetach,
         (NicState::Attached, Presence::Present) => Recovery::Keep,
-        (NicState::Attached, Presence::Gone) => Recovery::Release,
+        (NicState::Attached, Presence::Gone | Presence::Stale) => Recovery::Release,
     }
 }
 
@@ -174,6 +178,9 @@ mod tests {
         assert_eq!(recovery(Attaching, Presence::Gone), Recovery::RollBack);
         assert_eq!(recovery(Attached, Presence::Present), Recovery::Keep);
         assert_eq!(recovery(Attached, Presence::Gone), Recovery::Release);
+        assert_eq!(recovery(Attached, Presence::Stale), Recovery::Release);
+        assert_eq!(recovery(Attaching, Presence::Stale), Recovery::RollBack);
+        assert_eq!(recovery(Detaching, Presence::Stale), Recovery::FinishDetach);
         assert_eq!(
             recovery(Detaching, Presence::Present),
             Recovery::FinishDetach

@@ -3,21 +3,35 @@
 //! [`HostLinks`] is what the backends need from the host's network stack;
 //! [`Netlink`] implements it with `rtnetlink` (and the tun ioctl, since the
 //! kernel does not create taps over netlink). Tests of backend logic use a
-//! recording fake instead.
+//! recording fake instead ([`fake::FakeLinks`], under tests and the `testing`
+//! feature).
+
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     os::fd::{AsRawFd, OwnedFd},
     path::Path,
 };
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::{
-    packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+    packet_core::NetlinkPayload,
+    packet_route::{
+        link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+        AddressFamily, RouteNetlinkMessage,
+    },
+    sys::{AsyncSocket, SocketAddr},
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::types::MacAddr;
+use nestless_model::MacAddr;
+
+use crate::names::bridge_mac;
 
 /// A failed link operation: what was being done, to which interface, and why.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +46,7 @@ pub struct LinkError {
 }
 
 impl LinkError {
-    fn new(op: &'static str, ifname: &str, source: std::io::Error) -> LinkError {
+    pub(crate) fn new(op: &'static str, ifname: &str, source: std::io::Error) -> LinkError {
         LinkError {
             op,
             ifname: ifname.to_string(),
@@ -51,7 +65,9 @@ impl LinkError {
 pub trait HostLinks: Send + Sync {
     /// True when a link of this name exists in the agent's namespace.
     async fn exists(&self, ifname: &str) -> Result<bool, LinkError>;
-    /// Creates the bridge if missing, gives it `address` if it lacks it, sets it up.
+    /// Creates the bridge if missing (with the fixed MAC of its name,
+    /// [`crate::names::bridge_mac`], so that ports coming and going never
+    /// change it), gives it `address` if it lacks it, sets it up.
     async fn ensure_bridge(
         &self,
         bridge: &str,
@@ -71,8 +87,10 @@ pub trait HostLinks: Send + Sync {
     /// Opens a tap (non-persistent: it disappears with the last fd) with a
     /// virtio-net header, returning its fd.
     fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError>;
-    /// Creates the bridge `name` (marked as the agent's) if missing, with no
-    /// address and no uplink, and sets it up: a Hostlo segment.
+    /// Creates the bridge `name` if missing, with no address and no uplink
+    /// and the fixed MAC of its name, marks it as the agent's (its owner
+    /// alias, so that a sweep finds it after a crash) and sets it up: a
+    /// Hostlo segment.
     async fn ensure_segment(&self, name: &str, mtu: u32) -> Result<(), LinkError>;
     /// Sets the MTU, joins `ifname` to `bridge` and sets it up.
     async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError>;
@@ -81,6 +99,13 @@ pub trait HostLinks: Send + Sync {
     /// Names of the links this agent made (marked with its owner alias)
     /// whose name starts with `prefix`.
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError>;
+    /// Names of every link whose name starts with `prefix`, whoever made it
+    /// (one dump: the presence check of many NICs at once).
+    async fn names(&self, prefix: &str) -> Result<HashSet<String>, LinkError>;
+    /// Removes the host's neighbour entries (ARP, NDP) for `addrs` on
+    /// `bridge`: an address released or leased again must not keep the MAC
+    /// of the NIC that had it before. Entries that do not exist are fine.
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError>;
 }
 
 fn nl_io(e: rtnetlink::Error) -> std::io::Error {
@@ -138,6 +163,17 @@ impl Netlink {
         }
     }
 
+    /// Every link of the namespace.
+    async fn dump(&self) -> Result<Vec<LinkMessage>, LinkError> {
+        self.handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| LinkError::new("list", "links", nl_io(e)))
+    }
+
     async fn index(&self, op: &'static str, ifname: &str) -> Result<u32, LinkError> {
         self.get(ifname)
             .await?
@@ -172,7 +208,12 @@ impl HostLinks for Netlink {
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(bridge).mtu(mtu).build())
+                    .add(
+                        LinkBridge::new(bridge)
+                            .mtu(mtu)
+                            .address(bridge_mac(bridge).0.to_vec())
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| LinkError::new("create bridge", bridge, nl_io(e)))?;
@@ -221,7 +262,7 @@ impl HostLinks for Netlink {
                     .add(
                         LinkBridge::new(name)
                             .mtu(mtu)
-                            .alias(self.owner.clone())
+                            .address(bridge_mac(name).0.to_vec())
                             .build(),
                     )
                     .execute()
@@ -230,12 +271,19 @@ impl HostLinks for Netlink {
                 self.index("create segment bridge", name).await?
             }
         };
+        // The kernel ignores an alias given at creation (IFLA_IFALIAS is
+        // only applied to an existing link): mark it here, with `up`.
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).up().build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .alias(self.owner.clone())
+                    .up()
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(|e| LinkError::new("set up", name, nl_io(e)))
+            .map_err(|e| LinkError::new("mark and set up", name, nl_io(e)))
     }
 
     async fn create_veth(
@@ -307,15 +355,48 @@ impl HostLinks for Netlink {
         }
     }
 
+    async fn names(&self, prefix: &str) -> Result<HashSet<String>, LinkError> {
+        Ok(self
+            .dump()
+            .await?
+            .iter()
+            .filter_map(|m| link_name(m).filter(|n| n.starts_with(prefix)))
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn forget_neighbours(&self, bridge: &str, addrs: &[IpAddr]) -> Result<(), LinkError> {
+        let Some(index) = self.get(bridge).await?.map(|m| m.header.index) else {
+            // No bridge, no neighbours on it.
+            return Ok(());
+        };
+        for addr in addrs {
+            let mut msg = NeighbourMessage::default();
+            msg.header.ifindex = index;
+            let (family, dest) = match addr {
+                IpAddr::V4(a) => (AddressFamily::Inet, NeighbourAddress::Inet(*a)),
+                IpAddr::V6(a) => (AddressFamily::Inet6, NeighbourAddress::Inet6(*a)),
+            };
+            msg.header.family = family;
+            msg.attributes.push(NeighbourAttribute::Destination(dest));
+            match self.handle.neighbours().del(msg).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if matches!(e.raw_code().abs(), libc::ENOENT | libc::ESRCH) => {}
+                Err(e) => {
+                    return Err(LinkError::new(
+                        "forget the neighbour entry on",
+                        bridge,
+                        nl_io(e),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
-        let links: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| LinkError::new("list", "links", nl_io(e)))?;
+        let links = self.dump().await?;
         Ok(links
             .iter()
             .filter(|m| {
@@ -331,6 +412,40 @@ impl HostLinks for Netlink {
             })
             .collect())
     }
+}
+
+/// The name of a link message.
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The names of the links deleted from now on whose name starts with
+/// `prefix`, as the kernel announces them (RTM_DELLINK to the link
+/// multicast group): how the agent learns that someone else deleted a
+/// NIC's host end, or that a namespace holding its other end went away.
+/// The channel closes if the netlink socket fails.
+pub fn deleted_links(prefix: &'static str) -> std::io::Result<UnboundedReceiver<String>> {
+    let (mut conn, _handle, mut messages) = rtnetlink::new_connection()?;
+    conn.socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, rtnetlink::constants::RTMGRP_LINK))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((msg, _)) = messages.next().await {
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) = msg.payload {
+                if let Some(name) = link_name(&link).filter(|n| n.starts_with(prefix)) {
+                    if tx.send(name.to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// The kind of a link message (`veth`, `tun`, `bridge`...), for diagnostics.
@@ -382,95 +497,5 @@ mod tap {
         // SAFETY: TUNSETIFF reads an ifreq, which `req` is laid out as; it outlives the call.
         unsafe { tunsetiff(fd, &mut req as *mut IfReq as u64) }.map_err(std::io::Error::from)?;
         Ok(owned)
-    }
-}
-
-#[cfg(test)]
-pub mod fake {
-    //! A recording [`HostLinks`] for unit tests.
-    use super::*;
-    use std::{collections::BTreeSet, sync::Mutex};
-
-    /// Links that "exist", and calls made.
-    #[derive(Default)]
-    pub struct FakeLinks {
-        /// Existing link names.
-        pub links: Mutex<BTreeSet<String>>,
-        /// Calls, in order.
-        pub calls: Mutex<Vec<String>>,
-        /// Operation name that fails next (`create_veth`, `join_bridge`...).
-        pub fail: Mutex<Option<&'static str>>,
-    }
-
-    impl FakeLinks {
-        fn call(&self, op: &'static str, what: &str) -> Result<(), LinkError> {
-            self.calls.lock().unwrap().push(format!("{op} {what}"));
-            if *self.fail.lock().unwrap() == Some(op) {
-                *self.fail.lock().unwrap() = None;
-                return Err(LinkError::new(
-                    op,
-                    what,
-                    std::io::Error::from_raw_os_error(libc::EIO),
-                ));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl HostLinks for FakeLinks {
-        async fn exists(&self, ifname: &str) -> Result<bool, LinkError> {
-            Ok(self.links.lock().unwrap().contains(ifname))
-        }
-        async fn ensure_bridge(
-            &self,
-            bridge: &str,
-            _: Option<(IpAddr, u8)>,
-            _: u32,
-        ) -> Result<(), LinkError> {
-            self.call("ensure_bridge", bridge)?;
-            self.links.lock().unwrap().insert(bridge.to_string());
-            Ok(())
-        }
-        async fn ensure_segment(&self, name: &str, _: u32) -> Result<(), LinkError> {
-            self.call("ensure_segment", name)?;
-            self.links.lock().unwrap().insert(name.to_string());
-            Ok(())
-        }
-        async fn create_veth(
-            &self,
-            host: &str,
-            guest: &str,
-            _: MacAddr,
-            _: u32,
-            _: &Path,
-        ) -> Result<(), LinkError> {
-            self.call("create_veth", host)?;
-            self.links.lock().unwrap().insert(host.to_string());
-            let _ = guest;
-            Ok(())
-        }
-        fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError> {
-            self.call("open_tap", name)?;
-            self.links.lock().unwrap().insert(name.to_string());
-            Ok(std::fs::File::open("/dev/null").unwrap().into())
-        }
-        async fn join_bridge(&self, ifname: &str, bridge: &str, _: u32) -> Result<(), LinkError> {
-            self.call("join_bridge", &format!("{ifname} {bridge}"))
-        }
-        async fn delete(&self, ifname: &str) -> Result<bool, LinkError> {
-            self.call("delete", ifname)?;
-            Ok(self.links.lock().unwrap().remove(ifname))
-        }
-        async fn list_owned(&self, prefix: &str) -> Result<Vec<String>, LinkError> {
-            Ok(self
-                .links
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.starts_with(prefix))
-                .cloned()
-                .collect())
-        }
     }
 }

@@ -1,15 +1,15 @@
 //! `nestless-netagent`: the host agent daemon.
 //!
-//! Loads and checks the configuration, recovers (reconciles the state file with
-//! what the VMs and the host really have, removes orphans), then serves. Run by
+//! Parses its arguments, sets up logging, loads and checks the configuration,
+//! and starts the runtime; the daemon itself (recover, serve, upkeep,
+//! sd_notify, signals, drain) is [`nestless_netagent::daemon::run`]. Run by
 //! systemd as `nestless-netagent.service` (Type=notify: READY=1 is sent once
 //! recovery is done and every socket listens).
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::Context;
 use clap::Parser;
-use nestless_netagent::{agent::Agent, config::Config, links::Netlink, server};
+use nestless_netagent::{config::Config, daemon};
 
 #[derive(Parser)]
 #[command(
@@ -64,51 +64,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config)) {
+    match rt.block_on(daemon::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e:#}");
-            eprintln!("nestless-netagent: {e:#}");
+            log::error!("{e}");
+            eprintln!("nestless-netagent: {e}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn run(config: Config) -> anyhow::Result<()> {
-    let owner = nestless_netagent::links::owner_alias(&config.agent.state_dir);
-    let links = Arc::new(Netlink::new(&owner).context("cannot open a netlink socket")?);
-    let agent = Arc::new(Agent::new(config, links)?);
-    let report = agent.recover().await.context("recovery failed")?;
-    log::info!(
-        "recovered: {} NIC(s) kept, {} rolled back, {} detached, {} released, {} deferred, {} orphan(s) removed",
-        report.kept,
-        report.rolled_back,
-        report.detached,
-        report.released,
-        report.deferred,
-        report.orphans
-    );
-    let running = server::serve(agent.clone()).await?;
-    let upkeep = server::spawn_upkeep(agent.clone(), Duration::from_secs(2));
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    log::info!("ready: serving {} VM(s)", agent.vms().count());
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    for t in upkeep {
-        t.abort();
-    }
-    running.stop_accepting();
-    // Let operations in flight finish, so that none is cut between steps.
-    if !agent.drain(Duration::from_secs(30)).await {
-        log::warn!(
-            "operations still running after 30s: exiting anyway (the next start recovers them)"
-        );
-    }
-    // NICs stay plugged: they belong to running pods. The state file has them.
-    Ok(())
 }

@@ -11,6 +11,11 @@
 //! crash): callers see [`QmpError::Disconnected`] for commands in flight and a
 //! fresh connection on the next command. [`Qmp::generation`] increases with
 //! every new connection so that the agent can tell a restarted QEMU.
+//!
+//! [`Qmp`] is the transport seam (a command name and JSON arguments); the
+//! commands themselves are typed in [`commands`], and callers use those.
+
+pub mod commands;
 
 use std::{
     collections::HashMap,
@@ -69,6 +74,22 @@ pub enum QmpError {
         class: String,
         /// QEMU's description.
         desc: String,
+    },
+    /// The reply did not have the shape the command's reply type has.
+    #[error("unexpected reply to QMP {command}: {detail}")]
+    BadReply {
+        /// The command.
+        command: &'static str,
+        /// What was wrong, with the reply.
+        detail: String,
+    },
+    /// A command's arguments could not be encoded as JSON.
+    #[error("cannot encode the arguments of QMP {command}: {detail}")]
+    Encode {
+        /// The command.
+        command: &'static str,
+        /// Why.
+        detail: String,
     },
     /// No reply in time.
     #[error("QMP {command} on {path} got no reply within {after:?}")]

@@ -13,11 +13,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use nestless_model::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     lifecycle::NicState,
-    types::{MacAddr, NicId},
+    names::{NicId, DEFAULT_IFNAME},
 };
 
 /// Version of the file format.
@@ -31,9 +32,25 @@ pub struct NicRecord {
     pub id: NicId,
     /// The VM it belongs to.
     pub vm: String,
-    /// The sandbox it was attached for (idempotency key within the VM).
+    /// The sandbox it was attached for. With `scope` and `interface`, the
+    /// idempotency key of an attach within the VM.
     pub sandbox_id: String,
-    /// The network its addresses come from.
+    /// The namespace `sandbox_id` is unique in (the containerd namespace of
+    /// a container attached outside CRI); empty for CRI and CNI. Absent in
+    /// files written before it existed: empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// The interface name the NIC takes in the pod (CNI_IFNAME). Absent in
+    /// files written before it existed: `eth0`.
+    #[serde(
+        default = "default_interface",
+        skip_serializing_if = "is_default_interface"
+    )]
+    pub interface: String,
+    /// The VM's tenant network (`[[network]]` name). A BrFusion NIC's
+    /// addresses are leased from it; a Hostlo segment NIC's address comes from
+    /// `[hostlo] subnet` instead, and this names the tenant the pod belongs to
+    /// (only VMs of that network may join it).
     pub network: String,
     /// Its MAC.
     pub mac: MacAddr,
@@ -60,11 +77,33 @@ pub struct NicRecord {
     pub pooled: bool,
 }
 
+fn default_interface() -> String {
+    DEFAULT_IFNAME.to_string()
+}
+
+fn is_default_interface(name: &String) -> bool {
+    name == DEFAULT_IFNAME
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateDoc {
     version: u32,
     nics: Vec<NicRecord>,
+    /// Absent in files written before it existed: empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    last_leased: BTreeMap<String, Ipv4Addr>,
+}
+
+/// Everything the state file holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// The NIC records.
+    pub nics: Vec<NicRecord>,
+    /// Per network, the address handed out last: allocation goes on after
+    /// it across restarts (next-fit), so a released address is not reused
+    /// at once.
+    pub last_leased: BTreeMap<String, Ipv4Addr>,
 }
 
 /// State file errors.
@@ -119,9 +158,14 @@ impl StateFile {
 
     /// The records; none when the file does not exist yet.
     pub fn load(&self) -> Result<Vec<NicRecord>, StateError> {
+        Ok(self.read()?.nics)
+    }
+
+    /// Everything the file holds; nothing when it does not exist yet.
+    pub fn read(&self) -> Result<State, StateError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
             Err(e) => return Err(self.io("read")(e)),
         };
         let doc: StateDoc = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
@@ -134,19 +178,32 @@ impl StateFile {
                 message: format!("version {} (this agent reads {STATE_VERSION})", doc.version),
             });
         }
-        Ok(doc.nics)
+        Ok(State {
+            nics: doc.nics,
+            last_leased: doc.last_leased,
+        })
     }
 
-    /// Replaces the file's content with `records`, atomically and durably.
+    /// Replaces the file's content with `records` (and no allocation
+    /// cursors), atomically and durably.
     pub fn save<'a>(
         &self,
         records: impl IntoIterator<Item = &'a NicRecord>,
     ) -> Result<(), StateError> {
+        self.write(State {
+            nics: records.into_iter().cloned().collect(),
+            last_leased: BTreeMap::new(),
+        })
+    }
+
+    /// Replaces the file's content with `state`, atomically and durably.
+    pub fn write(&self, state: State) -> Result<(), StateError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(self.io("create the directory of"))?;
         let doc = StateDoc {
             version: STATE_VERSION,
-            nics: records.into_iter().cloned().collect(),
+            nics: state.nics,
+            last_leased: state.last_leased,
         };
         let body = serde_json::to_vec_pretty(&doc).map_err(|e| StateError::Corrupt {
             path: self.path.clone(),
@@ -174,6 +231,8 @@ mod tests {
             id: id.parse().unwrap(),
             vm: "vm1".into(),
             sandbox_id: "sb".into(),
+            scope: String::new(),
+            interface: "eth0".into(),
             network: "default".into(),
             mac: "52:54:00:00:00:01".parse().unwrap(),
             ipv4: "10.0.0.2".parse().unwrap(),
@@ -198,6 +257,34 @@ mod tests {
         sf.save(&recs[..1]).unwrap();
         assert_eq!(sf.load().unwrap(), recs[..1]);
         assert!(!sf.path().with_extension("json.tmp").exists());
+    }
+
+    /// A file written before records had a scope and an interface loads
+    /// unchanged: empty scope, `eth0`; a record with both round-trips.
+    #[test]
+    fn files_before_scope_and_interface_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let sf = StateFile::in_dir(dir.path());
+        fs::write(
+            sf.path(),
+            r#"{"version": 1, "nics": [{"id": "00000000aa", "vm": "vm1",
+                "sandbox_id": "sb", "network": "default", "mac": "52:54:00:00:00:01",
+                "ipv4": "10.0.0.2", "state": "attached", "slot": "rp1", "created_unix": 1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(sf.load().unwrap(), vec![rec("00000000aa")]);
+        let mut r = rec("00000000bb");
+        r.scope = "team-one".into();
+        r.interface = "net1".into();
+        sf.save([&r]).unwrap();
+        assert_eq!(sf.load().unwrap(), vec![r]);
+        // The defaults are not written out: an unchanged record reads as before.
+        sf.save(&[rec("00000000aa")]).unwrap();
+        let text = fs::read_to_string(sf.path()).unwrap();
+        assert!(
+            !text.contains("scope") && !text.contains("interface"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -38,17 +38,29 @@ pub struct PodAnnotations {
     pub parts: Vec<Part>,
 }
 
-/// FNV-1a, 32 bits: a short stable tag for names that are not DNS labels.
-fn fnv1a(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ b as u32).wrapping_mul(0x0100_0193)
+/// FNV-1a, 64 bits, over `bytes`, continuing from `h`.
+fn fnv1a64(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
-/// A DNS-label Hostlo pod name for `(client, pod)`: `hl-<hash of client>-<pod>`, lower
-/// case, other characters as `-`, at most 63 characters.
+/// A DNS-label Hostlo pod name for `(client, pod)`:
+/// `hl-<16 hex digits>-<readable part of the pod name>`, at most 63 characters.
+///
+/// The hex digits are a 64-bit FNV-1a hash of the exact client and pod names (each
+/// preceded by its length, so no two pairs hash the same bytes), so two pods whose names
+/// differ only in characters that are not DNS-label characters (`/` against `_`), in case,
+/// or after the part that fits get different names. The readable part is the pod name in
+/// lower case, other characters as `-`, cut to fit. [`pod_annotations`] users that gather
+/// names from many clients still check them for (astronomically unlikely) collisions.
 pub fn hostlo_pod_name(client: &str, pod: &str) -> String {
-    let mut s = format!("hl-{:08x}-", fnv1a(client));
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for part in [client, pod] {
+        h = fnv1a64(h, &(part.len() as u64).to_le_bytes());
+        h = fnv1a64(h, part.as_bytes());
+    }
+    let mut s = format!("hl-{h:016x}-");
     for ch in pod.chars() {
         let c = ch.to_ascii_lowercase();
         s.push(if c.is_ascii_alphanumeric() { c } else { '-' });
@@ -112,10 +124,39 @@ mod tests {
         let n = hostlo_pod_name("70s3v5qRyCO/1PCdI6fVXnrW8FU/w+5CKRSa72xgcIo=", "Web_Front");
         assert!(n.starts_with("hl-") && n.ends_with("-web-front"), "{n}");
         assert!(n.len() <= 63);
-        assert!(n
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
-        assert!(hostlo_pod_name("c", &"x".repeat(100)).len() == 63);
+        let label = |n: &str| {
+            n.len() <= 63
+                && !n.ends_with('-')
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        };
+        assert!(label(&n));
+        assert_eq!(hostlo_pod_name("c", &"x".repeat(100)).len(), 63);
+        assert!(label(&hostlo_pod_name("c", "x-")));
+        assert!(label(&hostlo_pod_name("", "")));
+    }
+
+    /// Issue 14, case 5: pod names that differ only in `/` against `_`, in case, or after
+    /// the characters that fit in a label get different Hostlo names; so do the same pod
+    /// names under two clients, and splits of one string between client and pod.
+    #[test]
+    fn names_do_not_collide() {
+        let long = "p".repeat(51);
+        let pairs = [
+            ("c", "web/front", "c", "web_front"),
+            ("c", "Web", "c", "web"),
+            ("c", &format!("{long}a") as &str, "c", &format!("{long}b")),
+            ("c", &"q".repeat(200), "c", &"q".repeat(201)),
+            ("c1", "web", "c2", "web"),
+            ("ab", "c", "a", "bc"),
+        ];
+        for (c1, p1, c2, p2) in pairs {
+            assert_ne!(
+                hostlo_pod_name(c1, p1),
+                hostlo_pod_name(c2, p2),
+                "{p1} {p2}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::io::Read;
 use std::path::Path;
 
 use super::error::{PlanError, Result, RowProblem};
-use super::model::{round_up, Catalogue, Res, VmType};
+use super::lines::{csv_reader, LineIndex};
+use super::model::{round_up, Catalogue, Res, VmType, MAX_GIB, MAX_PRICE, MAX_VCPU};
 
 /// Which families of the price list a plan may use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,11 +77,11 @@ pub fn parse_catalogue<R: Read>(
     path: &Path,
     filter: &FamilyFilter,
 ) -> Result<(Catalogue, CatalogueStats)> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(reader);
-    let headers = rdr.headers().map_err(|e| csv_error(path, 1, e))?.clone();
+    let (mut rdr, lines) = csv_reader(reader, true);
+    let headers = rdr
+        .headers()
+        .map_err(|e| csv_error(path, &lines, 0, e))?
+        .clone();
     let col = |name: &'static str| {
         headers
             .iter()
@@ -97,14 +98,15 @@ pub fn parse_catalogue<R: Read>(
     let mut types: Vec<VmType> = Vec::new();
     let mut first_line: std::collections::HashMap<String, u64> = Default::default();
     let mut rec = csv::StringRecord::new();
+    let mut seen_families = std::collections::BTreeSet::new();
     loop {
-        let line = rdr.position().line();
+        let byte = rdr.position().byte();
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
-            Err(e) => return Err(csv_error(path, line, e)),
+            Err(e) => return Err(csv_error(path, &lines, byte, e)),
         }
-        let line = rec.position().map_or(line, |p| p.line());
+        let line = lines.line_of(rec.position().map_or(byte, |p| p.byte()));
         let bad = |problem| PlanError::Malformed {
             path: path.to_path_buf(),
             line,
@@ -133,13 +135,19 @@ pub fn parse_catalogue<R: Read>(
             Some(f) if !f.is_empty() => f.to_string(),
             _ => name.split('.').next().unwrap_or(name).to_string(),
         };
-        let num = |c: usize, column: &'static str| -> Result<f64> {
+        let num = |c: usize, column: &'static str, max: f64, unit| -> Result<f64> {
             let v = rec[c].trim();
             if v.is_empty() {
                 return Err(bad(RowProblem::Empty { column }));
             }
             match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+                Ok(x) if x.is_finite() && x > 0.0 && x <= max => Ok(x),
+                Ok(x) if x.is_finite() && x > max => Err(bad(RowProblem::TooLarge {
+                    column,
+                    value: v.to_string(),
+                    max,
+                    unit,
+                })),
                 _ => Err(bad(RowProblem::BadNumber {
                     column,
                     value: v.to_string(),
@@ -147,9 +155,10 @@ pub fn parse_catalogue<R: Read>(
                 })),
             }
         };
-        let vcpu = num(c_vcpu, "vcpu")?;
-        let mem = num(c_mem, "memory")?;
-        let price = num(c_price, "price")?;
+        let vcpu = num(c_vcpu, "vcpu", MAX_VCPU, "vCPU")?;
+        let mem = num(c_mem, "memory", MAX_GIB, "GiB")?;
+        let price = num(c_price, "price", MAX_PRICE, "$/h")?;
+        seen_families.insert(family.clone());
         if filter.admits(&family) {
             types.push(VmType {
                 name: name.to_string(),
@@ -164,6 +173,31 @@ pub fn parse_catalogue<R: Read>(
             path: path.to_path_buf(),
         });
     }
+    if let FamilyFilter::Only(wanted) = filter {
+        let unknown: Vec<String> = wanted
+            .iter()
+            .filter(|f| !seen_families.contains(*f))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            let mut known: Vec<&String> = seen_families.iter().take(12).collect();
+            known.sort();
+            let more = seen_families.len().saturating_sub(known.len());
+            let mut known = known
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if more > 0 {
+                known.push_str(&format!(" and {more} more"));
+            }
+            return Err(PlanError::UnknownFamilies {
+                path: path.to_path_buf(),
+                unknown,
+                known,
+            });
+        }
+    }
     stats.kept = types.len();
     if types.is_empty() {
         return Err(PlanError::EmptyCatalogue {
@@ -177,8 +211,8 @@ pub fn parse_catalogue<R: Read>(
 }
 
 /// Turns a CSV reader error into a typed error with its line.
-pub(crate) fn csv_error(path: &Path, line: u64, e: csv::Error) -> PlanError {
-    let line = e.position().map_or(line, |p| p.line());
+pub(crate) fn csv_error(path: &Path, lines: &LineIndex, byte: u64, e: csv::Error) -> PlanError {
+    let line = lines.line_of(e.position().map_or(byte, |p| p.byte()));
     let msg = match e.kind() {
         csv::ErrorKind::Utf8 { err, .. } => format!("invalid UTF-8: {err}"),
         _ => e.to_string(),
@@ -282,6 +316,36 @@ mod tests {
         ));
         let e =
             parse_catalogue(LIST.as_bytes(), p(), &FamilyFilter::parse("z9").unwrap()).unwrap_err();
-        assert!(matches!(e, PlanError::EmptyCatalogue { .. }));
+        assert_eq!(
+            e.to_string(),
+            "prices.csv: no instance type of family [\"z9\"] (the list has c5, m5)"
+        );
+        let e = parse_catalogue(
+            LIST.as_bytes(),
+            p(),
+            &FamilyFilter::parse("m5,x1,c5").unwrap(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, PlanError::UnknownFamilies { unknown, .. } if unknown == &["x1"]),
+            "{e}"
+        );
+        for (col, v) in [("price", "1e30"), ("vcpu", "2e6"), ("memory", "inf")] {
+            let text = LIST.replace(
+                "c5.large,c5,4,2,x,0.085",
+                &match col {
+                    "price" => format!("c5.large,c5,4,2,x,{v}"),
+                    "vcpu" => format!("c5.large,c5,4,{v},x,0.085"),
+                    _ => format!("c5.large,c5,{v},2,x,0.085"),
+                },
+            );
+            let e = parse_catalogue(text.as_bytes(), p(), &FamilyFilter::All)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("prices.csv:5: field `{col}`")),
+                "{e}"
+            );
+        }
     }
 }

@@ -14,6 +14,7 @@ use super::input::load_pods;
 use super::model::{validate, Catalogue, Client, HostModel, Mode, Res};
 use super::plan::{plan_all, PlanConfig};
 use super::report::{cdf_svg, client_row, summarise, summary_text, table_csv, table_text};
+use super::setcover::Limits;
 
 /// Output format of the per-client results.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -56,12 +57,13 @@ pub struct PlanArgs {
     /// Instance families to use, comma-separated, or `all`.
     #[arg(long, default_value = "m5,c5,r5")]
     pub families: String,
-    /// vCPU that a normalised trace CPU request of 1.0 means.
-    #[arg(long, default_value_t = 32.0)]
-    pub cpu_scale: f64,
-    /// GiB that a normalised trace memory request of 1.0 means.
-    #[arg(long, default_value_t = 128.0)]
-    pub mem_scale: f64,
+    /// vCPU that a normalised trace CPU request of 1.0 means (trace input only; default 32).
+    #[arg(long)]
+    pub cpu_scale: Option<f64>,
+    /// GiB that a normalised trace memory request of 1.0 means (trace input only; default
+    /// 128).
+    #[arg(long)]
+    pub mem_scale: Option<f64>,
     /// Snapshot at this trace time (seconds): only tasks live then (trace input only).
     #[arg(long)]
     pub at: Option<f64>,
@@ -81,6 +83,10 @@ pub struct PlanArgs {
     /// Write the Hostlo placement as pod annotations (JSON lines, one per spanning pod).
     #[arg(long)]
     pub emit_annotations: Option<PathBuf>,
+    /// Time limit of the exact part per client, in seconds (half for each plan); 0 keeps
+    /// the heuristic alone, with the demand bound only.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_limit: f64,
     /// Worker threads (default: available parallelism).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -162,8 +168,14 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         args.families
     );
     let clients = if let Some(p) = &args.pods {
-        if args.at.is_some() {
-            bail!("--at applies to --google input only");
+        for (given, name) in [
+            (args.at.is_some(), "--at"),
+            (args.cpu_scale.is_some(), "--cpu-scale"),
+            (args.mem_scale.is_some(), "--mem-scale"),
+        ] {
+            if given {
+                bail!("{name} applies to --google input only (the pods CSV is in vCPU and GiB)");
+            }
         }
         load_pods(p)?
     } else {
@@ -172,17 +184,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             Some(s) => bail!("--at {s}: must be a non-negative number of seconds"),
             None => None,
         };
-        let opts = GoogleOptions {
-            scale: Scale {
-                vcpu: args.cpu_scale,
-                gib: args.mem_scale,
-            },
-            at_us,
+        let scale = Scale {
+            vcpu: args.cpu_scale.unwrap_or(Scale::default().vcpu),
+            gib: args.mem_scale.unwrap_or(Scale::default().gib),
         };
+        let opts = GoogleOptions { scale, at_us };
         let (clients, st) = load_google(&args.google, opts)?;
         eprintln!(
             "trace: {} rows, {} tasks, {} kept; {} with the request of a non-SUBMIT event, {} without any request (left out), {} ended at the snapshot, {} rows after it; scale 1.0 = {} vCPU / {} GiB",
-            st.rows, st.tasks, st.kept_tasks, st.fallback_request, st.no_request, st.ended_at_snapshot, st.rows_after_snapshot, args.cpu_scale, args.mem_scale
+            st.rows, st.tasks, st.kept_tasks, st.fallback_request, st.no_request, st.ended_at_snapshot, st.rows_after_snapshot, scale.vcpu, scale.gib
         );
         clients
     };
@@ -201,8 +211,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(args.time_limit.is_finite() && args.time_limit >= 0.0 && args.time_limit <= 86_400.0) {
+        bail!(
+            "--time-limit {}: must be a number of seconds from 0 to 86400",
+            args.time_limit
+        );
+    }
     let cfg = PlanConfig {
         host,
+        exact: (args.time_limit > 0.0).then(|| Limits::per_client(args.time_limit)),
         ..Default::default()
     };
     let t1 = Instant::now();
@@ -257,9 +274,17 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create {}", path.display()))?,
         );
         let mut n = 0;
+        let mut names: std::collections::HashMap<String, (String, String)> = Default::default();
         for (c, p) in clients.iter().zip(&plans) {
             if let Some(b) = &p.hostlo {
                 for doc in pod_annotations(c, b, &cat) {
+                    let key = (doc.client.clone(), doc.pod.clone());
+                    if let Some(first) = names.insert(doc.hostlo_pod.clone(), key) {
+                        bail!(
+                            "Hostlo pod name {} would be given to pod {:?} of client {:?} and to pod {:?} of client {:?} (a hash collision); rename one of them",
+                            doc.hostlo_pod, first.1, first.0, doc.pod, doc.client
+                        );
+                    }
                     serde_json::to_writer(&mut f, &doc)?;
                     writeln!(f)?;
                     n += 1;

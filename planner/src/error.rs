@@ -28,6 +28,18 @@ pub enum RowProblem {
         /// What was expected ("non-negative number", "integer", ...).
         expected: &'static str,
     },
+    /// A finite number so large that no VM comes near it (and sums of it would overflow).
+    #[error("field `{column}` = {value:?} is above the limit of {max} {unit}")]
+    TooLarge {
+        /// Name of the column.
+        column: &'static str,
+        /// The text found.
+        value: String,
+        /// The largest value accepted.
+        max: f64,
+        /// Unit of `max` ("vCPU", "GiB", "$/h").
+        unit: &'static str,
+    },
     /// `event_type` outside 0..=8.
     #[error("event_type {0} is not one of 0..=8")]
     UnknownEventType(u64),
@@ -109,6 +121,16 @@ pub enum PlanError {
         value: String,
         /// Why it is rejected.
         reason: &'static str,
+    },
+    /// Families asked for with `--families` that the price list does not have.
+    #[error("{path}: no instance type of family {unknown:?} (the list has {known})")]
+    UnknownFamilies {
+        /// The price list.
+        path: PathBuf,
+        /// The families not found.
+        unknown: Vec<String>,
+        /// A few families of the list, for the message.
+        known: String,
     },
     /// No VM type is left after filtering the catalogue by family.
     #[error("no VM type of families {families:?} in the catalogue")]

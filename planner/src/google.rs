@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 
 use super::catalogue::csv_error;
 use super::error::{PlanError, Result, RowProblem};
-use super::model::{Client, Container, Pod, Res};
+use super::lines::csv_reader;
+use super::model::{Client, Container, Pod, Res, MAX_GIB, MAX_VCPU};
 
 /// What the normalised 1.0 of the trace means.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -149,12 +150,24 @@ fn parse_u64(v: &str, column: &'static str) -> std::result::Result<u64, RowProbl
     })
 }
 
-fn parse_req(v: &str, column: &'static str) -> std::result::Result<Option<f64>, RowProblem> {
+/// A normalised request; `max` is the largest accepted (the model's limit divided by the
+/// scale).
+fn parse_req(
+    v: &str,
+    column: &'static str,
+    max: f64,
+) -> std::result::Result<Option<f64>, RowProblem> {
     if v.is_empty() {
         return Ok(None);
     }
     match v.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(Some(x)),
+        Ok(x) if x.is_finite() && x >= 0.0 && x <= max => Ok(Some(x)),
+        Ok(x) if x.is_finite() && x > max => Err(RowProblem::TooLarge {
+            column,
+            value: v.to_string(),
+            max,
+            unit: "(normalised; the scale makes it too large)",
+        }),
         _ => Err(RowProblem::BadNumber {
             column,
             value: v.to_string(),
@@ -166,15 +179,15 @@ fn parse_req(v: &str, column: &'static str) -> std::result::Result<Option<f64>, 
 impl GoogleTrace {
     /// A new, empty accumulator. Rejects a non-positive scale.
     pub fn new(opts: GoogleOptions) -> Result<Self> {
-        for (name, v) in [
-            ("cpu-scale", opts.scale.vcpu),
-            ("mem-scale", opts.scale.gib),
+        for (name, v, max) in [
+            ("cpu-scale", opts.scale.vcpu, MAX_VCPU),
+            ("mem-scale", opts.scale.gib, MAX_GIB),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v.is_finite() && v > 0.0 && v <= max) {
                 return Err(PlanError::InvalidArgument {
                     name,
                     value: v.to_string(),
-                    reason: "must be a positive number",
+                    reason: "must be a positive number of at most 1000000",
                 });
             }
         }
@@ -190,20 +203,16 @@ impl GoogleTrace {
 
     /// Reads one CSV stream; `path` names it in errors. Files are read in time order.
     pub fn read<R: Read>(&mut self, reader: R, path: &Path) -> Result<()> {
-        let mut rdr = csv::ReaderBuilder::new()
-            .has_headers(false)
-            .flexible(true)
-            .buffer_capacity(1 << 16)
-            .from_reader(reader);
+        let (mut rdr, lines) = csv_reader(reader, false);
         let mut rec = csv::StringRecord::new();
         loop {
-            let line = rdr.position().line();
+            let byte = rdr.position().byte();
             match rdr.read_record(&mut rec) {
                 Ok(false) => break,
                 Ok(true) => {}
-                Err(e) => return Err(csv_error(path, line, e)),
+                Err(e) => return Err(csv_error(path, &lines, byte, e)),
             }
-            let line = rec.position().map_or(line, |p| p.line());
+            let line = lines.line_of(rec.position().map_or(byte, |p| p.byte()));
             self.row(&rec, path, line)
                 .map_err(|problem| PlanError::Malformed {
                     path: path.to_path_buf(),
@@ -243,8 +252,8 @@ impl GoogleTrace {
         if user.is_empty() {
             return Err(RowProblem::Empty { column: "user" });
         }
-        let cpu = parse_req(&rec[9], "cpu_request")?;
-        let mem = parse_req(&rec[10], "memory_request")?;
+        let cpu = parse_req(&rec[9], "cpu_request", MAX_VCPU / self.opts.scale.vcpu)?;
+        let mem = parse_req(&rec[10], "memory_request", MAX_GIB / self.opts.scale.gib)?;
         if self.opts.at_us.is_some_and(|at| ts > at) {
             self.stats.rows_after_snapshot += 1;
             return Ok(());
@@ -428,6 +437,18 @@ mod tests {
             (
                 "0,,1,0,,0,,3,9,0.1,0.1,0,0\n",
                 "t.csv:1: field `user` is empty",
+            ),
+            (
+                "0,,1,0,,0,u,3,9,0.1,0.1,0,0\r\n0,,1,1,,0,u,3,9,1e30,0.1,0,0\r\n",
+                "t.csv:2: field `cpu_request` = \"1e30\" is above the limit of 31250",
+            ),
+            (
+                "0,,1,0,,0,u,3,9,0.1,0.1,0,0\r0,,1,1,,0,u,3,9,0.1,inf,0,0\r",
+                "t.csv:2: field `memory_request` = \"inf\" is not a valid non-negative number",
+            ),
+            (
+                "\n0,,1,0,,0,u,3,9,0.1,0.1,0,0\n\n0,,1,1,,0,u,3,9,0.1,0.1,0\n",
+                "t.csv:4: expected 13 fields, found 12",
             ),
             (
                 "0,,1,0,,0,u,3,9,0.1,0.1,0,0\n1,,1,1,,0,v,3,9,0.1,0.1,0,0\n",

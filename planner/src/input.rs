@@ -8,7 +8,8 @@ use std::path::Path;
 
 use super::catalogue::csv_error;
 use super::error::{PlanError, Result, RowProblem};
-use super::model::{group_clients, Client, Res};
+use super::lines::csv_reader;
+use super::model::{group_clients, Client, Res, MAX_GIB, MAX_VCPU};
 
 /// The required header of the pods CSV.
 pub const PODS_HEADER: &str = "client,pod,container,cpu,memory";
@@ -24,22 +25,19 @@ pub fn load_pods(path: &Path) -> Result<Vec<Client>> {
 
 /// Reads a pods CSV from any reader; `path` only names the source in errors.
 pub fn parse_pods<R: Read>(reader: R, path: &Path) -> Result<Vec<Client>> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(reader);
+    let (mut rdr, lines) = csv_reader(reader, false);
     let mut rec = csv::StringRecord::new();
     let mut rows = Vec::new();
     let mut seen: HashMap<(String, String, String), u64> = HashMap::new();
     let mut header_seen = false;
     loop {
-        let line = rdr.position().line();
+        let byte = rdr.position().byte();
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
-            Err(e) => return Err(csv_error(path, line, e)),
+            Err(e) => return Err(csv_error(path, &lines, byte, e)),
         }
-        let line = rec.position().map_or(line, |p| p.line());
+        let line = lines.line_of(rec.position().map_or(byte, |p| p.byte()));
         let bad = |problem| PlanError::Malformed {
             path: path.to_path_buf(),
             line,
@@ -75,10 +73,16 @@ pub fn parse_pods<R: Read>(reader: R, path: &Path) -> Result<Vec<Client>> {
             field(1, "pod")?,
             field(2, "container")?,
         );
-        let num = |i: usize, column: &'static str| -> Result<f64> {
+        let num = |i: usize, column: &'static str, max: f64, unit| -> Result<f64> {
             let v = field(i, column)?;
             match v.parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                Ok(x) if x.is_finite() && x >= 0.0 && x <= max => Ok(x),
+                Ok(x) if x.is_finite() && x > max => Err(bad(RowProblem::TooLarge {
+                    column,
+                    value: v,
+                    max,
+                    unit,
+                })),
                 _ => Err(bad(RowProblem::BadNumber {
                     column,
                     value: v,
@@ -86,7 +90,10 @@ pub fn parse_pods<R: Read>(reader: R, path: &Path) -> Result<Vec<Client>> {
                 })),
             }
         };
-        let req = Res::from_vcpu_gib(num(3, "cpu")?, num(4, "memory")?);
+        let req = Res::from_vcpu_gib(
+            num(3, "cpu", MAX_VCPU, "vCPU")?,
+            num(4, "memory", MAX_GIB, "GiB")?,
+        );
         let key = (client.clone(), pod.clone(), container.clone());
         if let Some(&first_line) = seen.get(&key) {
             return Err(bad(RowProblem::Duplicate {
@@ -168,5 +175,53 @@ mod tests {
             assert!(s.contains(msg), "{s} should contain {msg}");
         }
         assert!(matches!(parse(h).unwrap_err(), PlanError::NoData { .. }));
+    }
+
+    /// Issue 14, case 3: a finite but absurd request is an error naming its line, not a
+    /// sum that wraps.
+    #[test]
+    fn absurd_requests_are_errors() {
+        let e = parse("client,pod,container,cpu,memory\na,p,c,0.002,1\na,p,d,1e30,1\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "pods.csv:3: field `cpu` = \"1e30\" is above the limit of 1000000 vCPU"
+        );
+        let e = parse("client,pod,container,cpu,memory\na,p,c,1,1e7\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("pods.csv:2: field `memory` = \"1e7\" is above"),
+            "{e}"
+        );
+        // The limits themselves are accepted.
+        let c = parse("client,pod,container,cpu,memory\na,p,c,1000000,1000000\n").unwrap();
+        assert_eq!(
+            c[0].pods[0].demand(),
+            Res::new(1_000_000_000, 1_024_000_000)
+        );
+    }
+
+    /// Issue 14, case 4: line numbers with CRLF, CR-only and blank lines.
+    #[test]
+    fn line_numbers_with_any_line_ending() {
+        let rows = ["client,pod,container,cpu,memory", "a,p,c,1,1", "a,p,d,x,1"];
+        for sep in ["\n", "\r\n", "\r"] {
+            let text = rows.join(sep) + sep;
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("pods.csv:3: field `cpu`"), "{sep:?}: {e}");
+            // Blank lines count.
+            let text = format!("{}{sep}{sep}{}{sep}{sep}{sep}{}", rows[0], rows[1], rows[2]);
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.starts_with("pods.csv:6: field `cpu`"), "{sep:?}: {e}");
+            // A duplicate names both lines.
+            let text = format!("{}{sep}{}{sep}{sep}{}{sep}", rows[0], rows[1], rows[1]);
+            let e = parse(&text).unwrap_err().to_string();
+            assert_eq!(
+                e, "pods.csv:4: duplicate container a/p/c (first seen on line 2)",
+                "{sep:?}"
+            );
+        }
     }
 }

@@ -19,9 +19,13 @@
 //!                                                        └──annotations──> Hostlo pod annotations
 //! ```
 //!
-//! The optimiser ([`pack`]) is a multi-start variable-sized bin-packing heuristic with a
-//! local search; [`exact`] computes true optima of small clients for the tests, and
-//! [`bound`] a lower bound for every client. `docs/planner.md` explains the model.
+//! The heuristic ([`pack`]) is a multi-start variable-sized bin-packing construction with a
+//! local search; the exact part ([`setcover`]) bounds every plan from below (column
+//! generation over a set-cover formulation) and replaces it by the MILP solver's plan when
+//! cheaper, so that each plan carries a certified gap and most are proven optimal;
+//! [`report`] turns the bounds into verdicts (a saving counts only where proven). [`exact`]
+//! computes true optima of small clients by brute force for the tests, and [`bound`] the
+//! capacity bound. `docs/planner.md` explains the model.
 #![warn(missing_docs)]
 
 pub mod annotations;
@@ -32,10 +36,12 @@ pub mod error;
 pub mod exact;
 pub mod google;
 pub mod input;
+pub mod lines;
 pub mod model;
 pub mod pack;
 pub mod plan;
 pub mod report;
+pub mod setcover;
 
 pub use error::{PlanError, Result, RowProblem, Violation};
 pub use model::{

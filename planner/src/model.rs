@@ -10,6 +10,15 @@ use serde::Serialize;
 
 use super::error::Violation;
 
+/// Largest CPU quantity accepted anywhere (a request, a VM type, a host), in vCPU. The
+/// largest instance of the AWS list has 448 vCPU; a million is "absurd", and keeps every
+/// sum of up to 10^9 quantities far inside `u64` (in milli-vCPU).
+pub const MAX_VCPU: f64 = 1e6;
+/// Largest memory quantity accepted anywhere, in GiB (the largest AWS instance has 24 TiB).
+pub const MAX_GIB: f64 = 1e6;
+/// Largest price accepted, in $/h.
+pub const MAX_PRICE: f64 = 1e6;
+
 /// A CPU and memory quantity: a request, a load or a capacity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Res {
@@ -38,9 +47,13 @@ impl Res {
         self.cpu <= cap.cpu && self.mem <= cap.mem
     }
 
-    /// Component-wise sum.
+    /// Component-wise sum (saturating: a saturated load fits no capacity, so an overflow
+    /// can only make a packing infeasible, never wrongly feasible).
     pub fn plus(self, o: Res) -> Res {
-        Res::new(self.cpu + o.cpu, self.mem + o.mem)
+        Res::new(
+            self.cpu.saturating_add(o.cpu),
+            self.mem.saturating_add(o.mem),
+        )
     }
 
     /// Component-wise saturating difference.

@@ -20,7 +20,25 @@ pub enum Status {
     Infeasible,
 }
 
-/// One client's result.
+/// What can be said of a client's saving, given both plans and their bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Hostlo saves, proven: the bound of (a) exceeds the cost of plan (b), so the optimum
+    /// of (a) exceeds the optimum of (b).
+    Saves,
+    /// No saving, proven: the bound of (b) reaches the cost of plan (a), so both optima are
+    /// equal.
+    NoSaving,
+    /// Every pod has one container: nothing can span, (b) is (a); never a saving.
+    SingleContainer,
+    /// The bounds do not decide; the saving lies between 0 and `saving_max_pct`.
+    Undecided,
+    /// Plan (a) or (b) does not exist.
+    NotPlanned,
+}
+
+/// One client's result. Costs and bounds in $/h.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ClientRow {
     /// Client name.
@@ -35,14 +53,28 @@ pub struct ClientRow {
     pub gib: f64,
     /// Whether it could be planned.
     pub status: Status,
-    /// Cost of plan (a), $/h.
+    /// Cost of plan (a).
     pub cost_whole: Option<f64>,
-    /// Cost of plan (b), $/h.
+    /// Cost of plan (b).
     pub cost_hostlo: Option<f64>,
-    /// `(a - b) / a` in percent.
+    /// Certified lower bound of the optimum of (a).
+    pub bound_whole: Option<f64>,
+    /// Certified lower bound of the optimum of (b).
+    pub bound_hostlo: Option<f64>,
+    /// `(cost − bound) / cost` of (a), percent: 0 when proven optimal.
+    pub gap_whole_pct: Option<f64>,
+    /// The same for (b).
+    pub gap_hostlo_pct: Option<f64>,
+    /// The verdict on the saving.
+    pub verdict: Verdict,
+    /// The saving of plan (b) over plan (a), `(a − b) / a`, percent, when it is proven
+    /// positive (verdict `saves`); 0 for `no-saving` and `single-container`; `None`
+    /// otherwise.
     pub saving_pct: Option<f64>,
-    /// LP lower bound, $/h.
-    pub lower_bound: f64,
+    /// Smallest saving the bounds allow, `1 − cost_b / bound_a` (at least 0), percent.
+    pub saving_min_pct: Option<f64>,
+    /// Largest saving the bounds allow, `1 − bound_b / cost_a`, percent.
+    pub saving_max_pct: Option<f64>,
     /// VMs of plan (a).
     pub vms_whole: usize,
     /// VMs of plan (b).
@@ -67,6 +99,44 @@ fn type_mix(p: Option<&Placement>, cat: &Catalogue) -> String {
         .join(" ")
 }
 
+/// The verdict and the saving interval `(point, min, max)` in percent, from the costs and
+/// bounds of both plans (micro-dollars).
+pub fn verdict(
+    single_container: bool,
+    costs: Option<(u64, u64)>,
+    bounds: (u64, u64),
+) -> (Verdict, Option<f64>, Option<f64>, Option<f64>) {
+    let Some((a, b)) = costs else {
+        return (Verdict::NotPlanned, None, None, None);
+    };
+    let (lb_a, lb_b) = bounds;
+    let pct = |x: f64| 100.0 * x;
+    let smin = if lb_a > 0 && lb_a > b {
+        pct(1.0 - b as f64 / lb_a as f64)
+    } else {
+        0.0
+    };
+    let smax = if a > 0 && a > lb_b {
+        pct(1.0 - lb_b as f64 / a as f64)
+    } else {
+        0.0
+    };
+    let point = if a > 0 && a > b {
+        pct((a - b) as f64 / a as f64)
+    } else {
+        0.0
+    };
+    if single_container {
+        (Verdict::SingleContainer, Some(0.0), Some(0.0), Some(0.0))
+    } else if lb_a > b {
+        (Verdict::Saves, Some(point), Some(smin), Some(smax))
+    } else if lb_b >= a {
+        (Verdict::NoSaving, Some(0.0), Some(0.0), Some(0.0))
+    } else {
+        (Verdict::Undecided, None, Some(0.0), Some(smax))
+    }
+}
+
 /// Builds the row of a client from its plans.
 pub fn client_row(client: &Client, plan: &ClientPlan, cat: &Catalogue) -> ClientRow {
     let a = plan.whole.as_ref().map(|p| p.cost(cat));
@@ -76,10 +146,20 @@ pub fn client_row(client: &Client, plan: &ClientPlan, cat: &Catalogue) -> Client
         (None, Some(_)) => Status::HostloOnly,
         _ => Status::Infeasible,
     };
-    let saving_pct = match (a, b) {
-        (Some(a), Some(b)) if a > 0 => Some(100.0 * (a as f64 - b as f64) / a as f64),
-        (Some(_), Some(_)) => Some(0.0),
-        _ => None,
+    let costs = a.zip(b);
+    let (verdict, saving_pct, saving_min_pct, saving_max_pct) = verdict(
+        plan.single_container,
+        costs,
+        (plan.bound_whole, plan.bound_hostlo),
+    );
+    let gap = |c: Option<u64>, lb: u64| {
+        c.map(|c| {
+            if c > 0 {
+                100.0 * c.saturating_sub(lb) as f64 / c as f64
+            } else {
+                0.0
+            }
+        })
     };
     let d = client.demand();
     ClientRow {
@@ -91,8 +171,14 @@ pub fn client_row(client: &Client, plan: &ClientPlan, cat: &Catalogue) -> Client
         status,
         cost_whole: a.map(usd),
         cost_hostlo: b.map(usd),
+        bound_whole: a.map(|_| usd(plan.bound_whole)),
+        bound_hostlo: b.map(|_| usd(plan.bound_hostlo)),
+        gap_whole_pct: gap(a, plan.bound_whole),
+        gap_hostlo_pct: gap(b, plan.bound_hostlo),
+        verdict,
         saving_pct,
-        lower_bound: plan.lower_bound / 1e6,
+        saving_min_pct,
+        saving_max_pct,
         vms_whole: plan.whole.as_ref().map_or(0, |p| p.vms.len()),
         vms_hostlo: plan.hostlo.as_ref().map_or(0, |p| p.vms.len()),
         spanning_pods: plan.hostlo.as_ref().map_or(0, |p| p.spanning_pods().len()),
@@ -101,7 +187,48 @@ pub fn client_row(client: &Client, plan: &ClientPlan, cat: &Catalogue) -> Client
     }
 }
 
-/// The paper-style summary over clients with both plans.
+/// Distribution of the certified gaps of one plan over the planned clients.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GapStats {
+    /// Clients whose plan is proven optimal (gap 0).
+    pub optimal: usize,
+    /// Clients with a gap above 0 and at most 1 %.
+    pub up_to_1_pct: usize,
+    /// Above 1 % and at most 5 %.
+    pub up_to_5_pct: usize,
+    /// Above 5 %.
+    pub above_5_pct: usize,
+    /// Mean gap, percent.
+    pub mean_pct: f64,
+    /// Largest gap, percent.
+    pub max_pct: f64,
+    /// Gap of the summed bill: `(Σ cost − Σ bound) / Σ cost`, percent.
+    pub total_pct: f64,
+}
+
+fn gap_stats(rows: &[&ClientRow], gap: impl Fn(&ClientRow) -> Option<f64>) -> GapStats {
+    let mut g = GapStats::default();
+    let gaps: Vec<f64> = rows.iter().filter_map(|r| gap(r)).collect();
+    for &x in &gaps {
+        if x <= 0.0 {
+            g.optimal += 1;
+        } else if x <= 1.0 {
+            g.up_to_1_pct += 1;
+        } else if x <= 5.0 {
+            g.up_to_5_pct += 1;
+        } else {
+            g.above_5_pct += 1;
+        }
+        g.max_pct = g.max_pct.max(x);
+    }
+    if !gaps.is_empty() {
+        g.mean_pct = gaps.iter().fold(0.0, |a, x| a + x) / gaps.len() as f64;
+    }
+    g
+}
+
+/// The paper-style summary over clients with both plans. Savings count only where they
+/// are proven (verdict `saves`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
     /// Clients read.
@@ -112,28 +239,39 @@ pub struct Summary {
     pub hostlo_only: usize,
     /// Clients with neither plan.
     pub infeasible: usize,
-    /// Clients whose cost falls with Hostlo.
+    /// Clients whose saving is proven.
     pub with_saving: usize,
     /// `with_saving / planned`, percent.
     pub share_with_saving_pct: f64,
-    /// Share of planned clients with a saving of at least 1, 5, 10, 20, 30, 40 %.
+    /// Clients with no saving, proven (multi-container pods).
+    pub no_saving: usize,
+    /// Clients whose pods all have one container (no saving possible).
+    pub single_container: usize,
+    /// Clients the bounds do not decide.
+    pub undecided: usize,
+    /// Largest saving an undecided client may have, percent.
+    pub undecided_max_pct: f64,
+    /// Share of planned clients with a proven saving of at least 1, 5, 10, 20, 30, 40 %
+    /// (by the lower end of the saving's interval).
     pub share_at_least_pct: Vec<(f64, f64)>,
-    /// Largest saving, percent.
+    /// Largest proven saving (plan costs), percent.
     pub max_saving_pct: f64,
+    /// Its certified interval, percent.
+    pub max_saving_interval_pct: (f64, f64),
     /// Client with the largest saving.
     pub max_saving_client: Option<String>,
-    /// Mean saving among clients with a saving, percent.
+    /// Mean saving among clients with a proven saving, percent.
     pub mean_saving_among_savers_pct: f64,
-    /// Median saving among clients with a saving, percent.
+    /// Median saving among them, percent.
     pub median_saving_among_savers_pct: f64,
     /// Summed cost of plans (a), $/h.
     pub total_whole: f64,
     /// Summed cost of plans (b), $/h.
     pub total_hostlo: f64,
-    /// Mean of (a − LB)/a, percent: how far plan (a) can be from optimal at most.
-    pub mean_gap_whole_pct: f64,
-    /// Mean of (b − LB)/b, percent.
-    pub mean_gap_hostlo_pct: f64,
+    /// Gaps of plan (a).
+    pub gap_whole: GapStats,
+    /// Gaps of plan (b).
+    pub gap_hostlo: GapStats,
 }
 
 fn pct(a: usize, b: usize) -> f64 {
@@ -144,23 +282,49 @@ fn pct(a: usize, b: usize) -> f64 {
     }
 }
 
+fn fsum(it: impl Iterator<Item = f64>) -> f64 {
+    // `fold(0.0, ..)`, not `sum()`: the float sum of nothing is -0.0, printed "-0.00".
+    it.fold(0.0, |a, x| a + x)
+}
+
 /// Summarises rows.
 pub fn summarise(rows: &[ClientRow]) -> Summary {
     let planned: Vec<&ClientRow> = rows.iter().filter(|r| r.status == Status::Ok).collect();
-    let savings: Vec<f64> = planned
+    let count = |v: Verdict| planned.iter().filter(|r| r.verdict == v).count();
+    let savers_rows: Vec<&&ClientRow> = planned
         .iter()
-        .map(|r| r.saving_pct.unwrap_or(0.0))
+        .filter(|r| r.verdict == Verdict::Saves)
         .collect();
-    let mut savers: Vec<f64> = savings.iter().copied().filter(|&s| s > 1e-9).collect();
-    savers.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    let max = planned
+    let mut savers: Vec<f64> = savers_rows.iter().filter_map(|r| r.saving_pct).collect();
+    savers.sort_by(f64::total_cmp);
+    let max = savers_rows
         .iter()
-        .filter(|r| r.saving_pct.unwrap_or(0.0) > 1e-9)
-        .max_by(|a, b| a.saving_pct.partial_cmp(&b.saving_pct).expect("finite"));
-    let gap = |c: Option<f64>, lb: f64| {
-        c.map_or(0.0, |c| if c > 0.0 { 100.0 * (c - lb) / c } else { 0.0 })
+        .max_by(|a, b| {
+            a.saving_pct
+                .unwrap_or(0.0)
+                .total_cmp(&b.saving_pct.unwrap_or(0.0))
+                .then(b.client.cmp(&a.client))
+        })
+        .copied();
+    let mut gap_whole = gap_stats(&planned, |r| r.gap_whole_pct);
+    let mut gap_hostlo = gap_stats(&planned, |r| r.gap_hostlo_pct);
+    let total_whole = fsum(planned.iter().filter_map(|r| r.cost_whole));
+    let total_hostlo = fsum(planned.iter().filter_map(|r| r.cost_hostlo));
+    let total_gap = |cost: f64, bound: f64| {
+        if cost > 0.0 {
+            100.0 * (cost - bound).max(0.0) / cost
+        } else {
+            0.0
+        }
     };
-    let n = planned.len().max(1) as f64;
+    gap_whole.total_pct = total_gap(
+        total_whole,
+        fsum(planned.iter().filter_map(|r| r.bound_whole)),
+    );
+    gap_hostlo.total_pct = total_gap(
+        total_hostlo,
+        fsum(planned.iter().filter_map(|r| r.bound_hostlo)),
+    );
     Summary {
         clients: rows.len(),
         planned: planned.len(),
@@ -174,24 +338,36 @@ pub fn summarise(rows: &[ClientRow]) -> Summary {
             .count(),
         with_saving: savers.len(),
         share_with_saving_pct: pct(savers.len(), planned.len()),
+        no_saving: count(Verdict::NoSaving),
+        single_container: count(Verdict::SingleContainer),
+        undecided: count(Verdict::Undecided),
+        undecided_max_pct: planned
+            .iter()
+            .filter(|r| r.verdict == Verdict::Undecided)
+            .filter_map(|r| r.saving_max_pct)
+            .fold(0.0, f64::max),
         share_at_least_pct: [1.0, 5.0, 10.0, 20.0, 30.0, 40.0]
             .iter()
             .map(|&t| {
-                (
-                    t,
-                    pct(
-                        savings.iter().filter(|&&s| s >= t - 1e-9).count(),
-                        planned.len(),
-                    ),
-                )
+                let n = savers_rows
+                    .iter()
+                    .filter(|r| r.saving_min_pct.unwrap_or(0.0) >= t - 1e-9)
+                    .count();
+                (t, pct(n, planned.len()))
             })
             .collect(),
         max_saving_pct: max.and_then(|r| r.saving_pct).unwrap_or(0.0),
+        max_saving_interval_pct: max.map_or((0.0, 0.0), |r| {
+            (
+                r.saving_min_pct.unwrap_or(0.0),
+                r.saving_max_pct.unwrap_or(0.0),
+            )
+        }),
         max_saving_client: max.map(|r| r.client.clone()),
         mean_saving_among_savers_pct: if savers.is_empty() {
             0.0
         } else {
-            savers.iter().sum::<f64>() / savers.len() as f64
+            fsum(savers.iter().copied()) / savers.len() as f64
         },
         median_saving_among_savers_pct: if savers.is_empty() {
             0.0
@@ -200,18 +376,10 @@ pub fn summarise(rows: &[ClientRow]) -> Summary {
         } else {
             (savers[savers.len() / 2 - 1] + savers[savers.len() / 2]) / 2.0
         },
-        total_whole: planned.iter().filter_map(|r| r.cost_whole).sum(),
-        total_hostlo: planned.iter().filter_map(|r| r.cost_hostlo).sum(),
-        mean_gap_whole_pct: planned
-            .iter()
-            .map(|r| gap(r.cost_whole, r.lower_bound))
-            .sum::<f64>()
-            / n,
-        mean_gap_hostlo_pct: planned
-            .iter()
-            .map(|r| gap(r.cost_hostlo, r.lower_bound))
-            .sum::<f64>()
-            / n,
+        total_whole,
+        total_hostlo,
+        gap_whole,
+        gap_hostlo,
     }
 }
 
@@ -225,13 +393,20 @@ pub fn summary_text(s: &Summary) -> String {
     );
     let _ = writeln!(
         o,
-        "clients with a saving: {} of {} = {:.1} % (paper: > 11 %)",
+        "clients with a proven saving: {} of {} = {:.1} % (paper: > 11 %)",
         s.with_saving, s.planned, s.share_with_saving_pct
     );
     let _ = writeln!(
         o,
-        "largest saving: {:.1} % ({}) (paper: up to 40 %)",
+        "no saving: {} proven, {} with single-container pods only; undecided: {} (each saves between 0 and at most {:.1} %)",
+        s.no_saving, s.single_container, s.undecided, s.undecided_max_pct
+    );
+    let _ = writeln!(
+        o,
+        "largest saving: {:.1} % (proven between {:.1} and {:.1} %) ({}) (paper: up to 40 %)",
         s.max_saving_pct,
+        s.max_saving_interval_pct.0,
+        s.max_saving_interval_pct.1,
         s.max_saving_client.as_deref().unwrap_or("-")
     );
     let _ = writeln!(
@@ -245,7 +420,7 @@ pub fn summary_text(s: &Summary) -> String {
         .map(|(t, v)| format!(">={t:.0}%: {v:.1}%"))
         .collect::<Vec<_>>()
         .join(", ");
-    let _ = writeln!(o, "share of clients with saving {dist}");
+    let _ = writeln!(o, "share of clients with a proven saving {dist}");
     let tot = if s.total_whole > 0.0 {
         100.0 * (s.total_whole - s.total_hostlo) / s.total_whole
     } else {
@@ -256,11 +431,13 @@ pub fn summary_text(s: &Summary) -> String {
         "total cost: {:.2} $/h without Hostlo, {:.2} $/h with Hostlo ({tot:.2} % less)",
         s.total_whole, s.total_hostlo
     );
-    let _ = writeln!(
-        o,
-        "mean distance to the LP lower bound: (a) {:.1} %, (b) {:.1} %",
-        s.mean_gap_whole_pct, s.mean_gap_hostlo_pct
-    );
+    for (name, g) in [("(a)", &s.gap_whole), ("(b)", &s.gap_hostlo)] {
+        let _ = writeln!(
+            o,
+            "gap to the lower bound {name}: {} proven optimal, {} within 1 %, {} within 5 %, {} above; mean {:.2} %, max {:.2} %, summed bill {:.2} %",
+            g.optimal, g.up_to_1_pct, g.up_to_5_pct, g.above_5_pct, g.mean_pct, g.max_pct, g.total_pct
+        );
+    }
     o
 }
 
@@ -268,20 +445,29 @@ fn opt(x: Option<f64>, prec: usize) -> String {
     x.map_or_else(|| "-".to_string(), |v| format!("{v:.prec$}"))
 }
 
+fn verdict_text(r: &ClientRow) -> String {
+    match r.verdict {
+        Verdict::Saves => "saves".into(),
+        Verdict::NoSaving => "none".into(),
+        Verdict::SingleContainer => "none (1-ctr)".into(),
+        Verdict::Undecided => format!("undecided within {:.1} %", r.saving_max_pct.unwrap_or(0.0)),
+        Verdict::NotPlanned => "-".into(),
+    }
+}
+
 /// Rows as an aligned text table, clients with the largest saving first.
 pub fn table_text(rows: &[ClientRow]) -> String {
     let mut sorted: Vec<&ClientRow> = rows.iter().collect();
-    sorted.sort_by(|a, b| {
-        b.saving_pct
+    let key = |r: &ClientRow| {
+        r.saving_pct
+            .or(r.saving_max_pct.map(|x| x / 1e3))
             .unwrap_or(-1.0)
-            .partial_cmp(&a.saving_pct.unwrap_or(-1.0))
-            .expect("finite")
-            .then(a.client.cmp(&b.client))
-    });
+    };
+    sorted.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.client.cmp(&b.client)));
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<46} {:>5} {:>6} {:>9} {:>9} {:>11} {:>10} {:>10} {:>8} {:>5} {:>5} {:>5}",
+        "{:<46} {:>5} {:>6} {:>9} {:>9} {:>11} {:>10} {:>7} {:>10} {:>7} {:>8} {:>5} {:>5} {:>5}  verdict",
         "client",
         "pods",
         "ctrs",
@@ -289,7 +475,9 @@ pub fn table_text(rows: &[ClientRow]) -> String {
         "GiB",
         "status",
         "(a) $/h",
+        "gap%",
         "(b) $/h",
+        "gap%",
         "saving%",
         "VMa",
         "VMb",
@@ -303,7 +491,7 @@ pub fn table_text(rows: &[ClientRow]) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<46} {:>5} {:>6} {:>9.2} {:>9.2} {:>11} {:>10} {:>10} {:>8} {:>5} {:>5} {:>5}",
+            "{:<46} {:>5} {:>6} {:>9.2} {:>9.2} {:>11} {:>10} {:>7} {:>10} {:>7} {:>8} {:>5} {:>5} {:>5}  {}",
             r.client,
             r.pods,
             r.containers,
@@ -311,11 +499,14 @@ pub fn table_text(rows: &[ClientRow]) -> String {
             r.gib,
             status,
             opt(r.cost_whole, 4),
+            opt(r.gap_whole_pct, 2),
             opt(r.cost_hostlo, 4),
+            opt(r.gap_hostlo_pct, 2),
             opt(r.saving_pct, 2),
             r.vms_whole,
             r.vms_hostlo,
-            r.spanning_pods
+            r.spanning_pods,
+            verdict_text(r)
         );
     }
     o
@@ -333,30 +524,40 @@ pub fn table_csv(rows: &[ClientRow]) -> Result<String, csv::Error> {
         "status",
         "cost_whole",
         "cost_hostlo",
+        "bound_whole",
+        "bound_hostlo",
+        "gap_whole_pct",
+        "gap_hostlo_pct",
+        "verdict",
         "saving_pct",
-        "lower_bound",
+        "saving_min_pct",
+        "saving_max_pct",
         "vms_whole",
         "vms_hostlo",
         "spanning_pods",
         "types_whole",
         "types_hostlo",
     ])?;
+    let word = |v: &dyn erased::Ser| v.word();
     for r in rows {
-        let status = serde_json::to_value(r.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let f = |x: Option<f64>, p: usize| x.map_or(String::new(), |v| format!("{v:.p$}"));
         w.write_record([
             r.client.clone(),
             r.pods.to_string(),
             r.containers.to_string(),
             format!("{:.3}", r.vcpu),
             format!("{:.3}", r.gib),
-            status,
-            r.cost_whole.map_or(String::new(), |v| format!("{v:.6}")),
-            r.cost_hostlo.map_or(String::new(), |v| format!("{v:.6}")),
-            r.saving_pct.map_or(String::new(), |v| format!("{v:.4}")),
-            format!("{:.6}", r.lower_bound),
+            word(&r.status),
+            f(r.cost_whole, 6),
+            f(r.cost_hostlo, 6),
+            f(r.bound_whole, 6),
+            f(r.bound_hostlo, 6),
+            f(r.gap_whole_pct, 4),
+            f(r.gap_hostlo_pct, 4),
+            word(&r.verdict),
+            f(r.saving_pct, 4),
+            f(r.saving_min_pct, 4),
+            f(r.saving_max_pct, 4),
             r.vms_whole.to_string(),
             r.vms_hostlo.to_string(),
             r.spanning_pods.to_string(),
@@ -365,7 +566,22 @@ pub fn table_csv(rows: &[ClientRow]) -> Result<String, csv::Error> {
         ])?;
     }
     let bytes = w.into_inner().map_err(|e| e.into_error())?;
-    Ok(String::from_utf8(bytes).expect("CSV of UTF-8 strings"))
+    Ok(String::from_utf8(bytes).unwrap_or_default())
+}
+
+mod erased {
+    /// The serde name of a unit enum value (`ok`, `saves`, ...).
+    pub trait Ser {
+        fn word(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn word(&self) -> String {
+            serde_json::to_value(self)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        }
+    }
 }
 
 fn esc(s: &str) -> String {
@@ -379,9 +595,15 @@ pub fn cdf_svg(rows: &[ClientRow], title: &str) -> String {
     let mut s: Vec<f64> = rows
         .iter()
         .filter(|r| r.status == Status::Ok)
-        .map(|r| r.saving_pct.unwrap_or(0.0).max(0.0))
+        .map(|r| {
+            if r.verdict == Verdict::Saves {
+                r.saving_pct.unwrap_or(0.0).max(0.0)
+            } else {
+                0.0
+            }
+        })
         .collect();
-    s.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    s.sort_by(f64::total_cmp);
     let n = s.len();
     let (w, h) = (720.0, 440.0);
     let (l, r, t, b) = (70.0, 20.0, 50.0, 60.0);
@@ -497,27 +719,94 @@ pub fn cdf_svg(rows: &[ClientRow], title: &str) -> String {
 mod tests {
     use super::*;
 
-    fn row(name: &str, status: Status, a: Option<f64>, b: Option<f64>) -> ClientRow {
+    /// A row whose plans cost `a` and `b` (micro-dollars) with bounds `la` and `lb`.
+    fn row_b(name: &str, costs: Option<(u64, u64)>, la: u64, lb: u64, single: bool) -> ClientRow {
+        let (verdict, saving_pct, saving_min_pct, saving_max_pct) =
+            verdict(single, costs, (la, lb));
+        let gap = |c: u64, l: u64| 100.0 * (c - l) as f64 / c as f64;
         ClientRow {
             client: name.into(),
             pods: 1,
             containers: 1,
             vcpu: 1.0,
             gib: 1.0,
-            status,
-            cost_whole: a,
-            cost_hostlo: b,
-            saving_pct: match (a, b) {
-                (Some(a), Some(b)) => Some(100.0 * (a - b) / a),
-                _ => None,
+            status: if costs.is_some() {
+                Status::Ok
+            } else {
+                Status::Infeasible
             },
-            lower_bound: 0.5,
+            cost_whole: costs.map(|c| usd(c.0)),
+            cost_hostlo: costs.map(|c| usd(c.1)),
+            bound_whole: costs.map(|_| usd(la)),
+            bound_hostlo: costs.map(|_| usd(lb)),
+            gap_whole_pct: costs.map(|c| gap(c.0, la)),
+            gap_hostlo_pct: costs.map(|c| gap(c.1, lb)),
+            verdict,
+            saving_pct,
+            saving_min_pct,
+            saving_max_pct,
             vms_whole: 1,
             vms_hostlo: 1,
             spanning_pods: 0,
             types_whole: String::new(),
             types_hostlo: String::new(),
         }
+    }
+
+    /// Proven optimal plans of `a` and `b` $/h (`None`: not planned).
+    fn row(name: &str, _status: Status, a: Option<f64>, b: Option<f64>) -> ClientRow {
+        let costs = a.zip(b).map(|(a, b)| ((a * 1e6) as u64, (b * 1e6) as u64));
+        let (la, lb) = costs.unwrap_or((0, 0));
+        row_b(name, costs, la, lb, false)
+    }
+
+    /// Issue 14, item 2: the verdicts from costs and bounds.
+    #[test]
+    fn verdicts() {
+        // Both optimal and different: a saving of 25 %, exact.
+        let r = row_b("x", Some((400, 300)), 400, 300, false);
+        assert_eq!(r.verdict, Verdict::Saves);
+        assert_eq!(r.saving_pct, Some(25.0));
+        assert_eq!(
+            (r.saving_min_pct, r.saving_max_pct),
+            (Some(25.0), Some(25.0))
+        );
+        // Not optimal, but the bound of (a) is above the cost of (b): proven.
+        let r = row_b("x", Some((400, 300)), 360, 280, false);
+        assert_eq!(r.verdict, Verdict::Saves);
+        assert!((r.saving_min_pct.unwrap() - 100.0 / 6.0).abs() < 1e-9);
+        assert!((r.saving_max_pct.unwrap() - 30.0).abs() < 1e-9);
+        // The bound of (a) below the cost of (b): undecided, at most 1 - 280/400 = 30 %.
+        let r = row_b("x", Some((400, 300)), 290, 280, false);
+        assert_eq!(r.verdict, Verdict::Undecided);
+        assert_eq!(r.saving_pct, None);
+        assert!((r.saving_max_pct.unwrap() - 30.0).abs() < 1e-9);
+        assert!(table_text(&[r]).contains("undecided within 30.0 %"));
+        // Equal and proven: none. The bound of (b) reaching (a)'s cost proves it too.
+        assert_eq!(
+            row_b("x", Some((400, 400)), 400, 400, false).verdict,
+            Verdict::NoSaving
+        );
+        assert_eq!(
+            row_b("x", Some((400, 400)), 350, 400, false).verdict,
+            Verdict::NoSaving
+        );
+        // Single-container pods: never a saving, even with plans that differ (which the
+        // planner does not produce) or loose bounds.
+        let r = row_b("x", Some((400, 400)), 300, 300, true);
+        assert_eq!(r.verdict, Verdict::SingleContainer);
+        assert_eq!(r.saving_pct, Some(0.0));
+        assert_eq!(row_b("x", None, 0, 0, false).verdict, Verdict::NotPlanned);
+    }
+
+    /// Issue 14, case 6: nothing planned prints 0.00, not -0.00.
+    #[test]
+    fn nothing_planned_prints_no_negative_zero() {
+        let rows = vec![row("e", Status::Infeasible, None, None)];
+        let text = summary_text(&summarise(&rows));
+        assert!(!text.contains("-0."), "{text}");
+        assert!(text.contains("total cost: 0.00 $/h"), "{text}");
+        assert!(!summary_text(&summarise(&[])).contains("-0."));
     }
 
     #[test]

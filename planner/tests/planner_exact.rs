@@ -70,6 +70,8 @@ fn random_client(rng: &mut rand::rngs::StdRng) -> Client {
 
 struct Tally {
     n: usize,
+    /// Plans whose certified bound meets their cost (proven optimal).
+    proven: usize,
     equal: usize,
     max_gap: f64,
     sum_gap: f64,
@@ -79,6 +81,7 @@ impl Tally {
     fn new() -> Self {
         Self {
             n: 0,
+            proven: 0,
             equal: 0,
             max_gap: 0.0,
             sum_gap: 0.0,
@@ -99,8 +102,9 @@ impl Tally {
     }
     fn report(&self, what: &str) {
         eprintln!(
-            "{what}: {} instances, optimal in {} ({:.1} %), mean gap {:.3} %, max gap {:.2} %",
+            "{what}: {} instances, proven optimal {}, optimal in {} ({:.1} %), mean gap {:.3} %, max gap {:.2} %",
             self.n,
+            self.proven,
             self.equal,
             100.0 * self.equal as f64 / self.n.max(1) as f64,
             100.0 * self.sum_gap / self.n.max(1) as f64,
@@ -119,14 +123,28 @@ fn heuristic_only() -> SearchOptions {
     }
 }
 
+/// The configuration of a run: with the exact part, or the bare heuristic.
+fn config(host: HostModel, search: SearchOptions, exact: bool) -> PlanConfig {
+    PlanConfig {
+        host,
+        search,
+        exact: if exact {
+            PlanConfig::default().exact
+        } else {
+            None
+        },
+    }
+}
+
 fn check_against_exact(
     host: HostModel,
     search: SearchOptions,
+    exact: bool,
     seed: u64,
     count: usize,
 ) -> (Tally, Tally) {
     let cat = catalogue();
-    let cfg = PlanConfig { host, search };
+    let cfg = config(host, search, exact);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let (mut ta, mut tb) = (Tally::new(), Tally::new());
     for _ in 0..count {
@@ -145,12 +163,24 @@ fn check_against_exact(
         );
         if let (Some(a), Some(ea)) = (&plan.whole, ea) {
             validate(&cl, &cat, host, Mode::Whole, a).unwrap();
-            assert!(plan.lower_bound <= ea as f64 + 1e-6);
+            assert!(
+                plan.bound_whole <= ea,
+                "(a) bound above the optimum: {cl:?}"
+            );
+            if plan.bound_whole == a.cost(&cat) {
+                ta.proven += 1;
+            }
             ta.plus(a.cost(&cat), ea);
         }
         if let (Some(b), Some(eb)) = (&plan.hostlo, eb) {
             validate(&cl, &cat, host, Mode::Hostlo, b).unwrap();
-            assert!(plan.lower_bound <= eb as f64 + 1e-6);
+            assert!(
+                plan.bound_hostlo <= eb,
+                "(b) bound above the optimum: {cl:?}"
+            );
+            if plan.bound_hostlo == b.cost(&cat) {
+                tb.proven += 1;
+            }
             if let Some(a) = &plan.whole {
                 assert!(b.cost(&cat) <= a.cost(&cat), "(b) dearer than (a)");
             }
@@ -166,6 +196,7 @@ fn check_against_exact(
 /// Bounds documented in docs/planner.md ("Checked against the optimum").
 fn assert_quality(ta: &Tally, tb: &Tally, min_optimal: f64, max_gap: f64) {
     assert!(ta.n >= 300 && tb.n >= 300, "too few feasible instances");
+    assert!(ta.proven <= ta.n && tb.proven <= tb.n);
     assert!(
         ta.sum_gap / (ta.n as f64) < 0.01 && tb.sum_gap / (tb.n as f64) < 0.01,
         "mean gap of 1 % or more"
@@ -184,12 +215,29 @@ fn assert_quality(ta: &Tally, tb: &Tally, min_optimal: f64, max_gap: f64) {
     );
 }
 
-fn run(name: &str, host: HostModel, seed: u64) {
-    let (ta, tb) = check_against_exact(host, SearchOptions::default(), seed, 400);
+/// `min_proven_b`: the share of (b) plans proven optimal. The bound of (b) drops the size
+/// of a host, and this catalogue's hosts are small (8 vCPU on per-family hosts, 12 on the
+/// uniform ones), so where the host binds (b) is optimal but not always proven. The exact
+/// part runs under a wall-clock limit, so the shares drop on a loaded machine (measured
+/// at load 11 in a debug build: 70 %, 81 %, 98 %; every (a)); the floors leave room for
+/// that.
+fn run(name: &str, host: HostModel, seed: u64, min_proven_b: f64) {
+    let (ta, tb) = check_against_exact(host, SearchOptions::default(), true, seed, 400);
     ta.report(&format!("{name} (a)"));
     tb.report(&format!("{name} (b)"));
     assert_quality(&ta, &tb, 0.99, 0.10);
-    let (ta, tb) = check_against_exact(host, heuristic_only(), seed, 400);
+    // A bound never exceeds the brute-force optimum (asserted per instance above), so a
+    // plan whose bound meets its cost is optimal.
+    // All (a) plans are proven on a quiet machine; under load a few may hit the limit.
+    assert!(
+        ta.proven as f64 >= 0.97 * ta.n as f64,
+        "(a) proven too rarely"
+    );
+    assert!(
+        tb.proven as f64 >= min_proven_b * tb.n as f64,
+        "(b) proven too rarely"
+    );
+    let (ta, tb) = check_against_exact(host, heuristic_only(), false, seed, 400);
     ta.report(&format!("{name} (a), heuristic only"));
     tb.report(&format!("{name} (b), heuristic only"));
     assert_quality(&ta, &tb, 0.85, 0.35);
@@ -197,12 +245,12 @@ fn run(name: &str, host: HostModel, seed: u64) {
 
 #[test]
 fn random_instances_per_family_hosts() {
-    run("per-family", HostModel::PerFamily, 0x5eed_0001);
+    run("per-family", HostModel::PerFamily, 0x5eed_0001, 0.5);
 }
 
 #[test]
 fn random_instances_unlimited_hosts() {
-    run("unlimited", HostModel::Unlimited, 0x5eed_0002);
+    run("unlimited", HostModel::Unlimited, 0x5eed_0002, 0.85);
 }
 
 #[test]
@@ -211,6 +259,7 @@ fn random_instances_uniform_hosts() {
         "uniform 12x48",
         HostModel::Uniform(Res::from_vcpu_gib(12.0, 48.0)),
         0x5eed_0003,
+        0.6,
     );
 }
 
@@ -219,6 +268,7 @@ fn hand_made_instances() {
     let cat = catalogue();
     let cfg = PlanConfig::default();
     let cost = |p: &Option<nestless_planner::Placement>| p.as_ref().map(|p| p.cost(&cat));
+    let _ = config;
     // One pod, five containers of 1 vCPU / 4 GiB (5 vCPU, 20 GiB): (a) m.2xlarge 0.384.
     let cl = client(&[vec![(1.0, 4.0); 5]]);
     let p = plan_client(&cl, &cat, &cfg);

@@ -8,15 +8,20 @@
 //! ```text
 //! shim / nestless-cni / Hostlo part          host agent (vsock / unix)
 //!  connect (retried until connect_timeout) ──▶ accept
-//!  AttachNic(sandbox, labels) ───────────────▶ lease, tap, device_add
-//!   ◀── Nic{id, mac, addresses, routes, mtu}   (checked here into a Nic)
+//!  AttachNic(scope, sandbox, interface, labels) ▶ lease, tap, device_add
+//!   ◀── Nic{id, mac, addresses, routes, mtu}, created   (checked here into an Attached)
 //!   connection broke under the request? dial again, ask once more
-//!  DetachNic(sandbox) ───────────────────────▶ unplug; NOT_FOUND = done
+//!  DetachNic(nic id | scope, sandbox[, interface]) ▶ unplug; NOT_FOUND = done
 //!  HostloJoin / Publish / Watch / Leave ─────▶ the pod's view (a PodView)
 //! ```
 //!
-//! Attach and detach are idempotent per sandbox on the agent's side, which is
-//! what makes the one retry after a broken connection safe.
+//! Attach and detach are idempotent per (scope, sandbox, interface) on the
+//! agent's side, which is what makes the one retry after a broken connection
+//! safe. A sandbox id is unique within its *scope*: the containerd namespace
+//! of a container the shim attaches outside CRI, or the empty scope of CRI pod
+//! sandboxes and CNI attachments ([`SandboxRef`]). A sandbox holds one NIC per
+//! interface name (CNI_IFNAME); the agent's reply says whether this call made
+//! the NIC (`created`): only then is it the caller's to give back on failure.
 
 use std::{
     collections::HashMap,
@@ -53,27 +58,95 @@ pub enum ClientError {
     /// The agent's reply cannot be used.
     #[error("unusable reply from the host agent: {0}")]
     BadReply(String),
+    /// The agent answered with a NIC that another sandbox or interface holds
+    /// (an agent that does not key NICs by scope and interface name): it is
+    /// left alone.
+    #[error(
+        "host agent answered sandbox {sandbox} ({interface}) with NIC {id}, which is {held_as}: \
+         the agent does not keep them apart; nothing was changed"
+    )]
+    NotOurs {
+        /// The sandbox asked for.
+        sandbox: String,
+        /// The interface asked for.
+        interface: String,
+        /// The NIC the agent returned.
+        id: String,
+        /// Whose it is.
+        held_as: String,
+    },
     /// The agent handed out a NIC whose description cannot be used (the NIC
-    /// is leased all the same: callers give it back).
+    /// is leased all the same: the caller gives it back if it made it).
     #[error("unusable reply from the host agent: NIC {id}: {reason}")]
     BadNic {
         /// The NIC's id.
         id: String,
         /// What is wrong with it.
         reason: String,
+        /// Whether the call that got it made it (then it is the caller's to give back).
+        created: bool,
     },
 }
 
 impl ClientError {
     /// The ttrpc status code that says what failed: the agent's own code for
     /// a refusal, `UNAVAILABLE` when it cannot be reached, `INTERNAL` for a
-    /// reply the shim cannot use.
+    /// reply the shim cannot use, `ALREADY_EXISTS` for a NIC that is not ours.
     pub fn code(&self) -> ttrpc::Code {
         match self {
             Self::AgentRefused { code, .. } => *code,
             Self::AgentUnavailable { .. } => ttrpc::Code::UNAVAILABLE,
             Self::BadReply(_) | Self::BadNic { .. } => ttrpc::Code::INTERNAL,
+            Self::NotOurs { .. } => ttrpc::Code::ALREADY_EXISTS,
         }
+    }
+}
+
+/// The interface name a NIC takes when the request names none (the protocol's default).
+pub const DEFAULT_INTERFACE: &str = "eth0";
+
+/// A sandbox as the agent keys it: its id, unique within its scope.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SandboxRef {
+    /// The namespace the id is unique in: the containerd namespace for a
+    /// container attached outside CRI; empty for CRI pod sandboxes and CNI.
+    pub scope: String,
+    /// The sandbox id (CRI sandbox id, CNI_CONTAINERID or container id).
+    pub id: String,
+}
+
+impl SandboxRef {
+    /// `id` in `scope`.
+    pub fn new(scope: impl Into<String>, id: impl Into<String>) -> SandboxRef {
+        SandboxRef {
+            scope: scope.into(),
+            id: id.into(),
+        }
+    }
+
+    /// `id` in the empty scope (CRI and CNI).
+    pub fn unscoped(id: impl Into<String>) -> SandboxRef {
+        SandboxRef::new("", id)
+    }
+}
+
+impl std::fmt::Display for SandboxRef {
+    /// `id`, or `scope/id` when the scope is not empty.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.scope.is_empty() {
+            f.write_str(&self.id)
+        } else {
+            write!(f, "{}/{}", self.scope, self.id)
+        }
+    }
+}
+
+/// An interface name as the protocol carries it: empty means [`DEFAULT_INTERFACE`].
+pub fn interface_or_default(name: &str) -> &str {
+    if name.is_empty() {
+        DEFAULT_INTERFACE
+    } else {
+        name
     }
 }
 
@@ -106,6 +179,13 @@ pub struct Nic {
     pub id: String,
     /// The sandbox it belongs to.
     pub sandbox_id: String,
+    /// The scope it was attached in (empty from an agent that predates scopes).
+    pub scope: String,
+    /// The interface name it was attached for ([`DEFAULT_INTERFACE`] when the
+    /// agent names none).
+    pub interface: String,
+    /// The labels it was attached with.
+    pub labels: HashMap<String, String>,
     /// Its MAC: how the guest finds it.
     pub mac: MacAddr,
     /// MTU, 68 to 65535.
@@ -146,6 +226,7 @@ impl TryFrom<pb::Nic> for Nic {
         let bad = |reason: String| ClientError::BadNic {
             id: nic.id.clone(),
             reason,
+            created: true,
         };
         let mac = nic.mac.parse::<MacAddr>().map_err(|e| bad(e.to_string()))?;
         let mut addresses = Vec::new();
@@ -169,9 +250,16 @@ impl TryFrom<pb::Nic> for Nic {
         let mut routes = Vec::new();
         for r in &nic.routes {
             let (destination, prefix_len) = parse_cidr(&r.destination)
+                .filter(|(ip, p)| *p <= if ip.is_ipv4() { 32 } else { 128 })
                 .ok_or_else(|| bad(format!("route {:?}", r.destination)))?;
             let gateway =
                 optional_ip(&r.gateway).map_err(|()| bad(format!("gateway {:?}", r.gateway)))?;
+            if gateway.is_some_and(|g| g.is_ipv4() != destination.is_ipv4()) {
+                return Err(bad(format!(
+                    "route {} via {}: the families differ",
+                    r.destination, r.gateway
+                )));
+            }
             routes.push(NicRoute {
                 destination,
                 prefix_len,
@@ -182,8 +270,11 @@ impl TryFrom<pb::Nic> for Nic {
             return Err(bad(format!("MTU {}", nic.mtu)));
         }
         Ok(Nic {
+            interface: interface_or_default(&nic.interface).to_owned(),
             id: nic.id,
             sandbox_id: nic.sandbox_id,
+            scope: nic.scope,
+            labels: nic.labels,
             mac,
             mtu: nic.mtu,
             addresses,
@@ -198,10 +289,58 @@ impl TryFrom<pb::Nic> for Nic {
 pub struct ListedNic {
     /// The agent's id of the NIC.
     pub id: String,
-    /// The sandbox it belongs to.
-    pub sandbox_id: String,
-    /// The checked NIC.
+    /// The sandbox it belongs to, in its scope.
+    pub sandbox: SandboxRef,
+    /// The interface name it was attached for ([`DEFAULT_INTERFACE`] when the agent names none).
+    pub interface: String,
+    /// The labels it was attached with.
+    pub labels: HashMap<String, String>,
+    /// The checked NIC (a [`ClientError::BadNic`] says why it cannot be used).
     pub nic: Result<Nic, ClientError>,
+}
+
+/// What `AttachNic` asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachArgs<'a> {
+    /// The sandbox, in its scope.
+    pub sandbox: &'a SandboxRef,
+    /// The interface name the NIC takes in the pod (CNI_IFNAME).
+    pub interface: &'a str,
+    /// Labels the agent keeps with the NIC.
+    pub labels: &'a HashMap<String, String>,
+}
+
+/// A NIC `AttachNic` returned, and whether this call made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attached {
+    /// The NIC.
+    pub nic: Nic,
+    /// True when this call plugged it (also when the call had to ask again
+    /// after a lost reply: the first attempt may have made it); false when the
+    /// sandbox already had it (the shim after nestless-cni, a kubelet retry):
+    /// then it is not the caller's to give back when something fails.
+    pub created: bool,
+}
+
+/// What `DetachNic` releases.
+#[derive(Debug, Clone, Copy)]
+pub enum DetachTarget<'a> {
+    /// One NIC, by the agent's id (what an undo path gives back: the NIC it made).
+    Nic(&'a str),
+    /// The sandbox's NIC with this interface name (CNI DEL).
+    Interface(&'a SandboxRef, &'a str),
+    /// Every NIC of the sandbox (the shim's teardown).
+    Sandbox(&'a SandboxRef),
+}
+
+impl std::fmt::Display for DetachTarget<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Nic(id) => write!(f, "NIC {id}"),
+            Self::Interface(sb, ifname) => write!(f, "the {ifname} NIC of sandbox {sb}"),
+            Self::Sandbox(sb) => write!(f, "the NICs of sandbox {sb}"),
+        }
+    }
 }
 
 /// A port two or more parts of a Hostlo pod serve.
@@ -277,6 +416,46 @@ impl From<&pb::HostloWatchResponse> for PodView {
             pod_ip: v.pod_ip.parse().ok(),
         }
     }
+}
+
+/// Whether the NIC the agent replied with is the one asked for. The agent
+/// echoes the scope and interface name it keyed the NIC by; one that predates
+/// them echoes empty fields. A NIC this call created is ours whatever the
+/// echo says (logged when the agent ignored the fields); a NIC the sandbox
+/// already had must carry the scope and interface asked for, else it is
+/// another sandbox's or another interface's NIC, refused untouched.
+fn check_identity(
+    nic: &Nic,
+    sandbox: &SandboxRef,
+    interface: &str,
+    created: bool,
+) -> Result<(), ClientError> {
+    let want_if = interface_or_default(interface);
+    if nic.scope == sandbox.scope && nic.interface == want_if {
+        return Ok(());
+    }
+    if created {
+        log::warn!(
+            "sandbox {sandbox}: the host agent attached NIC {} without keying it by scope {:?} \
+             and interface {want_if} (an agent that predates them?)",
+            nic.id,
+            sandbox.scope
+        );
+        return Ok(());
+    }
+    Err(ClientError::NotOurs {
+        sandbox: sandbox.to_string(),
+        interface: want_if.to_owned(),
+        id: nic.id.clone(),
+        held_as: if nic.scope.is_empty() {
+            format!("{} of sandbox {}", nic.interface, nic.sandbox_id)
+        } else {
+            format!(
+                "{} of sandbox {}/{}",
+                nic.interface, nic.scope, nic.sandbox_id
+            )
+        },
+    })
 }
 
 /// The ttrpc address for an agent address.
@@ -376,51 +555,81 @@ impl AgentClient {
 
     /// `AttachNic`. When the connection breaks under the request (the agent
     /// restarting), connects again and asks once more: the agent answers the
-    /// same sandbox with the same NIC, so the retry cannot make a second one.
+    /// same (scope, sandbox, interface) with the same NIC, so the retry cannot
+    /// make a second one.
+    ///
+    /// The reply must be the NIC asked for: a NIC the call did not create
+    /// whose scope or interface name is not the one asked for belongs to
+    /// someone else (an agent that does not key NICs by them), and is refused
+    /// ([`ClientError::NotOurs`]) without being touched.
     ///
     /// # Errors
     /// [`ClientError::AgentRefused`] with the agent's code,
     /// [`ClientError::AgentUnavailable`], [`ClientError::BadReply`] when the
-    /// reply holds no NIC, and [`ClientError::BadNic`] when the NIC it holds
-    /// cannot be used (the NIC is attached then: the caller detaches it).
-    pub async fn attach(
-        &self,
-        sandbox_id: &str,
-        labels: &HashMap<String, String>,
-    ) -> Result<Nic, ClientError> {
+    /// reply holds no NIC, [`ClientError::BadNic`] when the NIC it holds
+    /// cannot be used (the NIC is attached then: the caller detaches it if it
+    /// was created), and [`ClientError::NotOurs`].
+    pub async fn attach(&self, args: &AttachArgs<'_>) -> Result<Attached, ClientError> {
+        let sandbox = args.sandbox;
         let req = pb::AttachNicRequest {
-            sandbox_id: sandbox_id.into(),
-            labels: labels.clone(),
+            sandbox_id: sandbox.id.clone(),
+            scope: sandbox.scope.clone(),
+            interface: args.interface.into(),
+            labels: args.labels.clone(),
             ..Default::default()
         };
+        let mut retried = false;
         let resp = match self.client.attach_nic(self.ctx(), &req).await {
             Err(e) if is_transport(&e) => {
-                log::warn!("sandbox {sandbox_id}: AttachNic: {e}; asking again");
+                log::warn!("sandbox {sandbox}: AttachNic: {e}; asking again");
+                retried = true;
                 let again = AgentClient::connect(&self.endpoint).await?;
                 again.client.attach_nic(again.ctx(), &req).await
             }
             other => other,
         }
         .map_err(|e| self.refused("AttachNic", e))?;
-        resp.nic
+        // After a lost reply, "already there" may well be the NIC the first
+        // attempt made: it counts as this call's (it is this sandbox's either way).
+        let created = resp.created || retried;
+        let pb_nic = resp
+            .nic
             .into_option()
-            .ok_or(ClientError::BadReply("AttachNic returned no NIC".into()))?
-            .try_into()
+            .ok_or(ClientError::BadReply("AttachNic returned no NIC".into()))?;
+        let nic = Nic::try_from(pb_nic).map_err(|e| match e {
+            ClientError::BadNic { id, reason, .. } => ClientError::BadNic {
+                id,
+                reason,
+                created,
+            },
+            other => other,
+        })?;
+        check_identity(&nic, sandbox, args.interface, created)?;
+        Ok(Attached { nic, created })
     }
 
-    /// `DetachNic` by sandbox; a NIC already gone is success. Asked once more
-    /// on a new connection when the connection breaks under the request.
+    /// `DetachNic`; a NIC already gone is success. Asked once more on a new
+    /// connection when the connection breaks under the request.
     ///
     /// # Errors
     /// [`ClientError::AgentRefused`] (other than `NOT_FOUND`), [`ClientError::AgentUnavailable`].
-    pub async fn detach(&self, sandbox_id: &str) -> Result<(), ClientError> {
-        let req = pb::DetachNicRequest {
-            sandbox_id: sandbox_id.into(),
-            ..Default::default()
-        };
+    pub async fn detach(&self, target: DetachTarget<'_>) -> Result<(), ClientError> {
+        let mut req = pb::DetachNicRequest::default();
+        match target {
+            DetachTarget::Nic(id) => req.nic_id = id.into(),
+            DetachTarget::Interface(sb, ifname) => {
+                req.sandbox_id = sb.id.clone();
+                req.scope = sb.scope.clone();
+                req.interface = ifname.into();
+            }
+            DetachTarget::Sandbox(sb) => {
+                req.sandbox_id = sb.id.clone();
+                req.scope = sb.scope.clone();
+            }
+        }
         let result = match self.client.detach_nic(self.ctx(), &req).await {
             Err(e) if is_transport(&e) => {
-                log::warn!("sandbox {sandbox_id}: DetachNic: {e}; asking again");
+                log::warn!("DetachNic of {target}: {e}; asking again");
                 let again = AgentClient::connect(&self.endpoint).await?;
                 again.client.detach_nic(again.ctx(), &req).await
             }
@@ -447,7 +656,9 @@ impl AgentClient {
             .into_iter()
             .map(|n| ListedNic {
                 id: n.id.clone(),
-                sandbox_id: n.sandbox_id.clone(),
+                sandbox: SandboxRef::new(n.scope.clone(), n.sandbox_id.clone()),
+                interface: interface_or_default(&n.interface).to_owned(),
+                labels: n.labels.clone(),
                 nic: n.try_into(),
             })
             .collect())

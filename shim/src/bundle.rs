@@ -29,6 +29,10 @@ pub struct Record {
     pub config_path: Option<PathBuf>,
     /// The sandbox id of the pod network the container owns, if it owns one.
     pub network_sandbox: Option<String>,
+    /// The scope that sandbox id lives in (its containerd namespace outside
+    /// CRI; empty for a CRI sandbox, and in records older than scopes).
+    #[serde(default)]
+    pub network_scope: String,
     /// Whether the shim mounted the rootfs (`BUNDLE/rootfs`).
     pub rootfs_mounted: bool,
 }
@@ -77,11 +81,27 @@ mod tests {
             systemd_cgroup: false,
             config_path: Some("/etc/nestless/shim.toml".into()),
             network_sandbox: Some("sb".into()),
+            network_scope: "team-one".into(),
             rootfs_mounted: true,
         };
         r.store(d.path()).unwrap();
         assert_eq!(Record::load(d.path()).unwrap(), Some(r));
         Record::remove(d.path());
         assert_eq!(Record::load(d.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_record_from_before_scopes_reads_as_the_empty_scope() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(RECORD_FILE),
+            r#"{"runc_binary":"runc","runc_root":"/r","systemd_cgroup":false,"config_path":null,"network_sandbox":"sb","rootfs_mounted":false}"#,
+        )
+        .unwrap();
+        let r = Record::load(d.path()).unwrap().unwrap();
+        assert_eq!(
+            (r.network_sandbox.as_deref(), r.network_scope.as_str()),
+            (Some("sb"), "")
+        );
     }
 }

@@ -101,9 +101,9 @@ pub enum ShimError {
     Network {
         /// The sandbox.
         sandbox_id: String,
-        /// Why.
+        /// Why (boxed: the pod network's errors carry several names).
         #[source]
-        source: PodNetError,
+        source: Box<PodNetError>,
     },
     /// A helper of the containerd-shim crate failed (mounts, sockets).
     #[error("{context}")]
@@ -213,21 +213,36 @@ mod tests {
         );
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::Client(ClientError::AgentUnavailable {
+            source: Box::new(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
                 reason: "refused".into(),
-            }),
+            })),
         };
         assert_eq!(e.code(), Code::UNAVAILABLE);
         let e = ShimError::Network {
             sandbox_id: "s".into(),
-            source: PodNetError::Client(ClientError::AgentRefused {
+            source: Box::new(PodNetError::Client(ClientError::AgentRefused {
                 op: "AttachNic",
                 code: Code::RESOURCE_EXHAUSTED,
                 message: "VM vm1 has 4 NICs (max_nics = 4)".into(),
-            }),
+            })),
         };
         assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
+        // The guest's failure reads once, without Debug noise.
+        let guest = ShimError::Network {
+            sandbox_id: "team-one/app".into(),
+            source: Box::new(PodNetError::Guest(
+                crate::podnet::guest::GuestNetError::Route {
+                    route: "fd00:20::/64 via fd00:20::1".into(),
+                    error: std::io::Error::from_raw_os_error(libc::EHOSTUNREACH),
+                },
+            )),
+        };
+        assert_eq!(
+            guest.chain(),
+            "pod network of sandbox team-one/app: cannot add route fd00:20::/64 via fd00:20::1: \
+             No route to host (os error 113)"
+        );
         match ttrpc::Error::from(e) {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::RESOURCE_EXHAUSTED);

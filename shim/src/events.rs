@@ -3,6 +3,9 @@
 //! In production, to containerd's ttrpc `Events.Forward` (the `TTRPC_ADDRESS`
 //! containerd gives its shims), through a bounded queue drained by one task
 //! that reconnects and retries, so that a handler never waits for containerd.
+//! Before the shim exits, [`EventSink::flush`] waits (bounded) until the queue
+//! is empty: the last events (TaskExit, TaskDelete) are not lost with the
+//! process.
 //!
 //! The shim does not use the containerd-shim crate's `RemotePublisher` for
 //! this: it names an event's type through protobuf reflection, and the
@@ -14,7 +17,13 @@
 //! The [`EventSink`] seam lets component tests run the task service without
 //! a containerd and look at what it published ([`RecordedEvents`]).
 
-use std::{sync::Mutex, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use containerd_shim_protos::{
@@ -28,7 +37,7 @@ use containerd_shim_protos::{
     ttrpc::{asynchronous::Client, context},
 };
 use log::{debug, warn};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// How many events may wait for containerd.
 const QUEUE: usize = 1024;
@@ -76,12 +85,34 @@ pub fn event_any<E: TaskEvent>(event: &E) -> Any {
 pub trait EventSink: Send + Sync {
     /// Publishes `event` under `topic`; failures are the sink's to log.
     async fn publish(&self, topic: &str, event: Any);
+
+    /// Waits until every event published so far has been delivered (or given
+    /// up on), at most `limit`; `false` when some were still queued.
+    async fn flush(&self, _limit: Duration) -> bool {
+        true
+    }
+}
+
+/// Events waiting to be forwarded, and the wake-up when there are none.
+#[derive(Default)]
+struct Pending {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Pending {
+    fn done(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
 }
 
 /// Events to containerd, in one containerd namespace.
 pub struct ContainerdEvents {
     tx: mpsc::Sender<Envelope>,
     namespace: String,
+    pending: Arc<Pending>,
 }
 
 impl ContainerdEvents {
@@ -89,8 +120,13 @@ impl ContainerdEvents {
     /// (a path or `unix://path`), in `namespace`.
     pub fn start(address: String, namespace: String) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(forward_loop(address, rx));
-        Self { tx, namespace }
+        let pending = Arc::new(Pending::default());
+        tokio::spawn(forward_loop(address, rx, pending.clone()));
+        Self {
+            tx,
+            namespace,
+            pending,
+        }
     }
 }
 
@@ -109,7 +145,7 @@ async fn connect(address: &str) -> Option<EventsClient> {
     }
 }
 
-async fn forward_loop(address: String, mut rx: mpsc::Receiver<Envelope>) {
+async fn forward_loop(address: String, mut rx: mpsc::Receiver<Envelope>, pending: Arc<Pending>) {
     let mut client: Option<EventsClient> = None;
     while let Some(envelope) = rx.recv().await {
         let req = ForwardRequest {
@@ -150,6 +186,7 @@ async fn forward_loop(address: String, mut rx: mpsc::Receiver<Envelope>) {
                 req.envelope.topic
             );
         }
+        pending.done();
     }
 }
 
@@ -174,9 +211,27 @@ impl EventSink for ContainerdEvents {
             event: MessageField::some(event),
             ..Default::default()
         };
+        self.pending.count.fetch_add(1, Ordering::SeqCst);
         if self.tx.try_send(envelope).is_err() {
+            self.pending.done();
             warn!("event queue full: {topic} dropped");
         }
+    }
+
+    async fn flush(&self, limit: Duration) -> bool {
+        let drained = async {
+            loop {
+                let idle = self.pending.idle.notified();
+                tokio::pin!(idle);
+                // Registered before the check: a wake-up in between is not missed.
+                idle.as_mut().enable();
+                if self.pending.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        tokio::time::timeout(limit, drained).await.is_ok()
     }
 }
 
@@ -218,9 +273,63 @@ impl EventSink for RecordedEvents {
 
 #[cfg(test)]
 mod tests {
-    use containerd_shim_protos::protobuf::MessageFull;
+    use containerd_shim_protos::{
+        protobuf::MessageFull,
+        shim_async::{create_events, Events},
+        ttrpc::r#async::TtrpcContext,
+        types::empty::Empty,
+    };
 
     use super::*;
+
+    /// containerd's Events service, holding each Forward until let go.
+    struct SlowContainerd {
+        gate: tokio::sync::Semaphore,
+        got: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Events for SlowContainerd {
+        async fn forward(
+            &self,
+            _: &TtrpcContext,
+            req: ForwardRequest,
+        ) -> containerd_shim_protos::ttrpc::Result<Empty> {
+            self.gate.acquire().await.expect("gate").forget();
+            self.got.lock().unwrap().push(req.envelope.topic.clone());
+            Ok(Empty::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_events_are_flushed_before_the_shim_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.ttrpc");
+        let containerd = Arc::new(SlowContainerd {
+            gate: tokio::sync::Semaphore::new(0),
+            got: Mutex::default(),
+        });
+        let mut server = containerd_shim_protos::ttrpc::r#async::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .unwrap()
+            .register_service(create_events(containerd.clone()));
+        server.start().await.unwrap();
+        let events = ContainerdEvents::start(socket.display().to_string(), "ns".into());
+        for topic in ["/tasks/exit", "/tasks/delete"] {
+            events.publish(topic, event_any(&TaskExit::default())).await;
+        }
+        // containerd holds the first Forward: the queue is not empty.
+        assert!(!events.flush(Duration::from_millis(50)).await);
+        containerd.gate.add_permits(2);
+        assert!(events.flush(Duration::from_secs(10)).await);
+        assert_eq!(
+            *containerd.got.lock().unwrap(),
+            ["/tasks/exit", "/tasks/delete"]
+        );
+        // Nothing queued: at once.
+        assert!(events.flush(Duration::ZERO).await);
+        std::mem::forget(server);
+    }
 
     #[test]
     fn type_urls_are_the_protobuf_names() {

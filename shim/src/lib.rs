@@ -34,6 +34,8 @@ pub mod cni;
 pub mod config;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fake_agent;
 pub mod hostlo;
 pub mod options;
 pub mod podnet;

@@ -18,6 +18,12 @@
 //! | no CRI annotations, `path` = a named netns (e.g. `/var/run/netns/x`) | yes |
 //! | no CRI annotations, `path` = `/proc/<pid>/ns/net` (joins another container) | no |
 //! | no `network` namespace at all (host network)                 | no      |
+//!
+//! The sandbox is known to the agent by its id within a scope
+//! ([`SandboxRef`]): a CRI sandbox by its id in the empty scope (the id CNI
+//! attaches it under too; CRI makes sandbox ids unique across containerd
+//! namespaces), any other container by its id in its containerd namespace
+//! (`ctr -n a run … app` and `ctr -n b run … app` are two sandboxes).
 
 use std::{
     collections::HashMap,
@@ -25,6 +31,8 @@ use std::{
 };
 
 use serde::Deserialize;
+
+use crate::agent_client::SandboxRef;
 
 /// Annotation carrying the CRI container type (`sandbox` or `container`).
 pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -122,8 +130,9 @@ impl NetnsSource {
 pub enum NetworkRole {
     /// The container owns a pod network: set it up after create, tear it down on delete.
     Owner {
-        /// The sandbox id the network is known by (the CRI sandbox id, or the container id).
-        sandbox_id: String,
+        /// The sandbox the network is known by: the CRI sandbox id (empty
+        /// scope), or the container id in its containerd namespace.
+        sandbox: SandboxRef,
         /// Where its network namespace is.
         netns: NetnsSource,
     },
@@ -131,20 +140,21 @@ pub enum NetworkRole {
     Nothing,
 }
 
-/// Decides whether `container_id`, with `spec`, owns a pod network.
-pub fn network_role(container_id: &str, spec: &SpecView) -> NetworkRole {
+/// Decides whether `container_id` of containerd namespace `namespace`, with
+/// `spec`, owns a pod network.
+pub fn network_role(container_id: &str, spec: &SpecView, namespace: &str) -> NetworkRole {
     let Some(ns) = spec.network_namespace() else {
         // Host network: never touch it.
         return NetworkRole::Nothing;
     };
     let cri = spec.annotations.keys().any(|k| k.starts_with(CRI_PREFIX));
-    let sandbox_id = if cri {
+    let sandbox = if cri {
         if spec.annotations.get(CRI_CONTAINER_TYPE).map(String::as_str) != Some("sandbox") {
             return NetworkRole::Nothing;
         }
-        grouping_id(container_id, spec).to_owned()
+        SandboxRef::unscoped(grouping_id(container_id, spec))
     } else {
-        container_id.to_owned()
+        SandboxRef::new(namespace, container_id)
     };
     let netns = match &ns.path {
         None => NetnsSource::CreatedByRunc,
@@ -154,7 +164,7 @@ pub fn network_role(container_id: &str, spec: &SpecView) -> NetworkRole {
         Some(p) if !cri && is_process_netns(p) => return NetworkRole::Nothing,
         Some(p) => NetnsSource::Path(p.clone()),
     };
-    NetworkRole::Owner { sandbox_id, netns }
+    NetworkRole::Owner { sandbox, netns }
 }
 
 /// Whether `path` is `/proc/<pid>/ns/net` or `/proc/<pid>/task/<tid>/ns/net`.
@@ -245,9 +255,9 @@ mod tests {
             Some(Some("/var/run/netns/cni-1234")),
         );
         assert_eq!(
-            network_role("sb1", &s),
+            network_role("sb1", &s, "k8s.io"),
             NetworkRole::Owner {
-                sandbox_id: "sb1".into(),
+                sandbox: SandboxRef::unscoped("sb1"),
                 netns: NetnsSource::Path("/var/run/netns/cni-1234".into())
             }
         );
@@ -259,7 +269,7 @@ mod tests {
             &[(CRI_CONTAINER_TYPE, "sandbox"), (CRI_SANDBOX_ID, "sb1")],
             None,
         );
-        assert_eq!(network_role("sb1", &s), NetworkRole::Nothing);
+        assert_eq!(network_role("sb1", &s, "default"), NetworkRole::Nothing);
     }
 
     #[test]
@@ -268,21 +278,26 @@ mod tests {
             &[(CRI_CONTAINER_TYPE, "container"), (CRI_SANDBOX_ID, "sb1")],
             Some(Some("/proc/42/ns/net")),
         );
-        assert_eq!(network_role("c1", &s), NetworkRole::Nothing);
+        assert_eq!(network_role("c1", &s, "default"), NetworkRole::Nothing);
         // CRI annotations without a type: not a sandbox.
         let s = spec(&[(CRI_SANDBOX_ID, "sb1")], Some(None));
-        assert_eq!(network_role("c1", &s), NetworkRole::Nothing);
+        assert_eq!(network_role("c1", &s, "default"), NetworkRole::Nothing);
     }
 
     #[test]
     fn plain_container_with_new_netns() {
         let s = spec(&[("org.example", "x")], Some(None));
         assert_eq!(
-            network_role("c1", &s),
+            network_role("c1", &s, "team-one"),
             NetworkRole::Owner {
-                sandbox_id: "c1".into(),
+                sandbox: SandboxRef::new("team-one", "c1"),
                 netns: NetnsSource::CreatedByRunc
             }
+        );
+        // The same id in another containerd namespace is another sandbox.
+        assert_ne!(
+            network_role("c1", &s, "team-one"),
+            network_role("c1", &s, "team-two")
         );
         assert_eq!(
             NetnsSource::CreatedByRunc.path(77),
@@ -294,9 +309,9 @@ mod tests {
     fn plain_container_with_named_netns() {
         let s = spec(&[], Some(Some("/run/netns/blue")));
         assert_eq!(
-            network_role("c1", &s),
+            network_role("c1", &s, "default"),
             NetworkRole::Owner {
-                sandbox_id: "c1".into(),
+                sandbox: SandboxRef::new("default", "c1"),
                 netns: NetnsSource::Path("/run/netns/blue".into())
             }
         );
@@ -310,7 +325,11 @@ mod tests {
             "/proc/self/ns/net",
         ] {
             let s = spec(&[], Some(Some(p)));
-            assert_eq!(network_role("c2", &s), NetworkRole::Nothing, "{p}");
+            assert_eq!(
+                network_role("c2", &s, "default"),
+                NetworkRole::Nothing,
+                "{p}"
+            );
         }
         assert!(!is_process_netns(Path::new("/proc/x1/ns/net")));
         assert!(!is_process_netns(Path::new("/proc/42/ns/pid")));
@@ -319,9 +338,9 @@ mod tests {
     #[test]
     fn host_network_gets_nothing() {
         let s = spec(&[], None);
-        assert_eq!(network_role("c1", &s), NetworkRole::Nothing);
+        assert_eq!(network_role("c1", &s, "default"), NetworkRole::Nothing);
         let s = SpecView::default();
-        assert_eq!(network_role("c1", &s), NetworkRole::Nothing);
+        assert_eq!(network_role("c1", &s, "default"), NetworkRole::Nothing);
     }
 
     #[test]
@@ -339,7 +358,10 @@ mod tests {
         }"#;
         let s = SpecView::from_json(json).unwrap();
         assert_eq!(grouping_id("abc", &s), "abc");
-        assert!(matches!(network_role("abc", &s), NetworkRole::Owner { .. }));
+        assert!(matches!(
+            network_role("abc", &s, "default"),
+            NetworkRole::Owner { .. }
+        ));
         let labels = network_labels(&s, "k8s.io");
         assert_eq!(labels.get(CRI_SANDBOX_NAME).unwrap(), "web");
         assert_eq!(labels.get(CRI_SANDBOX_NAMESPACE).unwrap(), "default");

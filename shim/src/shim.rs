@@ -44,7 +44,7 @@ use tokio::io::AsyncReadExt;
 use crate::{
     bundle::Record,
     config::ShimConfig,
-    events::ContainerdEvents,
+    events::{ContainerdEvents, EventSink},
     options::RuntimeOptions,
     podnet,
     policy::{self, SpecView},
@@ -58,6 +58,9 @@ pub const RUNTIME_NAME: &str = "io.containerd.nestless.v2";
 
 /// How long `start` waits for the serving shim to listen.
 const SERVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an ending shim waits for its queued events to reach containerd.
+const EVENTS_FLUSH: Duration = Duration::from_secs(5);
 
 /// The containerd-shim crate configuration for this shim: no crate reaper
 /// (ours reaps), the log level of `/etc/nestless/shim.toml` if it is readable.
@@ -80,6 +83,8 @@ pub struct NestlessShim {
     bundle: String,
     /// The serving socket (`-socket`), removed on exit.
     socket: String,
+    /// The events to containerd, flushed before the shim exits.
+    events: std::sync::OnceLock<Arc<ContainerdEvents>>,
 }
 
 fn other(msg: String) -> Error {
@@ -102,6 +107,7 @@ impl Shim for NestlessShim {
             namespace: args.namespace.clone(),
             bundle: args.bundle.clone(),
             socket: args.socket.clone(),
+            events: std::sync::OnceLock::new(),
         }
     }
 
@@ -163,9 +169,12 @@ impl Shim for NestlessShim {
         let _ = tokio::time::timeout(SERVE_TIMEOUT, out.read_to_end(&mut sink)).await;
         if !socket_serves(&path) {
             let _ = child.kill();
-            let status = child.wait().ok();
+            let ended = match child.wait() {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
             return Err(other(format!(
-                "the serving shim (pid {pid}) does not listen on {address} (exit status {status:?})"
+                "the serving shim (pid {pid}) does not listen on {address} ({ended})"
             )));
         }
 
@@ -203,6 +212,15 @@ impl Shim for NestlessShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The last events (TaskExit, TaskDelete) must not go with the process.
+        if let Some(events) = self.events.get() {
+            if !events.flush(EVENTS_FLUSH).await {
+                warn!(
+                    "events still queued {} ms after shutdown: exiting without them",
+                    EVENTS_FLUSH.as_millis()
+                );
+            }
+        }
         // The crate removes the socket named in ./address, but the shim's
         // working directory is the first container's bundle, which may be
         // gone by now: remove it here, so that the next shim of the same
@@ -220,6 +238,7 @@ impl Shim for NestlessShim {
             publisher.address.clone(),
             self.namespace.clone(),
         ));
+        let _ = self.events.set(events.clone());
         drop(publisher);
         TaskService::new(self.namespace.clone(), events, reaper, self.exit.clone())
     }
@@ -277,10 +296,13 @@ async fn cleanup_dead_shim(id: &str, namespace: &str, bundle: &Path) {
         }
     }
     rootfs::unmount(bundle).await;
-    if let Some(sandbox_id) = record.as_ref().and_then(|r| r.network_sandbox.as_deref()) {
-        match podnet::from_config(&config).teardown(sandbox_id).await {
-            Ok(()) => info!("pod network of sandbox {sandbox_id} released"),
-            Err(e) => warn!("cannot release the pod network of sandbox {sandbox_id}: {e}"),
+    if let Some(r) = record.as_ref() {
+        if let Some(sandbox_id) = r.network_sandbox.as_deref() {
+            let sandbox = podnet::SandboxRef::new(r.network_scope.clone(), sandbox_id);
+            match podnet::from_config(&config).teardown(&sandbox).await {
+                Ok(()) => info!("pod network of sandbox {sandbox} released"),
+                Err(e) => warn!("cannot release the pod network of sandbox {sandbox}: {e}"),
+            }
         }
     }
     Record::remove(bundle);

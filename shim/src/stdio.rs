@@ -15,9 +15,19 @@
 //! so that the process never sees the FIFOs themselves: closing stdin is the
 //! shim's decision (the client closed its end, or containerd sent `CloseIO`),
 //! and a client that goes away does not kill the process with `SIGPIPE` (the
-//! shim holds the stdout FIFO open for reading and writing, as containerd
-//! expects, and closes it when the process's output ends, so the client's copy
-//! then sees EOF).
+//! shim keeps a read end of each output FIFO open, as containerd expects, so
+//! that the output waits in the FIFO for a client that comes back; it closes
+//! its write end when the process's output ends, so the client's copy then
+//! sees EOF).
+//!
+//! **Output at exit.** The exit of a process is reported (TaskExit, Wait)
+//! only once its output has been copied out ([`OutputDrain`]): a client that
+//! reads the output once it hears of the exit gets all of it. A copy that
+//! makes no progress for [`OUTPUT_STALL`] (no client reads the FIFO) does not
+//! hold the exit back any longer. At Delete, the shim lets go of its read ends
+//! first: a copy into a FIFO whose client has closed its end then fails at
+//! once (`EPIPE`) instead of waiting for a reader, and Delete does not block
+//! on it.
 //!
 //! With a terminal, runc creates a pty and sends its master over the
 //! `--console-socket` unix socket (SCM_RIGHTS); the shim copies stdin to the
@@ -51,12 +61,12 @@ use nix::{
     sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
 };
 use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{unix::AsyncFd, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{
         unix::pipe::{self, Receiver, Sender},
         UnixListener,
     },
-    sync::oneshot,
+    sync::{oneshot, watch},
     task::JoinHandle,
 };
 
@@ -67,6 +77,12 @@ use crate::{
 
 /// Buffer size of one copy loop.
 const COPY_BUF: usize = 32 * 1024;
+/// How long an output copy may make no progress (nobody reads its FIFO)
+/// before an exit is reported, or a Delete completes, without it.
+pub const OUTPUT_STALL: Duration = Duration::from_secs(2);
+/// The longest an exit waits for output that keeps coming (a child that
+/// outlived the process and still writes to its stdout).
+pub const OUTPUT_DRAIN_CAP: Duration = Duration::from_secs(10);
 /// How long runc gets to connect to the console socket once it has exited successfully.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -346,7 +362,13 @@ fn os_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Who the process's output goes to, on the shim's side.
 enum Sink {
-    Fifo(Sender),
+    /// A FIFO: the write end, and a read end the shim keeps open (so that the
+    /// open never waits for a client and writes do not fail while the client
+    /// is away) until Delete.
+    Fifo {
+        tx: Sender,
+        keeper: OwnedFd,
+    },
     File(tokio::fs::File),
 }
 
@@ -354,13 +376,18 @@ impl Sink {
     async fn open(out: &Output) -> Result<Option<Self>> {
         match out {
             Output::Null | Output::Binary { .. } => Ok(None),
-            // Read-write: the open never waits for a reader, and writes never
-            // fail with EPIPE while the client is away.
-            Output::Fifo(path) => pipe::OpenOptions::new()
-                .read_write(true)
-                .open_sender(path)
-                .map(|s| Some(Self::Fifo(s)))
-                .map_err(|e| ShimError::io(format!("cannot open {}", path.display()), e)),
+            Output::Fifo(path) => {
+                let fail = |e| ShimError::io(format!("cannot open {}", path.display()), e);
+                // The read end first: with a reader there, the write end opens at once.
+                let keeper = nix::fcntl::open(
+                    path,
+                    OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .map_err(|e| fail(e.into()))?;
+                let tx = pipe::OpenOptions::new().open_sender(path).map_err(fail)?;
+                Ok(Some(Self::Fifo { tx, keeper }))
+            }
             Output::File(path) => tokio::fs::OpenOptions::new()
                 .append(true)
                 .create(true)
@@ -371,12 +398,98 @@ impl Sink {
         }
     }
 
-    fn writer(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
+    /// Splits off the read end a FIFO sink keeps, for [`ProcessIo`] to hold.
+    fn take_keeper(self) -> (Writer, Option<OwnedFd>) {
+        match self {
+            Self::Fifo { tx, keeper } => (Writer::Fifo(tx), Some(keeper)),
+            Self::File(f) => (Writer::File(f), None),
+        }
+    }
+}
+
+/// The writing side of a [`Sink`], owned by its copy task.
+enum Writer {
+    Fifo(Sender),
+    File(tokio::fs::File),
+}
+
+impl Writer {
+    fn get(&mut self) -> &mut (dyn AsyncWrite + Unpin + Send) {
         match self {
             Self::Fifo(s) => s,
             Self::File(f) => f,
         }
     }
+}
+
+/// How the output copies of a process are doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    /// Copies still running.
+    open: usize,
+    /// Bytes copied so far, all copies together.
+    copied: u64,
+}
+
+/// How waiting for a process's output ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every copy has ended: all the output is out.
+    Done,
+    /// A copy made no progress for the stall time (nobody reads it).
+    Stalled,
+    /// The output kept coming past the cap.
+    Capped,
+}
+
+/// Watches a process's output copies (see [`ProcessIo::drain`]).
+#[derive(Clone)]
+pub struct OutputDrain(watch::Receiver<Progress>);
+
+impl OutputDrain {
+    /// Waits until every output copy has ended, as long as they make progress:
+    /// gives up after `stall` without any, or after `cap` in all.
+    pub async fn wait(&mut self, stall: Duration, cap: Duration) -> Drained {
+        let deadline = tokio::time::Instant::now() + cap;
+        loop {
+            if self.0.borrow_and_update().open == 0 {
+                return Drained::Done;
+            }
+            let next = tokio::time::Instant::now() + stall;
+            match tokio::time::timeout_at(next.min(deadline), self.0.changed()).await {
+                Ok(Ok(())) => {}
+                // The copies are gone (aborted): nothing more will come out.
+                Ok(Err(_)) => return Drained::Done,
+                Err(_) if next >= deadline => return Drained::Capped,
+                Err(_) => return Drained::Stalled,
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF or an error, counting into `progress`.
+async fn copy_counted<R: AsyncRead + Unpin>(
+    from: &mut R,
+    to: &mut (dyn AsyncWrite + Unpin + Send),
+    progress: &watch::Sender<Progress>,
+) {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                debug!("output read: {e}");
+                break;
+            }
+        };
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            debug!("output copy: {e}");
+            break;
+        }
+        progress.send_modify(|p| p.copied += n as u64);
+    }
+    let _ = to.flush().await;
 }
 
 /// Context the logging binary gets.
@@ -503,26 +616,34 @@ impl PreparedIo {
     /// Starts copying; `master` is the pty master (with a terminal).
     pub fn start(self, master: Option<OwnedFd>) -> Result<ProcessIo> {
         let mut tasks = Vec::new();
+        let mut outputs = Vec::new();
         let (close_tx, close_rx) = oneshot::channel();
         let mut console = None;
+        let mut keepers = Vec::new();
+        let (progress, drain) = watch::channel(Progress::default());
 
         if let Some(master) = master {
             let m = Arc::new(
                 PtyMaster::new(master)
                     .map_err(|e| ShimError::io("cannot register the pty master", e))?,
             );
-            if let Some(mut sink) = self.tty_out {
+            if let Some(sink) = self.tty_out {
+                let (mut w, keeper) = sink.take_keeper();
+                keepers.extend(keeper);
                 let m = m.clone();
-                tasks.push(tokio::spawn(async move {
+                let progress = progress.clone();
+                progress.send_modify(|p| p.open += 1);
+                outputs.push(tokio::spawn(async move {
                     let mut buf = vec![0u8; COPY_BUF];
                     loop {
                         match m.read(&mut buf).await {
                             Ok(0) => break,
                             Ok(n) => {
-                                if let Err(e) = sink.writer().write_all(&buf[..n]).await {
+                                if let Err(e) = w.get().write_all(&buf[..n]).await {
                                     debug!("terminal output: {e}");
                                     break;
                                 }
+                                progress.send_modify(|p| p.copied += n as u64);
                             }
                             Err(e) => {
                                 debug!("terminal read: {e}");
@@ -530,7 +651,10 @@ impl PreparedIo {
                             }
                         }
                     }
-                    let _ = sink.writer().flush().await;
+                    let _ = w.get().flush().await;
+                    // Closed before it counts as done: a client then sees EOF.
+                    drop(w);
+                    progress.send_modify(|p| p.open -= 1);
                 }));
             }
             if let Some(stdin) = self.stdin {
@@ -550,12 +674,16 @@ impl PreparedIo {
                     close_rx,
                 )));
             }
-            for (mut r, mut sink) in [self.stdout, self.stderr].into_iter().flatten() {
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = tokio::io::copy(&mut r, sink.writer()).await {
-                        debug!("output copy: {e}");
-                    }
-                    let _ = sink.writer().flush().await;
+            for (mut r, sink) in [self.stdout, self.stderr].into_iter().flatten() {
+                let (mut w, keeper) = sink.take_keeper();
+                keepers.extend(keeper);
+                let progress = progress.clone();
+                progress.send_modify(|p| p.open += 1);
+                outputs.push(tokio::spawn(async move {
+                    copy_counted(&mut r, w.get(), &progress).await;
+                    // Closed before it counts as done: a client then sees EOF.
+                    drop(w);
+                    progress.send_modify(|p| p.open -= 1);
                 }));
             }
         }
@@ -563,6 +691,9 @@ impl PreparedIo {
             close_stdin: Some(close_tx),
             console,
             tasks,
+            outputs,
+            keepers,
+            drain: OutputDrain(drain),
         })
     }
 }
@@ -614,7 +745,13 @@ async fn copy_stdin(mut fifo: Receiver, mut to: StdinTarget, mut close: oneshot:
 pub struct ProcessIo {
     close_stdin: Option<oneshot::Sender<()>>,
     console: Option<Arc<PtyMaster>>,
+    /// The stdin copy.
     tasks: Vec<JoinHandle<()>>,
+    /// The output copies.
+    outputs: Vec<JoinHandle<()>>,
+    /// The read ends of the output FIFOs the shim keeps open until Delete.
+    keepers: Vec<OwnedFd>,
+    drain: OutputDrain,
 }
 
 impl ProcessIo {
@@ -633,15 +770,25 @@ impl ProcessIo {
         }
     }
 
-    /// Waits (up to `limit`) until the copies end, then stops everything.
-    pub async fn finish(mut self, limit: Duration) {
+    /// A watch on the output copies, to wait until the output is out.
+    pub fn drain(&self) -> OutputDrain {
+        self.drain.clone()
+    }
+
+    /// Delete: lets go of the FIFOs' read ends (a copy into a FIFO its client
+    /// closed then fails at once), waits for the output copies as long as they
+    /// make progress (at most `stall` without), then stops everything.
+    pub async fn finish(mut self, stall: Duration) {
         self.close_stdin();
-        let mut tasks = std::mem::take(&mut self.tasks);
-        let all = futures::future::join_all(tasks.iter_mut());
-        if tokio::time::timeout(limit, all).await.is_err() {
-            warn!("process stdio still open after {limit:?}; closing it");
+        self.keepers.clear();
+        let mut drain = self.drain.clone();
+        match drain.wait(stall, OUTPUT_DRAIN_CAP).await {
+            Drained::Done => {}
+            Drained::Stalled | Drained::Capped => {
+                warn!("process output still unread at delete; closing it")
+            }
         }
-        for t in tasks {
+        for t in self.tasks.drain(..).chain(self.outputs.drain(..)) {
             t.abort();
         }
     }
@@ -649,7 +796,7 @@ impl ProcessIo {
 
 impl Drop for ProcessIo {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.outputs) {
             t.abort();
         }
     }
@@ -807,5 +954,83 @@ mod tests {
         client_out.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, b"world");
         pio.finish(Duration::from_secs(1)).await;
+    }
+
+    /// A process's stdout as a FIFO the test reads (as containerd's client),
+    /// and the process's end of the pipe.
+    async fn output_to_fifo(dir: &Path) -> (Receiver, Sender, ProcessIo) {
+        let path = dir.join("out");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let client = pipe::OpenOptions::new().open_receiver(&path).unwrap();
+        let spec = StdioSpec {
+            stdout: path.to_str().unwrap().to_owned(),
+            ..Default::default()
+        };
+        let ctx = IoContext {
+            container_id: "c".into(),
+            namespace: "ns".into(),
+        };
+        let mut io = PreparedIo::prepare(&spec, &ctx, &Reaper::default())
+            .await
+            .unwrap();
+        let child = std::mem::take(&mut io.child);
+        let process = Sender::from_owned_fd(child.stdout.unwrap()).unwrap();
+        (client, process, io.start(None).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_drain_ends_when_every_byte_is_in_the_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, mut process, pio) = output_to_fifo(dir.path()).await;
+        // More than a pipe and a FIFO hold: the copy ends only as the client reads.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let want = data.clone();
+        let writer = tokio::spawn(async move {
+            process.write_all(&data).await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        writer.await.unwrap();
+        let mut drain = pio.drain();
+        assert_eq!(
+            drain
+                .wait(Duration::from_secs(30), Duration::from_secs(60))
+                .await,
+            Drained::Done
+        );
+        // Done means the shim closed its end: the client reads to EOF, every byte.
+        assert_eq!(reader.await.unwrap(), want);
+        pio.finish(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_copy_nobody_reads_stalls_and_delete_does_not_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, mut process, pio) = output_to_fifo(dir.path()).await;
+        let data = vec![b'x'; 300_000];
+        let writer = tokio::spawn(async move {
+            let _ = process.write_all(&data).await;
+        });
+        // Nobody reads: no progress once the FIFO and the pipe are full.
+        let mut drain = pio.drain();
+        assert_eq!(
+            drain
+                .wait(Duration::from_millis(200), Duration::from_secs(60))
+                .await,
+            Drained::Stalled
+        );
+        // The client closes its end (containerd is done with it): Delete lets go
+        // of the shim's read end, the copy fails at once, nothing waits on it.
+        drop(client);
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            pio.finish(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("Delete waited on a FIFO nobody reads");
+        writer.abort();
     }
 }

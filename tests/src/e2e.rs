@@ -69,11 +69,13 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Extra Debian packages for the guest: the libraries of iperf3 and iptables.
 const GUEST_PACKAGES: &str = "libiperf0 libsctp1 libssl3 libxtables12 libip4tc2 libip6tc2";
-/// Extra kernel modules for the nested baseline's NAT and port mappings (libcrc32c, which
-/// conntrack needs, fails to load unless a crc32c implementation is there first).
+/// Extra kernel modules for the nested baseline's NAT and port mappings, IPv4 and IPv6
+/// (libcrc32c, which conntrack needs, fails to load unless a crc32c implementation is
+/// there first).
 const GUEST_MODULES: &str =
     "crc32c_generic ip_tables iptable_nat iptable_filter xt_MASQUERADE xt_nat \
-    xt_comment xt_addrtype xt_multiport xt_mark xt_tcpudp xt_conntrack";
+    xt_comment xt_addrtype xt_multiport xt_mark xt_tcpudp xt_conntrack \
+    ip6_tables ip6table_nat ip6table_filter";
 /// The xtables extensions iptables loads for the bridge and portmap plugins' rules.
 const XTABLES_EXTENSIONS: &[&str] = &[
     "libxt_standard.so",
@@ -577,6 +579,24 @@ impl Node {
         ))
     }
 
+    /// The global IPv6 address of `eth0` in the network namespace of `pid`, and the
+    /// flags `ip` shows for it (`tentative`, `dadfailed` when DAD has not passed).
+    pub fn eth0_ipv6(&self, pid: u32) -> (String, String) {
+        let out = self.in_netns(pid, "/usr/bin/ip -o -6 addr show dev eth0 scope global");
+        let line = out
+            .lines()
+            .next()
+            .unwrap_or_else(|| panic!("no global IPv6 address on eth0 of pid {pid}: {out}"));
+        let addr = line
+            .split_whitespace()
+            .skip_while(|w| *w != "inet6")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("cannot read {line}"))
+            .to_owned();
+        (addr, line.to_owned())
+    }
+
     /// The IPv4 address of `eth0` in the network namespace of `pid`.
     pub fn eth0_ipv4(&self, pid: u32) -> String {
         let out = self.in_netns(pid, "/usr/bin/ip -o -4 addr show dev eth0");
@@ -729,7 +749,14 @@ pub struct Cluster {
     agent: AgentProc,
     nodes: Vec<Node>,
     net: String,
+    ipv6: bool,
     bridge: Bridge,
+}
+
+/// The IPv6 /64 prefix a cluster on IPv4 `<net>.0/24` uses ("10.a.b" -> "fd4e:a:b::").
+pub fn net6_of(net: &str) -> String {
+    let p: Vec<&str> = net.split('.').collect();
+    format!("fd4e:{}:{}::", p[1], p[2])
 }
 
 /// Options of [`Cluster::start`].
@@ -745,6 +772,9 @@ pub struct ClusterOptions {
     pub import_images: bool,
     /// The agent's `warm_pool` for VM `i` (missing entries: none).
     pub warm_pools: Vec<u32>,
+    /// Dual stack: the network also has `subnet6` (see [`Cluster::net6`]), the host's
+    /// bridge the IPv6 gateway address.
+    pub ipv6: bool,
 }
 
 impl Default for ClusterOptions {
@@ -755,6 +785,7 @@ impl Default for ClusterOptions {
             memory_mib: 1024,
             import_images: true,
             warm_pools: Vec::new(),
+            ipv6: false,
         }
     }
 }
@@ -769,6 +800,11 @@ impl Cluster {
         let image = step("guest image (built or found in the cache)", guest_image);
         let net = random_subnet();
         let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        if opts.ipv6 {
+            // The host's own address is the gateway: no DAD for it.
+            let gw6 = format!("{}1/64", net6_of(&net));
+            check(&["ip", "addr", "add", &gw6, "dev", &bridge.name, "nodad"]);
+        }
         let mut nodes = Vec::new();
         step(&format!("start {} VM(s)", opts.vms), || {
             for i in 0..opts.vms {
@@ -802,12 +838,15 @@ impl Cluster {
             }
         });
         let agent = step("start the agent", || {
-            AgentProc::start(|dir| agent_config(dir, &bridge.name, &net, &nodes, &opts.warm_pools))
+            AgentProc::start(|dir| {
+                agent_config(dir, &bridge.name, &net, opts.ipv6, &nodes, &opts.warm_pools)
+            })
         });
         let cluster = Cluster {
             agent,
             nodes,
             net,
+            ipv6: opts.ipv6,
             bridge,
         };
         step("VMs ready (containerd up)", || {
@@ -874,6 +913,12 @@ impl Cluster {
         format!("{}.1", self.net)
     }
 
+    /// The host's IPv6 address on the bridge (the pods' IPv6 gateway), in a dual-stack
+    /// cluster.
+    pub fn gateway6(&self) -> Option<String> {
+        self.ipv6.then(|| format!("{}1", net6_of(&self.net)))
+    }
+
     /// The agent's NIC records (`state.json`).
     pub fn records(&self) -> Vec<NicRecord> {
         records(&self.agent)
@@ -910,7 +955,14 @@ pub fn records(agent: &AgentProc) -> Vec<NicRecord> {
     serde_json::from_value(agent.state()["nics"].clone()).expect("state.json records")
 }
 
-fn agent_config(dir: &Path, bridge: &str, net: &str, nodes: &[Node], warm_pools: &[u32]) -> String {
+fn agent_config(
+    dir: &Path,
+    bridge: &str,
+    net: &str,
+    ipv6: bool,
+    nodes: &[Node],
+    warm_pools: &[u32],
+) -> String {
     let mut s = format!(
         "[agent]\nstate_dir = \"{0}/state\"\nadmin_socket = \"{0}/admin.sock\"\n\
          listen_vsock = false\nvsock_port = {AGENT_PORT}\nunplug_timeout_ms = 20000\n\
@@ -919,6 +971,10 @@ fn agent_config(dir: &Path, bridge: &str, net: &str, nodes: &[Node], warm_pools:
          gateway = \"{net}.1\"\nrange_start = \"{net}.32\"\nrange_end = \"{net}.250\"\n",
         dir.display()
     );
+    if ipv6 {
+        let net6 = net6_of(net);
+        s += &format!("subnet6 = \"{net6}/64\"\ngateway6 = \"{net6}1\"\n");
+    }
     for (i, n) in nodes.iter().enumerate() {
         s += &format!(
             "\n[[vm]]\nname = \"{}\"\nbackend = \"qemu\"\nqmp_socket = \"{}\"\nvsock_uds = \"{}\"\n\
@@ -932,13 +988,12 @@ fn agent_config(dir: &Path, bridge: &str, net: &str, nodes: &[Node], warm_pools:
     s
 }
 
-/// An HTTP/1.0 GET of `/` from the host; returns the whole response.
+/// An HTTP/1.0 GET of `/` from the host (`ip` IPv4 or IPv6); returns the whole response.
 pub fn http_get(ip: &str, port: u16) -> std::io::Result<String> {
-    let addr = format!("{ip}:{port}");
-    let mut s =
-        TcpStream::connect_timeout(&addr.parse().expect("an IP:port"), Duration::from_secs(10))?;
+    let addr = std::net::SocketAddr::new(ip.parse().expect("an IP address"), port);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(20)))?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
     let _ = s.shutdown(Shutdown::Write);
     let mut out = String::new();
     s.read_to_string(&mut out)?;

@@ -207,10 +207,6 @@ async fn hotplug_into_a_real_guest_and_unplug() {
         0,
         "lease kept"
     );
-    assert!(rig
-        .agent
-        .log()
-        .contains(&format!("detached NIC {names_id}")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,11 +302,6 @@ async fn qemu_restart_releases_the_lost_nics() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(host_links(&format!("nlh{}", nic.id)).is_empty(), "tap left");
-    assert!(
-        rig.agent.log().contains("reconnected"),
-        "{}",
-        rig.agent.log()
-    );
     // And the new QEMU serves attaches.
     let n2 = c
         .attach_nic(ctx(), &attach_req("reborn"))
@@ -385,5 +376,40 @@ async fn kill9_of_the_agent_leaks_no_tap_device_or_lease() {
             .collect();
         assert_eq!(taps, ids, "round {round}: taps vs records");
     }
-    assert!(rig.agent.log().matches("recovered:").count() > rounds);
+}
+
+/// Issue 9, item 8, on real QEMU: a NIC whose tap someone deletes carries
+/// nothing any more; the agent notices while it runs, unplugs the device
+/// from the guest and releases the record and lease (the VM's quota).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_deleted_behind_the_agents_back_is_released() {
+    let rig = rig(&[Machine::Q35]);
+    let vm = &rig.guests[0].vm;
+    let c = vm_client(&rig.socket(0)).await;
+    let nic = c
+        .attach_nic(ctx(), &attach_req("victim"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    guest_link_with_mac(vm, &nic.mac, true);
+    nestless_tests::netenv::check(&["ip", "link", "del", &format!("nlh{}", nic.id)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(rig.agent.leases().is_empty() && rig.agent.records().is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "the NIC without its tap was not released:\n{}",
+            rig.agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !pci_device_ids(vm).contains(&format!("nl-{}", nic.id)),
+        "device still plugged"
+    );
+    assert!(
+        !netdevs(vm).contains(&format!("nln-{}", nic.id)),
+        "netdev left"
+    );
+    guest_link_with_mac(vm, &nic.mac, false);
 }

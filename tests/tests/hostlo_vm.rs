@@ -7,8 +7,9 @@
 //! The pod's services are a busybox httpd container bound to 127.0.0.1 and
 //! TCP/UDP echo servers (`nestless-rr`, started in the part's network
 //! namespace as a container's process would be). Shown: localhost TCP and UDP
-//! from one part to the other, the pod IP from inside and from the host, a
-//! port conflict reported and cleared, a part restarted, and the last part
+//! from one part to the other, the pod IP from inside and from the host, the
+//! same over IPv6 (a dual-stack network: [::1] in a part, the pod's IPv6
+//! address from the host), a port conflict reported and cleared, a part restarted, and the last part
 //! leaving removes the segment and every NIC and lease. Needs root, QEMU and
 //! vhost-device-vsock; it fails, never skips, without them.
 
@@ -92,6 +93,7 @@ fn diagnostics(c: &Cluster, parts: &[&Pod], segment: &str) -> String {
 fn one_pod_across_two_vms_talks_over_localhost() {
     let c = Cluster::start(ClusterOptions {
         vms: 2,
+        ipv6: true,
         ..Default::default()
     });
     let (n0, n1) = (c.node(0), c.node(1));
@@ -151,6 +153,23 @@ fn one_pod_across_two_vms_talks_over_localhost() {
         assert!(got.ends_with("served-by-part-1\n"), "{got}");
     });
 
+    step(
+        "IPv6: [::1] from part 0, the pod's IPv6 address from the host",
+        || {
+            let got = until("[::1]:WEB from part 0", (&c, &[&p0, &p1], &segment), || {
+                http_get(n0, &p0, &format!("::1:{WEB_PORT}"))
+            });
+            assert!(got.ends_with("served-by-part-1\n"), "{got}");
+            let (ip6, _) = n0.eth0_ipv6(p0.pid);
+            let got = until(
+                "[podIPv6]:WEB from the host",
+                (&c, &[&p0, &p1], &segment),
+                || nestless_tests::e2e::http_get(&ip6, WEB_PORT).map_err(|e| e.to_string()),
+            );
+            assert!(got.ends_with("served-by-part-1\n"), "{got}");
+        },
+    );
+
     step("localhost TCP and UDP echo: part 1 -> part 0", || {
         start_in_pod(
             n0,
@@ -197,12 +216,10 @@ fn one_pod_across_two_vms_talks_over_localhost() {
                 .is_some_and(|a| a.iter().any(|x| *x == format!("{TCP_PORT}/tcp")))
         });
         assert_eq!(v[0]["conflicts"].as_array().map(Vec::len), Some(1), "{v}");
-        assert!(
-            c.agent()
-                .log()
-                .contains(&format!("{TCP_PORT}/tcp is served by parts [0, 2]")),
-            "{}",
-            c.agent().log()
+        assert_eq!(
+            v[0]["conflicting_parts"][format!("{TCP_PORT}/tcp")],
+            serde_json::json!([0, 2]),
+            "{v}"
         );
         // While it lasts, no part relays the port.
         until(

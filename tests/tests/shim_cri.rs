@@ -24,6 +24,7 @@ use nestless_tests::{
     agent::AgentProc,
     containerd::{Containerd, Options, CRI_HANDLER},
     cri::{run_busybox, try_cri, use_nestless_cni, K8S_NS},
+    e2e::{eventually, http_get},
     netenv::{random_subnet, require_root, run, Bridge},
 };
 use serde_json::Value;
@@ -277,6 +278,63 @@ fn cri_hands_the_hostlo_annotations_to_the_shim() {
     assert!(out.contains("169.254.77.1/24"), "{out}");
     r.cri(&["stopp", &pod]);
     assert_eq!(hostlo(), serde_json::json!([]));
+    assert_eq!(r.leases(), Vec::<Value>::new());
+    r.cri(&["rmp", &pod]);
+}
+
+/// A pod's `hostPort` works: the shipped conflist chains `portmap` after
+/// nestless-cni (whose result is portmap's prevResult), so a connection to the
+/// VM's address on the host port reaches the pod; StopPodSandbox removes the
+/// mapping.
+#[test]
+fn cri_host_port_reaches_the_pod() {
+    let r = Rig::start();
+    let gw = format!("{}.1", r.net);
+    let host_port = 20000 + rand::random::<u16>() % 10000;
+    let runp = r.cri(&[
+        "runp",
+        "--name",
+        "mapped",
+        "--handler",
+        CRI_HANDLER,
+        "--port",
+        &format!("80:{host_port}"),
+    ]);
+    let pod = runp["id"].as_str().expect("an id").to_owned();
+    run_busybox(
+        &r.c,
+        &pod,
+        "web",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-through-hostport > /www/index.html && \
+             exec httpd -f -p 80 -h /www",
+        ],
+    );
+    // The VM's own address (here: the bridge's) on the host port.
+    let page = eventually(
+        &format!("GET http://{gw}:{host_port}/"),
+        Duration::from_secs(30),
+        || http_get(&gw, host_port).map_err(|e| e.to_string()),
+    );
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.ends_with("hello-through-hostport\n"), "{page}");
+    let ip = r.cri(&["inspectp", &pod])["ip"]
+        .as_str()
+        .expect("a pod IP")
+        .to_owned();
+    let nat = String::from_utf8_lossy(&run(&["iptables", "-t", "nat", "-S"]).stdout).into_owned();
+    assert!(
+        nat.contains(&format!("--dport {host_port}")) && nat.contains(&ip),
+        "no DNAT rule for {host_port} -> {ip}:\n{nat}"
+    );
+    r.cri(&["stopp", &pod]);
+    let nat = String::from_utf8_lossy(&run(&["iptables", "-t", "nat", "-S"]).stdout).into_owned();
+    assert!(
+        !nat.contains(&format!("--dport {host_port}")),
+        "the mapping outlived the pod:\n{nat}"
+    );
     assert_eq!(r.leases(), Vec::<Value>::new());
     r.cri(&["rmp", &pod]);
 }

@@ -340,6 +340,68 @@ fn log_uris() {
     assert_clean(&c, &ns);
 }
 
+/// What `seq 1 n` prints.
+fn seq(n: u32) -> String {
+    (1..=n).map(|i| format!("{i}\n")).collect()
+}
+
+/// How much of `want` arrived, and where `got` first differs from it.
+fn first_difference(got: &str, want: &str) -> String {
+    let at = got
+        .bytes()
+        .zip(want.bytes())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    format!(
+        "{} of {} bytes, first difference at byte {at}",
+        got.len(),
+        want.len()
+    )
+}
+
+#[test]
+fn output_is_complete_when_a_container_exits() {
+    // A container that prints 20,000 lines and exits: its output arrives whole,
+    // every byte, run after run, through ctr's FIFOs and into a file:// log;
+    // four at a time, so that the shims, ctr and containerd compete for the CPU.
+    let (c, ns) = setup();
+    let want = seq(20_000);
+    let lost = std::sync::Mutex::new(Vec::new());
+    let logs = c.dir().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    thread::scope(|s| {
+        for t in 0..4 {
+            let (c, ns, want, lost, logs) = (&c, &ns, &want, &lost, &logs);
+            s.spawn(move || {
+                for round in 0..6 {
+                    let id = format!("loud{t}-{round}");
+                    let args = run_args(c, &["--rm"], &id, &["seq", "1", "20000"]);
+                    let r = c.ctr(ns, &strs(&args));
+                    assert_eq!(r.code, 0, "{r:?}");
+                    if r.stdout != *want {
+                        let d = first_difference(&r.stdout, want);
+                        lost.lock().unwrap().push(format!("{id} (FIFO): {d}"));
+                    }
+                    let file = logs.join(format!("{id}.log"));
+                    let uri = format!("file://{}", file.display());
+                    let id = format!("logged{t}-{round}");
+                    let args =
+                        run_args(c, &["--rm", "--log-uri", &uri], &id, &["seq", "1", "20000"]);
+                    c.ctr_ok(ns, &strs(&args));
+                    let logged = std::fs::read_to_string(&file).unwrap_or_default();
+                    if logged != *want {
+                        let d = first_difference(&logged, want);
+                        lost.lock().unwrap().push(format!("{id} (file): {d}"));
+                    }
+                }
+            });
+        }
+    });
+    let lost = lost.into_inner().unwrap();
+    assert!(lost.is_empty(), "output lost at exit:\n{}", lost.join("\n"));
+    assert_clean(&c, &ns);
+}
+
 fn set_executable(p: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();

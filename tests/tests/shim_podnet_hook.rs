@@ -26,7 +26,7 @@ use nestless_shim::{
     agent_client::ClientError,
     config::ShimConfig,
     events::RecordedEvents,
-    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
+    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork, SandboxRef},
     reaper::Reaper,
     task::{NetworkFactory, TaskService},
 };
@@ -37,7 +37,7 @@ use nestless_tests::containerd::{random_name, require_tool};
 struct FakeState {
     fail_setup: bool,
     fail_teardown: bool,
-    /// (sandbox id, netns, whether the netns existed and differed from ours at setup)
+    /// (scope/sandbox id, netns, whether the netns existed and differed from ours at setup)
     setups: Vec<(String, PathBuf, bool)>,
     teardowns: Vec<String>,
 }
@@ -57,7 +57,7 @@ impl PodNetwork for FakeNet {
         let fresh = own.is_some() && own != ours;
         let mut s = self.0.lock().unwrap();
         s.setups
-            .push((req.sandbox_id.clone(), req.netns.clone(), fresh));
+            .push((req.sandbox.to_string(), req.netns.clone(), fresh));
         if s.fail_setup {
             return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
@@ -71,9 +71,9 @@ impl PodNetwork for FakeNet {
         })
     }
 
-    async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError> {
+    async fn teardown(&self, sandbox: &SandboxRef) -> Result<(), PodNetError> {
         let mut s = self.0.lock().unwrap();
-        s.teardowns.push(sandbox_id.to_owned());
+        s.teardowns.push(sandbox.to_string());
         if s.fail_teardown {
             return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
@@ -216,7 +216,8 @@ fn pod_network_hook() {
             let s = net.0.lock().unwrap();
             assert_eq!(s.setups.len(), 1);
             let (sandbox, netns, fresh) = &s.setups[0];
-            assert_eq!(sandbox, "owner");
+            // Outside CRI, the container id in its containerd namespace.
+            assert_eq!(sandbox, &format!("{ns}/owner"));
             assert_eq!(netns, &PathBuf::from(format!("/proc/{}/ns/net", created.pid)));
             assert!(fresh, "setup ran before the container's own netns existed");
         }
@@ -226,7 +227,7 @@ fn pod_network_hook() {
         let w = svc.wait(&ctx(), WaitRequest { id: "owner".into(), ..Default::default() }).await.unwrap();
         assert_eq!(w.exit_status, 137);
         svc.delete(&ctx(), DeleteRequest { id: "owner".into(), ..Default::default() }).await.unwrap();
-        assert_eq!(net.0.lock().unwrap().teardowns, vec!["owner"]);
+        assert_eq!(net.0.lock().unwrap().teardowns, vec![format!("{ns}/owner")]);
         assert!(runc_containers(&ns_root).is_empty());
         assert_eq!(
             events.topics(),
@@ -234,14 +235,15 @@ fn pod_network_hook() {
         );
 
         // 2. setup fails: Start fails clearly, the task is Stopped (killed, never run), and
-        //    Delete leaves nothing.
+        //    Delete leaves nothing (a failed setup gives back what it made itself: no
+        //    teardown).
         net.0.lock().unwrap().fail_setup = true;
         let b = bundle(dir.path(), "failing", &["sleep", "1000"], &[]);
         svc.create(&ctx(), create_req("failing", &b, &config)).await.unwrap();
         let e = svc.start(&ctx(), StartRequest { id: "failing".into(), ..Default::default() }).await.unwrap_err();
         let msg = format!("{e:?}");
         assert!(msg.contains("UNAVAILABLE") && msg.contains("failing") && msg.contains("injected failure"), "{msg}");
-        assert_eq!(net.0.lock().unwrap().teardowns, vec!["owner", "failing"]);
+        assert_eq!(net.0.lock().unwrap().teardowns, vec![format!("{ns}/owner")]);
         let st = svc.state(&ctx(), StateRequest { id: "failing".into(), ..Default::default() }).await.unwrap();
         assert_eq!(st.status(), containerd_shim_protos::types::task::Status::STOPPED);
         assert_eq!(st.exit_status, 137);
@@ -265,11 +267,12 @@ fn pod_network_hook() {
         let w = svc.wait(&ctx(), WaitRequest { id: "stubborn".into(), ..Default::default() }).await.unwrap();
         assert_eq!(w.exit_status, 0);
         svc.delete(&ctx(), DeleteRequest { id: "stubborn".into(), ..Default::default() }).await.unwrap();
-        assert_eq!(net.0.lock().unwrap().teardowns.last().unwrap(), "stubborn");
+        assert_eq!(net.0.lock().unwrap().teardowns.last().unwrap(), &format!("{ns}/stubborn"));
         assert!(runc_containers(&ns_root).is_empty());
         net.0.lock().unwrap().fail_teardown = false;
 
-        // 4. An app container of a CRI pod gets no network; a CRI sandbox does, under its sandbox id.
+        // 4. An app container of a CRI pod gets no network; a CRI sandbox does, under its
+        //    sandbox id in the empty scope (where CNI attached it).
         let setups_before = net.0.lock().unwrap().setups.len();
         let b = bundle(
             dir.path(),

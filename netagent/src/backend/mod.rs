@@ -8,18 +8,19 @@
 //!   virtio-net-pci device over QMP.
 //! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
 //!   guest end of a veth pair whose host end is on the bridge.
+//! * [`fake`] (tests and the `testing` feature): `FakeQemu`, a simulated QEMU
+//!   behind the QMP seam.
 
+#[cfg(any(test, feature = "testing"))]
+pub mod fake;
 pub mod netns;
 pub mod qemu;
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
-use crate::{
-    lifecycle::Presence,
-    links::LinkError,
-    qmp::QmpError,
-    types::{MacAddr, NicId},
-};
+use nestless_model::MacAddr;
+
+use crate::{lifecycle::Presence, links::LinkError, names::NicId, qmp::QmpError};
 
 /// What a backend needs to plug one NIC.
 #[derive(Debug, Clone)]
@@ -54,16 +55,6 @@ pub enum BackendError {
         vm: String,
         /// The QMP failure.
         source: QmpError,
-    },
-    /// QEMU answered something this agent does not understand.
-    #[error("VM {vm}: unexpected reply to QMP {command}: {detail}")]
-    BadReply {
-        /// The VM.
-        vm: String,
-        /// The command.
-        command: &'static str,
-        /// What was wrong.
-        detail: String,
     },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]
@@ -106,6 +97,46 @@ impl BackendError {
     }
 }
 
+/// What a VM reports by itself, without being asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The guest restarted (QEMU's `RESET`): its pods are gone, and with
+    /// them every use of the NICs given to sandboxes.
+    GuestRestarted,
+    /// Something about the VM's NICs may have changed (a device the guest
+    /// dropped, a lost connection): check them.
+    Changed,
+}
+
+/// A VM's own reports ([`VmBackend::events`]).
+pub struct BackendEvents(Option<tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>>);
+
+impl BackendEvents {
+    /// A backend that reports nothing: [`BackendEvents::next`] never returns.
+    pub fn none() -> BackendEvents {
+        BackendEvents(None)
+    }
+
+    /// The next report.
+    pub async fn next(&mut self) -> BackendEvent {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let Some(rx) = self.0.as_mut() else {
+                return std::future::pending().await;
+            };
+            match rx.recv().await {
+                Ok(ev) => {
+                    if let Some(e) = qemu::event(&ev) {
+                        return e;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                Err(RecvError::Closed) => self.0 = None,
+            }
+        }
+    }
+}
+
 /// One VM's way of getting NICs.
 #[async_trait::async_trait]
 pub trait VmBackend: Send + Sync {
@@ -122,7 +153,12 @@ pub trait VmBackend: Send + Sync {
     /// Ids of the agent's objects the VM holds that are not in `known`
     /// (left by a crash between steps); the host's links are swept by the agent.
     async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError>;
-    /// Checks that the VM can be reached; returns its connection generation,
-    /// which changes when the VM (QEMU) was restarted.
+    /// Checks that the VM can be reached; returns its generation, which
+    /// changes when the VM was restarted (a new QEMU connection, a new
+    /// namespace at the VM's path).
     async fn probe(&self) -> Result<u64, BackendError>;
+    /// What the VM reports by itself from now on.
+    fn events(&self) -> BackendEvents {
+        BackendEvents::none()
+    }
 }

@@ -15,7 +15,11 @@
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
 use super::{BackendError, NicPlan, Plugged, VmBackend};
-use crate::{lifecycle::Presence, links::HostLinks, types::NicId};
+use crate::{
+    lifecycle::Presence,
+    links::HostLinks,
+    names::{NicId, HOST_IF_PREFIX},
+};
 
 /// NICs as veth pairs into a network namespace.
 pub struct NetnsBackend {
@@ -98,19 +102,23 @@ impl VmBackend for NetnsBackend {
     }
 
     async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
-        let mut out = HashMap::new();
-        for id in ids {
-            let p = match self.links.exists(&id.names().host_if).await {
-                Ok(true) => Presence::Present,
-                Ok(false) => Presence::Gone,
-                Err(e) => {
-                    log::warn!("VM {}: cannot check NIC {id}: {e}", self.vm);
-                    Presence::Unknown
-                }
-            };
-            out.insert(id.clone(), p);
-        }
-        out
+        let host_ends = match self.links.names(HOST_IF_PREFIX).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                log::warn!("VM {}: cannot list the NICs' host ends: {e}", self.vm);
+                None
+            }
+        };
+        ids.iter()
+            .map(|id| {
+                let p = match &host_ends {
+                    Some(n) if n.contains(&id.names().host_if) => Presence::Present,
+                    Some(_) => Presence::Gone,
+                    None => Presence::Unknown,
+                };
+                (id.clone(), p)
+            })
+            .collect()
     }
 
     async fn orphans(&self, _known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
@@ -118,9 +126,17 @@ impl VmBackend for NetnsBackend {
         Ok(Vec::new())
     }
 
+    /// The generation is the namespace's inode: a namespace deleted and
+    /// made again at the same path (the "VM" restarted) has a new one.
     async fn probe(&self) -> Result<u64, BackendError> {
-        self.check_netns()?;
-        Ok(0)
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.netns)
+            .map(|m| m.ino())
+            .map_err(|source| BackendError::Netns {
+                vm: self.vm.clone(),
+                path: self.netns.clone(),
+                source,
+            })
     }
 }
 
@@ -157,6 +173,23 @@ mod tests {
             b.presence(std::slice::from_ref(&id)).await[&id],
             Presence::Gone
         );
+    }
+
+    /// The generation is the namespace's identity: a namespace made again
+    /// at the VM's path (a reboot) is a new generation.
+    #[tokio::test]
+    async fn a_namespace_made_again_is_a_new_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmns");
+        std::fs::write(&path, "").unwrap();
+        let b = NetnsBackend::new("vm", path.clone(), Arc::new(FakeLinks::default()));
+        let first = b.probe().await.unwrap();
+        assert_eq!(b.probe().await.unwrap(), first, "stable");
+        let keep = dir.path().join("old");
+        std::fs::rename(&path, &keep).unwrap();
+        assert!(b.probe().await.unwrap_err().is_unavailable());
+        std::fs::write(&path, "").unwrap();
+        assert_ne!(b.probe().await.unwrap(), first);
     }
 
     #[tokio::test]

@@ -29,23 +29,29 @@ use std::{
     time::Duration,
 };
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::{BackendError, NicPlan, Plugged, VmBackend};
+use super::{BackendError, BackendEvent, BackendEvents, NicPlan, Plugged, VmBackend};
 use crate::{
     lifecycle::Presence,
     links::HostLinks,
-    qmp::{Qmp, QmpError, DISCONNECTED_EVENT},
-    types::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
+    names::{NicId, NicNames, HOST_IF_PREFIX, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
+    qmp::{
+        commands::{
+            self, CloseFd, Command, DeviceAddVirtioNet, DeviceDel, GetFd, HumanMonitorCommand,
+            NetdevAddTap, NetdevDel, QomList, QueryPci,
+        },
+        Qmp, QmpError, QmpEvent, DISCONNECTED_EVENT,
+    },
 };
 
-const VENDOR_REDHAT: u64 = 0x1b36;
-const VENDOR_INTEL: u64 = 0x8086;
-const DEV_PCIE_ROOT_PORT: u64 = 0x000c;
+pub(crate) const VENDOR_REDHAT: u64 = 0x1b36;
+pub(crate) const VENDOR_INTEL: u64 = 0x8086;
+pub(crate) const DEV_PCIE_ROOT_PORT: u64 = 0x000c;
 const DEV_PCI_BRIDGE: u64 = 0x0001;
 const DEV_IOH3420: u64 = 0x3420;
-const DEV_Q35_HOST: u64 = 0x29c0;
-const CLASS_PCI_BRIDGE: u64 = 0x0604;
+pub(crate) const DEV_Q35_HOST: u64 = 0x29c0;
+pub(crate) const CLASS_PCI_BRIDGE: u64 = 0x0604;
 
 /// A bus a NIC can be hot-plugged on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,16 +203,15 @@ impl QemuBackend {
         }
     }
 
-    async fn run(&self, command: &str, args: Value) -> Result<Value, BackendError> {
-        self.qmp
-            .execute(command, args)
+    async fn run<C: Command>(&self, cmd: &C) -> Result<C::Reply, BackendError> {
+        commands::run(self.qmp.as_ref(), cmd)
             .await
             .map_err(|e| self.qmp_err(e))
     }
 
     /// Runs a removal command; "not found" counts as done.
-    async fn remove(&self, command: &str, args: Value) -> Result<(), BackendError> {
-        match self.qmp.execute(command, args).await {
+    async fn remove<C: Command>(&self, cmd: &C) -> Result<(), BackendError> {
+        match commands::run(self.qmp.as_ref(), cmd).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(self.qmp_err(e)),
@@ -215,30 +220,25 @@ impl QemuBackend {
 
     /// Ids of the user-created devices (`/machine/peripheral`).
     async fn devices(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self
-            .run("qom-list", json!({ "path": "/machine/peripheral" }))
+        let list = self
+            .run(&QomList {
+                path: "/machine/peripheral",
+            })
             .await?;
-        let list = v.as_array().ok_or_else(|| BackendError::BadReply {
-            vm: self.vm.clone(),
-            command: "qom-list",
-            detail: format!("expected a list, got {v}"),
-        })?;
         Ok(list
-            .iter()
-            .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .into_iter()
+            .filter(|p| p.kind.starts_with("child<") && !p.name.is_empty())
+            .map(|p| p.name)
             .collect())
     }
 
     /// Ids of the netdevs (QMP has no query for them in QEMU 7.2: read HMP).
     async fn netdevs(&self) -> Result<HashSet<String>, BackendError> {
-        let v = self
-            .run(
-                "human-monitor-command",
-                json!({ "command-line": "info network" }),
-            )
+        let text = self
+            .run(&HumanMonitorCommand {
+                command_line: "info network",
+            })
             .await?;
-        let text = v.as_str().unwrap_or("");
         Ok(text
             .split(|c: char| c.is_whitespace() || c == '\\')
             .filter_map(|w| w.strip_suffix(':'))
@@ -247,7 +247,7 @@ impl QemuBackend {
     }
 
     async fn choose(&self) -> Result<String, BackendError> {
-        let pci = self.run("query-pci", Value::Null).await?;
+        let pci = self.run(&QueryPci).await?;
         choose_slot(&hotplug_buses(&pci), &self.slots).map_err(|detail| BackendError::NoFreeSlot {
             vm: self.vm.clone(),
             detail,
@@ -264,29 +264,24 @@ impl QemuBackend {
         self.links
             .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
             .await?;
-        self.qmp
-            .execute_with_fd("getfd", json!({ "fdname": names.fd_name }), tap.as_fd())
+        let getfd = GetFd {
+            fdname: &names.fd_name,
+        };
+        commands::run_with_fd(self.qmp.as_ref(), &getfd, tap.as_fd())
             .await
             .map_err(|e| self.qmp_err(e))?;
         // QEMU holds its own copy now; ours must not keep the tap alive.
         drop(tap);
-        self.run(
-            "netdev_add",
-            json!({ "type": "tap", "id": names.netdev, "fd": names.fd_name, "vhost": false }),
-        )
+        self.run(&NetdevAddTap::new(&names.netdev, &names.fd_name))
+            .await?;
+        self.run(&DeviceAddVirtioNet::new(
+            &names.device,
+            &names.netdev,
+            nic.mac,
+            slot,
+            nic.mtu,
+        ))
         .await?;
-        let mut dev = json!({
-            "driver": "virtio-net-pci",
-            "id": names.device,
-            "netdev": names.netdev,
-            "mac": nic.mac.to_string(),
-            "bus": slot,
-            "romfile": "",
-        });
-        if nic.mtu != 1500 {
-            dev["host_mtu"] = json!(nic.mtu);
-        }
-        self.run("device_add", dev).await?;
         Ok(())
     }
 
@@ -346,11 +341,8 @@ impl VmBackend for QemuBackend {
         let names = id.names();
         if self.devices().await?.contains(&names.device) {
             let mut events = self.qmp.subscribe();
-            match self
-                .qmp
-                .execute("device_del", json!({ "id": names.device }))
-                .await
-            {
+            let del = DeviceDel { id: &names.device };
+            match commands::run(self.qmp.as_ref(), &del).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_found() => {}
                 // A second device_del while the first is pending is refused: keep waiting.
@@ -368,28 +360,41 @@ impl VmBackend for QemuBackend {
                 });
             }
         }
-        self.remove("netdev_del", json!({ "id": names.netdev }))
-            .await?;
-        self.remove("closefd", json!({ "fdname": names.fd_name }))
-            .await?;
+        self.remove(&NetdevDel { id: &names.netdev }).await?;
+        self.remove(&CloseFd {
+            fdname: &names.fd_name,
+        })
+        .await?;
         self.links.delete(&names.host_if).await?;
         Ok(())
     }
 
+    /// A NIC is present when QEMU has its device and the host has its tap:
+    /// a device whose tap someone deleted carries nothing any more.
     async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        let unknown = || {
+            ids.iter()
+                .map(|id| (id.clone(), Presence::Unknown))
+                .collect()
+        };
         let devices = match self.devices().await {
             Ok(d) => d,
             Err(e) => {
                 log::warn!("VM {}: cannot list devices: {e}", self.vm);
-                return ids
-                    .iter()
-                    .map(|id| (id.clone(), Presence::Unknown))
-                    .collect();
+                return unknown();
+            }
+        };
+        let taps = match self.links.names(HOST_IF_PREFIX).await {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("VM {}: cannot list taps: {e}", self.vm);
+                return unknown();
             }
         };
         ids.iter()
             .map(|id| {
-                let p = if devices.contains(&id.names().device) {
+                let names = id.names();
+                let p = if devices.contains(&names.device) && taps.contains(&names.host_if) {
                     Presence::Present
                 } else {
                     Presence::Gone
@@ -422,233 +427,37 @@ impl VmBackend for QemuBackend {
     async fn probe(&self) -> Result<u64, BackendError> {
         self.qmp.connect().await.map_err(|e| self.qmp_err(e))
     }
+
+    fn events(&self) -> BackendEvents {
+        BackendEvents(Some(self.qmp.subscribe()))
+    }
 }
 
-#[cfg(test)]
-pub mod fake {
-    //! A simulated QEMU behind the [`Qmp`] seam: buses, devices, netdevs and
-    //! named fds, with DEVICE_DELETED events and injectable failures.
-    use super::*;
-    use crate::qmp::QmpEvent;
-    use std::{os::fd::BorrowedFd, sync::Mutex};
-    use tokio::sync::broadcast;
-
-    /// The simulated machine.
-    pub struct FakeQemu {
-        /// Root ports `rp1..rpN`.
-        pub ports: u32,
-        /// device id -> (driver, bus).
-        pub devices: Mutex<HashMap<String, (String, String)>>,
-        /// netdev ids.
-        pub netdevs: Mutex<HashSet<String>>,
-        /// named fds.
-        pub fds: Mutex<HashSet<String>>,
-        /// Commands run.
-        pub log: Mutex<Vec<String>>,
-        /// A command that fails once.
-        pub fail: Mutex<Option<&'static str>>,
-        /// Whether the guest answers device_del.
-        pub guest_releases: Mutex<bool>,
-        /// QMP down.
-        pub down: Mutex<bool>,
-        events: broadcast::Sender<QmpEvent>,
-    }
-
-    impl FakeQemu {
-        /// A q35 machine with `ports` root ports.
-        pub fn new(ports: u32) -> FakeQemu {
-            FakeQemu {
-                ports,
-                devices: Mutex::default(),
-                netdevs: Mutex::default(),
-                fds: Mutex::default(),
-                log: Mutex::default(),
-                fail: Mutex::default(),
-                guest_releases: Mutex::new(true),
-                down: Mutex::new(false),
-                events: broadcast::channel(64).0,
-            }
+/// What a QMP event tells the agent: `RESET` (a guest reboot, or
+/// `system_reset`) that the guest restarted; the deletion of one of the
+/// agent's devices (the guest may eject one itself) or a lost connection
+/// that the NICs may have changed. `None` for the rest.
+pub(crate) fn event(ev: &QmpEvent) -> Option<BackendEvent> {
+    match ev.name.as_str() {
+        "RESET" => Some(BackendEvent::GuestRestarted),
+        "DEVICE_DELETED"
+            if ev.data["device"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(QEMU_DEVICE_PREFIX)) =>
+        {
+            Some(BackendEvent::Changed)
         }
-
-        fn err(cmd: &str, desc: &str) -> QmpError {
-            QmpError::Command {
-                command: cmd.into(),
-                class: "GenericError".into(),
-                desc: desc.into(),
-            }
-        }
-
-        pub(crate) fn query_pci(&self) -> Value {
-            let devices = self.devices.lock().unwrap();
-            let mut root = vec![
-                json!({"slot": 0, "id": {"vendor": VENDOR_INTEL, "device": DEV_Q35_HOST}, "class_info": {"class": 0x0600}}),
-            ];
-            for i in 1..=self.ports {
-                let id = format!("rp{i}");
-                let children: Vec<Value> = devices
-                    .values()
-                    .filter(|(_, bus)| *bus == id)
-                    .map(|_| json!({"slot": 0, "id": {"vendor": 0x1af4, "device": 0x1000}}))
-                    .collect();
-                root.push(json!({
-                    "slot": 2 + i, "qdev_id": id,
-                    "id": {"vendor": VENDOR_REDHAT, "device": DEV_PCIE_ROOT_PORT},
-                    "class_info": {"class": CLASS_PCI_BRIDGE},
-                    "pci_bridge": {"devices": children}
-                }));
-            }
-            json!([{ "bus": 0, "devices": root }])
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Qmp for FakeQemu {
-        async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
-            if *self.down.lock().unwrap() {
-                return Err(QmpError::Connect {
-                    path: "/fake".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
-                });
-            }
-            self.log.lock().unwrap().push(cmd.to_string());
-            if *self.fail.lock().unwrap() == Some(cmd_static(cmd)) {
-                *self.fail.lock().unwrap() = None;
-                return Err(Self::err(cmd, "injected failure"));
-            }
-            let s = |k: &str| args[k].as_str().unwrap_or("").to_string();
-            match cmd {
-                "query-pci" => Ok(self.query_pci()),
-                "qom-list" => Ok(Value::Array(
-                    self.devices
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .map(|(id, (drv, _))| json!({"name": id, "type": format!("child<{drv}>")}))
-                        .collect(),
-                )),
-                "human-monitor-command" => {
-                    let nd = self.netdevs.lock().unwrap();
-                    Ok(json!(nd
-                        .iter()
-                        .map(|n| format!("{n}: index=0,type=tap\r\n"))
-                        .collect::<String>()))
-                }
-                "netdev_add" => {
-                    if !self.fds.lock().unwrap().remove(&s("fd")) {
-                        return Err(Self::err(cmd, "No file descriptor named x found"));
-                    }
-                    self.netdevs.lock().unwrap().insert(s("id"));
-                    Ok(json!({}))
-                }
-                "device_add" => {
-                    let bus = s("bus");
-                    if self
-                        .devices
-                        .lock()
-                        .unwrap()
-                        .values()
-                        .any(|(_, b)| *b == bus)
-                    {
-                        return Err(Self::err(cmd, "Bus has no free slot"));
-                    }
-                    if !self.netdevs.lock().unwrap().contains(&s("netdev")) {
-                        return Err(Self::err(cmd, "netdev not found"));
-                    }
-                    self.devices
-                        .lock()
-                        .unwrap()
-                        .insert(s("id"), (s("driver"), bus));
-                    Ok(json!({}))
-                }
-                "device_del" => {
-                    let id = s("id");
-                    if !self.devices.lock().unwrap().contains_key(&id) {
-                        return Err(Self::err(cmd, &format!("Device '{id}' not found")));
-                    }
-                    if *self.guest_releases.lock().unwrap() {
-                        self.devices.lock().unwrap().remove(&id);
-                        let _ = self.events.send(QmpEvent {
-                            name: "DEVICE_DELETED".into(),
-                            data: json!({"device": id}),
-                        });
-                    }
-                    Ok(json!({}))
-                }
-                "netdev_del" => {
-                    if self.netdevs.lock().unwrap().remove(&s("id")) {
-                        Ok(json!({}))
-                    } else {
-                        Err(Self::err(cmd, "Device 'x' not found"))
-                    }
-                }
-                "closefd" => {
-                    if self.fds.lock().unwrap().remove(&s("fdname")) {
-                        Ok(json!({}))
-                    } else {
-                        Err(Self::err(cmd, "File descriptor named 'x' not found"))
-                    }
-                }
-                other => Err(QmpError::Command {
-                    command: other.into(),
-                    class: "CommandNotFound".into(),
-                    desc: "unknown".into(),
-                }),
-            }
-        }
-
-        async fn execute_with_fd(
-            &self,
-            cmd: &str,
-            args: Value,
-            _fd: BorrowedFd<'_>,
-        ) -> Result<Value, QmpError> {
-            self.log.lock().unwrap().push(cmd.to_string());
-            if *self.fail.lock().unwrap() == Some(cmd_static(cmd)) {
-                *self.fail.lock().unwrap() = None;
-                return Err(Self::err(cmd, "injected failure"));
-            }
-            self.fds
-                .lock()
-                .unwrap()
-                .insert(args["fdname"].as_str().unwrap().to_string());
-            Ok(json!({}))
-        }
-
-        fn subscribe(&self) -> broadcast::Receiver<QmpEvent> {
-            self.events.subscribe()
-        }
-
-        async fn connect(&self) -> Result<u64, QmpError> {
-            if *self.down.lock().unwrap() {
-                return Err(QmpError::Connect {
-                    path: "/fake".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ECONNREFUSED),
-                });
-            }
-            Ok(1)
-        }
-
-        fn generation(&self) -> u64 {
-            1
-        }
-    }
-
-    fn cmd_static(cmd: &str) -> &'static str {
-        match cmd {
-            "getfd" => "getfd",
-            "netdev_add" => "netdev_add",
-            "device_add" => "device_add",
-            "device_del" => "device_del",
-            "query-pci" => "query-pci",
-            _ => "",
-        }
+        DISCONNECTED_EVENT => Some(BackendEvent::Changed),
+        _ => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{fake::FakeQemu, *};
+    use super::*;
+    use crate::backend::fake::FakeQemu;
     use crate::links::fake::FakeLinks;
+    use serde_json::json;
 
     fn plan(id: &str) -> NicPlan {
         NicPlan {

@@ -9,12 +9,19 @@
 //!
 //! | command | what it does ([`commands`]) |
 //! |---|---|
-//! | ADD | AttachNic(CNI_CONTAINERID), plug into CNI_NETNS as CNI_IFNAME, print the result |
-//! | DEL | DetachNic(CNI_CONTAINERID); a NIC or netns already gone is success |
-//! | CHECK | the NIC is leased and configured in the netns |
+//! | ADD | AttachNic(CNI_CONTAINERID, CNI_IFNAME), plug into CNI_NETNS as CNI_IFNAME, print the result |
+//! | DEL | DetachNic(CNI_CONTAINERID, CNI_IFNAME); a NIC or netns already gone is success |
+//! | CHECK | the CNI_IFNAME NIC is leased, configured in the netns, its addresses usable |
 //! | STATUS | the agent answers Health |
-//! | GC | detaches the VM's NICs whose sandbox is not in `cni.dev/valid-attachments` |
+//! | GC | detaches this network's attachments that `cni.dev/valid-attachments` does not list |
 //! | VERSION | the versions above |
+//!
+//! An attachment is (CNI_CONTAINERID, CNI_IFNAME), as the spec has it: a pod
+//! on two networks (Multus, nerdctl with two `--network`s) gets two NICs, and
+//! DEL or CHECK of one never touches the other. Every NIC that ADD attaches
+//! carries the label [`NETWORK_LABEL`] = the network's `name`: GC releases only
+//! NICs with its own network's label, never those of another network using
+//! this plugin, nor those the shim attached outside CNI (`ctr run`).
 //!
 //! ```text
 //! containerd (CRI) ── env CNI_* + netconf on stdin ──▶ main ─▶ run: one function per verb
@@ -47,6 +54,9 @@ pub mod commands;
 
 /// CNI spec versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The label every NIC attached by ADD carries: the CNI network's `name`.
+pub const NETWORK_LABEL: &str = "io.nestless.cni/network";
 
 /// The version of the error document when the configuration names none.
 const DEFAULT_VERSION: &str = "1.1.0";
@@ -150,9 +160,21 @@ impl From<PodNetError> for CniError {
     fn from(e: PodNetError) -> CniError {
         match e {
             PodNetError::Client(e) => e.into(),
-            other => CniError::new(CniCode::Internal, other.to_string()),
+            other => CniError::new(CniCode::Internal, chain(&other)),
         }
     }
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// The CNI environment of one invocation.
@@ -197,8 +219,8 @@ impl CniEnv {
         Ok(())
     }
 
-    fn labels(&self) -> HashMap<String, String> {
-        let mut l = HashMap::new();
+    fn labels(&self, network: &str) -> HashMap<String, String> {
+        let mut l = HashMap::from([(NETWORK_LABEL.to_owned(), network.to_owned())]);
         for (arg, label) in [
             ("K8S_POD_NAMESPACE", "io.kubernetes.pod.namespace"),
             ("K8S_POD_NAME", "io.kubernetes.pod.name"),
@@ -249,6 +271,13 @@ impl NetConf {
                 ),
             ));
         }
+        let name = s("name").ok_or_else(|| {
+            CniError::new(
+                CniCode::InvalidNetworkConfig,
+                "network configuration has no name",
+            )
+        })?;
+        check_network_name(&name)?;
         for key in ["shimConfig", "agent"] {
             if let Some(v) = raw.get(key) {
                 if !v.is_string() {
@@ -261,7 +290,7 @@ impl NetConf {
         }
         Ok(NetConf {
             version,
-            name: s("name").unwrap_or_default(),
+            name,
             shim_config: s("shimConfig").map(PathBuf::from),
             agent: s("agent"),
             raw,
@@ -280,17 +309,66 @@ impl NetConf {
         Ok(cfg)
     }
 
-    /// The sandboxes `cni.dev/valid-attachments` names (GC keeps their NICs).
-    fn valid_attachments(&self) -> Vec<String> {
-        self.raw
-            .get("cni.dev/valid-attachments")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v["containerID"].as_str().map(str::to_string))
-                    .collect()
+    /// The attachments `cni.dev/valid-attachments` lists, as (container id,
+    /// interface name): what GC keeps. Per CNI 1.1 the key is required: a GC
+    /// without it (or with an entry that names no attachment) is refused, so
+    /// that a runtime that forgot it, or misspelt it, releases nothing.
+    pub fn valid_attachments(&self) -> Result<Vec<(String, String)>, CniError> {
+        let invalid = |msg: String| CniError::new(CniCode::InvalidNetworkConfig, msg);
+        let list = self.raw.get(VALID_ATTACHMENTS).ok_or_else(|| {
+            invalid(format!(
+                "GC needs {VALID_ATTACHMENTS} (CNI 1.1): without the list of attachments \
+                 still in use, nothing is released"
+            ))
+        })?;
+        let list = list
+            .as_array()
+            .ok_or_else(|| invalid(format!("{VALID_ATTACHMENTS} must be an array")))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let field = |k: &str| {
+                    a.get(k)
+                        .and_then(Value::as_str)
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "{VALID_ATTACHMENTS}[{i}] has no {k} (it needs containerID and ifname)"
+                            ))
+                        })
+                };
+                Ok((field("containerID")?, field("ifname")?))
             })
-            .unwrap_or_default()
+            .collect()
+    }
+}
+
+/// The GC key listing the attachments still in use.
+pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+
+/// A CNI network name: an alphanumeric first character, then alphanumerics,
+/// `_`, `.` or `-` (the spec's rule), at most 253 bytes (the agent's label
+/// value limit: the name is the GC tag of every NIC).
+fn check_network_name(name: &str) -> Result<(), CniError> {
+    let ok = name.len() <= 253
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            CniCode::InvalidNetworkConfig,
+            format!(
+                "network name {name:?}: an alphanumeric character, then alphanumerics, '_', '.' or '-' \
+                 (at most 253)"
+            ),
+        ))
     }
 }
 
@@ -304,7 +382,7 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
     match env.command.as_str() {
         "ADD" => commands::cmd_add(env, &conf, &cfg).await,
         "DEL" => commands::cmd_del(env, &cfg).await,
-        "CHECK" => commands::cmd_check(env, &cfg).await,
+        "CHECK" => commands::cmd_check(env, &conf, &cfg).await,
         "STATUS" => commands::cmd_status(&cfg).await,
         "GC" => commands::cmd_gc(&conf, &cfg).await,
         other => Err(CniError::new(
@@ -382,11 +460,11 @@ mod tests {
             NetConf::parse(b"{}").unwrap_err().code,
             CniCode::InvalidNetworkConfig
         );
-        let e = NetConf::parse(br#"{"cniVersion":"9.9.9"}"#).unwrap_err();
+        let e = NetConf::parse(br#"{"cniVersion":"9.9.9","name":"n"}"#).unwrap_err();
         assert_eq!(e.code, CniCode::IncompatibleVersion);
         assert!(e.msg.contains("1.1.0"));
         assert_eq!(
-            NetConf::parse(br#"{"cniVersion":"1.0.0","agent":5}"#)
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agent":5}"#)
                 .unwrap_err()
                 .code,
             CniCode::InvalidNetworkConfig
@@ -395,7 +473,7 @@ mod tests {
             NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agent":"unix:///run/a.sock"}"#)
                 .unwrap();
         assert_eq!(c.name, "n");
-        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","agent":"tcp://x"}"#)
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","agent":"tcp://x"}"#)
             .unwrap()
             .shim_config()
             .unwrap_err();
@@ -455,15 +533,76 @@ mod tests {
         assert_eq!(e.code, CniCode::TryAgainLater);
         let e = CniError::from(PodNetError::from(ClientError::BadReply("no NIC".into())));
         assert_eq!(e.code, CniCode::Internal);
+        // A failure's causes are part of the message, each once.
+        let e = CniError::from(PodNetError::from(crate::hostlo::HostloError::Annotation {
+            key: crate::hostlo::PART_ANNOTATION,
+            reason: "\"x\" is not a part number".into(),
+        }));
+        assert_eq!(
+            e.msg,
+            "cannot join the Hostlo pod: annotation io.nestless.hostlo/part: \"x\" is not a part number"
+        );
+        let e = CniError::from(PodNetError::from(
+            crate::podnet::guest::GuestNetError::Route {
+                route: crate::podnet::guest::route_text(
+                    "0.0.0.0".parse().unwrap(),
+                    0,
+                    Some("10.0.0.1".parse().unwrap()),
+                ),
+                error: std::io::Error::from_raw_os_error(libc::ENETUNREACH),
+            },
+        ));
+        assert_eq!(
+            e.msg,
+            "cannot add route default via 10.0.0.1: Network is unreachable (os error 101)"
+        );
     }
 
     #[test]
-    fn valid_attachments() {
-        let c = NetConf::parse(
-            br#"{"cniVersion":"1.1.0","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"},{"ifname":"x"}]}"#,
+    fn valid_attachments_are_required_and_whole() {
+        let parse = |extra: &str| {
+            NetConf::parse(format!(r#"{{"cniVersion":"1.1.0","name":"n"{extra}}}"#).as_bytes())
+                .unwrap()
+                .valid_attachments()
+        };
+        let list = parse(
+            r#","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"},{"containerID":"a","ifname":"net1"}]"#,
         )
         .unwrap();
-        assert_eq!(c.valid_attachments(), ["a"]);
+        assert_eq!(
+            list,
+            [("a".into(), "eth0".into()), ("a".into(), "net1".into())]
+        );
+        assert_eq!(parse(r#","cni.dev/valid-attachments":[]"#).unwrap(), []);
+        for bad in [
+            "",                                                      // missing
+            r#","cni.dev/attachments":[]"#,                          // the wrong key
+            r#","cni.dev/valid-attachments":{}"#,                    // not an array
+            r#","cni.dev/valid-attachments":[{"ifname":"x"}]"#,      // no container
+            r#","cni.dev/valid-attachments":[{"containerID":"a"}]"#, // no interface
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, CniCode::InvalidNetworkConfig, "{bad}: {e}");
+            assert!(e.msg.contains("cni.dev/valid-attachments"), "{e}");
+        }
+    }
+
+    #[test]
+    fn network_names_follow_the_spec() {
+        for ok in ["nestless", "a", "net-1.b_2"] {
+            NetConf::parse(format!(r#"{{"cniVersion":"1.0.0","name":"{ok}"}}"#).as_bytes())
+                .unwrap();
+        }
+        for bad in [
+            r#""#,
+            r#","name":"""#,
+            r#","name":"-x""#,
+            r#","name":"a/b""#,
+        ] {
+            let e =
+                NetConf::parse(format!(r#"{{"cniVersion":"1.0.0"{bad}}}"#).as_bytes()).unwrap_err();
+            assert_eq!(e.code, CniCode::InvalidNetworkConfig, "{bad}");
+        }
     }
 
     #[tokio::test]

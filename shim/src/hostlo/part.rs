@@ -6,13 +6,19 @@
 //! loop:  every second  discover served ports ─▶ HostloPublish when changed
 //!        watcher task  HostloWatch (long poll) ─▶ new view ─▶ re-plan relays:
 //!                      for each port of another part (not in conflict):
-//!                      relay on 127.0.0.1:P (+ pod IP:P) ─▶ that part's mux
+//!                      relay on 127.0.0.1:P and [::1]:P (part 0: + the pod's
+//!                      IPv4 and IPv6 addresses) ─▶ that part's mux
+//!
+//! IPv6: the segment between the parts is IPv4 (169.254.77.0/24), which
+//! carries the relayed connections whatever their family; localhost is both
+//! 127.0.0.1 and ::1 in every part, and the mux delivers to the address the
+//! service listens on (::1 for a service bound to ::1 or to ::).
 //! stop:  relays end, HostloLeave
 //! ```
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::Arc,
     time::Duration,
@@ -61,12 +67,16 @@ impl Drop for Part {
 }
 
 /// Joins the pod and starts the part's relays.
+///
+/// `pod_ips` are the addresses of the sandbox's own NIC: part 0's relays
+/// listen on them too (the pod's addresses toward the network, IPv4 and IPv6).
 pub async fn join(
     agent: &AgentEndpoint,
     nic_wait: Duration,
     spec: &HostloSpec,
     sandbox_id: &str,
     netns: &Path,
+    pod_ips: &[IpAddr],
 ) -> Result<Part, HostloError> {
     let client = AgentClient::connect(agent).await?;
     let (nic, view) = match client.hostlo_join(&spec.pod, spec.part, sandbox_id).await {
@@ -87,6 +97,7 @@ pub async fn join(
                 return Err(HostloError::Agent(ClientError::BadNic {
                     id: nic.id.clone(),
                     reason: "segment NIC without an IPv4 address".into(),
+                    created: true,
                 }))
             }
         };
@@ -128,6 +139,7 @@ pub async fn join(
         agent: agent.clone(),
         spec: spec.clone(),
         segment: IpAddr::V4(address),
+        pod_ips: pod_ips.to_vec(),
         sockets,
         targets,
         relays: HashMap::new(),
@@ -160,6 +172,8 @@ struct Runner {
     agent: AgentEndpoint,
     spec: HostloSpec,
     segment: IpAddr,
+    /// The addresses of the sandbox's own NIC (part 0 listens there too).
+    pod_ips: Vec<IpAddr>,
     sockets: Arc<NetnsSockets>,
     targets: Targets,
     /// (port, listen address) -> relay task.
@@ -250,12 +264,7 @@ impl Runner {
                     proto: l.proto,
                 };
                 if l.addr != self.segment && !relayed.contains(&p) {
-                    let a = if l.addr.is_loopback() || l.addr.is_unspecified() {
-                        IpAddr::V4(Ipv4Addr::LOCALHOST)
-                    } else {
-                        l.addr
-                    };
-                    t.entry(p).or_insert(a);
+                    t.entry(p).or_insert(deliver_to(l.addr));
                 }
             }
         }
@@ -270,10 +279,14 @@ impl Runner {
             Ok(conflicts) => {
                 for c in conflicts {
                     log::warn!(
-                        "hostlo {}: port {} is served by parts {:?}: conflict, not relayed",
+                        "hostlo {}: port {} is served by parts {}: conflict, not relayed",
                         self.spec.pod,
                         c.port,
                         c.parts
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
                 log::info!(
@@ -297,9 +310,13 @@ impl Runner {
         // Part 0 holds the pod IP (its eth0): its relays also listen there, so
         // that the network outside and the other parts (which reach the pod
         // IP over the tenant network) get to ports any part serves.
-        let mut listen: Vec<IpAddr> = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        let mut listen: Vec<IpAddr> = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
         if self.spec.part == 0 {
             listen.extend(view.pod_ip);
+            listen.extend(self.pod_ips.iter().filter(|a| a.is_ipv6()));
         }
         let mut wanted: HashMap<(Port, IpAddr), SocketAddr> = HashMap::new();
         for part in &view.parts {
@@ -327,13 +344,21 @@ impl Runner {
                 continue;
             }
             let at = SocketAddr::new(listen_addr, port.port);
+            let refused = |e: std::io::Error| {
+                // A pod without IPv6 has no ::1: nothing to relay there.
+                if listen_addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                    log::debug!("hostlo {}: no relay of {port} on {at}: {e}", self.spec.pod);
+                } else {
+                    log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
+                }
+            };
             let task = match port.proto {
                 Proto::Tcp => match self.sockets.tcp_listener(at).await {
                     Ok(l) => {
                         tokio::spawn(relay::tcp_egress(l, port.port, mux, self.sockets.clone()))
                     }
                     Err(e) => {
-                        log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
+                        refused(e);
                         continue;
                     }
                 },
@@ -342,7 +367,7 @@ impl Runner {
                         tokio::spawn(relay::udp_egress(s, port.port, mux, self.sockets.clone()))
                     }
                     Err(e) => {
-                        log::warn!("hostlo {}: cannot relay {port} on {at}: {e}", self.spec.pod);
+                        refused(e);
                         continue;
                     }
                 },
@@ -350,6 +375,18 @@ impl Runner {
             log::debug!("hostlo {}: relay {port} on {at} -> {mux}", self.spec.pod);
             self.relays.insert((port, listen_addr), task);
         }
+    }
+}
+
+/// Where the mux delivers a connection for a service listening on `addr`:
+/// an address of its own as it is; loopback or "any" as the loopback of the
+/// same family (a service on `::` also takes `::1`, whether or not it takes
+/// IPv4 too).
+fn deliver_to(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) if a.is_loopback() || a.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(a) if a.is_loopback() || a.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
     }
 }
 
@@ -383,5 +420,21 @@ async fn watch(agent: AgentEndpoint, pod: String, mut since: u64, out: mpsc::Sen
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_are_reached_at_the_loopback_of_their_family() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(deliver_to(ip("127.0.0.1")), ip("127.0.0.1"));
+        assert_eq!(deliver_to(ip("0.0.0.0")), ip("127.0.0.1"));
+        assert_eq!(deliver_to(ip("::1")), ip("::1"));
+        assert_eq!(deliver_to(ip("::")), ip("::1"));
+        assert_eq!(deliver_to(ip("10.0.0.5")), ip("10.0.0.5"));
+        assert_eq!(deliver_to(ip("fd00::5")), ip("fd00::5"));
     }
 }

@@ -3,22 +3,24 @@
 //!
 //! ```text
 //! setup:    annotations name a Hostlo part? (checked first)
-//!           attach_and_plug: AttachNic ─▶ NIC found by MAC ─▶ pod netns, configured
+//!           attach_and_plug: AttachNic(scope, sandbox, interface) ─▶ NIC found by MAC
+//!                            ─▶ pod netns, configured
 //!           Hostlo part? hostlo::part::join (HostloJoin, hostlo0, relays);
-//!                        a failed join detaches the NIC again
-//! teardown: the Hostlo part stops (HostloLeave), then DetachNic(sandbox)
+//!                        a failed join detaches the NIC again if setup made it
+//! teardown: the Hostlo part stops (HostloLeave), then DetachNic(scope, sandbox):
+//!           every NIC of the sandbox
 //! ```
 //!
-//! A failed setup leaves nothing leased: see [`super::attach`].
+//! A failed setup leaves nothing it made leased: see [`super::attach`].
 
 use std::collections::HashMap;
 
 use super::{
     attach::{attach_and_plug, AttachRequest},
-    PodNetError, PodNetInfo, PodNetRequest, PodNetwork,
+    PodNetError, PodNetInfo, PodNetRequest, PodNetwork, SandboxRef,
 };
 use crate::{
-    agent_client::AgentClient,
+    agent_client::{AgentClient, DetachTarget},
     config::{AgentEndpoint, PodNetConfig},
     hostlo,
 };
@@ -31,7 +33,7 @@ use crate::{
 pub struct AgentNetwork {
     agent: AgentEndpoint,
     network: PodNetConfig,
-    parts: tokio::sync::Mutex<HashMap<String, hostlo::part::Part>>,
+    parts: tokio::sync::Mutex<HashMap<SandboxRef, hostlo::part::Part>>,
 }
 
 impl AgentNetwork {
@@ -58,33 +60,43 @@ impl PodNetwork for AgentNetwork {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let ifname = self.network.interface.as_str();
-        let nic = attach_and_plug(
+        let attached = attach_and_plug(
             &client,
             &AttachRequest {
-                sandbox_id: &req.sandbox_id,
+                sandbox: &req.sandbox,
                 labels: &labels,
                 ifname,
                 netns: &req.netns,
                 nic_wait: self.network.nic_wait,
+                exclusive: req.exclusive,
             },
         )
         .await?;
+        let nic = &attached.nic;
         if let Some(spec) = hostlo {
+            let pod_ips: Vec<_> = nic.addresses.iter().map(|a| a.ip).collect();
             match hostlo::part::join(
                 &self.agent,
                 self.network.nic_wait,
                 &spec,
-                &req.sandbox_id,
+                &req.sandbox.id,
                 &req.netns,
+                &pod_ips,
             )
             .await
             {
                 Ok(part) => {
-                    self.parts.lock().await.insert(req.sandbox_id.clone(), part);
+                    self.parts.lock().await.insert(req.sandbox.clone(), part);
                 }
                 Err(e) => {
-                    if let Err(undo) = client.detach(&req.sandbox_id).await {
-                        log::error!("sandbox {}: releasing NIC {} after a failed Hostlo join failed: {undo}", req.sandbox_id, nic.id);
+                    if attached.created {
+                        if let Err(undo) = client.detach(DetachTarget::Nic(&nic.id)).await {
+                            log::error!(
+                                "sandbox {}: releasing NIC {} after a failed Hostlo join failed: {undo}",
+                                req.sandbox,
+                                nic.id
+                            );
+                        }
                     }
                     return Err(e.into());
                 }
@@ -93,7 +105,7 @@ impl PodNetwork for AgentNetwork {
         let addresses = nic.cidrs();
         log::info!(
             "sandbox {}: NIC {} ({}) configured as {ifname} in {}",
-            req.sandbox_id,
+            req.sandbox,
             nic.mac,
             addresses.join(","),
             req.netns.display()
@@ -105,13 +117,13 @@ impl PodNetwork for AgentNetwork {
         })
     }
 
-    async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError> {
-        if let Some(part) = self.parts.lock().await.remove(sandbox_id) {
+    async fn teardown(&self, sandbox: &SandboxRef) -> Result<(), PodNetError> {
+        if let Some(part) = self.parts.lock().await.remove(sandbox) {
             part.stop().await;
         }
         let client = AgentClient::connect(&self.agent).await?;
-        client.detach(sandbox_id).await?;
-        log::info!("sandbox {sandbox_id}: NIC released");
+        client.detach(DetachTarget::Sandbox(sandbox)).await?;
+        log::info!("sandbox {sandbox}: NICs released");
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! The sandbox keeps whatever network runc or CNI gave it; no NIC is asked
 //! for and none is released.
 
-use super::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork};
+use super::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork, SandboxRef};
 
 /// A [`PodNetwork`] that attaches nothing and releases nothing.
 #[derive(Debug, Default, Clone, Copy)]
@@ -19,7 +19,7 @@ impl PodNetwork for Disabled {
         })
     }
 
-    async fn teardown(&self, _sandbox_id: &str) -> Result<(), PodNetError> {
+    async fn teardown(&self, _sandbox: &SandboxRef) -> Result<(), PodNetError> {
         Ok(())
     }
 }
@@ -33,12 +33,13 @@ mod tests {
     #[tokio::test]
     async fn does_nothing() {
         let req = PodNetRequest {
-            sandbox_id: "s".into(),
+            sandbox: SandboxRef::new("default", "s"),
             netns: "/proc/1/ns/net".into(),
             labels: HashMap::new(),
+            exclusive: true,
         };
         let info = Disabled.setup(&req).await.unwrap();
         assert!(info.addresses.is_empty());
-        Disabled.teardown("s").await.unwrap();
+        Disabled.teardown(&req.sandbox).await.unwrap();
     }
 }

@@ -14,6 +14,7 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
+pub use crate::agent_client::SandboxRef;
 use crate::{
     agent_client::ClientError,
     config::{NetworkMode, ShimConfig},
@@ -29,13 +30,21 @@ pub use disabled::Disabled;
 /// What the task service knows about a sandbox when it asks for its network.
 #[derive(Debug, Clone)]
 pub struct PodNetRequest {
-    /// The pod sandbox id (the CRI sandbox id, or the container id outside CRI).
-    pub sandbox_id: String,
+    /// The pod sandbox (the CRI sandbox id in the empty scope, or the
+    /// container id in its containerd namespace outside CRI).
+    pub sandbox: SandboxRef,
     /// Path of the sandbox's network namespace (a bind mount from CRI, or
     /// `/proc/<pid>/ns/net` of the created init process).
     pub netns: PathBuf,
     /// Labels worth keeping with the NIC (pod name and namespace).
     pub labels: HashMap<String, String>,
+    /// The namespace is the container's alone (outside CRI: ctr, Docker): one
+    /// that holds another network manager's interface (Docker's veth on one of
+    /// its networks) is refused ([`guest::GuestNetError::NotOurs`]) instead of
+    /// two NICs fighting over the interface name and the default route. In the
+    /// CRI path the namespace is CRI's and its CNI chain's, which may add other
+    /// interfaces (a second network): `false`.
+    pub exclusive: bool,
 }
 
 /// What the sandbox got.
@@ -56,7 +65,7 @@ pub enum PodNetError {
     #[error(transparent)]
     Client(#[from] ClientError),
     /// Joining the sandbox's Hostlo pod failed (or its annotations are wrong).
-    #[error("Hostlo")]
+    #[error("cannot join the Hostlo pod")]
     Hostlo(#[from] HostloError),
     /// Plugging the NIC into the pod failed.
     #[error(transparent)]
@@ -91,9 +100,12 @@ pub fn from_config(config: &ShimConfig) -> Arc<dyn PodNetwork> {
 #[async_trait::async_trait]
 pub trait PodNetwork: Send + Sync {
     /// Gives the sandbox its NIC, configured inside `req.netns`. Idempotent.
+    /// A setup that fails gives back what it made, and only that: a NIC the
+    /// sandbox already had (nestless-cni's, or an earlier call's) stays.
     async fn setup(&self, req: &PodNetRequest) -> Result<PodNetInfo, PodNetError>;
-    /// Releases the sandbox's NIC. Idempotent; succeeds when there is nothing to release.
-    async fn teardown(&self, sandbox_id: &str) -> Result<(), PodNetError>;
+    /// Releases every NIC of the sandbox. Idempotent; succeeds when there is
+    /// nothing to release.
+    async fn teardown(&self, sandbox: &SandboxRef) -> Result<(), PodNetError>;
 }
 
 #[cfg(test)]
@@ -149,8 +161,9 @@ mod tests {
         let mut c = ShimConfig::default();
         c.agent.address = crate::config::AgentAddress::Unix("/nonexistent/agent.sock".into());
         c.agent.connect_timeout = std::time::Duration::from_millis(10);
-        assert!(from_config(&c).teardown("s").await.is_err());
+        let sb = SandboxRef::new("default", "s");
+        assert!(from_config(&c).teardown(&sb).await.is_err());
         c.network.mode = NetworkMode::None;
-        from_config(&c).teardown("s").await.unwrap();
+        from_config(&c).teardown(&sb).await.unwrap();
     }
 }

@@ -66,7 +66,7 @@ impl Process {
 
 /// A pod network the container owns.
 pub(super) struct OwnedNetwork {
-    pub(super) sandbox_id: String,
+    pub(super) sandbox: crate::podnet::SandboxRef,
     pub(super) backend: Arc<dyn PodNetwork>,
 }
 

@@ -27,10 +27,15 @@
 //!
 //! ```text
 //! Start(init) of a network owner
-//! pod network setup                        teardown, SIGKILL init: Stopped (TaskExit),
-//!                                          so that the caller deletes the task as usual
+//! pod network setup                        (a failed setup gives back what it made),
+//!                                          SIGKILL init: Stopped (TaskExit), so that
+//!                                          the caller deletes the task as usual
 //! runc start                               -
 //! ```
+//!
+//! A setup that fails gives back the NIC it made itself, and only that one: a
+//! NIC the sandbox already had (nestless-cni's, in the CRI path) is not the
+//! start's to release; CNI DEL releases it.
 
 use std::{
     collections::HashMap,
@@ -60,7 +65,7 @@ use crate::{
     error::{Result, ShimError},
     options::{RuncOptions, RuntimeOptions},
     podnet::PodNetRequest,
-    policy::{self, NetworkRole, SpecView},
+    policy::{self, NetnsSource, NetworkRole, SpecView},
     reaper::Exit,
     runc::{self, CreateOpts, RuncSettings, Runtime},
     stdio::{IoContext, PreparedIo, ProcessIo, StdioSpec},
@@ -153,10 +158,10 @@ impl TaskService {
             .map_err(|e| ShimError::io(format!("cannot read {}", spec_path.display()), e))?;
         let spec = SpecView::from_json(&spec_data)
             .map_err(|e| ShimError::invalid("bundle", format!("{}: {e}", spec_path.display())))?;
-        let role = policy::network_role(&id, &spec);
+        let role = policy::network_role(&id, &spec, &self.inner.namespace);
         let network = match &role {
-            NetworkRole::Owner { sandbox_id, netns } => Some((
-                sandbox_id.clone(),
+            NetworkRole::Owner { sandbox, netns } => Some((
+                sandbox.clone(),
                 netns.clone(),
                 (self.inner.seams.network)(&config),
             )),
@@ -203,7 +208,11 @@ impl TaskService {
             runc_root: settings.root.clone(),
             systemd_cgroup: settings.systemd_cgroup,
             config_path: config.source.clone(),
-            network_sandbox: network.as_ref().map(|(sandbox_id, ..)| sandbox_id.clone()),
+            network_sandbox: network.as_ref().map(|(sandbox, ..)| sandbox.id.clone()),
+            network_scope: network
+                .as_ref()
+                .map(|(sandbox, ..)| sandbox.scope.clone())
+                .unwrap_or_default(),
             rootfs_mounted,
         };
         undo.record = true;
@@ -242,10 +251,11 @@ impl TaskService {
 
         // The pod network is set up when the task starts (see `start_network`): by then
         // every other party that configures the namespace has had its turn.
-        if let Some((sandbox_id, netns, backend)) = network {
+        if let Some((sandbox, netns, backend)) = network {
             c.pending_network = Some(PendingNetwork {
                 req: PodNetRequest {
-                    sandbox_id,
+                    exclusive: !matches!(netns, NetnsSource::Path(_)),
+                    sandbox,
                     netns: netns.path(pid),
                     labels: policy::network_labels(&spec, &self.inner.namespace),
                 },
@@ -268,7 +278,7 @@ impl TaskService {
     }
 
     /// The pod network step of a network owner, run by Start before `runc start`.
-    /// On failure the network is torn down and the init killed and marked Stopped
+    /// On failure (the setup has given back what it made) the init is killed and marked Stopped
     /// (one TaskExit, status 137), so that containerd, ctr, Docker or CRI delete the
     /// task as after any failed start; the error names the sandbox and the cause.
     pub(super) async fn start_network(&self, c: &mut MutexGuard<'_, Container>) -> Result<()> {
@@ -280,24 +290,21 @@ impl TaskService {
             Ok(info) => {
                 if !info.interface.is_empty() {
                     info!(
-                        "sandbox {}: {} {} {:?} in {}",
-                        req.sandbox_id,
+                        "sandbox {}: {} {} {} in {}",
+                        req.sandbox,
                         info.interface,
                         info.mac,
-                        info.addresses,
+                        info.addresses.join(","),
                         req.netns.display()
                     );
                 }
                 c.network = Some(OwnedNetwork {
-                    sandbox_id: req.sandbox_id,
+                    sandbox: req.sandbox,
                     backend,
                 });
                 Ok(())
             }
             Err(source) => {
-                if let Err(e) = backend.teardown(&req.sandbox_id).await {
-                    warn!("start {id}: pod network of sandbox {}: {e}", req.sandbox_id);
-                }
                 let pid = c.init.pid;
                 if let Err(e) = c.runc.kill(&id, libc::SIGKILL as u32, false).await {
                     warn!("start {id}: cannot kill the init process: {}", e.chain());
@@ -326,8 +333,8 @@ impl TaskService {
                 .await;
                 wait_gone(pid).await;
                 let e = ShimError::Network {
-                    sandbox_id: req.sandbox_id,
-                    source,
+                    sandbox_id: req.sandbox.to_string(),
+                    source: Box::new(source),
                 };
                 warn!("start {id}: {}", e.chain());
                 Err(e)

@@ -3,15 +3,13 @@
 //!
 //! ```text
 //! container: state allows it? ─▶ runc delete (--force while created; "not found" = done)
-//!            out of the map ─▶ drain the output ─▶ stop the OOM watch
+//!            out of the map ─▶ the output: let go of the FIFOs' read ends, copy what
+//!            is still moving (stdio::ProcessIo::finish) ─▶ stop the OOM watch
 //!            ─▶ pod network teardown (owner; a failure is logged, deletion goes on)
 //!            ─▶ unmount the rootfs ─▶ remove the bundle record
 //! ```
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use log::warn;
 use tokio::sync::Mutex;
@@ -24,10 +22,8 @@ use super::{
 use crate::{
     bundle::Record,
     error::{Result, ShimError},
+    stdio::OUTPUT_STALL,
 };
-
-/// How long Delete waits for a process's output to drain.
-const IO_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// What a deleted process left: its pid and how it ended.
 pub(super) struct Deleted {
@@ -73,20 +69,20 @@ impl TaskService {
         drop(c);
         self.remove(&id);
 
-        if let Some(io) = io {
-            io.finish(IO_DRAIN_LIMIT).await;
-        }
-        for io in execs {
-            io.finish(Duration::ZERO).await;
-        }
+        futures::future::join_all(
+            io.into_iter()
+                .chain(execs)
+                .map(|io| io.finish(OUTPUT_STALL)),
+        )
+        .await;
         if let Some(oom) = oom {
             oom.abort();
         }
         if let Some(net) = network {
-            if let Err(e) = net.backend.teardown(&net.sandbox_id).await {
+            if let Err(e) = net.backend.teardown(&net.sandbox).await {
                 warn!(
                     "container {id}: releasing the pod network of sandbox {} failed (deleting anyway): {e}",
-                    net.sandbox_id
+                    net.sandbox
                 );
             }
         }
@@ -114,7 +110,7 @@ async fn delete_exec(c: &Mutex<Container>, exec_id: &str) -> Result<Deleted> {
     };
     drop(c);
     if let Some(io) = p.io.take() {
-        io.finish(IO_DRAIN_LIMIT).await;
+        io.finish(OUTPUT_STALL).await;
     }
     let exit = p.exited();
     Ok(Deleted {

@@ -3,10 +3,16 @@
 //! the cgroup).
 //!
 //! ```text
-//! reaper: Exit{pid, status} ─▶ lock the container ─▶ still its pid, not stopped?
+//! reaper: Exit{pid, status} ─▶ the process's output copied out (lock not held;
+//!                              bounded: stdio::OUTPUT_STALL without progress)
+//!                              ─▶ lock the container ─▶ still its pid, not stopped?
 //!                              ─▶ Stopped, Wait() returns ─▶ event TaskExit
 //! cgroup: OOM kill ───────────────────────────────────────▶ event TaskOOM
 //! ```
+//!
+//! The exit is reported only once the process's output is out: a client that
+//! reads the output when it hears of the exit (and a log that is complete
+//! when the container is seen stopped) gets all of it.
 //!
 //! Exits are handled under the container's lock, which the handler that
 //! starts a process holds until its start event is out: an exit event never
@@ -21,7 +27,11 @@ use log::{debug, info, warn};
 use tokio::task::JoinHandle;
 
 use super::{container::timestamp, state::Op, TaskService};
-use crate::{cgroup::Cgroup, reaper::Exit};
+use crate::{
+    cgroup::Cgroup,
+    reaper::Exit,
+    stdio::{Drained, OUTPUT_DRAIN_CAP, OUTPUT_STALL},
+};
 
 impl TaskService {
     /// Hands the exit of `pid` (a process of container `id`) to [`Self::on_exit`].
@@ -40,6 +50,33 @@ impl TaskService {
         let Ok(c) = self.container(id) else {
             return;
         };
+        // The output first, without the lock (Kill, State and the other
+        // processes go on meanwhile).
+        let drain = {
+            let c = c.lock().await;
+            c.process(exec_id)
+                .ok()
+                .filter(|p| p.pid == exit.pid)
+                .and_then(|p| p.io.as_ref().map(|io| io.drain()))
+        };
+        if let Some(mut drain) = drain {
+            let label = if exec_id.is_empty() {
+                id.to_owned()
+            } else {
+                format!("{id}/{exec_id}")
+            };
+            match drain.wait(OUTPUT_STALL, OUTPUT_DRAIN_CAP).await {
+                Drained::Done => {}
+                Drained::Stalled => warn!(
+                    "process {label}: nobody reads its output: exit reported with output unread"
+                ),
+                Drained::Capped => warn!(
+                    "process {label}: its output still flows {} ms after its exit \
+                     (a process that outlived it?): exit reported",
+                    OUTPUT_DRAIN_CAP.as_millis()
+                ),
+            }
+        }
         let mut c = c.lock().await;
         if c.gone {
             return;

@@ -26,9 +26,9 @@ use crate::{
     agent_client::ClientError,
     bundle::RECORD_FILE,
     error::{Result, ShimError},
-    events::RecordedEvents,
+    events::{EventSink, RecordedEvents},
     options::RUNTIME_OPTIONS_TYPE,
-    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork},
+    podnet::{PodNetError, PodNetInfo, PodNetRequest, PodNetwork, SandboxRef},
     reaper::Reaper,
     runc::{CreateOpts, ExecOpts, Runtime},
     stdio::ChildStdio,
@@ -43,6 +43,9 @@ const EXEC_PID: u32 = 2_000_000_001;
 struct World {
     log: Arc<Mutex<Vec<String>>>,
     fail: Arc<Mutex<HashSet<&'static str>>>,
+    /// The init process's stdout, kept for the test to write to (the
+    /// fake runc has no process).
+    stdout: Arc<Mutex<Option<std::os::fd::OwnedFd>>>,
 }
 
 impl World {
@@ -76,8 +79,9 @@ struct FakeRunc(World);
 
 #[async_trait]
 impl Runtime for FakeRunc {
-    async fn create(&self, id: &str, opts: &CreateOpts<'_>, _stdio: ChildStdio) -> Result<()> {
+    async fn create(&self, id: &str, opts: &CreateOpts<'_>, mut stdio: ChildStdio) -> Result<()> {
         self.0.note("runc create");
+        *self.0.stdout.lock().unwrap() = stdio.stdout.take();
         if self.0.failing("runc create") {
             return Err(self.0.injected("create", id));
         }
@@ -161,7 +165,7 @@ struct FakeNet(World);
 #[async_trait]
 impl PodNetwork for FakeNet {
     async fn setup(&self, req: &PodNetRequest) -> std::result::Result<PodNetInfo, PodNetError> {
-        self.0.note(format!("setup {}", req.sandbox_id));
+        self.0.note(format!("setup {}", req.sandbox));
         if self.0.failing("setup") {
             return Err(PodNetError::Client(ClientError::AgentUnavailable {
                 address: "vsock://2:7070".into(),
@@ -182,8 +186,8 @@ impl PodNetwork for FakeNet {
         })
     }
 
-    async fn teardown(&self, sandbox_id: &str) -> std::result::Result<(), PodNetError> {
-        self.0.note(format!("teardown {sandbox_id}"));
+    async fn teardown(&self, sandbox: &SandboxRef) -> std::result::Result<(), PodNetError> {
+        self.0.note(format!("teardown {sandbox}"));
         Ok(())
     }
 }
@@ -197,10 +201,34 @@ struct Harness {
     config: PathBuf,
 }
 
+/// Events as [`RecordedEvents`] keeps them, with a look at the world when
+/// one is published.
+struct HookedEvents {
+    recorded: Arc<RecordedEvents>,
+    hook: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+#[async_trait]
+impl EventSink for HookedEvents {
+    async fn publish(&self, topic: &str, event: Any) {
+        (self.hook)(topic);
+        self.recorded.publish(topic, event).await;
+    }
+}
+
 impl Harness {
     fn new() -> Harness {
+        Self::with_hook(Box::new(|_| {}))
+    }
+
+    /// A harness whose event sink runs `hook` with each topic as it is published.
+    fn with_hook(hook: Box<dyn Fn(&str) + Send + Sync>) -> Harness {
         let world = World::default();
         let events = Arc::new(RecordedEvents::default());
+        let sink = Arc::new(HookedEvents {
+            recorded: events.clone(),
+            hook,
+        });
         let reaper = Reaper::default();
         let (w1, w2, w3) = (world.clone(), world.clone(), world.clone());
         let seams = Seams {
@@ -210,7 +238,7 @@ impl Harness {
         };
         let svc = TaskService::with_seams(
             "test".into(),
-            events.clone(),
+            sink,
             reaper.clone(),
             Arc::new(ExitSignal::default()),
             seams,
@@ -477,12 +505,13 @@ async fn a_failed_record_deletes_the_runc_container_and_unmounts() {
     .await;
 }
 
-/// What a start whose pod network setup fails does: the network torn down, the
-/// init killed, never started.
-const AFTER_A_FAILED_SETUP: &[&str] = &["setup c1", "teardown c1", "runc kill 9"];
+/// What a start whose pod network setup fails does: the init killed, never
+/// started; no teardown, since a failed setup gives back what it made itself,
+/// and a NIC the sandbox already had (CNI's) is not the start's to release.
+const AFTER_A_FAILED_SETUP: &[&str] = &["setup test/c1", "runc kill 9"];
 
 /// A start whose network fails leaves a Stopped task (one TaskExit, 137) that deletes
-/// as usual and releases nothing twice.
+/// as usual and releases nothing.
 async fn assert_failed_start_then_deleted(h: &Harness) {
     assert_eq!(h.world.take(), AFTER_A_FAILED_SETUP);
     assert_eq!(h.status("c1", "").await, api::Status::STOPPED);
@@ -502,7 +531,7 @@ async fn a_failed_network_stops_the_task_at_start() {
     let e = h.start("c1", "").await.unwrap_err();
     let msg = message(&e);
     assert!(
-        msg.contains("pod network of sandbox c1") && msg.contains("injected failure"),
+        msg.contains("pod network of sandbox test/c1") && msg.contains("injected failure"),
         "{msg}"
     );
     assert_eq!(code(e), Code::UNAVAILABLE);
@@ -649,7 +678,7 @@ async fn a_container_lives_by_the_state_table() {
     assert_eq!(
         h.world.take(),
         [
-            "setup c1",
+            "setup test/c1",
             "runc start",
             "runc pause",
             "runc resume",
@@ -657,7 +686,7 @@ async fn a_container_lives_by_the_state_table() {
             "runc ps",
             "runc kill 9",
             "runc delete",
-            "teardown c1",
+            "teardown test/c1",
             "unmount",
         ]
     );
@@ -686,4 +715,59 @@ async fn a_created_container_is_deleted_with_force() {
     let d = h.delete("c1", "").await.unwrap();
     assert_eq!(d.exit_status, 128 + 9);
     assert_eq!(h.world.take(), ["runc delete --force", "unmount"]);
+}
+
+// ------------------------------------------------------------ output at exit
+
+#[tokio::test]
+async fn the_exit_is_reported_once_the_output_is_out() {
+    // The client's end of the stdout FIFO, opened first, as containerd does.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stdout");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let client = std::fs::File::from(
+        nix::fcntl::open(
+            &fifo,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap(),
+    );
+    // When TaskExit is published, the client reads what the FIFO holds: all
+    // of the output, then EOF (the shim's copy has ended), never "try again".
+    let seen: Arc<Mutex<Option<(usize, bool)>>> = Arc::default();
+    let (client, seen_by_hook) = (Mutex::new(client), seen.clone());
+    let h = Harness::with_hook(Box::new(move |topic| {
+        if topic != "/tasks/exit" {
+            return;
+        }
+        let mut f = client.lock().unwrap();
+        let (mut n, mut buf) = (0, [0u8; 8192]);
+        let eof = loop {
+            match std::io::Read::read(&mut *f, &mut buf) {
+                Ok(0) => break true,
+                Ok(k) => n += k,
+                Err(_) => break false,
+            }
+        };
+        *seen_by_hook.lock().unwrap() = Some((n, eof));
+    }));
+    let b = h.bundle("c1", false);
+    let mut req = h.create_req("c1", &b);
+    req.stdout = fifo.to_string_lossy().into_owned();
+    h.svc.create(&ctx(), req).await.unwrap();
+    h.start("c1", "").await.unwrap();
+    // The process writes its last 60,000 bytes (what a pipe holds) and exits:
+    // they are still in the pipe when the reaper sees the exit.
+    let mut out = std::fs::File::from(h.world.stdout.lock().unwrap().take().unwrap());
+    std::io::Write::write_all(&mut out, &vec![b'x'; 60_000]).unwrap();
+    drop(out);
+    h.reaper.deliver(Pid::from_raw(INIT_PID as i32), 0);
+    assert_eq!(h.wait("c1", "").await, 0);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some((60_000, true)),
+        "(bytes the client could read, EOF) when the exit was reported"
+    );
+    h.delete("c1", "").await.unwrap();
 }

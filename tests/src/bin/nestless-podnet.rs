@@ -4,25 +4,27 @@
 //! namespace. Prints `READY <json>` once set up, tears down on SIGTERM/SIGINT
 //! and prints `DONE`.
 //!
-//! nestless-podnet --agent unix:///run/x.sock --sandbox SB --netns /run/netns/pod \
+//! nestless-podnet --agent unix:///run/x.sock --sandbox SB [--scope NS] --netns /run/netns/pod \
 //!     [--label k=v]... [--nic-wait-ms 3000]
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use nestless_shim::{
     config::{AgentAddress, ShimConfig},
-    podnet::{agent::AgentNetwork, PodNetRequest, PodNetwork},
+    podnet::{agent::AgentNetwork, PodNetRequest, PodNetwork, SandboxRef},
 };
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut cfg = ShimConfig::default();
     let (mut sandbox, mut netns, mut labels) = (String::new(), PathBuf::new(), HashMap::new());
+    let mut scope = String::new();
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
             "--agent" => cfg.agent.address = AgentAddress::parse(&val()).expect("--agent"),
             "--sandbox" => sandbox = val(),
+            "--scope" => scope = val(),
             "--netns" => netns = PathBuf::from(val()),
             "--label" => {
                 let kv = val();
@@ -44,10 +46,12 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let net = AgentNetwork::new(cfg.agent.clone(), cfg.network.clone());
+        let sandbox = SandboxRef::new(scope, sandbox);
         let req = PodNetRequest {
-            sandbox_id: sandbox.clone(),
+            sandbox: sandbox.clone(),
             netns,
             labels,
+            exclusive: false,
         };
         match net.setup(&req).await {
             Ok(info) => println!(

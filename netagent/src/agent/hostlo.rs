@@ -1,0 +1,674 @@
+//! Hostlo, the agent's side: parts joining and leaving a pod's segment, the
+//! ports they publish, and the pod views their watchers wait for. The pure
+//! rules (names, addresses, MACs, conflicts) are in [`crate::hostlo`].
+//!
+//! ```text
+//! HostloJoin(pod, part, sb) ─▶ lock VM; part held by another VM? ─▶ ALREADY_EXISTS
+//!                              same part, same sandbox, Attached? ─▶ it
+//!                              pod of another tenant network? ─▶ PERMISSION_DENIED
+//!                              segment bridge nls<hash> (first part)
+//!                              plug_new(.part+1, MAC of (pod, part)) ─▶ mark_pod_changed
+//! HostloPublish(ports) ──────▶ record's ports, persist ─▶ mark_pod_changed ─▶ conflicts
+//! HostloWatch(since) ────────▶ the view once its version passes `since` (or at the timeout)
+//! HostloLeave ───────────────▶ remove_nic ─▶ mark_pod_changed; last part: segment removed
+//! ```
+//!
+//! A pod's version changes with every join, leave and publish; versions are
+//! microseconds since the epoch, counted on from the agent's start, so that
+//! they keep growing across restarts.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex as StdMutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use super::{attach::NewNic, records::NewRecord, Agent};
+use crate::{
+    backend::BackendError,
+    error::AgentError,
+    hostlo::{self, Conflict, HostloRef, Part, PodName, PodView, Port, PortList},
+    lifecycle::NicState,
+    names::{Invalid, SandboxId},
+    state::NicRecord,
+};
+
+/// Longest wait of one [`Agent::hostlo_watch`].
+pub const MAX_WATCH: Duration = Duration::from_secs(60);
+
+/// A join request, checked: part `part` of `pod` for sandbox `sandbox_id`.
+#[derive(Debug, Clone)]
+pub struct HostloJoin {
+    /// The pod.
+    pub pod: PodName,
+    /// The part.
+    pub part: Part,
+    /// The sandbox of the part (its BrFusion NIC's sandbox for part 0).
+    pub sandbox_id: SandboxId,
+}
+
+/// A part of a pod, checked (a leave request).
+#[derive(Debug, Clone)]
+pub struct HostloPart {
+    /// The pod.
+    pub pod: PodName,
+    /// The part.
+    pub part: Part,
+}
+
+/// A publish request, checked: the ports part `part` serves.
+#[derive(Debug, Clone)]
+pub struct HostloPublish {
+    /// The pod.
+    pub pod: PodName,
+    /// The part.
+    pub part: Part,
+    /// Its ports (sorted, unique).
+    pub ports: PortList,
+}
+
+/// A watch request, checked.
+#[derive(Debug, Clone)]
+pub struct HostloWatch {
+    /// The pod.
+    pub pod: PodName,
+    /// The version the watcher has seen.
+    pub since: u64,
+    /// How long to wait for a newer one (at most [`MAX_WATCH`]).
+    pub timeout: Duration,
+}
+
+/// A Hostlo pod as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostloPodInfo {
+    /// The pod.
+    pub pod: String,
+    /// Its segment bridge.
+    pub bridge: String,
+    /// Its tenant network.
+    pub network: String,
+    /// (part, VM), by part.
+    pub members: Vec<(u32, String)>,
+    /// The view its parts get.
+    pub view: PodView,
+}
+
+/// The versions of the Hostlo pods, and the signal their watchers wait on.
+pub(super) struct Versions {
+    inner: StdMutex<VersionsInner>,
+    changed: tokio::sync::watch::Sender<u64>,
+    /// The version of a pod loaded from the state file: the agent's start
+    /// time, newer than anything a previous run handed out.
+    boot: u64,
+}
+
+struct VersionsInner {
+    by_pod: HashMap<String, u64>,
+    /// The last version handed out.
+    last: u64,
+}
+
+impl Versions {
+    /// Versions counted from now.
+    pub fn starting_now() -> Versions {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Versions {
+            inner: StdMutex::new(VersionsInner {
+                by_pod: HashMap::new(),
+                last: now,
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+            boot: now,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VersionsInner> {
+        // Nothing panics while holding it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn of(&self, pod: &str) -> u64 {
+        self.lock().by_pod.get(pod).copied().unwrap_or(self.boot)
+    }
+
+    fn forget(&self, pod: &str) {
+        self.lock().by_pod.remove(pod);
+    }
+}
+
+impl Agent {
+    /// Gives `pod` a new version and wakes its watchers.
+    pub(super) fn mark_pod_changed(&self, pod: &str) {
+        let v = {
+            let mut inner = self.hostlo.lock();
+            inner.last += 1;
+            let v = inner.last;
+            inner.by_pod.insert(pod.to_string(), v);
+            v
+        };
+        self.hostlo.changed.send_replace(v);
+    }
+
+    /// The names of the Hostlo pods the agent knows, sorted.
+    pub(super) fn hostlo_pod_names(&self) -> Vec<String> {
+        let mut pods: Vec<String> = self
+            .records
+            .hostlo_all()
+            .into_iter()
+            .filter_map(|r| r.hostlo.map(|h| h.pod))
+            .collect();
+        pods.sort();
+        pods.dedup();
+        pods
+    }
+
+    /// The Hostlo pods the agent knows, by name: members, network, view.
+    pub fn hostlo_pods(&self) -> Vec<HostloPodInfo> {
+        let records = self.records.hostlo_all();
+        self.hostlo_pod_names()
+            .into_iter()
+            .filter_map(|pod| {
+                let view = self.hostlo_view(&pod)?;
+                let mine = || {
+                    records
+                        .iter()
+                        .filter_map(|r| Some((r, r.hostlo.as_ref()?)))
+                        .filter(|(_, h)| h.pod == pod)
+                };
+                let mut members: Vec<(u32, String)> =
+                    mine().map(|(r, h)| (h.part, r.vm.clone())).collect();
+                members.sort();
+                let network = mine()
+                    .map(|(r, _)| r.network.clone())
+                    .next()
+                    .unwrap_or_default();
+                Some(HostloPodInfo {
+                    bridge: hostlo::segment_bridge(&pod),
+                    pod,
+                    network,
+                    members,
+                    view,
+                })
+            })
+            .collect()
+    }
+
+    /// The pod as its parts see it; `None` when no part is in.
+    pub fn hostlo_view(&self, pod: &str) -> Option<PodView> {
+        let found = self.records.hostlo_pod(pod);
+        if found.parts.is_empty() {
+            return None;
+        }
+        let parts: BTreeMap<u32, (std::net::Ipv4Addr, Vec<Port>)> = found
+            .parts
+            .iter()
+            .filter_map(|r| {
+                let h = r.hostlo.as_ref()?;
+                Some((h.part, (r.ipv4, h.ports.clone())))
+            })
+            .collect();
+        let ports: BTreeMap<u32, Vec<Port>> =
+            parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
+        Some(PodView {
+            version: self.hostlo.of(pod),
+            conflicts: hostlo::conflicts(&ports),
+            parts,
+            pod_ip: found.pod_ip,
+            prefix_len: self.config.hostlo.subnet.prefix_len(),
+        })
+    }
+
+    /// The view of a pod VM `vm_name` is in (it holds `part`), or NotFound.
+    fn view_of_part(
+        &self,
+        vm_name: &str,
+        pod: &PodName,
+        part: Part,
+    ) -> Result<PodView, AgentError> {
+        self.hostlo_view(pod.as_str())
+            .ok_or_else(|| part_not_found(vm_name, pod, part))
+    }
+
+    /// Puts part `req.part` of Hostlo pod `req.pod` in VM `vm_name`: a NIC on
+    /// the pod's segment.
+    ///
+    /// # Errors
+    /// [`AgentError::HostloPartTaken`] (another VM has the part),
+    /// [`AgentError::HostloTenant`] (the pod is another tenant's),
+    /// [`AgentError::Invalid`] (the pod's segment name collides with a
+    /// running pod's), and those of [`Agent::attach`].
+    pub async fn hostlo_join(
+        &self,
+        vm_name: &str,
+        req: HostloJoin,
+    ) -> Result<(NicRecord, PodView), AgentError> {
+        let HostloJoin {
+            pod,
+            part,
+            sandbox_id,
+        } = req;
+        let vm = self.vm(vm_name)?.clone();
+        let _op = vm.op.lock().await;
+        if let Some(r) = self.records.hostlo_part(pod.as_str(), part.get()) {
+            if r.vm != vm_name {
+                return Err(AgentError::HostloPartTaken {
+                    pod: pod.to_string(),
+                    part: part.get(),
+                    vm: r.vm,
+                });
+            }
+            if r.state == NicState::Attached && r.sandbox_id == sandbox_id.as_str() {
+                let view = self.view_of_part(vm_name, &pod, part)?;
+                return Ok((r, view));
+            }
+            // A restarted part (new sandbox) or a half-done one: start afresh.
+            self.remove_nic(&vm, &r.id).await?;
+        }
+        let bridge = hostlo::segment_bridge(pod.as_str());
+        for r in self.records.hostlo_all() {
+            let Some(h) = r.hostlo.as_ref() else { continue };
+            if h.pod == pod.as_str() && r.network != vm.config.network {
+                return Err(AgentError::HostloTenant {
+                    pod: pod.to_string(),
+                    network: r.network.clone(),
+                    vm: vm_name.to_string(),
+                    vm_network: vm.config.network.clone(),
+                });
+            }
+            if h.pod != pod.as_str() && hostlo::segment_bridge(&h.pod) == bridge {
+                return Err(Invalid::new(
+                    "pod",
+                    format!(
+                        "{:?} and the running pod {:?} map to the same segment {bridge}: rename one",
+                        pod.as_str(),
+                        h.pod
+                    ),
+                )
+                .into());
+            }
+        }
+        self.links
+            .ensure_segment(&bridge, self.config.hostlo.mtu)
+            .await
+            .map_err(BackendError::from)?;
+        let new = NewNic {
+            record: NewRecord {
+                network: vm.network(),
+                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part.get())),
+                mac: Some(hostlo::part_mac(
+                    &self.config.agent.mac_prefix,
+                    pod.as_str(),
+                    part.get(),
+                )),
+                scope: "",
+                sandbox_id: sandbox_id.as_str(),
+                interface: nestless_model::hostlo::SEGMENT_IFNAME,
+                labels: BTreeMap::new(),
+                pooled: false,
+                hostlo: Some(HostloRef {
+                    pod: pod.to_string(),
+                    part: part.get(),
+                    ports: Vec::new(),
+                }),
+            },
+            bridge: bridge.clone(),
+            mtu: self.config.hostlo.mtu,
+        };
+        let rec = match self.plug_new(&vm, new).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.remove_segment_if_empty(pod.as_str()).await;
+                return Err(e);
+            }
+        };
+        self.mark_pod_changed(pod.as_str());
+        log::info!(
+            "Hostlo pod {pod}: part {} joined from VM {vm_name} ({} on {bridge})",
+            part.get(),
+            rec.ipv4
+        );
+        let view = self.view_of_part(vm_name, &pod, part)?;
+        Ok((rec, view))
+    }
+
+    /// Removes the segment of `pod` when no part holds it any more.
+    pub(super) async fn remove_segment_if_empty(&self, pod: &str) {
+        if self.hostlo_view(pod).is_some() {
+            return;
+        }
+        let bridge = hostlo::segment_bridge(pod);
+        match self.links.delete(&bridge).await {
+            Ok(true) => log::info!("Hostlo pod {pod}: last part gone, segment {bridge} removed"),
+            Ok(false) => {}
+            Err(e) => log::warn!("Hostlo pod {pod}: cannot remove segment {bridge}: {e}"),
+        }
+        self.hostlo.forget(pod);
+    }
+
+    /// VM `vm_name`'s segment NIC of the part, or NotFound.
+    fn own_part(&self, vm_name: &str, pod: &PodName, part: Part) -> Result<NicRecord, AgentError> {
+        self.records
+            .hostlo_part(pod.as_str(), part.get())
+            .filter(|r| r.vm == vm_name)
+            .ok_or_else(|| part_not_found(vm_name, pod, part))
+    }
+
+    /// Takes part `req.part` of Hostlo pod `req.pod` out of VM `vm_name`.
+    ///
+    /// # Errors
+    /// [`AgentError::NicNotFound`] when the VM does not hold the part; those
+    /// of [`Agent::detach`].
+    pub async fn hostlo_leave(&self, vm_name: &str, req: HostloPart) -> Result<(), AgentError> {
+        let HostloPart { pod, part } = req;
+        let vm = self.vm(vm_name)?.clone();
+        let _op = vm.op.lock().await;
+        let rec = self.own_part(vm_name, &pod, part)?;
+        self.remove_nic(&vm, &rec.id).await?;
+        log::info!("Hostlo pod {pod}: part {} left VM {vm_name}", part.get());
+        self.mark_pod_changed(pod.as_str());
+        self.remove_segment_if_empty(pod.as_str()).await;
+        Ok(())
+    }
+
+    /// Sets the ports part `req.part` serves; returns the conflicts it is in.
+    ///
+    /// # Errors
+    /// [`AgentError::NicNotFound`] when the VM does not hold the part;
+    /// [`AgentError::State`].
+    pub async fn hostlo_publish(
+        &self,
+        vm_name: &str,
+        req: HostloPublish,
+    ) -> Result<Vec<Conflict>, AgentError> {
+        let HostloPublish { pod, part, ports } = req;
+        let ports = ports.into_vec();
+        let vm = self.vm(vm_name)?.clone();
+        let _op = vm.op.lock().await;
+        let before = self.own_part(vm_name, &pod, part)?;
+        let old = before
+            .hostlo
+            .as_ref()
+            .map(|h| h.ports.clone())
+            .unwrap_or_default();
+        if old != ports {
+            self.records.update(&before.id, |r| {
+                if let Some(h) = r.hostlo.as_mut() {
+                    h.ports = ports.clone();
+                }
+            });
+            if let Err(e) = self.records.persist().await {
+                self.records.restore(before);
+                return Err(e);
+            }
+            self.mark_pod_changed(pod.as_str());
+        }
+        let view = self.view_of_part(vm_name, &pod, part)?;
+        let mine: Vec<Conflict> = view
+            .conflicts
+            .into_iter()
+            .filter(|c| c.parts.contains(&part.get()))
+            .collect();
+        for c in &mine {
+            log::warn!(
+                "Hostlo pod {pod}: port {}/{} is served by parts {:?}: not forwarded",
+                c.port.port,
+                c.port.proto.as_str(),
+                c.parts
+            );
+        }
+        Ok(mine)
+    }
+
+    /// The pod's view once its version passes `req.since` (or at
+    /// `req.timeout`, at most [`MAX_WATCH`]). Only a VM holding a part of the
+    /// pod may watch it.
+    ///
+    /// # Errors
+    /// [`AgentError::NicNotFound`] when the VM holds no part of the pod, or
+    /// the pod's last part left while waiting.
+    pub async fn hostlo_watch(
+        &self,
+        vm_name: &str,
+        req: HostloWatch,
+    ) -> Result<PodView, AgentError> {
+        let pod = req.pod.as_str();
+        self.vm(vm_name)?;
+        if !self.records.holds_hostlo(vm_name, pod) {
+            return Err(AgentError::NicNotFound {
+                vm: vm_name.to_string(),
+                what: format!("in Hostlo pod {pod:?} (join it first)"),
+            });
+        }
+        let mut changes = self.hostlo.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_WATCH);
+        loop {
+            let view = self
+                .hostlo_view(pod)
+                .ok_or_else(|| AgentError::NicNotFound {
+                    vm: vm_name.to_string(),
+                    what: format!("in Hostlo pod {pod:?} (it has no part left)"),
+                })?;
+            if view.version > req.since {
+                return Ok(view);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(view);
+            }
+        }
+    }
+}
+
+fn part_not_found(vm_name: &str, pod: &PodName, part: Part) -> AgentError {
+    AgentError::NicNotFound {
+        vm: vm_name.to_string(),
+        what: format!("for part {} of Hostlo pod {:?}", part.get(), pod.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::{
+        agent::{
+            rig::{join, part, publish, req, watch},
+            NicSelector,
+        },
+        backend::{fake::FakeQemu, qemu::QemuBackend, VmBackend},
+        config::Config,
+        links::fake::FakeLinks,
+    };
+
+    #[tokio::test]
+    async fn hostlo_pod_spans_vms_of_one_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                r#"
+                [agent]
+                state_dir = "{}"
+                [[network]]
+                name = "a"
+                bridge = "bra"
+                subnet = "10.9.0.0/24"
+                gateway = "10.9.0.1"
+                [[network]]
+                name = "b"
+                bridge = "brb"
+                subnet = "10.10.0.0/24"
+                gateway = "10.10.0.1"
+                [[vm]]
+                name = "vm1"
+                backend = "qemu"
+                qmp_socket = "/q1"
+                cid = 3
+                network = "a"
+                [[vm]]
+                name = "vm2"
+                backend = "qemu"
+                qmp_socket = "/q2"
+                cid = 4
+                network = "a"
+                [[vm]]
+                name = "other"
+                backend = "qemu"
+                qmp_socket = "/q3"
+                cid = 5
+                network = "b"
+                "#,
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let links = Arc::new(FakeLinks::default());
+        let t = Duration::from_millis(200);
+        let qs: Vec<Arc<FakeQemu>> = (0..3).map(|_| Arc::new(FakeQemu::new(4))).collect();
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
+            b.insert(
+                name.to_string(),
+                Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)),
+            );
+        }
+        let agent = Arc::new(Agent::with_backends(cfg.clone(), links.clone(), b).unwrap());
+        // Part 0 has a BrFusion NIC: it becomes the pod IP.
+        let main = agent.attach("vm1", req("sb0")).await.unwrap().record;
+        let (n0, v0) = agent
+            .hostlo_join("vm1", join("web", 0, "sb0"))
+            .await
+            .unwrap();
+        assert_eq!(
+            n0.ipv4,
+            "169.254.77.1".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        assert_eq!(v0.pod_ip, Some(main.ipv4));
+        let bridge = hostlo::segment_bridge("web");
+        assert!(links.links.lock().unwrap().contains(&bridge));
+        // The same join again is the same NIC.
+        assert_eq!(
+            agent
+                .hostlo_join("vm1", join("web", 0, "sb0"))
+                .await
+                .unwrap()
+                .0
+                .id,
+            n0.id
+        );
+        // Another tenant's VM is refused; a taken part is refused.
+        let e = agent
+            .hostlo_join("other", join("web", 1, "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::PERMISSION_DENIED, "{e}");
+        let e = agent
+            .hostlo_join("vm2", join("web", 0, "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::ALREADY_EXISTS, "{e}");
+        // A watcher of part 0 wakes when part 1 joins and publishes.
+        let since = v0.version;
+        let w = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                agent
+                    .hostlo_watch("vm1", watch("web", since, Duration::from_secs(10)))
+                    .await
+            })
+        };
+        let (n1, _) = agent
+            .hostlo_join("vm2", join("web", 1, "sb1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            n1.ipv4,
+            "169.254.77.2".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        let seen = w.await.unwrap().unwrap();
+        assert!(seen.version > since && seen.parts.len() == 2);
+        let tcp = |port| Port {
+            port,
+            proto: hostlo::Proto::Tcp,
+        };
+        assert!(agent
+            .hostlo_publish("vm2", publish("web", 1, &[tcp(8080)]))
+            .await
+            .unwrap()
+            .is_empty());
+        let c = agent
+            .hostlo_publish("vm1", publish("web", 0, &[tcp(80), tcp(8080)]))
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].parts, vec![0, 1]);
+        // Publishing, watching or leaving a part the VM does not hold: not found.
+        assert_eq!(
+            agent
+                .hostlo_publish("vm1", publish("web", 1, &[]))
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            agent
+                .hostlo_watch("other", watch("web", 0, t))
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        assert_eq!(
+            agent
+                .hostlo_leave("vm1", part("web", 1))
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        // Hostlo NICs are not BrFusion NICs: DetachNic cannot take them.
+        assert_eq!(
+            agent
+                .detach("vm1", NicSelector::Id(n0.id.clone()))
+                .await
+                .unwrap_err()
+                .code(),
+            ttrpc::Code::NOT_FOUND
+        );
+        // A restart keeps the pod with its ports.
+        drop(agent);
+        let mut b: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
+        for (name, q) in ["vm1", "vm2", "other"].iter().zip(&qs) {
+            b.insert(
+                name.to_string(),
+                Arc::new(QemuBackend::new(name, q.clone(), links.clone(), vec![], t)),
+            );
+        }
+        let agent = Agent::with_backends(cfg, links.clone(), b).unwrap();
+        agent.recover().await.unwrap();
+        let v = agent.hostlo_view("web").unwrap();
+        assert_eq!(v.parts[&0].1, vec![tcp(80), tcp(8080)]);
+        assert!(
+            v.version > seen.version,
+            "versions keep growing across restarts"
+        );
+        // The last part leaving removes the segment.
+        agent.hostlo_leave("vm1", part("web", 0)).await.unwrap();
+        assert!(links.links.lock().unwrap().contains(&bridge));
+        agent.hostlo_leave("vm2", part("web", 1)).await.unwrap();
+        assert!(!links.links.lock().unwrap().contains(&bridge));
+        assert!(agent.hostlo_view("web").is_none());
+        assert_eq!(
+            agent.records(None).len(),
+            1,
+            "only the BrFusion NIC is left"
+        );
+    }
+}

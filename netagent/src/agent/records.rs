@@ -1,0 +1,500 @@
+//! The record store: every NIC record and the leases they hold, behind one
+//! lock, with the named queries the agent asks and the persistence of it all.
+//!
+//! A change returns the record as it now is, so a caller never looks it up
+//! again. Leases are not kept apart from the records: each network's
+//! allocator is rebuilt from the records at load ([`Records::load`]), and a
+//! record's lease is freed when the record goes ([`Records::remove`]). A
+//! Hostlo record's address is fixed by its part and holds no lease.
+//!
+//! [`Records::persist`] writes a snapshot of every record; saves are
+//! serialised and each writes the latest snapshot, so the file never goes
+//! back in time.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::{Mutex as StdMutex, MutexGuard},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use nestless_model::MacAddr;
+use tokio::sync::Mutex;
+
+use crate::{
+    config::{Config, NetworkConfig, VmConfig},
+    error::AgentError,
+    hostlo::HostloRef,
+    ipam::Ipam,
+    lifecycle::{self, Event, NicState},
+    names::{random_mac, NicId, DEFAULT_IFNAME},
+    state::{NicRecord, State, StateError, StateFile},
+};
+
+/// The records and leases, persisted to the state file.
+pub(super) struct Records {
+    state: StateFile,
+    store: StdMutex<Store>,
+    save_lock: Mutex<()>,
+}
+
+struct Store {
+    records: BTreeMap<NicId, NicRecord>,
+    ipam: HashMap<String, Ipam>,
+}
+
+/// What a new record holds besides its id, MAC and state.
+pub(super) struct NewRecord<'a> {
+    /// The VM's tenant network (see [`NicRecord::network`]).
+    pub network: &'a NetworkConfig,
+    /// A fixed address (Hostlo segment) instead of a lease from the network.
+    pub fixed_ipv4: Option<Ipv4Addr>,
+    /// A preferred MAC (Hostlo: stable per pod and part, so that a restarted
+    /// part's neighbours need not relearn it); random when taken or absent.
+    pub mac: Option<MacAddr>,
+    /// The scope of the sandbox (see [`NicRecord::scope`]).
+    pub scope: &'a str,
+    /// The sandbox; empty for a pooled NIC.
+    pub sandbox_id: &'a str,
+    /// The interface name in the pod (see [`NicRecord::interface`]).
+    pub interface: &'a str,
+    /// Labels from the request.
+    pub labels: BTreeMap<String, String>,
+    /// A warm-pool NIC.
+    pub pooled: bool,
+    /// The Hostlo part it serves.
+    pub hostlo: Option<HostloRef>,
+}
+
+/// The parts of a Hostlo pod, read under one lock.
+pub(super) struct PodRecords {
+    /// The segment NIC records of the pod's parts.
+    pub parts: Vec<NicRecord>,
+    /// The BrFusion address of part 0's sandbox (the pod IP).
+    pub pod_ip: Option<Ipv4Addr>,
+}
+
+impl Records {
+    /// The records of the state file, their leases taken again. A record
+    /// that no longer fits the configuration (unknown VM, address out of its
+    /// network) is kept, so that the reconciliation cleans it up, and logged.
+    pub fn load(config: &Config) -> Result<Records, StateError> {
+        let state = StateFile::in_dir(&config.agent.state_dir);
+        let mut store = Store {
+            records: BTreeMap::new(),
+            ipam: config
+                .networks
+                .values()
+                .map(|n| (n.name.clone(), Ipam::new(n)))
+                .collect(),
+        };
+        let saved = state.read()?;
+        for (network, last) in &saved.last_leased {
+            if let Some(ipam) = store.ipam.get_mut(network) {
+                ipam.resume_after(*last);
+            }
+        }
+        for rec in saved.nics {
+            let known_vm = config.vm(&rec.vm).is_some();
+            let leased = if rec.hostlo.is_some() {
+                Some(Ok(()))
+            } else {
+                store
+                    .ipam
+                    .get_mut(&rec.network)
+                    .map(|i| i.reserve(rec.ipv4))
+            };
+            match (known_vm, leased) {
+                (true, Some(Ok(()))) => {}
+                (vm, lease) => {
+                    // The configuration changed under the record. Keep it so that
+                    // the reconciliation cleans it up, but say so.
+                    log::warn!(
+                        "state record {} (VM {}, {} on {}) does not fit the configuration (VM known: {vm}, lease: {lease:?})",
+                        rec.id,
+                        rec.vm,
+                        rec.ipv4,
+                        rec.network
+                    );
+                }
+            }
+            store.records.insert(rec.id.clone(), rec);
+        }
+        Ok(Records {
+            state,
+            store: StdMutex::new(store),
+            save_lock: Mutex::new(()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        // No code panics while holding the lock (and a release build aborts
+        // on panic), so a poisoned lock still guards consistent records.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state file.
+    pub fn state_file(&self) -> &StateFile {
+        &self.state
+    }
+
+    /// All records (a snapshot), optionally of one VM.
+    pub fn snapshot(&self, vm: Option<&str>) -> Vec<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .filter(|r| vm.is_none_or(|v| r.vm == v))
+            .cloned()
+            .collect()
+    }
+
+    /// Record `id`, if any.
+    pub fn get(&self, id: &NicId) -> Option<NicRecord> {
+        self.lock().records.get(id).cloned()
+    }
+
+    /// The ids of every record.
+    pub fn ids(&self) -> Vec<NicId> {
+        self.lock().records.keys().cloned().collect()
+    }
+
+    /// Number of NICs VM `vm` has (pooled ones included).
+    pub fn count(&self, vm: &str) -> usize {
+        self.lock().records.values().filter(|r| r.vm == vm).count()
+    }
+
+    /// (pooled, all) NICs of VM `vm`.
+    pub fn pool_counts(&self, vm: &str) -> (usize, usize) {
+        let store = self.lock();
+        let mine = store.records.values().filter(|r| r.vm == vm);
+        (mine.clone().filter(|r| r.pooled).count(), mine.count())
+    }
+
+    /// Whether a record of VM `vm` waits for a cleanup (not Attached).
+    pub fn pending(&self, vm: &str) -> bool {
+        self.lock()
+            .records
+            .values()
+            .any(|r| r.vm == vm && r.state != NicState::Attached)
+    }
+
+    /// VM `vm`'s BrFusion NIC (pooled or not) that `matches`.
+    pub fn find_brfusion(
+        &self,
+        vm: &str,
+        matches: impl Fn(&NicRecord) -> bool,
+    ) -> Option<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .find(|r| r.vm == vm && r.hostlo.is_none() && matches(r))
+            .cloned()
+    }
+
+    /// A warm NIC of VM `vm` on `network`: plugged, leased, unassigned.
+    pub fn warm(&self, vm: &str, network: &str) -> Option<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .find(|r| {
+                r.vm == vm
+                    && r.pooled
+                    && r.hostlo.is_none()
+                    && r.state == NicState::Attached
+                    && r.network == network
+            })
+            .cloned()
+    }
+
+    /// The segment NIC of part `part` of Hostlo pod `pod`, in whichever VM.
+    pub fn hostlo_part(&self, pod: &str, part: u32) -> Option<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .find(|r| {
+                r.hostlo
+                    .as_ref()
+                    .is_some_and(|h| h.pod == pod && h.part == part)
+            })
+            .cloned()
+    }
+
+    /// Whether VM `vm` holds a part of Hostlo pod `pod`.
+    pub fn holds_hostlo(&self, vm: &str, pod: &str) -> bool {
+        self.lock()
+            .records
+            .values()
+            .any(|r| r.vm == vm && r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+    }
+
+    /// Every Hostlo segment NIC record.
+    pub fn hostlo_all(&self) -> Vec<NicRecord> {
+        self.lock()
+            .records
+            .values()
+            .filter(|r| r.hostlo.is_some())
+            .cloned()
+            .collect()
+    }
+
+    /// The parts of Hostlo pod `pod` and the pod IP: the address of the
+    /// `eth0` NIC of part 0's sandbox in the empty scope (CRI's pod NIC), in
+    /// part 0's VM.
+    pub fn hostlo_pod(&self, pod: &str) -> PodRecords {
+        let store = self.lock();
+        let parts: Vec<NicRecord> = store
+            .records
+            .values()
+            .filter(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+            .cloned()
+            .collect();
+        let pod_ip = parts
+            .iter()
+            .find(|r| r.hostlo.as_ref().is_some_and(|h| h.part == 0))
+            .and_then(|p0| {
+                store
+                    .records
+                    .values()
+                    .find(|r| {
+                        r.vm == p0.vm
+                            && r.hostlo.is_none()
+                            && !r.pooled
+                            && r.scope.is_empty()
+                            && r.sandbox_id == p0.sandbox_id
+                            && r.interface == DEFAULT_IFNAME
+                    })
+                    .map(|r| r.ipv4)
+            });
+        PodRecords { parts, pod_ip }
+    }
+
+    /// Writes a new record for VM `vm` in state Attaching (in memory: the
+    /// caller persists it): checks the quota, leases an address (or takes
+    /// the fixed one), picks a MAC no other record has and a fresh id.
+    ///
+    /// # Errors
+    /// [`AgentError::QuotaExceeded`], or [`AgentError::Ipam`] when the
+    /// network has no free address.
+    pub fn begin(
+        &self,
+        vm: &VmConfig,
+        new: NewRecord<'_>,
+        mac_prefix: &[u8],
+    ) -> Result<NicRecord, AgentError> {
+        let mut store = self.lock();
+        let count = store.records.values().filter(|r| r.vm == vm.name).count() as u32;
+        if count >= vm.max_nics {
+            return Err(AgentError::QuotaExceeded {
+                vm: vm.name.clone(),
+                quota: vm.max_nics,
+            });
+        }
+        let (ipv4, ipv6) = match new.fixed_ipv4 {
+            Some(a) => (a, None),
+            None => {
+                let ipam = store
+                    .ipam
+                    .entry(new.network.name.clone())
+                    .or_insert_with(|| Ipam::new(new.network));
+                let ipv4 = ipam.allocate()?;
+                (ipv4, ipam.ipv6_for(ipv4))
+            }
+        };
+        let used_macs: HashSet<MacAddr> = store.records.values().map(|r| r.mac).collect();
+        let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
+            Some(m) => m,
+            None => loop {
+                let m = random_mac(mac_prefix);
+                if !used_macs.contains(&m) && !m.is_multicast() {
+                    break m;
+                }
+            },
+        };
+        let id = loop {
+            let id = NicId::random();
+            if !store.records.contains_key(&id) {
+                break id;
+            }
+        };
+        let rec = NicRecord {
+            id: id.clone(),
+            vm: vm.name.clone(),
+            sandbox_id: new.sandbox_id.to_string(),
+            scope: new.scope.to_string(),
+            interface: new.interface.to_string(),
+            network: new.network.name.clone(),
+            mac,
+            ipv4,
+            ipv6,
+            state: NicState::Attaching,
+            slot: None,
+            labels: new.labels,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+            hostlo: new.hostlo,
+            pooled: new.pooled,
+        };
+        store.records.insert(id, rec.clone());
+        Ok(rec)
+    }
+
+    /// Changes record `id` with `change`; returns it as it now is.
+    pub fn update(&self, id: &NicId, change: impl FnOnce(&mut NicRecord)) -> Option<NicRecord> {
+        let mut store = self.lock();
+        let rec = store.records.get_mut(id)?;
+        change(rec);
+        Some(rec.clone())
+    }
+
+    /// Puts `rec` back as it was (undo of an [`Records::update`] that could
+    /// not be persisted).
+    pub fn restore(&self, rec: NicRecord) {
+        self.lock().records.insert(rec.id.clone(), rec);
+    }
+
+    /// Moves record `id` along the lifecycle ([`lifecycle::transition`]).
+    /// An event that ends the record's life (`Failed`, `Unplugged`) drops it
+    /// and frees its lease. Returns the record as it now is (or was, when
+    /// dropped); `None` when it is gone, or when the table refuses the event:
+    /// that one is a bug, and the only case logged as an error.
+    pub fn apply(&self, id: &NicId, event: Event) -> Option<NicRecord> {
+        let mut store = self.lock();
+        let rec = store.records.get_mut(id)?;
+        match lifecycle::transition(Some(rec.state), event) {
+            Ok(Some(next)) => {
+                rec.state = next;
+                Some(rec.clone())
+            }
+            Ok(None) => {
+                drop(store);
+                self.remove(id)
+            }
+            Err(refused) => {
+                log::error!("NIC {id}: {refused}; ignored");
+                None
+            }
+        }
+    }
+
+    /// Drops record `id` and frees its lease; returns it.
+    pub fn remove(&self, id: &NicId) -> Option<NicRecord> {
+        let mut store = self.lock();
+        let rec = store.records.remove(id)?;
+        if rec.hostlo.is_none() {
+            if let Some(ipam) = store.ipam.get_mut(&rec.network) {
+                ipam.release(rec.ipv4);
+            }
+        }
+        Some(rec)
+    }
+
+    /// Writes every record to the state file (atomically, durably).
+    ///
+    /// # Errors
+    /// [`AgentError::State`] when the file cannot be written.
+    pub async fn persist(&self) -> Result<(), AgentError> {
+        let _g = self.save_lock.lock().await;
+        let snapshot = {
+            let store = self.lock();
+            State {
+                nics: store.records.values().cloned().collect(),
+                last_leased: store
+                    .ipam
+                    .iter()
+                    .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
+                    .collect(),
+            }
+        };
+        let state = self.state.clone();
+        let path = state.path().to_path_buf();
+        tokio::task::spawn_blocking(move || state.write(snapshot))
+            .await
+            .map_err(|e| StateError::Io {
+                op: "write (the save task failed)",
+                path,
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        Ok(())
+    }
+
+    /// Addresses leased on `network` (tests).
+    #[cfg(test)]
+    pub fn leased(&self, network: &str) -> u32 {
+        self.lock().ipam.get(network).map_or(0, Ipam::leased)
+    }
+
+    /// Whether `addr` is leased on `network` (tests).
+    #[cfg(test)]
+    pub fn is_leased(&self, network: &str, addr: Ipv4Addr) -> bool {
+        self.lock()
+            .ipam
+            .get(network)
+            .is_some_and(|i| i.is_leased(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agent::rig::{join, keyed, rig};
+
+    /// Issue 9, item 1: the pod IP of a Hostlo pod is the `eth0` NIC of
+    /// part 0's sandbox in the empty scope (CRI's), not a NIC of the same
+    /// sandbox id in a containerd namespace, nor its second interface.
+    #[tokio::test]
+    async fn hostlo_pod_ip_is_the_cri_eth0_of_part_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        r.agent
+            .attach("vm2", keyed("team-one", "sb0", "eth0"))
+            .await
+            .unwrap();
+        r.agent
+            .attach("vm2", keyed("", "sb0", "net1"))
+            .await
+            .unwrap();
+        let eth0 = r
+            .agent
+            .attach("vm2", keyed("", "sb0", ""))
+            .await
+            .unwrap()
+            .record;
+        let (_, view) = r
+            .agent
+            .hostlo_join("vm2", join("web", 0, "sb0"))
+            .await
+            .unwrap();
+        assert_eq!(view.pod_ip, Some(eth0.ipv4));
+    }
+
+    /// Next-fit goes on after the last address across a restart: the
+    /// state file keeps it.
+    #[tokio::test]
+    async fn a_restart_does_not_reuse_the_address_released_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let r = rig(dir.path(), "10.9.0.254");
+            let a = r
+                .agent
+                .attach("vm2", keyed("", "a", ""))
+                .await
+                .unwrap()
+                .record;
+            r.agent
+                .detach("vm2", crate::agent::NicSelector::Id(a.id.clone()))
+                .await
+                .unwrap();
+            a
+        };
+        let r = rig(dir.path(), "10.9.0.254");
+        let b = r
+            .agent
+            .attach("vm2", keyed("", "b", ""))
+            .await
+            .unwrap()
+            .record;
+        assert_ne!(b.ipv4, a.ipv4, "handed out again at once");
+        assert_eq!(u32::from(b.ipv4), u32::from(a.ipv4) + 1);
+    }
+}

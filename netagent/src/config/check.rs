@@ -1,0 +1,502 @@
+//! The rules between values, once each value is typed ([`super::raw`]): a
+//! gateway inside its subnet, a range in order that holds an address to
+//! lease, subnets of host addresses, IPv6 large enough to mirror the IPv4
+//! range (and an MTU that IPv6 takes), routes that `ip route add` takes
+//! (gateway on the link and of the destination's family, no host bits, no
+//! duplicate) with a gateway that is a router's address, no overlapping subnets, names, CIDs or
+//! sockets used twice, a VM's backend keys matching its `backend`, a VM
+//! reachable somehow, a warm pool within the quota, the Hostlo subnet apart
+//! from every network. Each error names the file and the key.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use nestless_model::hostlo::DEFAULT_SEGMENT_SUBNET;
+
+use super::{
+    mirror6,
+    raw::{segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
+    reserved6, AgentSettings, BackendConfig, Config, ConfigError, HostloConfig, NetworkConfig,
+    RouteConfig, VmConfig, IPV6_MIN_MTU,
+};
+
+/// The IPv4 address of `net`'s subnet whose IPv6 mirror in `s6` is `a`.
+fn mirrored4(net: &NetworkConfig, s6: Ipv6Net, a: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+    let offset = u128::from(a).checked_sub(u128::from(s6.network()))?;
+    let v4 = u32::from(net.subnet.network()).checked_add(u32::try_from(offset).ok()?)?;
+    let v4 = Ipv4Addr::from(v4);
+    net.subnet.contains(&v4).then_some(v4)
+}
+
+/// Why the IPv4 network `net` holds no host addresses, or `None`: "this
+/// network" (0/8), loopback (127/8), multicast (224/4), reserved (240/4).
+fn not_unicast4(net: Ipv4Net) -> Option<&'static str> {
+    [
+        ("0.0.0.0/8", "in 0.0.0.0/8 (\"this network\")"),
+        ("127.0.0.0/8", "loopback"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved (240.0.0.0/4)"),
+    ]
+    .into_iter()
+    .find_map(|(block, why)| {
+        let block: Ipv4Net = block.parse().ok()?;
+        (block.contains(&net.network()) || net.contains(&block.network())).then_some(why)
+    })
+}
+
+/// Why the IPv6 network `net` holds no host addresses, or `None`: one that
+/// meets ::/96 (the unspecified and loopback addresses), IPv4-mapped
+/// addresses (::ffff:0:0/96) or multicast (ff00::/8).
+fn not_unicast6(net: Ipv6Net) -> Option<&'static str> {
+    [
+        ("::/96", "in ::/96 (the unspecified and loopback addresses)"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("ff00::/8", "multicast"),
+    ]
+    .into_iter()
+    .find_map(|(block, why)| {
+        let block: Ipv6Net = block.parse().ok()?;
+        (block.contains(&net.network()) || net.contains(&block.network())).then_some(why)
+    })
+}
+
+/// The checked configuration of `raw`, read from `path`.
+pub(super) fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    Checker { path }.check(raw)
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: impl fmt::Display, message: impl fmt::Display) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let a = raw.agent;
+        let agent = AgentSettings {
+            state_dir: a.state_dir,
+            admin_socket: a.admin_socket,
+            vsock_port: a.vsock_port,
+            listen_vsock: a.listen_vsock,
+            mac_prefix: a.mac_prefix,
+            qmp_timeout: a.qmp_timeout,
+            unplug_timeout: a.unplug_timeout,
+        };
+        if raw.network.is_empty() {
+            return Err(self.err("network", "at least one [[network]] is required"));
+        }
+        let mut networks = BTreeMap::new();
+        let mut bridges = HashMap::new();
+        for (i, n) in raw.network.into_iter().enumerate() {
+            let key = format!("network[{i}] ({:?})", n.name);
+            let net = self.check_network(&key, n)?;
+            for other in networks.values() {
+                let other: &NetworkConfig = other;
+                if other.subnet.contains(&net.subnet.network())
+                    || net.subnet.contains(&other.subnet.network())
+                {
+                    return Err(self.err(
+                        format!("{key}.subnet"),
+                        format!(
+                            "{} overlaps network {:?} ({})",
+                            net.subnet, other.name, other.subnet
+                        ),
+                    ));
+                }
+            }
+            if let Some(other) = bridges.insert(net.bridge.clone(), net.name.clone()) {
+                return Err(self.err(
+                    format!("{key}.bridge"),
+                    format!(
+                        "bridge {:?} is already used by network {other:?}",
+                        net.bridge
+                    ),
+                ));
+            }
+            if networks.insert(net.name.clone(), net).is_some() {
+                return Err(self.err(format!("{key}.name"), "duplicate network name"));
+            }
+        }
+        let mut vms = Vec::new();
+        let mut names = HashSet::new();
+        let mut cids = HashMap::new();
+        let mut sockets = HashMap::new();
+        for (i, v) in raw.vm.into_iter().enumerate() {
+            let key = format!("vm[{i}] ({:?})", v.name);
+            let vm = self.check_vm(&key, v, &agent, &networks)?;
+            if !names.insert(vm.name.clone()) {
+                return Err(self.err(format!("{key}.name"), "duplicate VM name"));
+            }
+            if let Some(cid) = vm.cid {
+                if let Some(other) = cids.insert(cid, vm.name.clone()) {
+                    return Err(self.err(
+                        format!("{key}.cid"),
+                        format!("CID {cid} is already VM {other:?}'s"),
+                    ));
+                }
+            }
+            if let Some(sock) = &vm.unix_socket {
+                if let Some(other) = sockets.insert(sock.clone(), vm.name.clone()) {
+                    return Err(self.err(
+                        format!("{key}.socket"),
+                        format!("{} is already VM {other:?}'s socket", sock.display()),
+                    ));
+                }
+            }
+            vms.push(vm);
+        }
+        let hostlo = self.check_hostlo(raw.hostlo, &networks)?;
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            agent,
+            networks,
+            vms,
+            hostlo,
+        })
+    }
+
+    fn check_hostlo(
+        &self,
+        h: RawHostlo,
+        networks: &BTreeMap<String, NetworkConfig>,
+    ) -> Result<HostloConfig, ConfigError> {
+        let subnet: Ipv4Net = match h.subnet {
+            Some(s) => s,
+            None => segment_subnet_rule(DEFAULT_SEGMENT_SUBNET)
+                .map_err(|m| self.err("hostlo.subnet", m))?,
+        };
+        if let Some(n) = networks
+            .values()
+            .find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()))
+        {
+            return Err(self.err(
+                "hostlo.subnet",
+                format!("{subnet} overlaps network {:?} ({})", n.name, n.subnet),
+            ));
+        }
+        Ok(HostloConfig { subnet, mtu: h.mtu })
+    }
+
+    fn check_network(&self, key: &str, n: RawNetwork) -> Result<NetworkConfig, ConfigError> {
+        let subnet = n.subnet;
+        if let Some(why) = not_unicast4(subnet) {
+            return Err(self.err(
+                format!("{key}.subnet"),
+                format!("{subnet} is {why}: not a network of host addresses"),
+            ));
+        }
+        let usable =
+            |a: Ipv4Addr| subnet.contains(&a) && a != subnet.network() && a != subnet.broadcast();
+        let gateway = n.gateway;
+        if !usable(gateway) {
+            return Err(self.err(
+                format!("{key}.gateway"),
+                format!(
+                    "{gateway} is outside subnet {subnet} or is its network or broadcast address"
+                ),
+            ));
+        }
+        let first = n
+            .range_start
+            .unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.network()) + 1));
+        let last = n
+            .range_end
+            .unwrap_or_else(|| Ipv4Addr::from(u32::from(subnet.broadcast()) - 1));
+        for (field, a) in [("range_start", first), ("range_end", last)] {
+            if !usable(a) {
+                return Err(self.err(
+                    format!("{key}.{field}"),
+                    format!("{a} is not a usable address of {subnet}"),
+                ));
+            }
+        }
+        if first > last {
+            return Err(self.err(
+                format!("{key}.range_end"),
+                format!("{last} comes before range_start {first}"),
+            ));
+        }
+        if n.subnet6.is_some() && n.mtu < IPV6_MIN_MTU {
+            return Err(self.err(
+                format!("{key}.mtu"),
+                format!(
+                    "{} is below {IPV6_MIN_MTU}, the least a link with IPv6 (subnet6) may have: the kernel refuses the IPv6 address",
+                    n.mtu
+                ),
+            ));
+        }
+        match (n.subnet6, n.gateway6) {
+            (None, Some(_)) => {
+                return Err(self.err(format!("{key}.gateway6"), "set without subnet6"))
+            }
+            (Some(s6), g6) => {
+                if let Some(why) = not_unicast6(s6) {
+                    return Err(self.err(
+                        format!("{key}.subnet6"),
+                        format!("{s6} is {why}: not a network of host addresses"),
+                    ));
+                }
+                // IPv6 addresses mirror the IPv4 host offset: the mirror of
+                // the whole range must be host addresses of subnet6.
+                for a in [first, last] {
+                    let mirror = mirror6(subnet, s6, a);
+                    if let Some(why) = mirror.map_or(Some("outside subnet6"), |m| reserved6(s6, m))
+                    {
+                        return Err(self.err(
+                            format!("{key}.subnet6"),
+                            format!(
+                                "{s6} is too small to mirror the IPv4 range {first}-{last}: the mirror of {a} is {why}"
+                            ),
+                        ));
+                    }
+                }
+                if let Some(g6) = g6 {
+                    if let Some(why) = reserved6(s6, g6) {
+                        return Err(self.err(format!("{key}.gateway6"), format!("{g6} is {why}")));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        let net = NetworkConfig {
+            name: n.name,
+            bridge: n.bridge,
+            subnet,
+            gateway,
+            range: (first, last),
+            mtu: n.mtu,
+            manage_bridge: n.manage_bridge,
+            subnet6: n.subnet6,
+            gateway6: n.gateway6,
+            routes: Vec::new(),
+        };
+        let leasable = u32::from(first)..=u32::from(last);
+        if !leasable
+            .clone()
+            .any(|a| net.unleasable(Ipv4Addr::from(a)).is_none())
+        {
+            return Err(self.err(
+                format!("{key}.range_end"),
+                format!("the range {first}-{last} holds no address to lease (the gateways are never leased)"),
+            ));
+        }
+        let mut routes: Vec<RouteConfig> = Vec::new();
+        for (j, r) in n.routes.into_iter().enumerate() {
+            let rkey = format!("{key}.routes[{j}]");
+            let route = RouteConfig {
+                destination: r.destination,
+                gateway: r.gateway,
+            };
+            self.check_route(&rkey, &net, &route, &routes)?;
+            routes.push(route);
+        }
+        Ok(NetworkConfig { routes, ..net })
+    }
+
+    /// One extra route of `net`, given the ones before it: what `ip route
+    /// add` refuses (a gateway off the link or of the other family, a
+    /// destination with host bits, a route that is there already: the
+    /// default route, the subnet's own, an earlier one) and a gateway that
+    /// is no router's address (network, broadcast or anycast address, an
+    /// address the range hands to pods).
+    fn check_route(
+        &self,
+        rkey: &str,
+        net: &NetworkConfig,
+        r: &RouteConfig,
+        before: &[RouteConfig],
+    ) -> Result<(), ConfigError> {
+        let dest = r.destination;
+        if dest.addr().is_ipv6() && net.subnet6.is_none() {
+            return Err(self.err(format!("{rkey}.destination"), "an IPv6 route needs subnet6"));
+        }
+        if dest.trunc() != dest {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} has host bits set (did you mean {}?)", dest.trunc()),
+            ));
+        }
+        let default_route = match dest {
+            IpNet::V4(_) => Some("gateway"),
+            IpNet::V6(_) => net.gateway6.map(|_| "gateway6"),
+        };
+        if dest.prefix_len() == 0 {
+            if let Some(via) = default_route {
+                return Err(self.err(
+                    format!("{rkey}.destination"),
+                    format!("{dest} is the default route, which {via} gives already"),
+                ));
+            }
+        }
+        if dest == IpNet::V4(net.subnet) || net.subnet6.is_some_and(|s6| dest == IpNet::V6(s6)) {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} is the network's own subnet, reached on the link already"),
+            ));
+        }
+        if let Some(i) = before.iter().position(|b| b.destination == dest) {
+            return Err(self.err(
+                format!("{rkey}.destination"),
+                format!("{dest} is routed already by routes[{i}]"),
+            ));
+        }
+        let Some(g) = r.gateway else {
+            return Ok(());
+        };
+        let why = match (g, dest) {
+            (IpAddr::V4(_), IpNet::V6(_)) | (IpAddr::V6(_), IpNet::V4(_)) => {
+                Some("of another address family than the destination".to_string())
+            }
+            (IpAddr::V4(g4), _) => {
+                if !net.subnet.contains(&g4) {
+                    Some(format!(
+                        "outside subnet {}: the kernel refuses a gateway off the link",
+                        net.subnet
+                    ))
+                } else if g4 == net.subnet.network() || g4 == net.subnet.broadcast() {
+                    Some(format!(
+                        "the network or broadcast address of {}",
+                        net.subnet
+                    ))
+                } else if net.leases(g4) {
+                    Some(format!(
+                        "in the lease range {}-{}: a pod may be given it",
+                        net.range.0, net.range.1
+                    ))
+                } else {
+                    None
+                }
+            }
+            (IpAddr::V6(g6), _) => {
+                let s6 = net.subnet6.unwrap_or_default();
+                if !s6.contains(&g6) {
+                    Some(format!(
+                        "outside subnet6 {s6}: the kernel refuses a gateway off the link"
+                    ))
+                } else if let Some(why) = reserved6(s6, g6) {
+                    Some(why.to_string())
+                } else if mirrored4(net, s6, g6).is_some_and(|a| net.leases(a)) {
+                    Some(format!(
+                        "the IPv6 mirror of an address of the lease range {}-{}: a pod may be given it",
+                        net.range.0, net.range.1
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            Some(why) => Err(self.err(format!("{rkey}.gateway"), format!("{g} is {why}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_vm(
+        &self,
+        key: &str,
+        v: RawVm,
+        agent: &AgentSettings,
+        networks: &BTreeMap<String, NetworkConfig>,
+    ) -> Result<VmConfig, ConfigError> {
+        let network = match v.network {
+            Some(n) => n,
+            None if networks.len() == 1 => networks.keys().next().cloned().unwrap_or_default(),
+            None => {
+                return Err(self.err(
+                    format!("{key}.network"),
+                    "required when there is more than one network",
+                ))
+            }
+        };
+        if !networks.contains_key(&network) {
+            return Err(self.err(
+                format!("{key}.network"),
+                format!("no [[network]] is named {network:?}"),
+            ));
+        }
+        let backend = match v.backend {
+            BackendKind::Qemu => {
+                if v.netns.is_some() {
+                    return Err(self.err(format!("{key}.netns"), "only for backend = \"netns\""));
+                }
+                let qmp_socket = v.qmp_socket.ok_or_else(|| {
+                    self.err(
+                        format!("{key}.qmp_socket"),
+                        "required for backend = \"qemu\"",
+                    )
+                })?;
+                BackendConfig::Qemu {
+                    qmp_socket,
+                    hotplug_slots: v.hotplug_slots.unwrap_or_default(),
+                }
+            }
+            BackendKind::Netns => {
+                if v.qmp_socket.is_some() || v.hotplug_slots.is_some() {
+                    return Err(
+                        self.err(format!("{key}.qmp_socket"), "only for backend = \"qemu\"")
+                    );
+                }
+                let netns = v.netns.ok_or_else(|| {
+                    self.err(format!("{key}.netns"), "required for backend = \"netns\"")
+                })?;
+                BackendConfig::Netns { netns }
+            }
+        };
+        let unix_socket = match (v.socket, v.vsock_uds) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    format!("{key}.socket"),
+                    "give either socket or vsock_uds, not both",
+                ));
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(uds)) => {
+                let mut s = uds.into_os_string();
+                s.push(format!("_{}", agent.vsock_port));
+                Some(PathBuf::from(s))
+            }
+            (None, None) => None,
+        };
+        if let Some(s) = &unix_socket {
+            if !s.is_absolute() {
+                return Err(self.err(
+                    format!("{key}.socket"),
+                    format!("{} is not an absolute path", s.display()),
+                ));
+            }
+        }
+        if v.cid.is_none() && unix_socket.is_none() {
+            return Err(self.err(
+                key,
+                "needs a cid, a vsock_uds or a socket, or the VM cannot reach the agent",
+            ));
+        }
+        if v.warm_pool > v.max_nics {
+            return Err(self.err(
+                format!("{key}.warm_pool"),
+                format!("{} is more than max_nics ({})", v.warm_pool, v.max_nics),
+            ));
+        }
+        Ok(VmConfig {
+            warm_pool: v.warm_pool,
+            name: v.name,
+            backend,
+            network,
+            cid: v.cid,
+            unix_socket,
+            max_nics: v.max_nics,
+        })
+    }
+}

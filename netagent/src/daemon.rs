@@ -1,0 +1,108 @@
+//! The daemon's life, from a checked configuration to exit:
+//!
+//! ```text
+//! netlink ─▶ Agent (state file loaded) ─▶ recover (bridges, reconcile, sweep)
+//!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch ─▶ sd_notify READY=1
+//!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
+//! ```
+//!
+//! NICs stay plugged at exit: they belong to running pods, and the state file
+//! has them for the next start. `nestless-netagent` (`main.rs`) only parses
+//! its arguments, sets up logging and the runtime, and calls [`run`].
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    agent::{spawn_upkeep, Agent},
+    config::Config,
+    error::AgentError,
+    links::{deleted_links, owner_alias, Netlink},
+    names::HOST_IF_PREFIX,
+    server::{self, ServeError},
+};
+
+/// How often each VM's upkeep runs.
+pub const UPKEEP_PERIOD: Duration = Duration::from_secs(2);
+/// How long a shutdown waits for operations in flight.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No netlink socket.
+    #[error("cannot open a netlink socket: {0}")]
+    Netlink(#[source] std::io::Error),
+    /// The agent could not be built (the state file).
+    #[error(transparent)]
+    Agent(AgentError),
+    /// Recovery at start failed.
+    #[error("recovery failed: {0}")]
+    Recover(#[source] AgentError),
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// The signal handlers could not be installed.
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the agent for `config` until SIGTERM or SIGINT.
+///
+/// # Errors
+/// See [`DaemonError`]; a signal is a clean exit.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let owner = owner_alias(&config.agent.state_dir);
+    let links = Arc::new(Netlink::new(&owner).map_err(DaemonError::Netlink)?);
+    let agent = Arc::new(Agent::new(config, links).map_err(DaemonError::Agent)?);
+    let report = agent.recover().await.map_err(DaemonError::Recover)?;
+    log::info!(
+        "recovered: {} NIC(s) kept, {} rolled back, {} detached, {} released, {} deferred, {} orphan(s) removed",
+        report.kept,
+        report.rolled_back,
+        report.detached,
+        report.released,
+        report.deferred,
+        report.orphans
+    );
+    let running = server::serve(agent.clone()).await?;
+    let mut upkeep = spawn_upkeep(agent.clone(), UPKEEP_PERIOD);
+    // NICs whose host end someone deletes are released at once, rather
+    // than at the upkeep's next presence check.
+    match deleted_links(HOST_IF_PREFIX) {
+        Ok(mut deleted) => {
+            let agent = agent.clone();
+            upkeep.push(tokio::spawn(async move {
+                while let Some(name) = deleted.recv().await {
+                    agent.host_link_gone(&name);
+                }
+            }));
+        }
+        Err(e) => log::warn!(
+            "cannot watch link deletions ({e}): NICs removed behind the agent's back are found by the upkeep every {}s",
+            UPKEEP_PERIOD.as_secs()
+        ),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    log::info!("ready: serving {} VM(s)", agent.vms().count());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(DaemonError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    for t in upkeep {
+        t.abort();
+    }
+    running.stop_accepting();
+    // Let operations in flight finish, so that none is cut between steps.
+    if !agent.drain(DRAIN_TIMEOUT).await {
+        log::warn!(
+            "operations still running after {}s: exiting anyway (the next start recovers them)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    // NICs stay plugged: they belong to running pods. The state file has them.
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Names and small checked values of the agent: NIC ids, the names derived
+//! from them on the host and in QEMU, and [`Invalid`], the error of a value
+//! that breaks a rule. (MAC addresses are `nestless_model::MacAddr`, shared
+//! with the shim.)
+//!
+//! This module sits at the bottom of the agent: it imports nothing of it, so
+//! the pure rule modules ([`crate::hostlo`]) and the request parsers
+//! ([`crate::server::convert`]) can return [`Invalid`] without depending on
+//! [`crate::error::AgentError`], which wraps it.
+
+use std::{fmt, str::FromStr};
+
+use nestless_model::MacAddr;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// A request field that breaks a rule: which field, and why. Becomes
+/// [`crate::error::AgentError::Invalid`] (ttrpc `INVALID_ARGUMENT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct Invalid {
+    /// The field, as the protocol names it (`sandbox_id`, `ports.port`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl Invalid {
+    /// `field` is wrong because of `reason`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Longest sandbox id accepted.
+pub const MAX_SANDBOX_ID: usize = 128;
+
+/// A sandbox id from a request, checked: 1 to 128 characters of
+/// `[A-Za-z0-9_.-]`. The idempotency key of an attach within a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// Checks `id` (field `sandbox_id`).
+    pub fn parse(id: &str) -> Result<SandboxId, Invalid> {
+        if id.is_empty() || id.len() > MAX_SANDBOX_ID {
+            return Err(Invalid::new(
+                "sandbox_id",
+                format!("must be 1 to {MAX_SANDBOX_ID} characters"),
+            ));
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(Invalid::new(
+                "sandbox_id",
+                format!("{id:?} has characters outside [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(SandboxId(id.to_string()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Longest scope accepted (containerd's limit on namespace names).
+pub const MAX_SCOPE: usize = 76;
+
+/// The namespace a sandbox id is unique in, checked: 0 to [`MAX_SCOPE`]
+/// characters of `[A-Za-z0-9_.-]`. The containerd namespace of a container
+/// the shim attaches outside CRI; empty for CRI sandboxes and CNI
+/// attachments, whose ids containerd makes unique across namespaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(String);
+
+impl Scope {
+    /// Checks `scope` (field `scope`).
+    pub fn parse(scope: &str) -> Result<Scope, Invalid> {
+        if scope.len() > MAX_SCOPE {
+            return Err(Invalid::new(
+                "scope",
+                format!("must be at most {MAX_SCOPE} characters"),
+            ));
+        }
+        if !scope
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(Invalid::new(
+                "scope",
+                format!("{scope:?} has characters outside [A-Za-z0-9_.-]"),
+            ));
+        }
+        Ok(Scope(scope.to_string()))
+    }
+
+    /// The scope as text (empty for CRI and CNI).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The interface name a NIC takes in the pod when the request names none.
+pub const DEFAULT_IFNAME: &str = "eth0";
+
+/// Checks a Linux interface name as the kernel does (`dev_valid_name`):
+/// 1 to 15 bytes, not `.` or `..`, no `/`, `:`, whitespace or NUL.
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} is not 1 to 15 characters"));
+    }
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        || name == "."
+        || name == ".."
+    {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    Ok(())
+}
+
+/// The interface name a NIC takes in the pod (CNI_IFNAME), checked; an
+/// empty request field means [`DEFAULT_IFNAME`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfName(String);
+
+impl IfName {
+    /// Checks `name` (field `interface`); empty is [`DEFAULT_IFNAME`].
+    pub fn parse(name: &str) -> Result<IfName, Invalid> {
+        if name.is_empty() {
+            return Ok(IfName::default());
+        }
+        check_ifname(name).map_err(|reason| Invalid::new("interface", reason))?;
+        Ok(IfName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for IfName {
+    /// [`DEFAULT_IFNAME`].
+    fn default() -> IfName {
+        IfName(DEFAULT_IFNAME.to_string())
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A random unicast MAC under `prefix` (the first bytes of the address; at
+/// most 6). Without a prefix the address is locally administered.
+pub fn random_mac(prefix: &[u8]) -> MacAddr {
+    let mut bytes = [0u8; 6];
+    rand::rng().fill(&mut bytes[..]);
+    let n = prefix.len().min(6);
+    bytes[..n].copy_from_slice(&prefix[..n]);
+    if prefix.is_empty() {
+        // Locally administered, unicast.
+        bytes[0] = (bytes[0] | 0x02) & 0xfe;
+    }
+    MacAddr(bytes)
+}
+
+/// The MAC of a bridge the agent creates (a network's bridge with
+/// `manage_bridge`, a Hostlo segment): derived from its name (64-bit FNV-1a),
+/// locally administered and unicast. A bridge without a MAC of its own takes
+/// the lowest MAC of its ports, so removing one pod's port could change the
+/// gateway's MAC under every other pod; a MAC set once never changes.
+pub fn bridge_mac(name: &str) -> MacAddr {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(*b"/bridge") {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&h.to_be_bytes()[2..]);
+    m[0] = (m[0] | 0x02) & 0xfe;
+    MacAddr(m)
+}
+
+/// The agent's id for a NIC: 10 lower-case hex digits.
+///
+/// Every name the NIC has on the host and in QEMU is derived from it, so that
+/// a restarted agent can find what a NIC left behind (see [`NicNames`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NicId(String);
+
+impl NicId {
+    /// Length of the hex id.
+    pub const LEN: usize = 10;
+
+    /// A fresh random id.
+    pub fn random() -> NicId {
+        let n: u64 = rand::rng().random::<u64>() & 0xff_ffff_ffff;
+        NicId(format!("{n:010x}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The names derived from this id.
+    pub fn names(&self) -> NicNames {
+        NicNames::for_id(self)
+    }
+}
+
+impl TryFrom<String> for NicId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.len() == Self::LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(NicId(s))
+        } else {
+            Err(format!("{s:?} is not a NIC id (10 lower-case hex digits)"))
+        }
+    }
+}
+
+impl FromStr for NicId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        NicId::try_from(s.to_string())
+    }
+}
+
+impl From<NicId> for String {
+    fn from(id: NicId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for NicId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NicId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Prefix of every host interface the agent creates (taps, veth host ends).
+pub const HOST_IF_PREFIX: &str = "nlh";
+/// Prefix of the guest end of a veth (netns backend) before the guest renames it.
+pub const GUEST_IF_PREFIX: &str = "nlg";
+/// Prefix of QEMU device ids the agent creates.
+pub const QEMU_DEVICE_PREFIX: &str = "nl-";
+/// Prefix of QEMU netdev ids the agent creates.
+pub const QEMU_NETDEV_PREFIX: &str = "nln-";
+/// Prefix of file descriptor names the agent passes to QEMU.
+pub const QEMU_FD_PREFIX: &str = "nlf-";
+
+/// Every name a NIC has outside the agent, derived from its [`NicId`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicNames {
+    /// Host interface: the tap (qemu) or the host end of the veth (netns).
+    pub host_if: String,
+    /// Guest end of the veth (netns backend).
+    pub guest_if: String,
+    /// QEMU device id (`device_add id=`).
+    pub device: String,
+    /// QEMU netdev id (`netdev_add id=`).
+    pub netdev: String,
+    /// Name of the tap fd passed to QEMU with `getfd`.
+    pub fd_name: String,
+}
+
+impl NicNames {
+    fn for_id(id: &NicId) -> NicNames {
+        NicNames {
+            host_if: format!("{HOST_IF_PREFIX}{id}"),
+            guest_if: format!("{GUEST_IF_PREFIX}{id}"),
+            device: format!("{QEMU_DEVICE_PREFIX}{id}"),
+            netdev: format!("{QEMU_NETDEV_PREFIX}{id}"),
+            fd_name: format!("{QEMU_FD_PREFIX}{id}"),
+        }
+    }
+
+    /// The NIC id a host interface, device or netdev name was derived from.
+    pub fn id_from_name(name: &str) -> Option<NicId> {
+        [
+            HOST_IF_PREFIX,
+            GUEST_IF_PREFIX,
+            QEMU_NETDEV_PREFIX,
+            QEMU_DEVICE_PREFIX,
+            QEMU_FD_PREFIX,
+        ]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .and_then(|rest| rest.parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_errors() {
+        let m: MacAddr = "52:54:00:AB:cd:01".parse().unwrap();
+        assert_eq!(m.to_string(), "52:54:00:ab:cd:01");
+        assert_eq!("52-54-00-ab-cd-01".parse::<MacAddr>().unwrap(), m);
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "zz:54:00:ab:cd:01",
+        ] {
+            assert!(bad.parse::<MacAddr>().is_err(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn random_macs_keep_prefix_and_are_unicast() {
+        for _ in 0..100 {
+            let m = random_mac(&[0x52, 0x54, 0x00]);
+            assert_eq!(&m.0[..3], &[0x52, 0x54, 0x00]);
+            let m = random_mac(&[]);
+            assert!(!m.is_multicast());
+            assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
+        }
+    }
+
+    #[test]
+    fn names_fit_in_ifnamsiz_and_map_back() {
+        let id = NicId::random();
+        let names = id.names();
+        assert!(names.host_if.len() <= 15 && names.guest_if.len() <= 15);
+        for n in [
+            &names.host_if,
+            &names.guest_if,
+            &names.device,
+            &names.netdev,
+            &names.fd_name,
+        ] {
+            assert_eq!(NicNames::id_from_name(n), Some(id.clone()), "{n}");
+        }
+        assert_eq!(NicNames::id_from_name("nlhxyz"), None);
+        assert_eq!(NicNames::id_from_name("eth0"), None);
+    }
+
+    #[test]
+    fn sandbox_id_rules() {
+        assert_eq!(SandboxId::parse("pod-1_a.b").unwrap().as_str(), "pod-1_a.b");
+        for bad in ["", "a/b", "../etc", &"x".repeat(129)] {
+            let e = SandboxId::parse(bad).unwrap_err();
+            assert_eq!(e.field, "sandbox_id", "{bad}");
+        }
+        assert!(SandboxId::parse(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn bridge_macs_are_fixed_local_and_unicast() {
+        let m = bridge_mac("nlbr0");
+        assert_eq!(m, bridge_mac("nlbr0"), "stable");
+        assert_ne!(m, bridge_mac("nlbr1"));
+        for name in ["nlbr0", "nls0badf00d", "b", ""] {
+            let m = bridge_mac(name);
+            assert!(m.is_local() && !m.is_multicast(), "{name}: {m}");
+        }
+    }
+
+    #[test]
+    fn scope_rules() {
+        assert_eq!(Scope::parse("").unwrap().as_str(), "");
+        assert_eq!(Scope::parse("team-one").unwrap().as_str(), "team-one");
+        assert!(Scope::parse(&"n".repeat(76)).is_ok());
+        for bad in ["a/b", "team one", "k8s:io", &"n".repeat(77)] {
+            assert_eq!(Scope::parse(bad).unwrap_err().field, "scope", "{bad}");
+        }
+    }
+
+    #[test]
+    fn interface_rules() {
+        assert_eq!(IfName::parse("").unwrap().as_str(), "eth0", "empty is eth0");
+        assert_eq!(IfName::parse("net1").unwrap().as_str(), "net1");
+        assert!(IfName::parse(&"n".repeat(15)).is_ok());
+        for bad in [".", "..", "a/b", "a:b", "a b", &"n".repeat(16)] {
+            assert_eq!(IfName::parse(bad).unwrap_err().field, "interface", "{bad}");
+        }
+    }
+
+    #[test]
+    fn nic_id_validation() {
+        assert!("0123456789".parse::<NicId>().is_ok());
+        assert!("0123456789a".parse::<NicId>().is_err());
+        assert!("ABCDEF0123".parse::<NicId>().is_err());
+    }
+}

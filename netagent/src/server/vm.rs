@@ -1,0 +1,200 @@
+//! The `NetAgent` service of one VM: each call parses its request
+//! ([`convert`]), asks the agent, and converts the reply; nothing else.
+//!
+//! The caller is fixed when the connection is accepted (see [`super`]): a
+//! service is made per VM, and one for callers no VM matches, which refuses
+//! every call with `PERMISSION_DENIED`.
+
+use std::sync::Arc;
+
+use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
+use ttrpc::r#async::TtrpcContext;
+
+use super::convert;
+use crate::{
+    agent::{
+        Agent, AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch, NicSelector,
+    },
+    error::AgentError,
+    lifecycle::NicState,
+};
+
+/// The NetAgent service bound to one caller.
+pub struct VmService {
+    agent: Arc<Agent>,
+    /// `None`: a caller no VM matches.
+    vm: Option<String>,
+}
+
+impl VmService {
+    /// The service of VM `vm` (`None`: of callers no VM matches).
+    pub fn new(agent: Arc<Agent>, vm: Option<String>) -> VmService {
+        VmService { agent, vm }
+    }
+
+    fn caller(&self) -> Result<&str, ttrpc::Error> {
+        self.vm.as_deref().ok_or_else(|| {
+            AgentError::UnknownVm("no VM with the caller's vsock CID is configured on this host (the agent logs the CID)".into())
+                .to_ttrpc()
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl agent_ttrpc::NetAgent for VmService {
+    async fn health(
+        &self,
+        _: &TtrpcContext,
+        _: pb::HealthRequest,
+    ) -> ttrpc::Result<pb::HealthResponse> {
+        let vm_name = self.caller()?;
+        let vm = self.agent.vm(vm_name)?;
+        Ok(pb::HealthResponse {
+            protocol_version: PROTOCOL_VERSION.into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            vm: vm_name.into(),
+            nics_in_use: self.agent.nic_count(vm_name) as u32,
+            nic_quota: vm.config.max_nics,
+            ..Default::default()
+        })
+    }
+
+    async fn attach_nic(
+        &self,
+        _: &TtrpcContext,
+        req: pb::AttachNicRequest,
+    ) -> ttrpc::Result<pb::AttachNicResponse> {
+        let vm_name = self.caller()?;
+        let attached = async {
+            let checked = AttachRequest::try_from(&req)?;
+            let done = self.agent.attach(vm_name, checked).await?;
+            // A record kept from an older configuration may name a network
+            // that is gone: the VM may not use it.
+            let net = self.agent.network(&done.record.network).ok_or_else(|| {
+                AgentError::NetworkNotAllowed {
+                    vm: vm_name.to_string(),
+                    network: done.record.network.clone(),
+                    allowed: self
+                        .agent
+                        .vm(vm_name)
+                        .map(|v| v.config.network.clone())
+                        .unwrap_or_default(),
+                }
+            })?;
+            Ok::<_, AgentError>(pb::AttachNicResponse {
+                nic: protobuf::MessageField::some(convert::nic(&done.record, net)),
+                created: done.created,
+                ..Default::default()
+            })
+        }
+        .await;
+        attached.map_err(|e| {
+            log::warn!(
+                "VM {vm_name}: AttachNic for sandbox {:?} (scope {:?}, interface {:?}) failed: {e}",
+                req.sandbox_id,
+                req.scope,
+                req.interface
+            );
+            e.into()
+        })
+    }
+
+    async fn detach_nic(
+        &self,
+        _: &TtrpcContext,
+        req: pb::DetachNicRequest,
+    ) -> ttrpc::Result<pb::DetachNicResponse> {
+        let vm_name = self.caller()?;
+        let which = NicSelector::try_from(&req)?;
+        self.agent.detach(vm_name, which).await.map_err(|e| {
+            log::warn!("VM {vm_name}: DetachNic failed: {e}");
+            e
+        })?;
+        Ok(pb::DetachNicResponse::default())
+    }
+
+    async fn hostlo_join(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloJoinRequest,
+    ) -> ttrpc::Result<pb::HostloJoinResponse> {
+        let vm_name = self.caller()?;
+        let joined = async {
+            let checked = HostloJoin::try_from(&req)?;
+            self.agent.hostlo_join(vm_name, checked).await
+        }
+        .await;
+        let (rec, view) = joined.map_err(|e| {
+            log::warn!(
+                "VM {vm_name}: HostloJoin {:?}/{} failed: {e}",
+                req.pod,
+                req.part
+            );
+            e
+        })?;
+        Ok(pb::HostloJoinResponse {
+            nic: protobuf::MessageField::some(convert::hostlo_nic(
+                &rec,
+                &req.pod,
+                &self.agent.config().hostlo,
+            )),
+            pod: protobuf::MessageField::some(convert::hostlo_view(&view)),
+            ..Default::default()
+        })
+    }
+
+    async fn hostlo_leave(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloLeaveRequest,
+    ) -> ttrpc::Result<pb::HostloLeaveResponse> {
+        let vm_name = self.caller()?;
+        let part = HostloPart::try_from(&req)?;
+        self.agent.hostlo_leave(vm_name, part).await?;
+        Ok(pb::HostloLeaveResponse::default())
+    }
+
+    async fn hostlo_publish(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloPublishRequest,
+    ) -> ttrpc::Result<pb::HostloPublishResponse> {
+        let vm_name = self.caller()?;
+        let publish = HostloPublish::try_from(&req)?;
+        let conflicts = self.agent.hostlo_publish(vm_name, publish).await?;
+        Ok(pb::HostloPublishResponse {
+            conflicts: conflicts.iter().map(convert::hostlo_conflict).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn hostlo_watch(
+        &self,
+        _: &TtrpcContext,
+        req: pb::HostloWatchRequest,
+    ) -> ttrpc::Result<pb::HostloWatchResponse> {
+        let vm_name = self.caller()?;
+        let watch = HostloWatch::try_from(&req)?;
+        let view = self.agent.hostlo_watch(vm_name, watch).await?;
+        Ok(convert::hostlo_view(&view))
+    }
+
+    async fn list_nics(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListNicsRequest,
+    ) -> ttrpc::Result<pb::ListNicsResponse> {
+        let vm_name = self.caller()?;
+        let nics = self
+            .agent
+            .records(Some(vm_name))
+            .iter()
+            .filter(|r| r.state == NicState::Attached && !r.pooled && r.hostlo.is_none())
+            .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, n)))
+            .collect();
+        Ok(pb::ListNicsResponse {
+            nics,
+            ..Default::default()
+        })
+    }
+}
