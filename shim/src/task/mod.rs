@@ -35,7 +35,7 @@
 //!   |                   | cgroup + OOM watch, event TaskCreate
 //!   |<------ pid -------|
 //!   | Start(id)         |---- setup(sandbox, netns) (owner only) ->| NIC in the netns
-//!   |                   |   on failure: teardown, kill init (Stopped, TaskExit)
+//!   |                   |   on failure: (setup gave back what it made) kill init (Stopped, TaskExit)
 //!   |                   |------------ runc start ---------------->|
 //!   |<------ pid -------| event TaskStart
 //!   |        ...        | reaper: init exits -> event TaskExit, Wait() returns
