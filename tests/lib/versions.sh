@@ -126,7 +126,7 @@ fetch_versions() {
 	for p in /usr/bin/containerd /usr/bin/ctr /usr/bin/containerd-shim-runc-v2 /usr/sbin/runc; do
 		_versions_link "$d" "$p" || return 1
 	done
-	dpkg-query -W -f='${Version}' containerd >"$d/VERSION"
+	dpkg-query -W -f='${Version}\n' containerd >"$d/VERSION"
 	echo "versions: containerd-1.6 = containerd $(cat "$d/VERSION") (the system's)"
 
 	_versions_containerd containerd-1.7 "$TRIXIE_CONTAINERD" || return 1
