@@ -734,7 +734,7 @@ fn per_packet(
     if !failed.is_empty() {
         println!("runs that failed (left out): {}", failed.join("; "));
     }
-    println!("paper (KVM, 10 GbE): nested -68 % throughput, BrFusion +31 % over nested");
+    println!("paper (KVM, 10 GbE): nested -68 % throughput and +31 % latency against a single layer");
 }
 
 /// The network configs `cni_add_ms` runs: the first plugin of each runtime's conflist.
