@@ -734,7 +734,9 @@ fn per_packet(
     if !failed.is_empty() {
         println!("runs that failed (left out): {}", failed.join("; "));
     }
-    println!("paper (KVM, 10 GbE): nested -68 % throughput and +31 % latency against a single layer");
+    println!(
+        "paper (KVM, 10 GbE): nested -68 % throughput and +31 % latency against a single layer"
+    );
 }
 
 /// The network configs `cni_add_ms` runs: the first plugin of each runtime's conflist.
