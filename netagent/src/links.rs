@@ -31,7 +31,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use nestless_model::MacAddr;
 
-use crate::names::bridge_mac;
+use crate::names::{bridge_mac, owned_bridge_mac};
 
 /// A failed link operation: what was being done, to which interface, and why.
 #[derive(Debug, thiserror::Error)]
@@ -164,14 +164,26 @@ impl Netlink {
     }
 
     /// Every link of the namespace.
+    /// Every link of the agent's namespace. A dump that the kernel
+    /// interrupts because the link table changed under it (the reply carries
+    /// `NLM_F_DUMP_INTR`, which the netlink crates report as `EBUSY`) is
+    /// inconsistent and is taken again, as iproute2 does; links come and go
+    /// all the time on a busy host.
     async fn dump(&self) -> Result<Vec<LinkMessage>, LinkError> {
-        self.handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| LinkError::new("list", "links", nl_io(e)))
+        const ATTEMPTS: usize = 10;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.handle.link().get().execute().try_collect().await {
+                Ok(links) => return Ok(links),
+                Err(e) => {
+                    let e = nl_io(e);
+                    if e.raw_os_error() != Some(libc::EBUSY) || attempt == ATTEMPTS {
+                        return Err(LinkError::new("list", "links", e));
+                    }
+                }
+            }
+        }
     }
 
     async fn index(&self, op: &'static str, ifname: &str) -> Result<u32, LinkError> {
@@ -262,7 +274,7 @@ impl HostLinks for Netlink {
                     .add(
                         LinkBridge::new(name)
                             .mtu(mtu)
-                            .address(bridge_mac(name).0.to_vec())
+                            .address(owned_bridge_mac(name, &self.owner).0.to_vec())
                             .build(),
                     )
                     .execute()
@@ -272,7 +284,10 @@ impl HostLinks for Netlink {
             }
         };
         // The kernel ignores an alias given at creation (IFLA_IFALIAS is
-        // only applied to an existing link): mark it here, with `up`.
+        // only applied to an existing link): mark it here, with `up`. Until
+        // then its MAC, given at creation, marks it as this agent's
+        // (`list_owned`), so that a crash between the two leaves nothing
+        // the sweep cannot find.
         self.handle
             .link()
             .set(
@@ -400,9 +415,21 @@ impl HostLinks for Netlink {
         Ok(links
             .iter()
             .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::IfAlias(x) if *x == self.owner))
+                let alias = m.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfAlias(x) => Some(x),
+                    _ => None,
+                });
+                match alias {
+                    Some(x) => *x == self.owner,
+                    // A segment bridge a crash left before its alias was set.
+                    None => m.attributes.iter().any(|a| match a {
+                        LinkAttribute::Address(mac) => m.attributes.iter().any(|n| {
+                            matches!(n, LinkAttribute::IfName(name)
+                                if owned_bridge_mac(name, &self.owner).0[..] == mac[..])
+                        }),
+                        _ => false,
+                    }),
+                }
             })
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {

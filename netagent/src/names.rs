@@ -227,6 +227,17 @@ pub fn bridge_mac(name: &str) -> MacAddr {
     MacAddr(m)
 }
 
+/// The MAC of a Hostlo segment bridge made by the agent whose owner alias is
+/// `owner` ([`crate::links::owner_alias`]): fixed as [`bridge_mac`]'s, and
+/// also the agent's mark from the moment the bridge exists. The kernel
+/// applies a MAC given in the creating request but ignores an alias
+/// (IFLA_IFALIAS is applied to existing links only), so a crash between
+/// creating a segment and marking it would otherwise leave a bridge that no
+/// sweep can tell from another agent's.
+pub fn owned_bridge_mac(name: &str, owner: &str) -> MacAddr {
+    bridge_mac(&format!("{name}\0{owner}"))
+}
+
 /// The agent's id for a NIC: 10 lower-case hex digits.
 ///
 /// Every name the NIC has on the host and in QEMU is derived from it, so that
@@ -417,6 +428,21 @@ mod tests {
             assert_eq!(e.field, "sandbox_id", "{bad}");
         }
         assert!(SandboxId::parse(&"x".repeat(128)).is_ok());
+    }
+
+    #[test]
+    fn owned_bridge_macs_differ_per_owner() {
+        let a = owned_bridge_mac("nls0123abcd", "nestless-netagent /var/lib/a");
+        assert_eq!(
+            a,
+            owned_bridge_mac("nls0123abcd", "nestless-netagent /var/lib/a")
+        );
+        assert_ne!(
+            a,
+            owned_bridge_mac("nls0123abcd", "nestless-netagent /var/lib/b")
+        );
+        assert_ne!(a, bridge_mac("nls0123abcd"));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered unicast: {a}");
     }
 
     #[test]

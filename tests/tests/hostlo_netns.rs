@@ -508,7 +508,7 @@ fn alias_of(link: &str) -> Option<String> {
 /// left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_hostlo_joins_leaves_no_segment() {
-    use nestless_netagent::{hostlo::segment_bridge, links::owner_alias, names::bridge_mac};
+    use nestless_netagent::{hostlo::segment_bridge, links::owner_alias, names::owned_bridge_mac};
     use nestless_protos::agent as pb;
     use nestless_tests::agent::{ctx, vm_client};
 
@@ -593,7 +593,11 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
                 let mac: Vec<Value> =
                     serde_json::from_str(&check(&["ip", "-j", "link", "show", "dev", &seg]))
                         .unwrap();
-                assert_eq!(mac[0]["address"], bridge_mac(&seg).to_string(), "{seg}");
+                assert_eq!(
+                    mac[0]["address"],
+                    owned_bridge_mac(&seg, &owner).to_string(),
+                    "{seg}"
+                );
             }
         }
     }
@@ -619,12 +623,32 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
     }
     // A segment a crash left before its first part was recorded (made here
     // as the agent makes one: the owner mark, no port) goes at restart.
+    // So does one a crash left between creating it (with the agent's MAC)
+    // and marking it; one with another MAC and no mark (another agent's, in
+    // that same window) stays.
     let ghost = segment_bridge(&format!("ghost-{tag}"));
+    let unmarked = segment_bridge(&format!("unmarked-{tag}"));
+    let foreign = segment_bridge(&format!("foreign-{tag}"));
     agent.kill9();
     check(&["ip", "link", "add", &ghost, "type", "bridge"]);
     check(&["ip", "link", "set", &ghost, "alias", &owner]);
+    let mac = owned_bridge_mac(&unmarked, &owner).to_string();
+    check(&[
+        "ip", "link", "add", &unmarked, "address", &mac, "type", "bridge",
+    ]);
+    let mac = owned_bridge_mac(&foreign, "nestless-netagent /elsewhere").to_string();
+    check(&[
+        "ip", "link", "add", &foreign, "address", &mac, "type", "bridge",
+    ]);
     agent.restart();
+    let foreign_left = !host_links(&foreign).is_empty();
+    let _ = run(&["ip", "link", "del", &foreign]);
     assert!(host_links(&ghost).is_empty(), "the sweep left {ghost}");
+    assert!(
+        host_links(&unmarked).is_empty(),
+        "the sweep left {unmarked}"
+    );
+    assert!(foreign_left, "the sweep removed another agent's {foreign}");
     assert_eq!(view(&agent), Value::Array(vec![]));
     for pod in &pods {
         assert!(host_links(&segment_bridge(pod)).is_empty(), "{pod}");
