@@ -51,6 +51,9 @@ pub enum DaemonError {
 /// # Errors
 /// See [`DaemonError`]; a signal is a clean exit.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
     let owner = owner_alias(&config.agent.state_dir);
     let links = Arc::new(Netlink::new(&owner).map_err(DaemonError::Netlink)?);
     let agent = Arc::new(Agent::new(config, links).map_err(DaemonError::Agent)?);

@@ -84,6 +84,7 @@ impl AgentError {
             AgentError::HostloTenant { .. } => Code::PERMISSION_DENIED,
             AgentError::Ipam(_) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::NoFreeSlot { .. }) => Code::RESOURCE_EXHAUSTED,
+            AgentError::Backend(BackendError::BridgeFull { .. }) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::UnplugTimeout { .. }) => Code::DEADLINE_EXCEEDED,
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,

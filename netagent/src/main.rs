@@ -45,6 +45,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
         println!(
             "{}: valid ({} network(s), {} VM(s))",
             args.config.display(),

@@ -9,7 +9,12 @@ use std::{
     process::Command,
 };
 
-use nestless_tests::agent::bin_path;
+use nestless_netagent::config::BRIDGE_MAX_PORTS;
+use nestless_protos::agent as pb;
+use nestless_tests::{
+    agent::{bin_path, ctx, status_of, vm_client, AgentProc},
+    netenv::{check, random_subnet, require_root, run, suffix, Bridge, Netns},
+};
 
 /// `nestless-netagent --config PATH ARGS...`: (exit code, stdout + stderr).
 fn agent_cmd(path: &Path, args: &[&str]) -> (i32, String) {
@@ -136,4 +141,138 @@ fn configs_that_cannot_work_are_refused_naming_file_and_key() {
         !dir.path().join("admin.sock").exists(),
         "the agent bound its socket"
     );
+}
+
+/// A netns VM per tenant on one bridge, served by one agent.
+struct Rig {
+    agent: AgentProc,
+    bridge: Bridge,
+    vms: Vec<Netns>,
+}
+
+impl Rig {
+    fn new(vms: usize, max_nics: u32) -> Rig {
+        require_root();
+        let net = random_subnet();
+        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        let vms: Vec<Netns> = (0..vms).map(|i| Netns::new(&format!("t{i}"))).collect();
+        let agent = AgentProc::start(|dir| {
+            let mut s = AgentProc::agent_section(dir);
+            s += &format!(
+                "[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                bridge.name
+            );
+            for (i, ns) in vms.iter().enumerate() {
+                s += &format!(
+                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
+                    ns.name,
+                    dir.display()
+                );
+            }
+            s
+        });
+        Rig { agent, bridge, vms }
+    }
+
+    fn socket(&self, i: usize) -> PathBuf {
+        self.agent.dir.path().join(format!("vm{i}.sock"))
+    }
+
+    /// Host links the agent made (`nlh*`) that hang on this rig's bridge.
+    fn nic_ports(&self) -> Vec<String> {
+        let mut p: Vec<String> = self
+            .bridge
+            .ports()
+            .into_iter()
+            .filter(|p| p.starts_with("nlh"))
+            .collect();
+        p.sort();
+        p
+    }
+}
+
+fn attach_req(sb: &str) -> pb::AttachNicRequest {
+    pb::AttachNicRequest {
+        sandbox_id: sb.into(),
+        ..Default::default()
+    }
+}
+
+/// Veth pairs filling a bridge's ports (this kernel has no dummy links):
+/// one end on the bridge, the other in a namespace of its own, whose
+/// deletion takes every pair with it.
+struct Filler {
+    ports: Vec<String>,
+    _ns: Netns,
+}
+
+impl Filler {
+    /// `n` ports on `bridge` (one `ip -batch`).
+    fn new(bridge: &str, n: usize) -> Filler {
+        let ns = Netns::new("fill");
+        let tag = &suffix()[..4];
+        let ports: Vec<String> = (0..n).map(|i| format!("nltf{tag}{i:04}")).collect();
+        let batch: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "link add {p} master {bridge} type veth peer name p{i} netns {}\n",
+                    ns.name
+                )
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("nltf{tag}.batch"));
+        std::fs::write(&path, batch).unwrap();
+        let out = run(&["ip", "-batch", path.to_str().unwrap()]);
+        let _ = std::fs::remove_file(path);
+        assert!(out.status.success(), "ip -batch: {out:?}");
+        Filler { ports, _ns: ns }
+    }
+
+    /// Deletes one pair: a port comes free.
+    fn free_one(&mut self) {
+        let p = self.ports.remove(0);
+        check(&["ip", "link", "del", &p]);
+    }
+}
+
+/// Issue 11, item 8, on the kernel: a bridge holds 1023 ports. With every
+/// port taken, an attach is refused with `RESOURCE_EXHAUSTED` saying so
+/// (not `INTERNAL: Exchange full`), leaves no link, record or lease, and
+/// the next attach once a port is free succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bridge_is_refused_with_resource_exhausted() {
+    let rig = Rig::new(1, 8);
+    let c = vm_client(&rig.socket(0)).await;
+    let first = c.attach_nic(ctx(), &attach_req("sb-first")).await.unwrap();
+    assert!(first.created);
+    let mut filler = Filler::new(&rig.bridge.name, BRIDGE_MAX_PORTS as usize - 1);
+    assert_eq!(rig.bridge.ports().len(), BRIDGE_MAX_PORTS as usize);
+    let e = c
+        .attach_nic(ctx(), &attach_req("sb-full"))
+        .await
+        .expect_err("an attach onto a full bridge succeeded");
+    let (code, msg) = status_of(&e);
+    assert_eq!(code, ttrpc::Code::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(
+        msg.contains(&format!("bridge {} is full", rig.bridge.name))
+            && msg.contains("at most 1023 ports"),
+        "{msg}"
+    );
+    let nic_id = first.nic.id.clone();
+    assert_eq!(
+        rig.nic_ports(),
+        vec![format!("nlh{nic_id}")],
+        "a link was left"
+    );
+    assert_eq!(rig.agent.records().len(), 1, "{:?}", rig.agent.records());
+    assert_eq!(rig.agent.leases().len(), 1);
+    filler.free_one();
+    let next = c.attach_nic(ctx(), &attach_req("sb-full")).await.unwrap();
+    assert!(next.created);
+    assert_eq!(rig.agent.records().len(), 2);
+    drop(filler);
+    assert_eq!(rig.nic_ports().len(), 2);
+    let _ = &rig.vms;
 }

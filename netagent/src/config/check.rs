@@ -30,8 +30,8 @@ use crate::names::AGENT_LINK_PREFIXES;
 use super::{
     mirror6,
     raw::{has_control, segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
-    reserved6, AgentSettings, BackendConfig, Config, ConfigError, HostloConfig, NetworkConfig,
-    RouteConfig, VmConfig, IPV6_MIN_MTU,
+    reserved6, AgentSettings, BackendConfig, Config, ConfigError, ConfigWarning, HostloConfig,
+    NetworkConfig, RouteConfig, VmConfig, BRIDGE_MAX_PORTS, IPV6_MIN_MTU,
 };
 
 /// The IPv4 address of `net`'s subnet whose IPv6 mirror in `s6` is `a`.
@@ -124,9 +124,14 @@ impl Checker<'_> {
         }
         let mut networks = BTreeMap::new();
         let mut bridges = HashMap::new();
+        // The key of each network, by name.
+        let mut net_keys: HashMap<String, String> = HashMap::new();
         for (i, n) in raw.network.into_iter().enumerate() {
             let key = format!("network[{i}] ({:?})", n.name);
             let net = self.check_network(&key, n)?;
+            net_keys
+                .entry(net.name.clone())
+                .or_insert_with(|| key.clone());
             for other in networks.values() {
                 let other: &NetworkConfig = other;
                 if other.subnet.contains(&net.subnet.network())
@@ -229,13 +234,47 @@ impl Checker<'_> {
             vms.push(vm);
         }
         let hostlo = self.check_hostlo(raw.hostlo, &networks)?;
+        let warnings = self.bridge_ports(&networks, &net_keys, &vms);
         Ok(Config {
             path: self.path.to_path_buf(),
             agent,
             networks,
             vms,
             hostlo,
+            warnings,
         })
+    }
+
+    /// A network whose VMs may hold more NICs together than its bridge has
+    /// ports ([`BRIDGE_MAX_PORTS`]; one VM's `max_nics` cannot exceed it):
+    /// a warning, not an error, since quotas are often overcommitted. The
+    /// attach past the last port is refused with `RESOURCE_EXHAUSTED`
+    /// (`BackendError::BridgeFull`).
+    fn bridge_ports(
+        &self,
+        networks: &BTreeMap<String, NetworkConfig>,
+        net_keys: &HashMap<String, String>,
+        vms: &[VmConfig],
+    ) -> Vec<ConfigWarning> {
+        networks
+            .values()
+            .filter_map(|net| {
+                let on: Vec<&VmConfig> = vms.iter().filter(|v| v.network == net.name).collect();
+                let total: u64 = on.iter().map(|v| u64::from(v.max_nics)).sum();
+                (total > u64::from(BRIDGE_MAX_PORTS)).then(|| ConfigWarning {
+                    path: self.path.to_path_buf(),
+                    key: format!(
+                        "{}.bridge",
+                        net_keys.get(&net.name).map_or("network", String::as_str)
+                    ),
+                    message: format!(
+                        "the {} VM(s) on it may hold {total} NICs (max_nics), but bridge {} holds at most {BRIDGE_MAX_PORTS} ports (fewer with an uplink): attaches past that are refused (RESOURCE_EXHAUSTED)",
+                        on.len(),
+                        net.bridge
+                    ),
+                })
+            })
+            .collect()
     }
 
     fn check_hostlo(

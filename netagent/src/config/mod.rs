@@ -87,6 +87,28 @@ pub enum ConfigError {
     },
 }
 
+/// Something in a valid configuration that may still fail at run time:
+/// `--check-config` prints it, the agent logs it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// The file.
+    pub path: PathBuf,
+    /// The key, as [`ConfigError::Invalid`] names it.
+    pub key: String,
+    /// What may fail.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.path.display(), self.key, self.message)
+    }
+}
+
+/// Most ports a Linux bridge holds: `BR_MAX_PORTS` (1 << 10) less port 0,
+/// which the kernel keeps. Adding one more fails with `EXFULL`.
+pub const BRIDGE_MAX_PORTS: u32 = 1023;
+
 // ---------------------------------------------------------------- checked form
 
 /// Whether the agent listens on AF_VSOCK. In the file: `true`, `false` or
@@ -382,6 +404,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// `[hostlo]`.
     pub hostlo: HostloConfig,
+    /// What may fail at run time though the file is valid.
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl Config {
@@ -691,6 +715,37 @@ mod tests {
         );
         let dup_name = format!("{net}[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=5\n[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"y\"\ncid=6\n");
         assert!(err(&dup_name).contains("duplicate VM name"));
+    }
+
+    /// Issue 11, item 8: one VM cannot be given more NICs than a bridge
+    /// has ports (an error); VMs whose quotas add up to more share the
+    /// bridge's ports (a warning naming the network's bridge).
+    #[test]
+    fn bridge_port_limit() {
+        let net = with_network("subnet = \"10.0.0.0/20\"\ngateway = \"10.0.0.1\"");
+        let vm = |name: &str, cid: u32, max: u32| {
+            format!("[[vm]]\nname = \"{name}\"\nbackend = \"netns\"\nnetns = \"{name}\"\ncid = {cid}\nmax_nics = {max}\n")
+        };
+        let e = err(&format!("{net}{}", vm("a", 3, 1024)));
+        assert!(
+            e.contains("vm[0] (\"a\").max_nics")
+                && e.contains("1023, the most ports a Linux bridge holds"),
+            "{e}"
+        );
+        let c = parse(&format!("{net}{}", vm("a", 3, 1023))).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&format!("{net}{}{}", vm("a", 3, 600), vm("b", 4, 424))).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        let w = c.warnings[0].to_string();
+        assert!(
+            w.starts_with("test.toml: network[0] (\"n\").bridge:")
+                && w.contains("may hold 1024 NICs")
+                && w.contains("at most 1023 ports")
+                && w.contains("RESOURCE_EXHAUSTED"),
+            "{w}"
+        );
+        let c = parse(&format!("{net}{}{}", vm("a", 3, 600), vm("b", 4, 423))).unwrap();
+        assert!(c.warnings.is_empty());
     }
 
     /// Issue 11, item 9: configurations that load but cannot work are

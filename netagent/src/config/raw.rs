@@ -20,7 +20,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nestless_model::hostlo::DEFAULT_SEGMENT_MTU;
 use serde::{de::Error as _, Deserialize, Deserializer};
 
-use super::{check_ifname, ConfigError, ListenVsock, MacPrefix};
+use super::{check_ifname, ConfigError, ListenVsock, MacPrefix, BRIDGE_MAX_PORTS};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -396,8 +396,10 @@ fn some_cid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 
 fn max_nics<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
-    if !(1..=1024).contains(&n) {
-        return Err(D::Error::custom(format!("{n} is not between 1 and 1024")));
+    if !(1..=BRIDGE_MAX_PORTS).contains(&n) {
+        return Err(D::Error::custom(format!(
+            "{n} is not between 1 and {BRIDGE_MAX_PORTS}, the most ports a Linux bridge holds"
+        )));
     }
     Ok(n)
 }
