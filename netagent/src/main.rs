@@ -24,6 +24,13 @@ struct Args {
     /// Check the configuration and exit (0: valid, 2: invalid).
     #[arg(long)]
     check_config: bool,
+    /// Before starting, drop the state records that break the state file's
+    /// invariants (two NICs on one address, MAC, id or attachment),
+    /// keeping the oldest of each group; the file is backed up first to
+    /// state.json.bak-<unix seconds>. The way out of a start refused for
+    /// such records.
+    #[arg(long)]
+    drop_conflicting_records: bool,
     /// Log filter (error, warn, info, debug, trace), overriding RUST_LOG.
     #[arg(long)]
     log_level: Option<String>,
@@ -55,6 +62,31 @@ fn main() -> ExitCode {
             config.vms.len()
         );
         return ExitCode::SUCCESS;
+    }
+    if args.drop_conflicting_records {
+        let state = nestless_netagent::state::StateFile::in_dir(&config.agent.state_dir);
+        match state.drop_conflicting() {
+            Ok(dropped) => {
+                for r in &dropped {
+                    log::warn!(
+                        "dropped conflicting state record {} (VM {}, {} on {}, MAC {}, sandbox {:?})",
+                        r.id,
+                        r.vm,
+                        r.ipv4,
+                        r.network,
+                        r.mac,
+                        r.sandbox_id
+                    );
+                }
+                if dropped.is_empty() {
+                    log::info!("{}: no conflicting records", state.path().display());
+                }
+            }
+            Err(e) => {
+                eprintln!("nestless-netagent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

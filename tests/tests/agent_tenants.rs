@@ -7,6 +7,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use nestless_netagent::config::BRIDGE_MAX_PORTS;
@@ -275,4 +276,103 @@ async fn a_full_bridge_is_refused_with_resource_exhausted() {
     drop(filler);
     assert_eq!(rig.nic_ports().len(), 2);
     let _ = &rig.vms;
+}
+
+/// Issue 11, item 5, with the real agent: a state file in which two NICs
+/// hold one address is refused at start, naming both records and the way
+/// out; `--drop-conflicting-records` keeps the oldest, backs the file up,
+/// and the start removes what the dropped NIC left; no address is ever
+/// leased twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
+    let mut rig = Rig::new(1, 8);
+    let c = vm_client(&rig.socket(0)).await;
+    let a = c
+        .attach_nic(ctx(), &attach_req("sb-a"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let b = c
+        .attach_nic(ctx(), &attach_req("sb-b"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    drop(c);
+    assert!(rig.agent.stop().success());
+    // b's record now claims a's address (and a's MAC), and is the newer one.
+    let mut state = rig.agent.state();
+    for r in state["nics"].as_array_mut().unwrap() {
+        if r["id"] == b.id.as_str() {
+            r["ipv4"] = a.addresses[0].address.as_str().into();
+            r["mac"] = a.mac.as_str().into();
+            r["created_unix"] = (r["created_unix"].as_i64().unwrap() + 1).into();
+        }
+    }
+    rig.agent.write_state(&state);
+    let (status, out) = rig.agent.run_once(&[], Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "started on a conflicting state file:\n{out}"
+    );
+    // The agent writes records in id order: the conflict names them so.
+    let (x, y) = if a.id < b.id {
+        (&a.id, &b.id)
+    } else {
+        (&b.id, &a.id)
+    };
+    for want in [
+        format!(
+            "NICs {x}, {y} share IPv4 address {} on network \"n\"",
+            a.addresses[0].address
+        ),
+        format!("NICs {x}, {y} share MAC {}", a.mac),
+        "--drop-conflicting-records".to_string(),
+        "state.json".to_string(),
+    ] {
+        assert!(out.contains(&want), "{want:?} not in:\n{out}");
+    }
+    assert!(!rig.agent.admin.exists(), "the admin socket was bound");
+    // The way out.
+    rig.agent.restart_with(&["--drop-conflicting-records"]);
+    let ids: Vec<String> = rig
+        .agent
+        .records()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec![a.id.clone()], "the oldest record is kept");
+    assert_eq!(
+        rig.nic_ports(),
+        vec![format!("nlh{}", a.id)],
+        "b's link was left"
+    );
+    let backups = std::fs::read_dir(rig.agent.dir.path().join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.bak-")
+        })
+        .count();
+    assert_eq!(backups, 1);
+    // The next attach gets an address nobody holds.
+    let c = vm_client(&rig.socket(0)).await;
+    let n = c
+        .attach_nic(ctx(), &attach_req("sb-n"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    assert_ne!(n.addresses[0].address, a.addresses[0].address);
+    let leases: Vec<String> = rig
+        .agent
+        .leases()
+        .iter()
+        .map(|l| l["address"].as_str().unwrap().to_string())
+        .collect();
+    let unique: std::collections::HashSet<&String> = leases.iter().collect();
+    assert_eq!(unique.len(), leases.len(), "double lease: {leases:?}");
 }

@@ -89,6 +89,7 @@ impl Records {
                 .collect(),
         };
         let saved = state.read()?;
+        saved.check(state.path())?;
         for (network, last) in &saved.last_leased {
             if let Some(ipam) = store.ipam.get_mut(network) {
                 ipam.resume_after(*last);

@@ -436,6 +436,10 @@ mod tests {
             sandbox_id: "half".into(),
             state: NicState::Attaching,
             ipv4: "10.9.0.200".parse().unwrap(),
+            // A MAC of its own: two records on one MAC break the state
+            // file's invariants and stop the start (issue 11, item 5).
+            mac: "52:54:00:00:0e:ee".parse().unwrap(),
+            ipv6: None,
             ..keep.clone()
         };
         recs.push(half.clone());
