@@ -376,3 +376,96 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
     let unique: std::collections::HashSet<&String> = leases.iter().collect();
     assert_eq!(unique.len(), leases.len(), "double lease: {leases:?}");
 }
+
+/// Issue 11, item 2: a tenant flooding its socket with large refused
+/// requests grows the agent's log by a bounded amount (fields cut, lines
+/// rate-limited per VM), while another tenant's calls all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_flood_is_bounded_and_leaves_other_tenants_alone() {
+    use nestless_netagent::server::refusals::{BURST, MAX_LOGGED, PER_SECOND};
+    let rig = Rig::new(2, 8);
+    let big = "X".repeat(1 << 20);
+    let log_before = rig.agent.log().len();
+    let start = std::time::Instant::now();
+    let mut flood = Vec::new();
+    let mut sent_bytes = 0usize;
+    for conn in 0..4 {
+        let sock = rig.socket(0);
+        let big = big.clone();
+        sent_bytes += 16 * big.len();
+        flood.push(tokio::spawn(async move {
+            let c = vm_client(&sock).await;
+            for i in 0..16 {
+                let e = match (conn + i) % 4 {
+                    0 => c.attach_nic(ctx(), &attach_req(&big)).await.err(),
+                    1 => {
+                        let mut r = attach_req("sb");
+                        r.labels = (0..16)
+                            .map(|k| (format!("{k}{}", &big[..60_000]), String::new()))
+                            .collect();
+                        c.attach_nic(ctx(), &r).await.err()
+                    }
+                    2 => c
+                        .hostlo_join(
+                            ctx(),
+                            &pb::HostloJoinRequest {
+                                pod: big.clone(),
+                                sandbox_id: "sb".into(),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .err(),
+                    _ => c
+                        .detach_nic(
+                            ctx(),
+                            &pb::DetachNicRequest {
+                                sandbox_id: big.clone(),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .err(),
+                };
+                let e = e.expect("a refused request succeeded");
+                assert_eq!(status_of(&e).0, ttrpc::Code::INVALID_ARGUMENT, "{e:?}");
+            }
+        }));
+    }
+    // Tenant B, meanwhile: every call succeeds.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..10 {
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&format!("b-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("tenant B's attach {i} failed: {e:?}"))
+            .nic
+            .unwrap();
+        b.detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: nic.id,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tenant B's detach {i} failed: {e:?}"));
+    }
+    for f in flood {
+        f.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let grown = rig.agent.log().len() - log_before;
+    // Lines the bucket lets through in that time, each at most a few
+    // bounded fields long; B's 20 info lines besides.
+    let lines = u64::from(BURST) + u64::from(PER_SECOND) * (elapsed.as_secs() + 1) + 1;
+    let bound = lines as usize * (6 * MAX_LOGGED + 300) + 20 * 300;
+    eprintln!(
+        "log flood: {sent_bytes} bytes refused in {elapsed:?}, log grew {grown} bytes (bound {bound})"
+    );
+    assert!(
+        grown <= bound,
+        "the log grew {grown} bytes (bound {bound}):\n{}",
+        &rig.agent.log()[log_before..log_before + grown.min(4000)]
+    );
+}

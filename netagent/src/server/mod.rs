@@ -16,10 +16,13 @@
 //! * [`vm`]: the `NetAgent` service of one VM: parse (convert), call the
 //!   agent, convert the reply; nothing else;
 //! * [`admin`]: the `Admin` service (nestlessctl);
-//! * [`convert`]: protobuf ⇄ domain; the one place requests are checked.
+//! * [`convert`]: protobuf ⇄ domain; the one place requests are checked;
+//! * [`refusals`]: bounded logs about refused requests (fields cut, a
+//!   token bucket of lines per VM).
 
 pub mod admin;
 pub mod convert;
+pub mod refusals;
 pub mod vm;
 
 use std::{

@@ -139,10 +139,16 @@ mod tests {
         // A multi-byte character across the cut is not split.
         let wide = "é".repeat(MAX_LOGGED);
         let shown = Bounded(&wide).to_string();
-        assert!(shown.contains(&format!("({} bytes)", wide.len())), "{shown}");
+        assert!(
+            shown.contains(&format!("({} bytes)", wide.len())),
+            "{shown}"
+        );
         // Control characters are escaped, never written raw.
         let shown = Bounded("a\nb\u{1b}[2J").to_string();
-        assert!(!shown.contains('\n') && !shown.contains('\u{1b}'), "{shown}");
+        assert!(
+            !shown.contains('\n') && !shown.contains('\u{1b}'),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use super::convert;
+use super::{
+    convert,
+    refusals::{Bounded, RefusalLog},
+};
 use crate::{
     agent::{
         Agent, AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch, NicSelector,
@@ -24,12 +27,18 @@ pub struct VmService {
     agent: Arc<Agent>,
     /// `None`: a caller no VM matches.
     vm: Option<String>,
+    /// The caller's failed requests, logged within bounds.
+    refusals: RefusalLog,
 }
 
 impl VmService {
     /// The service of VM `vm` (`None`: of callers no VM matches).
     pub fn new(agent: Arc<Agent>, vm: Option<String>) -> VmService {
-        VmService { agent, vm }
+        VmService {
+            agent,
+            vm,
+            refusals: RefusalLog::default(),
+        }
     }
 
     fn caller(&self) -> Result<&str, ttrpc::Error> {
@@ -89,11 +98,15 @@ impl agent_ttrpc::NetAgent for VmService {
         }
         .await;
         attached.map_err(|e| {
-            log::warn!(
-                "VM {vm_name}: AttachNic for sandbox {:?} (scope {:?}, interface {:?}) failed: {e}",
-                req.sandbox_id,
-                req.scope,
-                req.interface
+            self.refusals.warn(
+                vm_name,
+                format_args!(
+                    "VM {vm_name}: AttachNic for sandbox {} (scope {}, interface {}) failed: {}",
+                    Bounded(&req.sandbox_id),
+                    Bounded(&req.scope),
+                    Bounded(&req.interface),
+                    Bounded(&e.to_string())
+                ),
             );
             e.into()
         })
@@ -105,9 +118,19 @@ impl agent_ttrpc::NetAgent for VmService {
         req: pb::DetachNicRequest,
     ) -> ttrpc::Result<pb::DetachNicResponse> {
         let vm_name = self.caller()?;
-        let which = NicSelector::try_from(&req)?;
-        self.agent.detach(vm_name, which).await.map_err(|e| {
-            log::warn!("VM {vm_name}: DetachNic failed: {e}");
+        let detached = async {
+            let which = NicSelector::try_from(&req)?;
+            self.agent.detach(vm_name, which).await
+        }
+        .await;
+        detached.map_err(|e| {
+            self.refusals.warn(
+                vm_name,
+                format_args!(
+                    "VM {vm_name}: DetachNic failed: {}",
+                    Bounded(&e.to_string())
+                ),
+            );
             e
         })?;
         Ok(pb::DetachNicResponse::default())
@@ -125,10 +148,14 @@ impl agent_ttrpc::NetAgent for VmService {
         }
         .await;
         let (rec, view) = joined.map_err(|e| {
-            log::warn!(
-                "VM {vm_name}: HostloJoin {:?}/{} failed: {e}",
-                req.pod,
-                req.part
+            self.refusals.warn(
+                vm_name,
+                format_args!(
+                    "VM {vm_name}: HostloJoin {}/{} failed: {}",
+                    Bounded(&req.pod),
+                    req.part,
+                    Bounded(&e.to_string())
+                ),
             );
             e
         })?;
