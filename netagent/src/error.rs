@@ -68,6 +68,15 @@ pub enum AgentError {
     /// The state file could not be written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// An operation's task ended before the operation did (the runtime
+    /// is shutting down, or a bug panicked it).
+    #[error(
+        "the {op} operation was interrupted (the agent is stopping?); the next start recovers it"
+    )]
+    Interrupted {
+        /// The operation (`AttachNic`, `HostloJoin`, …).
+        op: &'static str,
+    },
 }
 
 impl AgentError {
@@ -89,6 +98,7 @@ impl AgentError {
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,
             AgentError::State(_) => Code::INTERNAL,
+            AgentError::Interrupted { .. } => Code::UNAVAILABLE,
         }
     }
 

@@ -257,6 +257,31 @@ pub enum StateError {
     },
 }
 
+impl StateError {
+    /// The same error again (an `io::Error` cannot be cloned: its kind and
+    /// text are kept), for the writer that answers many saves at once.
+    pub fn duplicate(&self) -> StateError {
+        match self {
+            StateError::Io { op, path, source } => StateError::Io {
+                op,
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => std::io::Error::from_raw_os_error(errno),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            StateError::Conflicts { path, conflicts } => StateError::Conflicts {
+                path: path.clone(),
+                conflicts: conflicts.clone(),
+            },
+            StateError::Corrupt { path, message } => StateError::Corrupt {
+                path: path.clone(),
+                message: message.clone(),
+            },
+        }
+    }
+}
+
 /// The state file.
 #[derive(Debug, Clone)]
 pub struct StateFile {

@@ -5,16 +5,17 @@
 //! The real agent binary; the tests that make links need root.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
-use nestless_netagent::config::BRIDGE_MAX_PORTS;
+use nestless_netagent::{config::BRIDGE_MAX_PORTS, hostlo::segment_bridge};
 use nestless_protos::agent as pb;
 use nestless_tests::{
     agent::{bin_path, ctx, status_of, vm_client, AgentProc},
-    netenv::{check, random_subnet, require_root, run, suffix, Bridge, Netns},
+    netenv::{check, host_links, random_subnet, require_root, run, suffix, Bridge, Netns},
 };
 
 /// `nestless-netagent --config PATH ARGS...`: (exit code, stdout + stderr).
@@ -467,5 +468,221 @@ async fn a_log_flood_is_bounded_and_leaves_other_tenants_alone() {
         grown <= bound,
         "the log grew {grown} bytes (bound {bound}):\n{}",
         &rig.agent.log()[log_before..log_before + grown.min(4000)]
+    );
+}
+
+/// The state's view of what the agent holds: (record ids, their states).
+fn state_ids(agent: &AgentProc) -> (HashSet<String>, Vec<String>) {
+    let recs = agent.records();
+    (
+        recs.iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect(),
+        recs.iter()
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+/// `nlh*` links of this rig: ports of its bridge or of the segments of `pods`.
+fn rig_links(rig: &Rig, pods: &[String]) -> HashSet<String> {
+    let mut links: HashSet<String> = rig.nic_ports().into_iter().collect();
+    for seg in live_segments(pods) {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&check(&["ip", "-j", "link", "show", "master", &seg]))
+                .expect("ip -j output");
+        links.extend(
+            v.iter()
+                .filter_map(|l| l["ifname"].as_str())
+                .filter(|n| n.starts_with("nlh"))
+                .map(str::to_string),
+        );
+    }
+    links
+}
+
+/// The segment bridges of `pods` that exist.
+fn live_segments(pods: &[String]) -> Vec<String> {
+    let existing: HashSet<String> = host_links("nls").into_iter().collect();
+    pods.iter()
+        .map(|p| segment_bridge(p))
+        .filter(|s| existing.contains(s))
+        .collect()
+}
+
+/// Issue 11, item 3: tenant A's requests are cancelled in every way
+/// (deadlines of a millisecond, clients dropped mid-call) while tenant B
+/// attaches, joins Hostlo pods and detaches: every one of B's calls
+/// succeeds, and afterwards the state file is exactly what the agent
+/// holds, every record finished, no link or segment without a record;
+/// once A takes its NICs back, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_storm_breaks_nothing_of_another_tenant() {
+    let rig = Rig::new(2, 64);
+    let tag = suffix();
+    let pods_a: Vec<String> = (0..6).map(|i| format!("sa{tag}-{i}")).collect();
+    let pods_b: Vec<String> = (0..4).map(|i| format!("sb{tag}-{i}")).collect();
+    let tiny = || ttrpc::context::with_timeout(1_000_000);
+    let mut storm = Vec::new();
+    for w in 0..4usize {
+        let sock = rig.socket(0);
+        let pods = pods_a.clone();
+        storm.push(tokio::spawn(async move {
+            for i in 0..40usize {
+                let c = vm_client(&sock).await;
+                let sb = format!("a-{}", (w * 7 + i) % 12);
+                match i % 4 {
+                    0 => {
+                        let _ = c.attach_nic(tiny(), &attach_req(&sb)).await;
+                    }
+                    1 => {
+                        let _ = c
+                            .detach_nic(
+                                tiny(),
+                                &pb::DetachNicRequest {
+                                    sandbox_id: sb,
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                    }
+                    2 => {
+                        let join = pb::HostloJoinRequest {
+                            pod: pods[(w + i) % pods.len()].clone(),
+                            part: (w % 2) as u32,
+                            sandbox_id: sb,
+                            ..Default::default()
+                        };
+                        let _ = c.hostlo_join(tiny(), &join).await;
+                    }
+                    _ => {
+                        // A client that goes away mid-call.
+                        let call = tokio::spawn(async move {
+                            let _ = c.attach_nic(ctx(), &attach_req(&sb)).await;
+                        });
+                        tokio::task::yield_now().await;
+                        call.abort();
+                    }
+                }
+            }
+        }));
+    }
+    // Tenant B meanwhile: every call succeeds.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..12usize {
+        let sb = format!("b-{i}");
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&sb))
+            .await
+            .unwrap_or_else(|e| panic!("B's attach {i}: {e:?}"))
+            .nic
+            .unwrap();
+        let pod = pods_b[i % pods_b.len()].clone();
+        b.hostlo_join(
+            ctx(),
+            &pb::HostloJoinRequest {
+                pod: pod.clone(),
+                part: 0,
+                sandbox_id: sb.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's join {i}: {e:?}"));
+        b.hostlo_leave(
+            ctx(),
+            &pb::HostloLeaveRequest {
+                pod,
+                part: 0,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's leave {i}: {e:?}"));
+        b.detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: nic.id,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's detach {i}: {e:?}"));
+    }
+    for s in storm {
+        s.await.unwrap();
+    }
+    // A barrier: A's own operations are serialised by its VM lock (first
+    // come, first served), so a call of A's that returns comes after every
+    // operation the storm started.
+    let a = vm_client(&rig.socket(0)).await;
+    let barrier = a.attach_nic(ctx(), &attach_req("a-barrier")).await.unwrap();
+    a.detach_nic(
+        ctx(),
+        &pb::DetachNicRequest {
+            nic_id: barrier.nic.unwrap().id,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let all_pods: Vec<String> = pods_a.iter().chain(&pods_b).cloned().collect();
+    // The state file is what the agent holds, every record finished, and
+    // every link has its record.
+    let (ids, states) = state_ids(&rig.agent);
+    assert!(states.iter().all(|s| s == "attached"), "{states:?}");
+    let admin: HashSet<String> = rig
+        .agent
+        .ctl_json("nics")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, admin, "state file and agent disagree");
+    let expected: HashSet<String> = ids.iter().map(|i| format!("nlh{i}")).collect();
+    assert_eq!(
+        rig_links(&rig, &all_pods),
+        expected,
+        "links without records (or records without links)"
+    );
+    assert!(
+        live_segments(&pods_b).is_empty(),
+        "B's segments were left: {:?}",
+        live_segments(&pods_b)
+    );
+    eprintln!("after the storm: {} NIC(s) of A", ids.len());
+    // A takes everything back: nothing is left.
+    for r in rig.agent.records() {
+        if let Some(h) = r.get("hostlo") {
+            a.hostlo_leave(
+                ctx(),
+                &pb::HostloLeaveRequest {
+                    pod: h["pod"].as_str().unwrap().into(),
+                    part: h["part"].as_u64().unwrap() as u32,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        } else {
+            a.detach_nic(
+                ctx(),
+                &pb::DetachNicRequest {
+                    nic_id: r["id"].as_str().unwrap().into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    assert!(rig.agent.records().is_empty(), "{:?}", rig.agent.records());
+    assert!(rig.agent.leases().is_empty());
+    assert!(rig_links(&rig, &all_pods).is_empty());
+    assert!(
+        live_segments(&all_pods).is_empty(),
+        "segments left: {:?}",
+        live_segments(&all_pods)
     );
 }

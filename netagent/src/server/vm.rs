@@ -4,6 +4,15 @@
 //! The caller is fixed when the connection is accepted (see [`super`]): a
 //! service is made per VM, and one for callers no VM matches, which refuses
 //! every call with `PERMISSION_DENIED`.
+//!
+//! **Cancellation.** ttrpc drops a handler whose request's deadline
+//! (`timeout_nano`) passes or whose client goes away. Every operation that
+//! changes something (attach, detach, Hostlo join, leave, publish) runs as
+//! a task of its own that the handler awaits ([`to_end`]): dropping the
+//! handler drops only the wait, and the operation runs to its end, as if
+//! the reply had been lost (the caller's retry finds its result: attach
+//! and join are idempotent). Reads and `HostloWatch` (a wait) are not
+//! spawned.
 
 use std::sync::Arc;
 
@@ -21,6 +30,22 @@ use crate::{
     error::AgentError,
     lifecycle::NicState,
 };
+
+/// Runs `op` on `agent` as a task of its own and waits for its result: a
+/// cancelled request drops the wait, never the operation.
+async fn to_end<T, Fut>(
+    agent: &Arc<Agent>,
+    name: &'static str,
+    op: impl FnOnce(Arc<Agent>) -> Fut,
+) -> Result<T, AgentError>
+where
+    Fut: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(op(agent.clone()))
+        .await
+        .map_err(|_| AgentError::Interrupted { op: name })?
+}
 
 /// The NetAgent service bound to one caller.
 pub struct VmService {
@@ -76,7 +101,11 @@ impl agent_ttrpc::NetAgent for VmService {
         let vm_name = self.caller()?;
         let attached = async {
             let checked = AttachRequest::try_from(&req)?;
-            let done = self.agent.attach(vm_name, checked).await?;
+            let vm = vm_name.to_string();
+            let done = to_end(&self.agent, "AttachNic", move |a| async move {
+                a.attach(&vm, checked).await
+            })
+            .await?;
             // A record kept from an older configuration may name a network
             // that is gone: the VM may not use it.
             let net = self.agent.network(&done.record.network).ok_or_else(|| {
@@ -120,10 +149,14 @@ impl agent_ttrpc::NetAgent for VmService {
         let vm_name = self.caller()?;
         let detached = async {
             let which = NicSelector::try_from(&req)?;
-            self.agent.detach(vm_name, which).await
+            let vm = vm_name.to_string();
+            to_end(&self.agent, "DetachNic", move |a| async move {
+                a.detach(&vm, which).await
+            })
+            .await
         }
         .await;
-        detached.map_err(|e| {
+        detached.inspect_err(|e| {
             self.refusals.warn(
                 vm_name,
                 format_args!(
@@ -131,7 +164,6 @@ impl agent_ttrpc::NetAgent for VmService {
                     Bounded(&e.to_string())
                 ),
             );
-            e
         })?;
         Ok(pb::DetachNicResponse::default())
     }
@@ -144,10 +176,14 @@ impl agent_ttrpc::NetAgent for VmService {
         let vm_name = self.caller()?;
         let joined = async {
             let checked = HostloJoin::try_from(&req)?;
-            self.agent.hostlo_join(vm_name, checked).await
+            let vm = vm_name.to_string();
+            to_end(&self.agent, "HostloJoin", move |a| async move {
+                a.hostlo_join(&vm, checked).await
+            })
+            .await
         }
         .await;
-        let (rec, view) = joined.map_err(|e| {
+        let (rec, view) = joined.inspect_err(|e| {
             self.refusals.warn(
                 vm_name,
                 format_args!(
@@ -157,7 +193,6 @@ impl agent_ttrpc::NetAgent for VmService {
                     Bounded(&e.to_string())
                 ),
             );
-            e
         })?;
         Ok(pb::HostloJoinResponse {
             nic: protobuf::MessageField::some(convert::hostlo_nic(
@@ -177,7 +212,11 @@ impl agent_ttrpc::NetAgent for VmService {
     ) -> ttrpc::Result<pb::HostloLeaveResponse> {
         let vm_name = self.caller()?;
         let part = HostloPart::try_from(&req)?;
-        self.agent.hostlo_leave(vm_name, part).await?;
+        let vm = vm_name.to_string();
+        to_end(&self.agent, "HostloLeave", move |a| async move {
+            a.hostlo_leave(&vm, part).await
+        })
+        .await?;
         Ok(pb::HostloLeaveResponse::default())
     }
 
@@ -188,7 +227,11 @@ impl agent_ttrpc::NetAgent for VmService {
     ) -> ttrpc::Result<pb::HostloPublishResponse> {
         let vm_name = self.caller()?;
         let publish = HostloPublish::try_from(&req)?;
-        let conflicts = self.agent.hostlo_publish(vm_name, publish).await?;
+        let vm = vm_name.to_string();
+        let conflicts = to_end(&self.agent, "HostloPublish", move |a| async move {
+            a.hostlo_publish(&vm, publish).await
+        })
+        .await?;
         Ok(pb::HostloPublishResponse {
             conflicts: conflicts.iter().map(convert::hostlo_conflict).collect(),
             ..Default::default()
