@@ -686,3 +686,69 @@ async fn a_cancellation_storm_breaks_nothing_of_another_tenant() {
         live_segments(&all_pods)
     );
 }
+
+/// Issue 11, item 1: a tenant opening connections past its budget gets the
+/// extra ones closed at once, without touching anyone else: another VM's
+/// calls and `nestlessctl` keep working; once the tenant closes its
+/// connections it is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_per_vm() {
+    use nestless_netagent::server::conns::vm_budget;
+    use tokio::io::AsyncReadExt;
+    let rig = Rig::new(2, 8);
+    let budget = vm_budget(8);
+    let flood = budget + 200;
+    let mut held = Vec::new();
+    for _ in 0..flood {
+        held.push(
+            tokio::net::UnixStream::connect(rig.socket(0))
+                .await
+                .expect("connect to VM 0"),
+        );
+    }
+    // The agent closes every connection past the budget: each of them
+    // reads as closed. (The first budget stay open.)
+    let mut closed = 0;
+    for s in held.iter_mut().skip(budget) {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("an over-budget connection was kept open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        closed += 1;
+    }
+    assert_eq!(closed, flood - budget);
+    // VM 1 and the operator are served meanwhile.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..5 {
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&format!("b-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("VM 1's attach {i}: {e:?}"));
+        assert!(nic.created);
+    }
+    assert_eq!(rig.agent.ctl_json("status")["nics"], 5);
+    // VM 0 over budget: a new connection is closed (the call fails).
+    let over = vm_client(&rig.socket(0)).await;
+    assert!(over
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .is_err());
+    drop(over);
+    // It closes its connections: the budget comes back.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = vm_client(&rig.socket(0)).await;
+        if c.health(ctx(), &pb::HealthRequest::default()).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM 0 not served again:\n{}",
+            rig.agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

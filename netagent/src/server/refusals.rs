@@ -109,13 +109,13 @@ impl RefusalLog {
         }
     }
 
-    /// Logs `line` (a warning about VM `vm`'s refused request) if the
-    /// bucket allows, first saying how many lines it dropped.
-    pub fn warn(&self, vm: &str, line: fmt::Arguments<'_>) {
+    /// Logs `line` (a warning about `who`'s refused request, e.g. `VM a`)
+    /// if the bucket allows, first saying how many lines it dropped.
+    pub fn warn(&self, who: &str, line: fmt::Arguments<'_>) {
         if let Verdict::Write { suppressed } = self.verdict(Instant::now()) {
             if suppressed > 0 {
                 log::warn!(
-                    "VM {vm}: {suppressed} refusal(s) not logged (at most {BURST} at once, then {PER_SECOND}/s)"
+                    "{who}: {suppressed} refusal(s) not logged (at most {BURST} at once, then {PER_SECOND}/s)"
                 );
             }
             log::warn!("{line}");

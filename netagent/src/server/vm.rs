@@ -128,7 +128,7 @@ impl agent_ttrpc::NetAgent for VmService {
         .await;
         attached.map_err(|e| {
             self.refusals.warn(
-                vm_name,
+                &format!("VM {vm_name}"),
                 format_args!(
                     "VM {vm_name}: AttachNic for sandbox {} (scope {}, interface {}) failed: {}",
                     Bounded(&req.sandbox_id),
@@ -158,7 +158,7 @@ impl agent_ttrpc::NetAgent for VmService {
         .await;
         detached.inspect_err(|e| {
             self.refusals.warn(
-                vm_name,
+                &format!("VM {vm_name}"),
                 format_args!(
                     "VM {vm_name}: DetachNic failed: {}",
                     Bounded(&e.to_string())
@@ -185,7 +185,7 @@ impl agent_ttrpc::NetAgent for VmService {
         .await;
         let (rec, view) = joined.inspect_err(|e| {
             self.refusals.warn(
-                vm_name,
+                &format!("VM {vm_name}"),
                 format_args!(
                     "VM {vm_name}: HostloJoin {}/{} failed: {}",
                     Bounded(&req.pod),
