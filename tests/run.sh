@@ -7,13 +7,16 @@
 #
 #   bash tests/run.sh            everything
 #   bash tests/run.sh --no-lint  skip fmt/clippy (local iterations)
+#   bash tests/run.sh --fuzz     only the fuzz phases (cargo-fuzz, fuzz build, fuzz)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 LINT=1
+ONLY_FUZZ=0
 for a in "$@"; do
 	case $a in
 	--no-lint) LINT=0 ;;
+	--fuzz) ONLY_FUZZ=1 ;;
 	*) echo "tests/run.sh: unknown argument $a" >&2 && exit 2 ;;
 	esac
 done
@@ -57,6 +60,7 @@ build() {
 
 lint() {
 	cargo fmt --all -- --check
+	cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 }
 
@@ -84,9 +88,87 @@ integration_tests() {
 		cargo test -p nestless-tests -- --test-threads 2
 }
 
+# Fuzzing (fuzz/README.md). The targets build into fuzz/target (fuzz/ is a workspace of its
+# own). For each cargo-fuzz target: first every input that once failed (fuzz/regressions/<target>/)
+# is replayed, then the target runs for FUZZ_SECONDS on its seed corpus (fuzz/corpus/<target>,
+# read only: new inputs go to fuzz/target/corpus/<target>) with its dictionary
+# (fuzz/dicts/<target>.dict). A crash (panic, abort), a hang over 10 s or an out-of-memory fails
+# the phase and names the input, kept in fuzz/artifacts/<target>/. cargo-fuzz wants nightly only
+# for its sanitizers (-Zsanitizer); the toolchain here is stable, so the targets build with
+# --sanitizer none, whose flags are all stable: -Cpasses=sancov-module and the -Cllvm-args
+# counters that libFuzzer's coverage feedback reads, plus debug assertions and overflow checks.
+# That it really fuzzes is checked, not assumed: libFuzzer must report instrumentation counters
+# (none: blind random inputs) and each target must run FUZZ_MIN_EXECS executions.
+FUZZ_SECONDS=${NESTLESS_FUZZ_SECONDS:-45}
+FUZZ_MIN_EXECS=${NESTLESS_FUZZ_MIN_EXECS:-1000}
+FUZZ=(--sanitizer none --debug-assertions --target-dir fuzz/target)
+fuzz_build() {
+	cargo fuzz build "${FUZZ[@]}"
+}
+# fuzz_failed TARGET LOG: the end of the log, then each input libFuzzer kept, and how to rerun it.
+fuzz_failed() {
+	local t=$1 log=$2 f
+	tail -n 60 "$log"
+	echo "=== FUZZ TARGET $t FAILED (log: $log)" >&2
+	for f in $(find "fuzz/artifacts/$t" -type f -newer "$log.start" 2>/dev/null); do
+		echo "=== reproducer: $PWD/$f" >&2
+		echo "    rerun: cargo fuzz run ${FUZZ[*]} $t $f" >&2
+	done
+	return 1
+}
+fuzz() {
+	local t log execs counters dirs dict t0 regs
+	for t in $(cargo fuzz list); do
+		mkdir -p "fuzz/target/corpus/$t" "fuzz/artifacts/$t"
+		log="fuzz/target/$t.log"
+		touch "$log.start"
+		t0=$(date +%s)
+		regs=()
+		[ -d "fuzz/regressions/$t" ] && mapfile -t regs < <(find "fuzz/regressions/$t" -type f | sort)
+		if ((${#regs[@]})); then
+			# Files, not directories: libFuzzer runs each once and exits.
+			if ! cargo fuzz run "${FUZZ[@]}" "$t" "${regs[@]}" -- -timeout=10 \
+				-artifact_prefix="$PWD/fuzz/artifacts/$t/" >"$log" 2>&1; then
+				fuzz_failed "$t" "$log"
+				return 1
+			fi
+			echo "fuzz target $t: ${#regs[@]} regression inputs replayed, no crash"
+		fi
+		dirs=("fuzz/target/corpus/$t" "fuzz/corpus/$t")
+		dict=()
+		[ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
+		if ! cargo fuzz run "${FUZZ[@]}" "$t" "${dirs[@]}" -- \
+			-max_total_time="$FUZZ_SECONDS" -timeout=10 -print_final_stats=1 "${dict[@]}" \
+			-artifact_prefix="$PWD/fuzz/artifacts/$t/" >"$log" 2>&1; then
+			fuzz_failed "$t" "$log"
+			return 1
+		fi
+		counters=$(sed -n '/inline 8-bit counters/{s/.*(\([0-9]*\) inline 8-bit counters).*/\1/p;q}' "$log")
+		execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+		if [ "${counters:-0}" -eq 0 ] || [ "${execs:-0}" -lt "$FUZZ_MIN_EXECS" ]; then
+			tail -n 30 "$log"
+			echo "=== FUZZ TARGET $t did not really fuzz: ${counters:-no} coverage counters, ${execs:-no} executions" >&2
+			return 1
+		fi
+		PHASES+=("$(printf '  fuzz %-23s %5ds  %s executions, %s counters, corpus %s' "$t" \
+			"$(($(date +%s) - t0))" "$execs" "$counters" "$(find "fuzz/target/corpus/$t" -type f | wc -l)")")
+		echo "fuzz target $t: ${execs} executions in $(($(date +%s) - t0))s, no crash"
+	done
+}
+
+if ((ONLY_FUZZ)); then
+	phase "apt packages" install_packages
+	phase "rust" install_rust
+	phase "cargo-fuzz" install_cargo_fuzz
+	phase "fuzz build" fuzz_build
+	phase "fuzz (${FUZZ_SECONDS}s per target)" fuzz
+	exit 0
+fi
+
 phase "apt packages" install_packages
 phase "rust" install_rust
 phase "vhost-device-vsock" install_vhost_device_vsock
+phase "cargo-fuzz" install_cargo_fuzz
 phase "build" build
 ((LINT)) && phase "fmt + clippy" lint
 phase "guest images" guest_images
@@ -95,4 +177,6 @@ if [ ! -d "$DATA_DIR/traces/google2011" ]; then
 	PHASES+=("$(printf '%-28s %s' "planner trace test" "NOT RUN: no $DATA_DIR")")
 fi
 phase "unit tests" unit_tests
+phase "fuzz build" fuzz_build
+phase "fuzz (${FUZZ_SECONDS}s per target)" fuzz
 phase "integration + VM tests" integration_tests

@@ -1,7 +1,8 @@
 //! The daemon's life, from a checked configuration to exit:
 //!
 //! ```text
-//! netlink ─▶ Agent (state file loaded) ─▶ recover (bridges, reconcile, sweep)
+//! netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
+//!   ─▶ recover (bridges, reconcile, sweep)
 //!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch ─▶ sd_notify READY=1
 //!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
 //! ```
@@ -13,12 +14,13 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    agent::{spawn_upkeep, Agent},
+    agent::{spawn_upkeep, Agent, ReconcileReport},
     config::Config,
     error::AgentError,
     links::{deleted_links, owner_alias, Netlink},
     names::HOST_IF_PREFIX,
     server::{self, ServeError},
+    stale::StalePolicy,
 };
 
 /// How often each VM's upkeep runs.
@@ -32,7 +34,8 @@ pub enum DaemonError {
     /// No netlink socket.
     #[error("cannot open a netlink socket: {0}")]
     Netlink(#[source] std::io::Error),
-    /// The agent could not be built (the state file).
+    /// The agent could not be built (the state file, or records in it that
+    /// do not fit the configuration).
     #[error(transparent)]
     Agent(AgentError),
     /// Recovery at start failed.
@@ -46,7 +49,29 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-/// Runs the agent for `config` until SIGTERM or SIGINT.
+/// `nestless-netagent --release-stale`: the NICs of state records that
+/// `config` no longer accounts for are unplugged and their records dropped
+/// (with everything else a start recovers), then it returns; the agent is
+/// started afterwards as usual. Refused while an agent serves the admin
+/// socket: its in-flight operations would look like orphans.
+///
+/// # Errors
+/// [`DaemonError::Serve`] ([`ServeError::InUse`]) when an agent runs, and
+/// those of a start's recovery.
+pub async fn release_stale(config: Config) -> Result<ReconcileReport, DaemonError> {
+    let admin = &config.agent.admin_socket;
+    if std::os::unix::net::UnixStream::connect(admin).is_ok() {
+        return Err(ServeError::InUse(admin.clone()).into());
+    }
+    let owner = owner_alias(&config.agent.state_dir);
+    let links = Arc::new(Netlink::new(&owner).map_err(DaemonError::Netlink)?);
+    let agent = Agent::new(config, links, StalePolicy::Release).map_err(DaemonError::Agent)?;
+    agent.recover().await.map_err(DaemonError::Recover)
+}
+
+/// Runs the agent for `config` until SIGTERM or SIGINT. State records that
+/// do not fit `config` stop it before it serves (see [`crate::stale`] and
+/// [`release_stale`]).
 ///
 /// # Errors
 /// See [`DaemonError`]; a signal is a clean exit.
@@ -56,7 +81,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let owner = owner_alias(&config.agent.state_dir);
     let links = Arc::new(Netlink::new(&owner).map_err(DaemonError::Netlink)?);
-    let agent = Arc::new(Agent::new(config, links).map_err(DaemonError::Agent)?);
+    let agent =
+        Arc::new(Agent::new(config, links, StalePolicy::Refuse).map_err(DaemonError::Agent)?);
     let report = agent.recover().await.map_err(DaemonError::Recover)?;
     log::info!(
         "recovered: {} NIC(s) kept, {} rolled back, {} detached, {} released, {} deferred, {} orphan(s) removed",

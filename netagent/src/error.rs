@@ -1,6 +1,8 @@
 //! The agent's errors and their one mapping onto ttrpc status codes.
 
-use crate::{backend::BackendError, ipam::IpamError, names::Invalid, state::StateError};
+use crate::{
+    backend::BackendError, ipam::IpamError, names::Invalid, stale::StaleRecords, state::StateError,
+};
 
 /// What can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +67,7 @@ pub enum AgentError {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// The state file could not be written.
+    /// The state file could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
     /// An operation's task ended before the operation did (the runtime
@@ -76,6 +78,16 @@ pub enum AgentError {
     Interrupted {
         /// The operation (`AttachNic`, `HostloJoin`, …).
         op: &'static str,
+    },
+    /// The state file has records the configuration does not account for
+    /// (at start only).
+    #[error(transparent)]
+    Stale(#[from] StaleRecords),
+    /// Every MAC under the configured prefix is taken.
+    #[error("no free MAC address is left under the prefix {prefix} (agent.mac_prefix)")]
+    NoFreeMac {
+        /// The prefix, as configured.
+        prefix: String,
     },
 }
 
@@ -97,8 +109,9 @@ impl AgentError {
             AgentError::Backend(BackendError::UnplugTimeout { .. }) => Code::DEADLINE_EXCEEDED,
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,
-            AgentError::State(_) => Code::INTERNAL,
+            AgentError::State(_) | AgentError::Stale(_) => Code::INTERNAL,
             AgentError::Interrupted { .. } => Code::UNAVAILABLE,
+            AgentError::NoFreeMac { .. } => Code::RESOURCE_EXHAUSTED,
         }
     }
 

@@ -166,16 +166,23 @@ pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr 
     for (i, b) in m.iter_mut().enumerate() {
         *b = h[(i + 2) % 4];
     }
-    m[..prefix.len()].copy_from_slice(prefix);
+    // A prefix is at most 5 bytes (the config's rule); a longer one is cut.
+    let n = prefix.len().min(m.len());
+    m[..n].copy_from_slice(&prefix[..n]);
     if prefix.is_empty() {
         m[0] = (m[0] | 0x02) & 0xfe;
     }
     nestless_model::MacAddr(m)
 }
 
-/// The segment address of `part`.
-pub fn part_address(subnet: ipnet::Ipv4Net, part: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(subnet.network()) + part + 1)
+/// The segment address of `part`: `.part + 1` of `subnet` (a network of
+/// at least /24, the config's rule, holds every part).
+pub fn part_address(subnet: ipnet::Ipv4Net, part: Part) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::from(subnet.network())
+            .saturating_add(part.get())
+            .saturating_add(1),
+    )
 }
 
 /// A port served by more than one part.
@@ -232,11 +239,11 @@ mod tests {
         assert_eq!(b, segment_bridge("web-frontend"), "stable");
         assert_ne!(b, segment_bridge("web-frontenc"));
         assert_eq!(
-            part_address("169.254.77.0/24".parse().unwrap(), 0),
+            part_address("169.254.77.0/24".parse().unwrap(), Part(0)),
             "169.254.77.1".parse::<Ipv4Addr>().unwrap()
         );
         assert_eq!(
-            part_address("169.254.77.0/24".parse().unwrap(), 252),
+            part_address("169.254.77.0/24".parse().unwrap(), Part(252)),
             "169.254.77.253".parse::<Ipv4Addr>().unwrap()
         );
     }
@@ -249,6 +256,8 @@ mod tests {
         assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "api", 1));
         assert_eq!(&part_mac(&p, "web", 1).0[..3], &p);
         assert!(!part_mac(&[], "web", 1).is_multicast());
+        // A prefix longer than a MAC is cut, not a panic.
+        assert_eq!(part_mac(&[0x02; 8], "web", 1).0, [0x02; 6]);
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
 //! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
-//!   state file, address allocation, names.
+//!   state file, address allocation, names; [`stale`]: state records the
+//!   configuration no longer accounts for.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -31,4 +32,5 @@ pub mod links;
 pub mod names;
 pub mod qmp;
 pub mod server;
+pub mod stale;
 pub mod state;

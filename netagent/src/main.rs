@@ -9,7 +9,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
-use nestless_netagent::{config::Config, daemon};
+use nestless_netagent::{
+    config::Config,
+    daemon,
+    stale::{self, StalePolicy},
+};
 
 #[derive(Parser)]
 #[command(
@@ -21,16 +25,17 @@ struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = nestless_netagent::config::DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Check the configuration and exit (0: valid, 2: invalid).
+    /// Check the configuration, and the state file against it, and exit
+    /// (0: valid, 2: invalid, or the state file has records that do not fit).
     #[arg(long)]
     check_config: bool,
-    /// Before starting, drop the state records that break the state file's
-    /// invariants (two NICs on one address, MAC, id or attachment),
-    /// keeping the oldest of each group; the file is backed up first to
-    /// state.json.bak-<unix seconds>. The way out of a start refused for
-    /// such records.
-    #[arg(long)]
-    drop_conflicting_records: bool,
+    /// Unplug the NICs of state records that the configuration no longer
+    /// accounts for (a network renamed or removed, an address outside its
+    /// network's range now, ...) or that claim what an older record holds
+    /// (an address, MAC, id or attachment), free their addresses, and exit.
+    /// The agent refuses to start while there are any.
+    #[arg(long, conflicts_with = "check_config")]
+    release_stale: bool,
     /// Log filter (error, warn, info, debug, trace), overriding RUST_LOG.
     #[arg(long)]
     log_level: Option<String>,
@@ -61,32 +66,24 @@ fn main() -> ExitCode {
             config.networks.len(),
             config.vms.len()
         );
-        return ExitCode::SUCCESS;
-    }
-    if args.drop_conflicting_records {
-        let state = nestless_netagent::state::StateFile::in_dir(&config.agent.state_dir);
-        match state.drop_conflicting() {
-            Ok(dropped) => {
-                for r in &dropped {
-                    log::warn!(
-                        "dropped conflicting state record {} (VM {}, {} on {}, MAC {}, sandbox {:?})",
-                        r.id,
-                        r.vm,
-                        r.ipv4,
-                        r.network,
-                        r.mac,
-                        r.sandbox_id
-                    );
-                }
-                if dropped.is_empty() {
-                    log::info!("{}: no conflicting records", state.path().display());
-                }
+        return match stale::load(&config, StalePolicy::Refuse) {
+            Ok((state, sorted)) => {
+                println!(
+                    "{}: {} NIC record(s) fit{}",
+                    state.path().display(),
+                    sorted.fits.len(),
+                    match sorted.vm_gone.len() {
+                        0 => String::new(),
+                        n => format!(", {n} of VMs no longer configured (dropped at start)"),
+                    }
+                );
+                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("nestless-netagent: {e}");
-                return ExitCode::FAILURE;
+                ExitCode::from(2)
             }
-        }
+        };
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,6 +96,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.release_stale {
+        return match rt.block_on(daemon::release_stale(config)) {
+            Ok(r) => {
+                println!(
+                    "released {} NIC(s) (stale records, and those of VMs no longer configured); {} orphan(s) removed, {} kept, {} deferred",
+                    r.released, r.orphans, r.kept, r.deferred
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nestless-netagent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(daemon::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

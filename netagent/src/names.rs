@@ -188,6 +188,35 @@ pub fn random_mac(prefix: &[u8]) -> MacAddr {
     MacAddr(bytes)
 }
 
+/// A unicast MAC under `prefix` that `taken` does not hold: random first
+/// (a few draws), then a scan from a random point of what the prefix leaves
+/// (at most 65,536 addresses). `None` when none is free, so that a full
+/// prefix is an error rather than an endless search.
+pub fn free_mac(prefix: &[u8], taken: impl Fn(&MacAddr) -> bool) -> Option<MacAddr> {
+    const DRAWS: usize = 64;
+    const SCAN: u64 = 1 << 16;
+    let usable = |m: &MacAddr| !m.is_multicast() && !taken(m);
+    if let Some(m) = (0..DRAWS).map(|_| random_mac(prefix)).find(usable) {
+        return Some(m);
+    }
+    let n = prefix.len().min(6);
+    let free_bits = 8 * (6 - n as u32);
+    let space = 1u64 << free_bits;
+    let start = rand::rng().random::<u64>() % space;
+    (0..space.min(SCAN))
+        .map(|k| {
+            let v = ((start + k) % space).to_be_bytes();
+            let mut bytes = [0u8; 6];
+            bytes[..n].copy_from_slice(&prefix[..n]);
+            bytes[n..].copy_from_slice(&v[8 - (6 - n)..]);
+            if n == 0 {
+                bytes[0] = (bytes[0] | 0x02) & 0xfe;
+            }
+            MacAddr(bytes)
+        })
+        .find(usable)
+}
+
 /// The MAC of a bridge the agent creates (a network's bridge with
 /// `manage_bridge`, a Hostlo segment): derived from its name (64-bit FNV-1a),
 /// locally administered and unicast. A bridge without a MAC of its own takes
@@ -360,6 +389,19 @@ mod tests {
             assert!(!m.is_multicast());
             assert_eq!(m.0[0] & 0x02, 0x02, "locally administered");
         }
+    }
+
+    /// A prefix leaves a finite space: its last free MAC is found, and a
+    /// full space is `None`, not an endless search.
+    #[test]
+    fn free_mac_finds_the_last_one_and_ends_when_none_is_left() {
+        let prefix = [0x52, 0x54, 0x00, 0x12, 0x34];
+        let last = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x7f]);
+        assert_eq!(free_mac(&prefix, |m| *m != last), Some(last));
+        assert_eq!(free_mac(&prefix, |_| true), None);
+        let m = free_mac(&[], |_| false).unwrap();
+        assert!(!m.is_multicast() && m.is_local());
+        assert_eq!(free_mac(&[], |_| true), None);
     }
 
     #[test]

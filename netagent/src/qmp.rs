@@ -170,7 +170,14 @@ pub trait Qmp: Send + Sync {
     fn generation(&self) -> u64;
 }
 
-type Pending = Arc<StdMutex<HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>>>;
+type Waiters = HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>;
+type Pending = Arc<StdMutex<Waiters>>;
+
+/// The waiters of a connection. Nothing panics while holding the lock, so a
+/// poisoned one still holds a consistent map: take it rather than panic.
+fn waiters(pending: &StdMutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
+    pending.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 struct Conn {
     writer: Mutex<OwnedWriteHalf>,
@@ -285,10 +292,10 @@ impl QmpClient {
         if !args.is_null() {
             msg["arguments"] = args;
         }
-        let mut bytes = serde_json::to_vec(&msg).expect("JSON of a JSON value");
+        let mut bytes = msg.to_string().into_bytes();
         bytes.push(b'\n');
         let (tx, rx) = oneshot::channel();
-        conn.pending.lock().expect("pending lock").insert(id, tx);
+        waiters(&conn.pending).insert(id, tx);
         let send_err = |source| QmpError::Send {
             path: self.path.clone(),
             command: command.to_string(),
@@ -301,7 +308,7 @@ impl QmpClient {
                 Some(fd) => send_with_fd(&w, &bytes, fd).await,
             };
             if let Err(e) = sent {
-                conn.pending.lock().expect("pending lock").remove(&id);
+                waiters(&conn.pending).remove(&id);
                 conn.alive.store(false, Ordering::Release);
                 let _ = w.shutdown().await;
                 return Err(send_err(e));
@@ -319,7 +326,7 @@ impl QmpClient {
                 command: command.to_string(),
             }),
             Err(_) => {
-                conn.pending.lock().expect("pending lock").remove(&id);
+                waiters(&conn.pending).remove(&id);
                 Err(QmpError::Timeout {
                     path: self.path.clone(),
                     command: command.to_string(),
@@ -395,7 +402,7 @@ async fn reader(
             log::debug!("QMP message without id ignored: {v}");
             continue;
         };
-        let Some(tx) = pending.lock().expect("pending lock").remove(&id) else {
+        let Some(tx) = waiters(&pending).remove(&id) else {
             continue;
         };
         let reply = match (v.get("return"), v.get("error")) {
@@ -419,7 +426,7 @@ async fn reader(
     }
     alive.store(false, Ordering::Release);
     // Dropping the senders wakes every waiter with Disconnected.
-    pending.lock().expect("pending lock").clear();
+    waiters(&pending).clear();
     let _ = events.send(QmpEvent {
         name: DISCONNECTED_EVENT.to_string(),
         data: Value::Null,

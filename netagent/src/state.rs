@@ -5,13 +5,8 @@
 //! fsynced. A reader therefore sees either the old or the new file, whole.
 //! Leases are not stored on their own; they are the addresses of the records.
 //!
-//! The records' invariants are checked at load ([`State::check`]): no two
-//! share an id (and so a host link name), a MAC, an IPv4 address of a
-//! network, an IPv6 address, an attachment of a VM or a Hostlo part. A file
-//! that breaks one is refused with the records named, rather than loaded
-//! into two live leases of one address; the way out is
-//! `nestless-netagent --drop-conflicting-records` ([`StateFile::drop_conflicting`]),
-//! which keeps the oldest record of each group and backs the file up first.
+//! What the records must be to be loaded (no two share an address, a MAC,
+//! an id, ...; each fits the configuration) is checked by [`crate::stale`].
 
 use std::{
     collections::BTreeMap,
@@ -114,115 +109,6 @@ pub struct State {
     pub last_leased: BTreeMap<String, Ipv4Addr>,
 }
 
-/// Records of a state file that share what only one NIC may have.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
-    /// What they share, e.g. `IPv4 address 10.0.0.5 on network "n"`.
-    pub what: String,
-    /// The records, in file order.
-    pub ids: Vec<NicId>,
-}
-
-impl std::fmt::Display for Conflict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ids: Vec<&str> = self.ids.iter().map(NicId::as_str).collect();
-        write!(f, "NICs {} share {}", ids.join(", "), self.what)
-    }
-}
-
-/// What only one record may have: its keys under the invariants.
-fn unique_keys(r: &NicRecord) -> Vec<String> {
-    let mut keys = vec![
-        format!("id {0} (host link nlh{0})", r.id),
-        format!("MAC {}", r.mac),
-    ];
-    match &r.hostlo {
-        None => {
-            keys.push(format!(
-                "IPv4 address {} on network {:?}",
-                r.ipv4, r.network
-            ));
-            keys.extend(r.ipv6.map(|v6| format!("IPv6 address {v6}")));
-            if !r.pooled {
-                let scope = if r.scope.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}/", r.scope)
-                };
-                keys.push(format!(
-                    "attachment {scope}{} {} of VM {:?}",
-                    r.sandbox_id, r.interface, r.vm
-                ));
-            }
-        }
-        Some(h) => keys.push(format!("part {} of Hostlo pod {:?}", h.part, h.pod)),
-    }
-    keys
-}
-
-impl State {
-    /// The groups of records that break an invariant: two records with one
-    /// id (one host link name), MAC, IPv4 address on a network, IPv6
-    /// address, attachment (VM, scope, sandbox, interface) or Hostlo part.
-    pub fn conflicts(&self) -> Vec<Conflict> {
-        let mut by_key: BTreeMap<String, Vec<NicId>> = BTreeMap::new();
-        for r in &self.nics {
-            for k in unique_keys(r) {
-                by_key.entry(k).or_default().push(r.id.clone());
-            }
-        }
-        by_key
-            .into_iter()
-            .filter(|(_, ids)| ids.len() > 1)
-            .map(|(what, ids)| Conflict { what, ids })
-            .collect()
-    }
-
-    /// `Ok` when no records conflict ([`State::conflicts`]).
-    ///
-    /// # Errors
-    /// [`StateError::Conflicts`], naming `path` and every group.
-    pub fn check(&self, path: &Path) -> Result<(), StateError> {
-        let conflicts = self.conflicts();
-        if conflicts.is_empty() {
-            Ok(())
-        } else {
-            Err(StateError::Conflicts {
-                path: path.to_path_buf(),
-                conflicts,
-            })
-        }
-    }
-
-    /// Drops every record that conflicts with an older one (by creation
-    /// time, then file order) and returns the dropped ones: the oldest
-    /// holder of an address, MAC, id or attachment keeps it.
-    pub fn drop_conflicting(&mut self) -> Vec<NicRecord> {
-        let mut order: Vec<usize> = (0..self.nics.len()).collect();
-        order.sort_by_key(|&i| (self.nics[i].created_unix, i));
-        let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
-        let mut keep = vec![false; self.nics.len()];
-        for i in order {
-            let keys = unique_keys(&self.nics[i]);
-            if keys.iter().all(|k| !taken.contains(k)) {
-                taken.extend(keys);
-                keep[i] = true;
-            }
-        }
-        let mut dropped = Vec::new();
-        let mut kept = Vec::new();
-        for (rec, k) in std::mem::take(&mut self.nics).into_iter().zip(keep) {
-            if k {
-                kept.push(rec);
-            } else {
-                dropped.push(rec);
-            }
-        }
-        self.nics = kept;
-        dropped
-    }
-}
-
 /// State file errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -235,17 +121,6 @@ pub enum StateError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
-    },
-    /// Records break the file's invariants (see [`State::check`]).
-    #[error(
-        "state file {path} breaks its invariants: {}; start once with --drop-conflicting-records to keep the oldest record of each group (the file is backed up first)",
-        conflicts.iter().map(Conflict::to_string).collect::<Vec<_>>().join("; ")
-    )]
-    Conflicts {
-        /// The file.
-        path: PathBuf,
-        /// The records in conflict.
-        conflicts: Vec<Conflict>,
     },
     /// The file is not a state file this agent understands.
     #[error("state file {path} is unreadable: {message}")]
@@ -269,10 +144,6 @@ impl StateError {
                     Some(errno) => std::io::Error::from_raw_os_error(errno),
                     None => std::io::Error::new(source.kind(), source.to_string()),
                 },
-            },
-            StateError::Conflicts { path, conflicts } => StateError::Conflicts {
-                path: path.clone(),
-                conflicts: conflicts.clone(),
             },
             StateError::Corrupt { path, message } => StateError::Corrupt {
                 path: path.clone(),
@@ -335,30 +206,6 @@ impl StateFile {
             nics: doc.nics,
             last_leased: doc.last_leased,
         })
-    }
-
-    /// The operator's way out of [`StateError::Conflicts`]: copies the file
-    /// to `state.json.bak-<unix seconds>`, then drops every record that
-    /// conflicts with an older one ([`State::drop_conflicting`]) and writes
-    /// the rest back. Returns the records dropped (none: the file is left
-    /// alone). What the dropped NICs left on the host (links, devices) has
-    /// no record any more, and the next start removes it as an orphan.
-    ///
-    /// # Errors
-    /// [`StateError`] when the file cannot be read, backed up or written.
-    pub fn drop_conflicting(&self) -> Result<Vec<NicRecord>, StateError> {
-        let mut state = self.read()?;
-        let dropped = state.drop_conflicting();
-        if dropped.is_empty() {
-            return Ok(dropped);
-        }
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let backup = self.path.with_extension(format!("json.bak-{secs}"));
-        fs::copy(&self.path, &backup).map_err(self.io("back up"))?;
-        self.write(state)?;
-        Ok(dropped)
     }
 
     /// Replaces the file's content with `records` (and no allocation
@@ -462,113 +309,6 @@ mod tests {
             !text.contains("scope") && !text.contains("interface"),
             "{text}"
         );
-    }
-
-    /// Issue 11, item 5: records that share an id, a MAC, an address of
-    /// either family, an attachment or a Hostlo part are named; the
-    /// oldest of each group is kept by the way out.
-    #[test]
-    fn conflicting_records_are_named_and_the_oldest_kept() {
-        let mut a = rec("00000000aa");
-        a.created_unix = 10;
-        a.ipv6 = Some("fd00::2".parse().unwrap());
-        let mut b = rec("00000000bb"); // a's IPv4 and MAC, older
-        b.created_unix = 5;
-        b.sandbox_id = "other".into();
-        let mut c = rec("00000000cc"); // a's IPv6 and attachment
-        c.created_unix = 20;
-        c.ipv4 = "10.0.0.3".parse().unwrap();
-        c.mac = "52:54:00:00:00:03".parse().unwrap();
-        c.ipv6 = a.ipv6;
-        let mut d = rec("00000000aa"); // a's id
-        d.created_unix = 30;
-        d.sandbox_id = "d".into();
-        d.ipv4 = "10.0.0.4".parse().unwrap();
-        d.mac = "52:54:00:00:00:04".parse().unwrap();
-        let mut e = rec("00000000ee"); // same IPv4 on another network: fine
-        e.network = "other".into();
-        e.sandbox_id = "e".into();
-        e.mac = "52:54:00:00:00:05".parse().unwrap();
-        let state = State {
-            nics: vec![a.clone(), b.clone(), c.clone(), d, e.clone()],
-            last_leased: BTreeMap::new(),
-        };
-        let found: Vec<String> = state.conflicts().iter().map(|c| c.to_string()).collect();
-        for want in [
-            "NICs 00000000aa, 00000000bb share IPv4 address 10.0.0.2 on network \"default\"",
-            "NICs 00000000aa, 00000000bb share MAC 52:54:00:00:00:01",
-            "NICs 00000000aa, 00000000cc share IPv6 address fd00::2",
-            "NICs 00000000aa, 00000000cc share attachment sb eth0 of VM \"vm1\"",
-            "NICs 00000000aa, 00000000aa share id 00000000aa (host link nlh00000000aa)",
-        ] {
-            assert!(found.iter().any(|f| f == want), "{want} not in {found:#?}");
-        }
-        assert_eq!(found.len(), 5, "{found:#?}");
-        let e_text = state
-            .check(Path::new("/s/state.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e_text.contains("/s/state.json") && e_text.contains("--drop-conflicting-records"),
-            "{e_text}"
-        );
-        // b is the oldest holder of 10.0.0.2 and the MAC: a goes, and
-        // with it the conflicts of c and d, which stay.
-        let mut fixed = state.clone();
-        let dropped: Vec<String> = fixed
-            .drop_conflicting()
-            .iter()
-            .map(|r| format!("{} {}", r.id, r.created_unix))
-            .collect();
-        assert_eq!(dropped, ["00000000aa 10"]);
-        assert!(fixed.conflicts().is_empty());
-        assert_eq!(fixed.nics.len(), 4);
-        // Hostlo parts: one (pod, part) twice.
-        let part = |id: &str, mac: &str| {
-            let mut r = rec(id);
-            r.mac = mac.parse().unwrap();
-            r.hostlo = Some(crate::hostlo::HostloRef {
-                pod: "db".into(),
-                part: 1,
-                ports: Vec::new(),
-            });
-            r
-        };
-        let s = State {
-            nics: vec![
-                part("00000000a1", "52:54:00:00:01:01"),
-                part("00000000a2", "52:54:00:00:01:02"),
-            ],
-            last_leased: BTreeMap::new(),
-        };
-        assert_eq!(s.conflicts().len(), 1);
-        assert!(s.conflicts()[0]
-            .what
-            .contains("part 1 of Hostlo pod \"db\""));
-        // The file: refused by name, then fixed with a backup.
-        let dir = tempfile::tempdir().unwrap();
-        let sf = StateFile::in_dir(dir.path());
-        sf.write(state.clone()).unwrap();
-        let before = fs::read_to_string(sf.path()).unwrap();
-        let gone = sf.drop_conflicting().unwrap();
-        assert_eq!(gone.len(), 1);
-        assert!(sf.read().unwrap().conflicts().is_empty());
-        let backups: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with("state.json.bak-")
-            })
-            .collect();
-        assert_eq!(backups.len(), 1);
-        assert_eq!(fs::read_to_string(backups[0].path()).unwrap(), before);
-        assert!(
-            sf.drop_conflicting().unwrap().is_empty(),
-            "nothing more to drop"
-        );
-        let _ = (b, c, e);
     }
 
     #[test]

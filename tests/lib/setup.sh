@@ -5,10 +5,11 @@
 # Debian packages: QEMU for the guests, containerd/runc/CNI plugins (the guest image is made
 # from the same packages, and the host tests run them), busybox (ping, cpio), iperf3, ethtool and
 # iptables (copied into guests for the benchmark's baselines), protobuf-compiler (the CRI
-# client's build), and the usual tools.
+# client's build), g++ (libFuzzer, built by the fuzz targets' libfuzzer-sys), and the usual
+# tools.
 APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 ethtool socat
 	iptables iproute2 xz-utils zstd binutils util-linux kmod systemd protobuf-compiler
-	ca-certificates curl gcc libc6-dev)
+	ca-certificates curl gcc g++ libc6-dev)
 
 install_packages() {
 	local missing=()
@@ -35,5 +36,13 @@ install_rust() {
 install_vhost_device_vsock() {
 	if ! command -v vhost-device-vsock >/dev/null || ! vhost-device-vsock --version 2>/dev/null | grep -q "0.3.0"; then
 		cargo install --locked vhost-device-vsock@0.3.0
+	fi
+}
+
+# cargo-fuzz, for the fuzz phase of tests/run.sh (fuzz/README.md); a pinned version from
+# crates.io. It runs on stable Rust with --sanitizer none (tests/run.sh).
+install_cargo_fuzz() {
+	if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz 0.13.2"; then
+		cargo install --locked cargo-fuzz@0.13.2
 	fi
 }

@@ -41,8 +41,6 @@ pub struct AgentProc {
     pub admin: PathBuf,
     log: PathBuf,
     child: Option<Child>,
-    /// Arguments added to the next start.
-    args: Vec<String>,
 }
 
 impl AgentProc {
@@ -63,7 +61,6 @@ impl AgentProc {
             config: cfg,
             dir,
             child: None,
-            args: Vec::new(),
         };
         a.spawn();
         a
@@ -88,7 +85,6 @@ impl AgentProc {
             .arg(&self.config)
             .arg("--log-level")
             .arg("debug")
-            .args(std::mem::take(&mut self.args))
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
@@ -156,13 +152,6 @@ impl AgentProc {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "agent still running");
         self.spawn();
-    }
-
-    /// Starts the agent again with `args` added to its command line (this
-    /// start only).
-    pub fn restart_with(&mut self, args: &[&str]) {
-        self.args = args.iter().map(|a| a.to_string()).collect();
-        self.restart();
     }
 
     /// Runs the agent binary on this config with `args` until it exits

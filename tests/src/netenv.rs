@@ -100,8 +100,13 @@ impl Bridge {
 
     /// Names of the links enslaved to it.
     pub fn ports(&self) -> Vec<String> {
+        Bridge::ports_of(&self.name)
+    }
+
+    /// Names of the links enslaved to bridge `name` (one this test did not make).
+    pub fn ports_of(name: &str) -> Vec<String> {
         let v: Vec<serde_json::Value> =
-            serde_json::from_str(&check(&["ip", "-j", "link", "show", "master", &self.name]))
+            serde_json::from_str(&check(&["ip", "-j", "link", "show", "master", name]))
                 .expect("ip -j output");
         v.iter()
             .filter_map(|l| l["ifname"].as_str().map(str::to_string))

@@ -1,6 +1,7 @@
 //! The agent binary's command line and packaging: `--check-config` on the
-//! shipped examples and on broken files, the systemd unit's commands, sd_notify
-//! readiness, and the admin socket refusing non-root callers.
+//! shipped examples and on broken files, a state file that no longer fits the
+//! config (refused, then `--release-stale`), the systemd unit's commands,
+//! sd_notify readiness, and the admin socket refusing non-root callers.
 
 use std::{
     os::unix::net::UnixDatagram,
@@ -9,9 +10,10 @@ use std::{
     time::Duration,
 };
 
+use nestless_protos::agent as pb;
 use nestless_tests::{
-    agent::{bin_path, AgentProc},
-    netenv::{random_subnet, require_root, run, Bridge, Netns},
+    agent::{bin_path, ctx, vm_client, AgentProc},
+    netenv::{host_links, random_subnet, require_root, run, Bridge, Netns},
 };
 
 fn repo() -> PathBuf {
@@ -226,6 +228,112 @@ fn listens_on_af_vsock_when_asked() {
     drop(agent);
     vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
         .expect("the port is free after the agent");
+}
+
+/// Runs the agent binary with `args` until it exits by itself (it must: it
+/// refuses to start, or does a one-shot job); (exit code, stdout + stderr).
+fn run_to_exit(config: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin_path("nestless-netagent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Network `blue` renamed `green` while sandbox `old` has 10.x.y.2: the
+/// agent refuses to start (and `--check-config` says so), naming the state
+/// file, the config file and the key; `--release-stale` unplugs the old NIC
+/// and exits; the agent then starts, and a new sandbox and a retried `old`
+/// each get a NIC of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_network_is_refused_until_released() {
+    require_root();
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let vm = Netns::new("ren");
+    let config = |name: &str, dir: &Path| {
+        format!(
+            "{}[[network]]\nname = \"{name}\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\n\
+             gateway = \"{net}.1\"\n[[vm]]\nname = \"vm0\"\nbackend = \"netns\"\n\
+             netns = \"{}\"\nsocket = \"{}/vm0.sock\"\n",
+            AgentProc::agent_section(dir),
+            bridge.name,
+            vm.name,
+            dir.display()
+        )
+    };
+    let mut agent = AgentProc::start(|dir| config("blue", dir));
+    let sock = agent.dir.path().join("vm0.sock");
+    let attach = |sb: &str| pb::AttachNicRequest {
+        sandbox_id: sb.into(),
+        ..Default::default()
+    };
+    let old = vm_client(&sock)
+        .await
+        .attach_nic(ctx(), &attach("old"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    assert_eq!(old.addresses[0].address, format!("{net}.2"));
+    let old_host_if = format!("nlh{}", old.id);
+    assert!(!host_links(&old_host_if).is_empty());
+    assert!(agent.stop().success());
+    std::fs::write(&agent.config, config("green", agent.dir.path())).unwrap();
+
+    let state = agent.dir.path().join("state/state.json");
+    let names_it = |text: &str| {
+        for want in [
+            format!("state file {}", state.display()),
+            format!("config {}", agent.config.display()),
+            format!(
+                "NIC {} (VM vm0, sandbox \"old\", {net}.2 on \"blue\")",
+                old.id
+            ),
+            "network \"blue\" is not in the config (key [[network]] name)".to_string(),
+            "nestless-netagent --release-stale".to_string(),
+        ] {
+            assert!(text.contains(&want), "{text}\nlacks {want:?}");
+        }
+    };
+    let (code, text) = run_to_exit(&agent.config, &["--check-config"]);
+    assert_eq!(code, 2, "{text}");
+    names_it(&text);
+    let (code, text) = run_to_exit(&agent.config, &[]);
+    assert_eq!(
+        code, 1,
+        "the agent started with a record of a network it lacks: {text}"
+    );
+    names_it(&text);
+    assert!(
+        !host_links(&old_host_if).is_empty(),
+        "a refusal changes nothing"
+    );
+
+    let (code, text) = run_to_exit(&agent.config, &["--release-stale"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("released 1 NIC(s)"), "{text}");
+    assert!(
+        host_links(&old_host_if).is_empty(),
+        "the old NIC is unplugged"
+    );
+    assert!(agent.records().is_empty(), "{:?}", agent.records());
+    let (code, text) = run_to_exit(&agent.config, &["--check-config"]);
+    assert_eq!(code, 0, "{text}");
+
+    agent.restart();
+    let c = vm_client(&sock).await;
+    let new = c.attach_nic(ctx(), &attach("new")).await.unwrap();
+    let again = c.attach_nic(ctx(), &attach("old")).await.unwrap();
+    assert!(again.created, "the retried sandbox gets a NIC of its own");
+    let (a, b) = (new.nic.unwrap(), again.nic.unwrap());
+    assert_eq!(a.addresses[0].address, format!("{net}.2"));
+    assert_ne!(a.addresses[0].address, b.addresses[0].address);
+    assert_eq!(b.network, "green");
 }
 
 /// A network's NIC as the guest configures it (MTU, both addresses, both

@@ -280,10 +280,11 @@ async fn a_full_bridge_is_refused_with_resource_exhausted() {
 }
 
 /// Issue 11, item 5, with the real agent: a state file in which two NICs
-/// hold one address is refused at start, naming both records and the way
-/// out; `--drop-conflicting-records` keeps the oldest, backs the file up,
-/// and the start removes what the dropped NIC left; no address is ever
-/// leased twice.
+/// hold one address (and MAC) is refused at start, naming both records and
+/// the way out that every record that does not fit has
+/// (`--release-stale`, `stale.rs`): it keeps the older record, unplugs what
+/// the newer one left and exits; the agent then starts, and no address is
+/// ever leased twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
     let mut rig = Rig::new(1, 8);
@@ -312,53 +313,49 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
         }
     }
     rig.agent.write_state(&state);
+    let names_them = |out: &str| {
+        for want in [
+            format!(
+                "NIC {} (VM vm0, sandbox \"sb-b\", {} on \"n\"): NIC {} has the same MAC",
+                b.id, a.addresses[0].address, a.id
+            ),
+            "nestless-netagent --release-stale".to_string(),
+            "state.json".to_string(),
+        ] {
+            assert!(out.contains(&want), "{want:?} not in:\n{out}");
+        }
+    };
     let (status, out) = rig.agent.run_once(&[], Duration::from_secs(30));
     assert!(
         !status.success(),
         "started on a conflicting state file:\n{out}"
     );
-    // The agent writes records in id order: the conflict names them so.
-    let (x, y) = if a.id < b.id {
-        (&a.id, &b.id)
-    } else {
-        (&b.id, &a.id)
-    };
-    for want in [
-        format!(
-            "NICs {x}, {y} share IPv4 address {} on network \"n\"",
-            a.addresses[0].address
-        ),
-        format!("NICs {x}, {y} share MAC {}", a.mac),
-        "--drop-conflicting-records".to_string(),
-        "state.json".to_string(),
-    ] {
-        assert!(out.contains(&want), "{want:?} not in:\n{out}");
-    }
+    names_them(&out);
     assert!(!rig.agent.admin.exists(), "the admin socket was bound");
+    let (status, out) = rig
+        .agent
+        .run_once(&["--check-config"], Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{out}");
+    names_them(&out);
     // The way out.
-    rig.agent.restart_with(&["--drop-conflicting-records"]);
+    let (status, out) = rig
+        .agent
+        .run_once(&["--release-stale"], Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("released 1 NIC(s)"), "{out}");
     let ids: Vec<String> = rig
         .agent
         .records()
         .iter()
         .map(|r| r["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, vec![a.id.clone()], "the oldest record is kept");
+    assert_eq!(ids, vec![a.id.clone()], "the older record is kept");
     assert_eq!(
         rig.nic_ports(),
         vec![format!("nlh{}", a.id)],
         "b's link was left"
     );
-    let backups = std::fs::read_dir(rig.agent.dir.path().join("state"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("state.json.bak-")
-        })
-        .count();
-    assert_eq!(backups, 1);
+    rig.agent.restart();
     // The next attach gets an address nobody holds.
     let c = vm_client(&rig.socket(0)).await;
     let n = c
@@ -374,6 +371,7 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
         .iter()
         .map(|l| l["address"].as_str().unwrap().to_string())
         .collect();
+    assert_eq!(leases.len(), 2, "{leases:?}");
     let unique: std::collections::HashSet<&String> = leases.iter().collect();
     assert_eq!(unique.len(), leases.len(), "double lease: {leases:?}");
 }

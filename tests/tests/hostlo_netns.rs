@@ -4,13 +4,16 @@
 //! namespaces. Needs root and socat.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use nestless_netagent::hostlo::segment_bridge;
+use nestless_protos::agent as pb;
 use nestless_tests::{
-    agent::{bin_path, AgentProc},
+    agent::{bin_path, ctx, status_of, vm_client, AgentProc},
     netenv::{check, host_links, random_subnet, require_root, run, suffix, Bridge, Netns},
 };
 use serde_json::Value;
@@ -327,6 +330,166 @@ fn two_parts_share_localhost_over_the_segment() {
         agent.state()
     );
     assert!(bridge.ports().is_empty());
+}
+
+/// Many HostloJoin and HostloLeave at once, from four VMs of two tenants,
+/// on three pods of four parts, round after round, over the agent's real
+/// sockets with real namespaces, veths and bridges. After every round:
+/// one tenant per pod, one VM per (pod, part), a segment bridge exactly for
+/// the pods with a part, and each segment's ports exactly its parts' host
+/// ends. At the end every part leaves and no bridge is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_joins_and_leaves_keep_the_hostlo_rules() {
+    use rand::{Rng, SeedableRng};
+    require_root();
+    let nets = {
+        let a = random_subnet();
+        let mut b = random_subnet();
+        while b == a {
+            b = random_subnet();
+        }
+        [a, b]
+    };
+    let bridges: Vec<Bridge> = nets
+        .iter()
+        .map(|n| Bridge::new(Some(&format!("{n}.1/24"))))
+        .collect();
+    // VM i is on tenant network i / 2.
+    let vms: Vec<Netns> = (0..4).map(|i| Netns::new(&format!("hc{i}"))).collect();
+    let agent = AgentProc::start(|dir| {
+        let mut s = AgentProc::agent_section(dir);
+        for (t, (net, br)) in nets.iter().zip(&bridges).enumerate() {
+            s += &format!(
+                "[[network]]\nname = \"t{t}\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                br.name
+            );
+        }
+        for (i, vm) in vms.iter().enumerate() {
+            s += &format!(
+                "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nnetwork = \"t{}\"\nmax_nics = 32\n",
+                vm.name,
+                dir.display(),
+                i / 2
+            );
+        }
+        s
+    });
+    let mut clients = Vec::new();
+    for i in 0..vms.len() {
+        clients.push(vm_client(&agent.dir.path().join(format!("vm{i}.sock"))).await);
+    }
+    let tag = suffix();
+    let pods: Vec<String> = (0..3).map(|k| format!("cj{k}-{tag}")).collect();
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut joined, mut refused) = (0, 0);
+    for round in 0..25 {
+        let mut calls = Vec::new();
+        for _ in 0..32 {
+            let vm = rng.random_range(0..vms.len());
+            let pod = pods[rng.random_range(0..pods.len())].clone();
+            let part = rng.random_range(0..4u32);
+            let leave = rng.random_bool(0.4);
+            let sandbox = format!("sb{vm}-{part}-{}", rng.random_range(0..2));
+            let c = clients[vm].clone();
+            calls.push(tokio::spawn(async move {
+                let r = if leave {
+                    let req = pb::HostloLeaveRequest {
+                        pod,
+                        part,
+                        ..Default::default()
+                    };
+                    c.hostlo_leave(ctx(), &req).await.map(drop)
+                } else {
+                    let req = pb::HostloJoinRequest {
+                        pod,
+                        part,
+                        sandbox_id: sandbox,
+                        ..Default::default()
+                    };
+                    c.hostlo_join(ctx(), &req).await.map(drop)
+                };
+                (leave, r)
+            }));
+        }
+        for call in calls {
+            match call.await.unwrap() {
+                (false, Ok(())) => joined += 1,
+                (_, Ok(())) => {}
+                (_, Err(e)) => {
+                    let (code, msg) = status_of(&e);
+                    assert!(
+                        matches!(
+                            code,
+                            ttrpc::Code::ALREADY_EXISTS
+                                | ttrpc::Code::PERMISSION_DENIED
+                                | ttrpc::Code::NOT_FOUND
+                        ),
+                        "seed {seed}, round {round}: {code:?} {msg}"
+                    );
+                    refused += 1;
+                }
+            }
+        }
+        check_hostlo_rules(&agent, &pods, &format!("seed {seed}, round {round}"));
+    }
+    assert!(
+        joined > 20 && refused > 20,
+        "{joined} joins, {refused} refusals"
+    );
+    for r in agent.records() {
+        let vm: usize = r["vm"].as_str().unwrap()[2..].parse().unwrap();
+        let req = pb::HostloLeaveRequest {
+            pod: r["hostlo"]["pod"].as_str().unwrap().into(),
+            part: r["hostlo"]["part"].as_u64().unwrap() as u32,
+            ..Default::default()
+        };
+        clients[vm].hostlo_leave(ctx(), &req).await.unwrap();
+    }
+    check_hostlo_rules(&agent, &pods, "after every part left");
+    assert!(agent.records().is_empty());
+}
+
+/// The rules, read from the state file and the host's links.
+fn check_hostlo_rules(agent: &AgentProc, pods: &[String], when: &str) {
+    let mut tenant: BTreeMap<String, String> = BTreeMap::new();
+    let mut held = BTreeSet::new();
+    let mut ends: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in agent.records() {
+        let pod = r["hostlo"]["pod"].as_str().expect("only Hostlo parts here");
+        let part = r["hostlo"]["part"].as_u64().unwrap();
+        let network = r["network"].as_str().unwrap();
+        assert_eq!(r["state"], "attached", "{when}: {r}");
+        assert!(
+            held.insert((pod.to_string(), part)),
+            "{when}: part {part} of {pod} held twice"
+        );
+        let t = tenant.entry(pod.to_string()).or_insert(network.to_string());
+        assert_eq!(t, network, "{when}: pod {pod} has two tenants");
+        let vm: usize = r["vm"].as_str().unwrap()[2..].parse().unwrap();
+        assert_eq!(network, format!("t{}", vm / 2), "{when}: {r}");
+        ends.entry(pod.to_string())
+            .or_default()
+            .insert(format!("nlh{}", r["id"].as_str().unwrap()));
+    }
+    for pod in pods {
+        let bridge = segment_bridge(pod);
+        let exists = !host_links(&bridge).is_empty();
+        match ends.get(pod) {
+            None => assert!(
+                !exists,
+                "{when}: segment {bridge} of {pod} left with no part"
+            ),
+            Some(want) => {
+                assert!(
+                    exists,
+                    "{when}: pod {pod} has parts but no segment {bridge}"
+                );
+                let ports: BTreeSet<String> = Bridge::ports_of(&bridge).into_iter().collect();
+                assert_eq!(&ports, want, "{when}: the ports of {bridge}");
+            }
+        }
+    }
 }
 
 /// The agent's owner mark of a host link (its alias), if any.

@@ -3,15 +3,28 @@
 //! rules (names, addresses, MACs, conflicts) are in [`crate::hostlo`].
 //!
 //! ```text
-//! HostloJoin(pod, part, sb) ─▶ lock VM; part held by another VM? ─▶ ALREADY_EXISTS
+//! HostloJoin(pod, part, sb) ─▶ lock VM, then the pod's segment
+//!                              part held by another VM? ─▶ ALREADY_EXISTS
 //!                              same part, same sandbox, Attached? ─▶ it
 //!                              pod of another tenant network? ─▶ PERMISSION_DENIED
 //!                              segment bridge nls<hash> (first part)
 //!                              plug_new(.part+1, MAC of (pod, part)) ─▶ mark_pod_changed
 //! HostloPublish(ports) ──────▶ record's ports, persist ─▶ mark_pod_changed ─▶ conflicts
 //! HostloWatch(since) ────────▶ the view once its version passes `since` (or at the timeout)
-//! HostloLeave ───────────────▶ remove_nic ─▶ mark_pod_changed; last part: segment removed
+//! HostloLeave ───────────────▶ lock VM, then the segment; remove_nic ─▶ mark_pod_changed;
+//!                              last part: segment removed
 //! ```
+//!
+//! The rules of a pod span VMs: one tenant network per pod, one VM per
+//! part, a segment bridge exactly while a part is in (and no two pods on one
+//! bridge name). A VM's lock alone cannot keep them, since the parts of a
+//! pod are in several VMs; so whatever checks or changes them (join, leave,
+//! and the reconciliation releasing a part) holds the segment's lock
+//! ([`SegmentLocks`], one per bridge name) from the check to the change.
+//! Lock order: a VM's lock, then one segment's; never a VM's lock while
+//! holding a segment's, never two segments at once, so no two operations
+//! wait for each other in a circle. Joins and leaves of different pods
+//! still run in parallel; those of one pod take turns.
 //!
 //! A pod's version changes with every join, leave and publish; versions are
 //! microseconds since the epoch, counted on from the agent's start, so that
@@ -19,7 +32,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Mutex as StdMutex, MutexGuard},
+    sync::{Arc, Mutex as StdMutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -139,6 +152,39 @@ impl Versions {
     }
 }
 
+/// The locks of the Hostlo segments, one per segment bridge name (so that
+/// two pods whose names hash to one bridge share it too); entries go once
+/// no one holds or waits for them.
+#[derive(Default)]
+pub(super) struct SegmentLocks {
+    by_bridge: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A segment's lock, held: the proof that a caller may check and change
+/// the parts of the pods on `bridge` and the bridge itself.
+pub(super) struct SegmentGuard {
+    bridge: String,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl SegmentLocks {
+    /// Waits for the lock of `pod`'s segment. Caller may hold a VM's lock,
+    /// and no segment's.
+    pub async fn lock(&self, pod: &str) -> SegmentGuard {
+        let bridge = hostlo::segment_bridge(pod);
+        let lock = {
+            // Nothing panics while holding it.
+            let mut map = self.by_bridge.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            map.entry(bridge.clone()).or_default().clone()
+        };
+        SegmentGuard {
+            bridge,
+            _held: lock.lock_owned().await,
+        }
+    }
+}
+
 impl Agent {
     /// Gives `pod` a new version and wakes its watchers.
     pub(super) fn mark_pod_changed(&self, pod: &str) {
@@ -252,6 +298,7 @@ impl Agent {
         } = req;
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        let segment = self.segments.lock(pod.as_str()).await;
         if let Some(r) = self.records.hostlo_part(pod.as_str(), part.get()) {
             if r.vm != vm_name {
                 return Err(AgentError::HostloPartTaken {
@@ -266,8 +313,9 @@ impl Agent {
             }
             // A restarted part (new sandbox) or a half-done one: start afresh.
             self.remove_nic(&vm, &r.id).await?;
+            self.mark_pod_changed(pod.as_str());
         }
-        let bridge = hostlo::segment_bridge(pod.as_str());
+        let bridge = segment.bridge.clone();
         for r in self.records.hostlo_all() {
             let Some(h) = r.hostlo.as_ref() else { continue };
             if h.pod == pod.as_str() && r.network != vm.config.network {
@@ -290,14 +338,19 @@ impl Agent {
                 .into());
             }
         }
-        self.links
+        if let Err(e) = self
+            .links
             .ensure_segment(&bridge, self.config.hostlo.mtu)
             .await
-            .map_err(BackendError::from)?;
+        {
+            // It may be half made (created, not up).
+            self.remove_segment_if_empty(&segment, pod.as_str()).await;
+            return Err(BackendError::from(e).into());
+        }
         let new = NewNic {
             record: NewRecord {
                 network: vm.network(),
-                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part.get())),
+                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part)),
                 mac: Some(hostlo::part_mac(
                     &self.config.agent.mac_prefix,
                     pod.as_str(),
@@ -320,7 +373,7 @@ impl Agent {
         let rec = match self.plug_new(&vm, new).await {
             Ok(r) => r,
             Err(e) => {
-                self.remove_segment_if_empty(pod.as_str()).await;
+                self.remove_segment_if_empty(&segment, pod.as_str()).await;
                 return Err(e);
             }
         };
@@ -334,13 +387,14 @@ impl Agent {
         Ok((rec, view))
     }
 
-    /// Removes the segment of `pod` when no part holds it any more.
-    pub(super) async fn remove_segment_if_empty(&self, pod: &str) {
+    /// Removes the segment of `pod` when no part holds it any more (a
+    /// record in any state holds it). The caller holds the segment's lock.
+    pub(super) async fn remove_segment_if_empty(&self, segment: &SegmentGuard, pod: &str) {
         if self.hostlo_view(pod).is_some() {
             return;
         }
-        let bridge = hostlo::segment_bridge(pod);
-        match self.links.delete(&bridge).await {
+        let bridge = &segment.bridge;
+        match self.links.delete(bridge).await {
             Ok(true) => log::info!("Hostlo pod {pod}: last part gone, segment {bridge} removed"),
             Ok(false) => {}
             Err(e) => log::warn!("Hostlo pod {pod}: cannot remove segment {bridge}: {e}"),
@@ -365,11 +419,12 @@ impl Agent {
         let HostloPart { pod, part } = req;
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        let segment = self.segments.lock(pod.as_str()).await;
         let rec = self.own_part(vm_name, &pod, part)?;
         self.remove_nic(&vm, &rec.id).await?;
         log::info!("Hostlo pod {pod}: part {} left VM {vm_name}", part.get());
         self.mark_pod_changed(pod.as_str());
-        self.remove_segment_if_empty(pod.as_str()).await;
+        self.remove_segment_if_empty(&segment, pod.as_str()).await;
         Ok(())
     }
 
@@ -670,5 +725,179 @@ mod tests {
             1,
             "only the BrFusion NIC is left"
         );
+    }
+
+    /// Joins and leaves from several VMs of two tenants, all at once, on a
+    /// few pods and parts, round after round on a multi-threaded runtime
+    /// (the fakes suspend at each QMP or netlink call, as real ones do).
+    /// After every round: one tenant per pod, one VM per (pod, part), a
+    /// segment bridge exactly for the pods with a part, and every VM's
+    /// devices and host links exactly those of its records.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hostlo_rules_hold_under_concurrent_joins_and_leaves() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        const VMS: [(&str, &str); 5] = [
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("b2", "b"),
+        ];
+        const PODS: [&str; 3] = ["p0", "p1", "p2"];
+        // Every operation fsyncs the state file: on tmpfs where there is one.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .unwrap();
+        let mut toml = format!("[agent]\nstate_dir = \"{}\"\n", dir.path().display());
+        for (net, third) in [("a", 9), ("b", 10)] {
+            toml += &format!(
+                "[[network]]\nname = \"{net}\"\nbridge = \"br{net}\"\nsubnet = \"10.{third}.0.0/24\"\ngateway = \"10.{third}.0.1\"\n"
+            );
+        }
+        for (i, (vm, net)) in VMS.iter().enumerate() {
+            toml += &format!(
+                "[[vm]]\nname = \"{vm}\"\nbackend = \"qemu\"\nqmp_socket = \"/q{i}\"\ncid = {}\nnetwork = \"{net}\"\nmax_nics = 64\n",
+                i + 3
+            );
+        }
+        let cfg = Config::parse(Path::new("t.toml"), &toml).unwrap();
+        let links = Arc::new(FakeLinks::default());
+        let qemus: Vec<(&str, Arc<FakeQemu>)> = VMS
+            .iter()
+            .map(|(vm, _)| (*vm, Arc::new(FakeQemu::new(32))))
+            .collect();
+        let agent = Arc::new(
+            Agent::with_backends(
+                cfg,
+                links.clone(),
+                crate::agent::rig::backends(&links, &qemus),
+            )
+            .unwrap(),
+        );
+        let seed: u64 = rand::random();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (mut joined, mut refused) = (0, 0);
+        for round in 0..100 {
+            let mut tasks = Vec::new();
+            for _ in 0..48 {
+                let (vm, _) = VMS[rng.random_range(0..VMS.len())];
+                let pod = PODS[rng.random_range(0..PODS.len())];
+                let p = rng.random_range(0..4);
+                let leave = rng.random_bool(0.4);
+                let sandbox = format!("{vm}-{pod}-{p}-{}", rng.random_range(0..2));
+                let agent = agent.clone();
+                tasks.push(tokio::spawn(async move {
+                    let r = if leave {
+                        agent.hostlo_leave(vm, part(pod, p)).await
+                    } else {
+                        agent
+                            .hostlo_join(vm, join(pod, p, &sandbox))
+                            .await
+                            .map(drop)
+                    };
+                    (leave, r)
+                }));
+            }
+            for t in tasks {
+                match t.await.unwrap() {
+                    (false, Ok(())) => joined += 1,
+                    (_, Ok(())) => {}
+                    (_, Err(e)) => {
+                        assert!(
+                            matches!(
+                                e.code(),
+                                ttrpc::Code::ALREADY_EXISTS
+                                    | ttrpc::Code::PERMISSION_DENIED
+                                    | ttrpc::Code::NOT_FOUND
+                            ),
+                            "seed {seed}, round {round}: {e}"
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            check_hostlo_rules(
+                &agent,
+                &links,
+                &qemus,
+                &format!("seed {seed}, round {round}"),
+            );
+        }
+        assert!(
+            joined > 100 && refused > 100,
+            "{joined} joins, {refused} refusals"
+        );
+        // Everyone leaves: nothing is left.
+        for r in agent.records(None) {
+            let h = r.hostlo.unwrap();
+            agent
+                .hostlo_leave(&r.vm, part(&h.pod, h.part))
+                .await
+                .unwrap();
+        }
+        check_hostlo_rules(&agent, &links, &qemus, "after all left");
+        assert!(links.links.lock().unwrap().is_empty());
+    }
+
+    fn check_hostlo_rules(
+        agent: &Agent,
+        links: &FakeLinks,
+        qemus: &[(&str, Arc<FakeQemu>)],
+        when: &str,
+    ) {
+        let records = agent.records(None);
+        let mut tenant: HashMap<String, String> = HashMap::new();
+        let mut held = std::collections::HashSet::new();
+        for r in &records {
+            assert_eq!(r.state, NicState::Attached, "{when}: {r:?}");
+            let h = r.hostlo.as_ref().expect("only Hostlo parts here");
+            assert!(
+                held.insert((h.pod.clone(), h.part)),
+                "{when}: part {} of {} held twice",
+                h.part,
+                h.pod
+            );
+            let t = tenant.entry(h.pod.clone()).or_insert(r.network.clone());
+            assert_eq!(*t, r.network, "{when}: pod {} has two tenants", h.pod);
+            let vm_net = &agent.vm(&r.vm).unwrap().config.network;
+            assert_eq!(vm_net, &r.network, "{when}: {r:?}");
+        }
+        let live: std::collections::BTreeSet<String> =
+            tenant.keys().map(|p| hostlo::segment_bridge(p)).collect();
+        let bridges: std::collections::BTreeSet<String> = links
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(hostlo::SEGMENT_PREFIX))
+            .cloned()
+            .collect();
+        assert_eq!(bridges, live, "{when}: segment bridges");
+        let host_ifs: std::collections::BTreeSet<String> = links
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.starts_with(hostlo::SEGMENT_PREFIX))
+            .cloned()
+            .collect();
+        let want: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.id.names().host_if).collect();
+        assert_eq!(host_ifs, want, "{when}: host links");
+        for (vm, q) in qemus {
+            let mut devices: Vec<String> = q.devices.lock().unwrap().keys().cloned().collect();
+            let mut want: Vec<String> = records
+                .iter()
+                .filter(|r| r.vm == *vm)
+                .map(|r| r.id.names().device)
+                .collect();
+            devices.sort();
+            want.sort();
+            assert_eq!(devices, want, "{when}: devices of {vm}");
+        }
     }
 }

@@ -40,7 +40,11 @@ mod records;
 mod recovery;
 
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod rig;
+#[cfg(test)]
+mod stale_tests;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -66,6 +70,7 @@ use crate::{
     error::AgentError,
     links::HostLinks,
     qmp::QmpClient,
+    stale::StalePolicy,
     state::{NicRecord, StateFile},
 };
 use records::Records;
@@ -108,12 +113,19 @@ pub struct Agent {
     vms: BTreeMap<String, Arc<Vm>>,
     records: Records,
     hostlo: hostlo::Versions,
+    /// Held by whatever checks or changes the parts of a Hostlo pod.
+    segments: hostlo::SegmentLocks,
     started: Instant,
 }
 
 impl Agent {
-    /// An agent with real backends (QMP clients, netlink) for `config`.
-    pub fn new(config: Config, links: Arc<dyn HostLinks>) -> Result<Agent, AgentError> {
+    /// An agent with real backends (QMP clients, netlink) for `config`;
+    /// `stale` says what to do with state records that do not fit it.
+    pub fn new(
+        config: Config,
+        links: Arc<dyn HostLinks>,
+        stale: StalePolicy,
+    ) -> Result<Agent, AgentError> {
         let mut backends: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
         for vm in &config.vms {
             let b: Arc<dyn VmBackend> = match &vm.backend {
@@ -133,17 +145,30 @@ impl Agent {
             };
             backends.insert(vm.name.clone(), b);
         }
-        Agent::with_backends(config, links, backends)
+        Agent::build(config, links, backends, stale)
     }
 
     /// An agent with the given backends (tests use fakes), its records loaded
-    /// from the state file. A VM without a backend here is not served.
+    /// from the state file; it refuses records that do not fit the
+    /// configuration ([`StalePolicy::Refuse`]). A VM without a backend here
+    /// is not served.
     pub fn with_backends(
         config: Config,
         links: Arc<dyn HostLinks>,
-        mut backends: HashMap<String, Arc<dyn VmBackend>>,
+        backends: HashMap<String, Arc<dyn VmBackend>>,
     ) -> Result<Agent, AgentError> {
-        let records = Records::load(&config)?;
+        Agent::build(config, links, backends, StalePolicy::Refuse)
+    }
+
+    /// [`Agent::with_backends`], with records that do not fit dealt with as
+    /// `stale` says.
+    pub fn build(
+        config: Config,
+        links: Arc<dyn HostLinks>,
+        mut backends: HashMap<String, Arc<dyn VmBackend>>,
+        stale: StalePolicy,
+    ) -> Result<Agent, AgentError> {
+        let records = Records::load(&config, stale)?;
         let mut vms = BTreeMap::new();
         for vm in &config.vms {
             let Some(backend) = backends.remove(&vm.name) else {
@@ -177,6 +202,7 @@ impl Agent {
             vms,
             records,
             hostlo: hostlo::Versions::starting_now(),
+            segments: hostlo::SegmentLocks::default(),
             started: Instant::now(),
         })
     }

@@ -40,7 +40,8 @@ use crate::{
     hostlo::HostloRef,
     ipam::Ipam,
     lifecycle::{self, Event, NicState},
-    names::{random_mac, NicId, DEFAULT_IFNAME},
+    names::{free_mac, NicId, DEFAULT_IFNAME},
+    stale::{self, LoadError, StalePolicy},
     state::{NicRecord, State, StateError, StateFile},
 };
 
@@ -53,6 +54,8 @@ pub(super) struct Records {
     /// Snapshots written (tests: group commit).
     #[cfg(test)]
     writes: Arc<std::sync::atomic::AtomicU64>,
+    /// Records of the state file dropped at load.
+    dropped: usize,
 }
 
 /// A save request: the writer answers on it once a snapshot taken after
@@ -151,52 +154,34 @@ pub(super) struct PodRecords {
 }
 
 impl Records {
-    /// The records of the state file, their leases taken again. A record
-    /// that no longer fits the configuration (unknown VM, address out of its
-    /// network) is kept, so that the reconciliation cleans it up, and logged.
-    pub fn load(config: &Config) -> Result<Records, StateError> {
-        let state = StateFile::in_dir(&config.agent.state_dir);
-        let mut store = Store {
-            records: BTreeMap::new(),
-            ipam: config
-                .networks
-                .values()
-                .map(|n| (n.name.clone(), Ipam::new(n)))
-                .collect(),
+    /// The records of the state file, their leases taken again. Records of
+    /// VMs that are not configured are dropped; records that do not fit the
+    /// configuration are refused or dropped, as `policy` says (see
+    /// [`crate::stale`]). Either way, every BrFusion record kept holds its
+    /// lease, and only its own.
+    ///
+    /// # Errors
+    /// [`AgentError::State`] (unreadable file), [`AgentError::Stale`].
+    pub fn load(config: &Config, policy: StalePolicy) -> Result<Records, AgentError> {
+        let (state, sorted) = stale::load(config, policy).map_err(|e| match e {
+            LoadError::State(e) => AgentError::State(e),
+            LoadError::Stale(e) => AgentError::Stale(e),
+        })?;
+        for s in &sorted.misfits {
+            log::warn!("released (--release-stale): {s}");
+        }
+        for r in &sorted.vm_gone {
+            log::warn!(
+                "dropped NIC {} of VM {}, which is no longer configured",
+                r.id,
+                r.vm
+            );
+        }
+        let store = Store {
+            records: sorted.fits.into_iter().map(|r| (r.id.clone(), r)).collect(),
+            ipam: sorted.ipam,
         };
-        let saved = state.read()?;
-        saved.check(state.path())?;
-        for (network, last) in &saved.last_leased {
-            if let Some(ipam) = store.ipam.get_mut(network) {
-                ipam.resume_after(*last);
-            }
-        }
-        for rec in saved.nics {
-            let known_vm = config.vm(&rec.vm).is_some();
-            let leased = if rec.hostlo.is_some() {
-                Some(Ok(()))
-            } else {
-                store
-                    .ipam
-                    .get_mut(&rec.network)
-                    .map(|i| i.reserve(rec.ipv4))
-            };
-            match (known_vm, leased) {
-                (true, Some(Ok(()))) => {}
-                (vm, lease) => {
-                    // The configuration changed under the record. Keep it so that
-                    // the reconciliation cleans it up, but say so.
-                    log::warn!(
-                        "state record {} (VM {}, {} on {}) does not fit the configuration (VM known: {vm}, lease: {lease:?})",
-                        rec.id,
-                        rec.vm,
-                        rec.ipv4,
-                        rec.network
-                    );
-                }
-            }
-            store.records.insert(rec.id.clone(), rec);
-        }
+        let dropped = sorted.misfits.len() + sorted.vm_gone.len();
         let store = Arc::new(StdMutex::new(store));
         let (saves, requests) = mpsc::channel();
         #[cfg(test)]
@@ -215,7 +200,14 @@ impl Records {
             saves,
             #[cfg(test)]
             writes,
+            dropped,
         })
+    }
+
+    /// How many records of the state file [`Records::load`] dropped (the
+    /// file still has them until the next save).
+    pub fn dropped_at_load(&self) -> usize {
+        self.dropped
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -364,8 +356,9 @@ impl Records {
     /// the fixed one), picks a MAC no other record has and a fresh id.
     ///
     /// # Errors
-    /// [`AgentError::QuotaExceeded`], or [`AgentError::Ipam`] when the
-    /// network has no free address.
+    /// [`AgentError::QuotaExceeded`], [`AgentError::Ipam`] when the network
+    /// has no free address, [`AgentError::NoFreeMac`] when the MAC prefix
+    /// has none.
     pub fn begin(
         &self,
         vm: &VmConfig,
@@ -380,6 +373,20 @@ impl Records {
                 quota: vm.max_nics,
             });
         }
+        // The MAC first: a failure after the lease would leak it.
+        let used_macs: HashSet<MacAddr> = store.records.values().map(|r| r.mac).collect();
+        let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
+            Some(m) => m,
+            None => free_mac(mac_prefix, |m| used_macs.contains(m)).ok_or_else(|| {
+                AgentError::NoFreeMac {
+                    prefix: mac_prefix
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                }
+            })?,
+        };
         let (ipv4, ipv6) = match new.fixed_ipv4 {
             Some(a) => (a, None),
             None => {
@@ -390,16 +397,6 @@ impl Records {
                 let ipv4 = ipam.allocate()?;
                 (ipv4, ipam.ipv6_for(ipv4))
             }
-        };
-        let used_macs: HashSet<MacAddr> = store.records.values().map(|r| r.mac).collect();
-        let mac = match new.mac.filter(|m| !used_macs.contains(m)) {
-            Some(m) => m,
-            None => loop {
-                let m = random_mac(mac_prefix);
-                if !used_macs.contains(&m) && !m.is_multicast() {
-                    break m;
-                }
-            },
         };
         let id = loop {
             let id = NicId::random();

@@ -93,6 +93,11 @@ impl Agent {
                 }
                 _ => {}
             }
+            // A Hostlo part goes under its segment's lock, as a leave does.
+            let segment = match &rec.hostlo {
+                Some(h) => Some(self.segments.lock(&h.pod).await),
+                None => None,
+            };
             match self.remove_nic(&vm, &rec.id).await {
                 Ok(()) => {
                     log::info!(
@@ -101,9 +106,9 @@ impl Agent {
                         rec.state,
                         rec.ipv4
                     );
-                    if let Some(h) = &rec.hostlo {
+                    if let (Some(h), Some(segment)) = (&rec.hostlo, &segment) {
                         self.mark_pod_changed(&h.pod);
-                        self.remove_segment_if_empty(&h.pod).await;
+                        self.remove_segment_if_empty(segment, &h.pod).await;
                     }
                     match action {
                         Recovery::RollBack => report.rolled_back += 1,
@@ -227,7 +232,11 @@ impl Agent {
                 total.released += 1;
             }
         }
-        if !stale.is_empty() {
+        // Records dropped at load (VM gone, or released misfits) leave the
+        // file with this save.
+        let dropped = self.records.dropped_at_load();
+        total.released += dropped;
+        if !stale.is_empty() || dropped > 0 {
             self.records.persist().await?;
         }
         total.orphans += self.sweep_host_links().await?;
@@ -436,9 +445,9 @@ mod tests {
             sandbox_id: "half".into(),
             state: NicState::Attaching,
             ipv4: "10.9.0.200".parse().unwrap(),
-            // A MAC of its own: two records on one MAC break the state
-            // file's invariants and stop the start (issue 11, item 5).
-            mac: "52:54:00:00:0e:ee".parse().unwrap(),
+            // A MAC of its own, and not keep's IPv6 address: records
+            // sharing either do not fit (see `crate::stale`).
+            mac: "52:54:00:00:00:ee".parse().unwrap(),
             ipv6: None,
             ..keep.clone()
         };

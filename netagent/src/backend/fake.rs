@@ -98,6 +98,8 @@ impl FakeQemu {
 #[async_trait::async_trait]
 impl Qmp for FakeQemu {
     async fn execute(&self, cmd: &str, args: Value) -> Result<Value, QmpError> {
+        // A real QMP command suspends the caller until QEMU answers.
+        tokio::task::yield_now().await;
         if *self.down.lock().unwrap() {
             return Err(QmpError::Connect {
                 path: "/fake".into(),

@@ -524,6 +524,7 @@ mod tests {
         let cases = [
             ("subnet = \"10.88.0/16\"\ngateway = \"10.88.0.1\"", "network[0] (\"n\").subnet", "not an IPv4 CIDR"),
             ("subnet = \"10.88.0.5/16\"\ngateway = \"10.88.0.1\"", ".subnet", "host bits"),
+            ("subnet = \"0.0.0.0/0\"\ngateway = \"10.88.0.1\"", ".subnet", "too large (at least /8)"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.99.0.1\"", ".gateway", "outside subnet"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.0\"", ".gateway", "network or broadcast"),
             ("subnet = \"10.88.0.0/16\"\ngateway = \"banana\"", ".gateway", "not an IPv4 address"),
@@ -852,21 +853,22 @@ mod tests {
                 "vm[0] (\"a\").qmp_socket",
                 "not an absolute path",
             ),
-            // Subnets of no host addresses, whole halves of the space included.
+            // Subnets of no host addresses. Whole halves of the space are
+            // refused as larger than a /8 before that.
             (
                 with_network("subnet = \"0.0.0.0/1\"\ngateway = \"10.0.0.1\""),
                 ".subnet",
+                "too large (at least /8)",
+            ),
+            (
+                with_network("subnet = \"0.0.0.0/8\"\ngateway = \"0.0.0.1\""),
+                ".subnet",
                 "\"this network\"",
             ),
             (
-                with_network("subnet = \"128.0.0.0/1\"\ngateway = \"128.0.0.1\""),
+                with_network("subnet = \"224.0.0.0/8\"\ngateway = \"224.0.0.1\""),
                 ".subnet",
                 "multicast",
-            ),
-            (
-                with_network("subnet = \"0.0.0.0/0\"\ngateway = \"10.0.0.1\""),
-                ".subnet",
-                "\"this network\"",
             ),
             (
                 with_network("subnet = \"127.0.0.0/8\"\ngateway = \"127.0.0.1\""),

@@ -296,6 +296,11 @@ fn network_subnet<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Net, D::Error> 
         if subnet.prefix_len() > 30 {
             return Err(format!("{subnet} is too small (at most /30)"));
         }
+        // The agent keeps a bitmap of a network's addresses: 2 MiB for a /8,
+        // 512 MiB for a /0.
+        if subnet.prefix_len() < 8 {
+            return Err(format!("{subnet} is too large (at least /8)"));
+        }
         Ok(subnet)
     })
 }

@@ -28,6 +28,12 @@ pub struct FakeLinks {
     pub fail_errno: Mutex<Option<i32>>,
 }
 
+/// A real netlink call suspends the caller; so does this, so that
+/// concurrent callers interleave as they do on a real host.
+async fn round_trip() {
+    tokio::task::yield_now().await;
+}
+
 impl FakeLinks {
     fn call(&self, op: &'static str, what: &str) -> Result<(), LinkError> {
         self.calls.lock().unwrap().push(format!("{op} {what}"));
@@ -61,6 +67,7 @@ impl HostLinks for FakeLinks {
         Ok(())
     }
     async fn ensure_segment(&self, name: &str, _: u32) -> Result<(), LinkError> {
+        round_trip().await;
         self.call("ensure_segment", name)?;
         self.links.lock().unwrap().insert(name.to_string());
         Ok(())
@@ -73,6 +80,7 @@ impl HostLinks for FakeLinks {
         _: u32,
         _: &Path,
     ) -> Result<(), LinkError> {
+        round_trip().await;
         self.call("create_veth", host)?;
         self.links.lock().unwrap().insert(host.to_string());
         let _ = guest;
@@ -84,9 +92,11 @@ impl HostLinks for FakeLinks {
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
     async fn join_bridge(&self, ifname: &str, bridge: &str, _: u32) -> Result<(), LinkError> {
+        round_trip().await;
         self.call("join_bridge", &format!("{ifname} {bridge}"))
     }
     async fn delete(&self, ifname: &str) -> Result<bool, LinkError> {
+        round_trip().await;
         self.call("delete", ifname)?;
         Ok(self.links.lock().unwrap().remove(ifname))
     }
