@@ -128,7 +128,7 @@ impl NetnsSource {
 /// What the shim does for a container's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkRole {
-    /// The container owns a pod network: set it up after create, tear it down on delete.
+    /// The container owns a pod network: set it up at start, tear it down on delete.
     Owner {
         /// The sandbox the network is known by: the CRI sandbox id (empty
         /// scope), or the container id in its containerd namespace.

@@ -75,6 +75,8 @@ struct Target {
     label: &'static str,
     /// The VM that serves it: 0 for (a) and (c), 1 for (b) and (a').
     node: usize,
+    /// A process of the pod whose namespace the servers run in (`None`: the VM's root).
+    netns_pid: Option<u32>,
     ip: String,
     iperf_port: u16,
     rr_port: u16,
@@ -94,14 +96,23 @@ fn start_servers(node: &Node, pid: Option<u32>) {
     };
 }
 
-/// One iperf3 run from the host with `extra` arguments; its JSON report. The iperf3
-/// server re-opens its listening socket after each test, which takes a while in a TCG
-/// guest: a refused or reset connection is retried.
-fn iperf_json(t: &Target, seconds: u64, reverse: bool, extra: &[&str]) -> Value {
+/// One iperf3 run from the host with `extra` arguments; its JSON report, or `None` when
+/// four attempts failed. The iperf3 server re-opens its listening socket after each test,
+/// which takes a while in a TCG guest: a refused or reset connection is retried. A run
+/// that does not end (a saturated guest vCPU can starve iperf3's control connection,
+/// seen with UDP from the guest at `-b 0`) is killed, and the target's server restarted.
+fn iperf_json(
+    t: &Target,
+    node: &Node,
+    seconds: u64,
+    reverse: bool,
+    extra: &[&str],
+) -> Option<Value> {
     let mut last = String::new();
-    for _ in 0..10 {
-        let mut cmd = Command::new("iperf3");
-        cmd.args(["-c", &t.ip, "-p", &t.iperf_port.to_string()])
+    for _ in 0..4 {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["-k", "5", &(seconds + 40).to_string(), "iperf3"])
+            .args(["-c", &t.ip, "-p", &t.iperf_port.to_string()])
             .args(["-t", &seconds.to_string(), "-O", "1", "-J"])
             .args(["--connect-timeout", "10000"])
             .args(extra);
@@ -109,20 +120,48 @@ fn iperf_json(t: &Target, seconds: u64, reverse: bool, extra: &[&str]) -> Value 
             cmd.arg("-R");
         }
         let r = run(cmd, None, Duration::from_secs(seconds + 60));
-        let v: Value = serde_json::from_str(&r.stdout)
-            .unwrap_or_else(|e| panic!("iperf3 to {}: {e}: {} {}", t.label, r.stdout, r.stderr));
-        if v["end"]["sum_received"]["bytes"].is_number() {
-            return v;
+        if r.code == 124 || r.code == 137 {
+            eprintln!(
+                "[bench]   iperf3 to {} did not end: killed, its server restarted",
+                t.label
+            );
+            last = format!("no end within {} s", seconds + 40);
+            restart_iperf_server(node, t.netns_pid);
+            continue;
         }
-        last = v["error"].as_str().unwrap_or(&r.stdout).to_owned();
+        match serde_json::from_str::<Value>(&r.stdout) {
+            Ok(v) if v["end"]["sum_received"]["bytes"].is_number() => return Some(v),
+            Ok(v) => last = v["error"].as_str().unwrap_or(&r.stdout).to_owned(),
+            Err(e) => last = format!("{e}: {} {}", r.stdout, r.stderr),
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
-    panic!("iperf3 to {} failed 10 times, last: {last}", t.label)
+    eprintln!(
+        "[bench]   iperf3 to {} failed 4 times, last: {last}",
+        t.label
+    );
+    None
+}
+
+/// Kills the iperf3 server of one namespace (`pid`'s, or the VM's root) and starts it
+/// again; returns once it listens.
+fn restart_iperf_server(node: &Node, pid: Option<u32>) {
+    let tag = pid.map_or("root".to_owned(), |p| p.to_string());
+    let script = format!(
+        "pkill -f 'iperf3-{tag}.log' || true; \
+         while pgrep -f 'iperf3-{tag}.log' >/dev/null; do sleep 0.2; done; \
+         iperf3 -s -D -p {IPERF_PORT} --logfile /tmp/iperf3-{tag}.log"
+    );
+    match pid {
+        Some(pid) => node.in_netns(pid, &script),
+        None => node.sh(&script),
+    };
 }
 
 /// One TCP iperf3 run from the host; Mbit/s received at the far end.
-fn iperf(t: &Target, seconds: u64, reverse: bool) -> f64 {
-    let v = iperf_json(t, seconds, reverse, &[]);
+fn iperf(t: &Target, node: &Node, seconds: u64, reverse: bool) -> f64 {
+    let v = iperf_json(t, node, seconds, reverse, &[])
+        .unwrap_or_else(|| panic!("iperf3 to {} failed", t.label));
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("bits_per_second")
@@ -224,6 +263,7 @@ fn main() {
         Target {
             label: "(a) single layer (VM's own NIC)",
             node: 0,
+            netns_pid: None,
             ip: plain.own_ip().to_owned(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
@@ -231,6 +271,7 @@ fn main() {
         Target {
             label: "(b) nested (CNI bridge + NAT)",
             node: 1,
+            netns_pid: Some(nested.pid),
             ip: natted.own_ip().to_owned(),
             iperf_port: NESTED_IPERF_PORT,
             rr_port: NESTED_RR_PORT,
@@ -238,6 +279,7 @@ fn main() {
         Target {
             label: "(c) BrFusion (host NIC in the pod)",
             node: 0,
+            netns_pid: Some(fused.pid),
             ip: fused.ip.clone(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
@@ -245,6 +287,7 @@ fn main() {
         Target {
             label: "(a') own NIC of the VM with NAT",
             node: 1,
+            netns_pid: None,
             ip: natted.own_ip().to_owned(),
             iperf_port: IPERF_PORT,
             rr_port: RR_PORT,
@@ -266,8 +309,9 @@ fn main() {
             for k in 0..targets.len() {
                 let i = (round + k) % targets.len();
                 let t = &targets[i];
-                let a = iperf(t, seconds, false);
-                let b = iperf(t, seconds, true);
+                let node = cluster.node(t.node);
+                let a = iperf(t, node, seconds, false);
+                let b = iperf(t, node, seconds, true);
                 let l = rr(t, rr_bin);
                 eprintln!(
                     "[bench] round {round} {}: host->guest {a:.1} Mbit/s, guest->host {b:.1} Mbit/s, \
@@ -463,18 +507,26 @@ const TPS_CONNS: &str = "32";
 const MSS: f64 = 1448.0;
 
 /// Runs workload `w` against `t` for `seconds`; returns the rate (in the workload's unit)
-/// and the count of packets or transactions the serving guest handled.
-fn run_workload(w: usize, t: &Target, seconds: u64, rr_bin: &str) -> (f64, f64) {
+/// and the count of packets or transactions the serving guest handled; `None` when the
+/// run failed (reported, and left out of the figures).
+fn run_workload(
+    w: usize,
+    t: &Target,
+    node: &Node,
+    seconds: u64,
+    rr_bin: &str,
+) -> Option<(f64, f64)> {
     match w {
         0..=3 => {
             let len = if w < 2 { 64 } else { 512 };
             let reverse = w % 2 == 1;
             let v = iperf_json(
                 t,
+                node,
                 seconds,
                 reverse,
                 &["-u", "-l", &len.to_string(), "-b", "0"],
-            );
+            )?;
             let end = &v["end"];
             let sent = end["sum_sent"]["packets"].as_f64().unwrap_or(0.0);
             let received = end["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / len as f64;
@@ -490,14 +542,14 @@ fn run_workload(w: usize, t: &Target, seconds: u64, rr_bin: &str) -> (f64, f64) 
             );
             // The guest handles what it receives (host->guest) or what it sends.
             let handled = if reverse { sent } else { received };
-            (received / took / 1e3, handled)
+            Some((received / took / 1e3, handled))
         }
         4 | 5 => {
-            let v = iperf_json(t, seconds, w == 5, &[]);
+            let v = iperf_json(t, node, seconds, w == 5, &[])?;
             let end = &v["end"]["sum_received"];
-            let bytes = end["bytes"].as_f64().expect("bytes");
-            let mbps = end["bits_per_second"].as_f64().expect("bits_per_second") / 1e6;
-            (mbps, bytes / MSS)
+            let bytes = end["bytes"].as_f64()?;
+            let mbps = end["bits_per_second"].as_f64()? / 1e6;
+            Some((mbps, bytes / MSS))
         }
         _ => {
             let mut cmd = Command::new(rr_bin);
@@ -509,10 +561,15 @@ fn run_workload(w: usize, t: &Target, seconds: u64, rr_bin: &str) -> (f64, f64) 
                 RR_SIZE,
             ]);
             let r = run(cmd, None, Duration::from_secs(seconds + 120));
-            let v: Value = serde_json::from_str(&r.stdout)
-                .unwrap_or_else(|e| panic!("nestless-rr tps to {}: {e}: {}", t.label, r.stderr));
-            let n = v["transactions"].as_f64().expect("transactions");
-            (v["tps"].as_f64().expect("tps") / 1e3, n)
+            let Ok(v) = serde_json::from_str::<Value>(&r.stdout) else {
+                eprintln!(
+                    "[bench]   nestless-rr tps to {} failed: {}",
+                    t.label, r.stderr
+                );
+                return None;
+            };
+            let n = v["transactions"].as_f64()?;
+            Some((v["tps"].as_f64()? / 1e3, n))
         }
     }
 }
@@ -602,6 +659,7 @@ fn per_packet(
     offloads_off(cluster, pods);
     let mut rate: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    let mut failed = Vec::new();
     for round in 0..runs {
         for (w, (label, unit, _)) in WORKLOADS.iter().enumerate() {
             for k in 0..targets.len() {
@@ -609,7 +667,10 @@ fn per_packet(
                 let t = &targets[i];
                 let node = cluster.node(t.node);
                 let before = guest_kernel_ticks(node);
-                let (r, handled) = run_workload(w, t, seconds, rr_bin);
+                let Some((r, handled)) = run_workload(w, t, node, seconds, rr_bin) else {
+                    failed.push(format!("round {round} {label} {}", t.label));
+                    continue;
+                };
                 let ticks = guest_kernel_ticks(node) - before;
                 let us = ticks as f64 * 1e4 / handled.max(1.0);
                 eprintln!(
@@ -635,27 +696,43 @@ fn per_packet(
         );
     }
     println!(" {:>14} {:>14}", "(b)/(a)", "(c)/(a)");
+    // Median of what was measured; NaN (printed "n/a") when every run failed.
+    let get = |m: &BTreeMap<(usize, usize), Vec<f64>>, w: usize, i: usize| {
+        m.get(&(w, i)).map(|v| stats(v)).unwrap_or(Stats {
+            min: f64::NAN,
+            median: f64::NAN,
+            max: f64::NAN,
+        })
+    };
+    let ratio = |x: f64| if x.is_nan() { "n/a".to_owned() } else { pct(x) };
     for (w, (label, unit, per)) in WORKLOADS.iter().enumerate() {
-        let med = |i: usize| stats(&rate[&(w, i)]).median;
         print!("{:<32}", format!("{label} {unit}"));
         for i in 0..targets.len() {
-            let s = stats(&rate[&(w, i)]);
+            let s = get(&rate, w, i);
             print!(
                 " {:>30}",
                 format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max)
             );
         }
-        println!(" {:>14} {:>14}", pct(med(1) / med(0)), pct(med(2) / med(0)));
-        let cmed = |i: usize| stats(&cpu[&(w, i)]).median;
+        let med = |i: usize| get(&rate, w, i).median;
+        println!(
+            " {:>14} {:>14}",
+            ratio(med(1) / med(0)),
+            ratio(med(2) / med(0))
+        );
+        let cmed = |i: usize| get(&cpu, w, i).median;
         print!("{:<32}", format!("  guest us per {per}"));
         for i in 0..targets.len() {
             print!(" {:>30}", format!("{:.2}", cmed(i)));
         }
         println!(
             " {:>14} {:>14}",
-            pct(cmed(1) / cmed(0)),
-            pct(cmed(2) / cmed(0))
+            ratio(cmed(1) / cmed(0)),
+            ratio(cmed(2) / cmed(0))
         );
+    }
+    if !failed.is_empty() {
+        println!("runs that failed (left out): {}", failed.join("; "));
     }
     println!("paper (KVM, 10 GbE): nested -68 % throughput, BrFusion +31 % over nested");
 }

@@ -9,7 +9,7 @@
 # tools.
 APT_PACKAGES=(qemu-system-x86 containerd runc containernetworking-plugins busybox-static iperf3 ethtool socat
 	iptables iproute2 xz-utils zstd binutils util-linux kmod systemd protobuf-compiler
-	ca-certificates curl gcc g++ libc6-dev)
+	ca-certificates curl gcc g++ libc6-dev debootstrap)
 
 install_packages() {
 	local missing=()

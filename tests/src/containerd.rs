@@ -1,9 +1,11 @@
 //! A private containerd for tests, with `containerd-shim-nestless-v2` registered.
 //!
-//! [`Containerd::start`] runs the Debian `containerd` on a fresh directory of
-//! its own (root, state, sockets, config, the shim's config and runc root),
-//! with the shim's directory first on its `PATH`, so that the runtime name
-//! `io.containerd.nestless.v2` resolves to the shim under test:
+//! [`Containerd::start`] runs the containerd under test ([`build`]: the folder
+//! `NESTLESS_CONTAINERD` names, one of `tests/lib/versions.sh`'s 1.6, 1.7 and 2.x, else
+//! the system's) on a fresh directory of its own (root, state, sockets, config, the
+//! shim's config and runc root), with the shim's directory first on its `PATH`, then
+//! that version's own programs, so that the runtime name `io.containerd.nestless.v2`
+//! resolves to the shim under test and `io.containerd.runc.v2` to that version's:
 //!
 //! ```text
 //!   test ──ctr --address <dir>/containerd.sock -n NS──> containerd ──start──> containerd-shim-nestless-v2
@@ -11,16 +13,19 @@
 //!                                                            └── <dir>/root, <dir>/state     └── runc --root <dir>/runc/NS
 //! ```
 //!
-//! The CRI plugin is configured as the brief asks: `restrict_oom_score_adj`,
-//! `sandbox_image` = a locally imported static pause image, a `nestless`
-//! runtime handler whose options carry the shim's config path.
+//! The CRI plugin is configured by the shipped drop-in of the version's configuration
+//! generation ([`crate::dropin`]), with the test's paths: `restrict_oom_score_adj`,
+//! the sandbox image = a locally imported static pause image, the `nestless`
+//! runtime handler's options carrying the shim's config path.
 //!
 //! Images come from scripts, without a registry: `tests/vm/build-busybox-image.sh`
 //! ([`BUSYBOX_IMAGE`]) and `tests/containerd/build-pause-image.sh`
 //! ([`PAUSE_IMAGE`]). Dropping the [`Containerd`] kills it and its shims,
 //! force-deletes leftover runc containers, unmounts and removes its directory.
 //! Nothing here skips: a missing containerd, ctr or runc is a panic saying
-//! what to install.
+//! what to install or fetch.
+
+use crate::dropin::{self, Adapt, Generation};
 
 use std::{
     fs,
@@ -45,6 +50,109 @@ pub const CRI_HANDLER: &str = "nestless";
 
 /// How long one `ctr` command may take.
 pub const CTR_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The containerd under test: the folder `NESTLESS_CONTAINERD` names (made by
+/// `tests/lib/versions.sh`: `bin/` with containerd, ctr, containerd-shim-runc-v2 and runc,
+/// and `VERSION`), else the system's containerd on `PATH`.
+#[derive(Debug, Clone)]
+pub struct Build {
+    /// The folder's name (`containerd-1.7`), or `system`.
+    pub name: String,
+    /// The version containerd reports (`2.1.9+unknown`).
+    pub version: String,
+    /// Its major version.
+    pub major: u32,
+    /// Its programs, or `None` for the system's.
+    pub bin: Option<PathBuf>,
+}
+
+impl Build {
+    /// One of its programs (`containerd`, `ctr`, `containerd-shim-runc-v2`, `runc`).
+    pub fn tool(&self, name: &str) -> PathBuf {
+        match &self.bin {
+            Some(b) => {
+                let p = b.join(name);
+                assert!(
+                    p.exists(),
+                    "{} is missing: run `. tests/lib/versions.sh && fetch_versions`",
+                    p.display()
+                );
+                p
+            }
+            None => require_tool(name, if name == "runc" { "runc" } else { "containerd" }),
+        }
+    }
+
+    /// The configuration generation it reads natively.
+    pub fn generation(&self) -> Generation {
+        Generation::for_major(self.major)
+    }
+}
+
+impl std::fmt::Display for Build {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "containerd {} ({}, config version {})",
+            self.version,
+            self.name,
+            self.generation().number()
+        )
+    }
+}
+
+/// The containerd under test (see [`Build`]); panics naming what is missing.
+pub fn build() -> &'static Build {
+    static B: OnceLock<Build> = OnceLock::new();
+    B.get_or_init(|| {
+        let (name, bin) = match std::env::var_os("NESTLESS_CONTAINERD") {
+            Some(d) => {
+                let d = PathBuf::from(d);
+                assert!(
+                    d.join("bin").is_dir(),
+                    "NESTLESS_CONTAINERD={} has no bin/: run `. tests/lib/versions.sh && fetch_versions`",
+                    d.display()
+                );
+                let name = d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, Some(d.join("bin")))
+            }
+            None => ("system".to_owned(), None),
+        };
+        let mut b = Build {
+            name,
+            version: String::new(),
+            major: 0,
+            bin,
+        };
+        let out = run(
+            {
+                let mut c = Command::new(b.tool("containerd"));
+                c.arg("--version");
+                c
+            },
+            None,
+            Duration::from_secs(20),
+        )
+        .ok();
+        // "containerd github.com/containerd/containerd/v2 2.1.9+unknown <commit>"
+        b.version = out
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("containerd --version printed {out:?}"))
+            .trim_start_matches('v')
+            .to_owned();
+        b.major = b
+            .version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("containerd version {:?} has no major", b.version));
+        b
+    })
+}
 
 /// Options of [`Containerd::start`].
 #[derive(Debug, Clone)]
@@ -272,9 +380,8 @@ pub fn run(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> CmdResu
 impl Containerd {
     /// Starts a private containerd; panics with its log if it does not come up.
     pub fn start(opts: Options) -> Containerd {
-        require_tool("containerd", "containerd");
-        require_tool("ctr", "containerd");
-        require_tool("runc", "runc");
+        let build = build();
+        eprintln!("[containerd] {build}");
         let shim = opts.shim.clone().unwrap_or_else(shim_binary);
         let shim_dir = shim.parent().expect("shim dir").to_path_buf();
 
@@ -302,10 +409,31 @@ impl Containerd {
                     .expect("link a CNI plugin");
             }
         }
+        let generation = build.generation();
+        let conf_d = dir.join("conf.d");
+        fs::create_dir_all(&conf_d).expect("conf.d dir");
+        let dropin = conf_d.join("nestless.toml");
+        fs::write(
+            &dropin,
+            dropin::adapted(
+                generation,
+                &Adapt {
+                    sandbox_image: PAUSE_IMAGE.into(),
+                    shim_config: Some(shim_config.clone()),
+                    cni_bin_dir: Some(dir.join("cni/bin")),
+                    cni_conf_dir: Some(dir.join("cni/net.d")),
+                    restrict_oom_score_adj: true,
+                },
+            ),
+        )
+        .expect("write the drop-in");
+        // The main config holds what is this containerd's own (root, state, sockets); the
+        // CRI and the runtimes come from the shipped drop-in of its generation.
         let config = format!(
-            r#"version = 2
+            r#"version = {version}
 root = "{root}"
 state = "{state}"
+imports = ["{dropin}"]
 
 [grpc]
   address = "{address}"
@@ -318,42 +446,30 @@ state = "{state}"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/opt"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
-      runtime_type = "{runtime}"
-      pod_annotations = ["io.nestless.hostlo/*"]
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
-        ConfigPath = "{shim_config}"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{dir}/cni/bin"
-    conf_dir = "{dir}/cni/net.d"
 "#,
+            version = generation.number(),
             root = dir.join("root").display(),
             state = dir.join("state").display(),
+            dropin = dropin.display(),
             address = address.display(),
             dir = dir.display(),
-            pause = PAUSE_IMAGE,
-            handler = CRI_HANDLER,
-            runtime = RUNTIME,
-            shim_config = shim_config.display(),
         );
         let config_path = dir.join("config.toml");
         fs::write(&config_path, config).expect("write the containerd config");
 
+        // The shim first, then this containerd's own programs (runc, containerd-shim-runc-v2).
         let path = format!(
-            "{}:{}",
+            "{}:{}{}",
             shim_dir.display(),
+            build
+                .bin
+                .as_ref()
+                .map(|b| format!("{}:", b.display()))
+                .unwrap_or_default(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
+        let child = Command::new(build.tool("containerd"))
             .arg("--config")
             .arg(&config_path)
             .env("PATH", path)
@@ -454,7 +570,7 @@ state = "{state}"
 
     /// A `ctr --address ... -n NS ARGS...` command.
     pub fn ctr_command(&self, ns: &str, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(build().tool("ctr"));
         cmd.arg("--address")
             .arg(&self.address)
             .args(["-n", ns])
@@ -492,7 +608,8 @@ state = "{state}"
     pub fn ctr_tty(&self, ns: &str, args: &[&str]) -> CmdResult {
         require_tool("script", "bsdutils");
         let mut line = format!(
-            "ctr --address {} -n {}",
+            "{} --address {} -n {}",
+            shell_quote(&build().tool("ctr").to_string_lossy()),
             shell_quote(&self.address.to_string_lossy()),
             shell_quote(ns)
         );
@@ -656,7 +773,7 @@ state = "{state}"
             for ns in namespaces.flatten() {
                 if let Ok(containers) = fs::read_dir(ns.path()) {
                     for c in containers.flatten() {
-                        let _ = Command::new("runc")
+                        let _ = Command::new(build().tool("runc"))
                             .arg("--root")
                             .arg(ns.path())
                             .args(["delete", "--force"])
@@ -686,7 +803,7 @@ impl Drop for Containerd {
 }
 
 /// Unmounts (lazily) everything mounted under `dir`, deepest first.
-fn unmount_under(dir: &Path) {
+pub fn unmount_under(dir: &Path) {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
@@ -729,7 +846,7 @@ pub struct Events {
 impl Events {
     /// Starts `ctr events` against `c`.
     pub fn subscribe(c: &Containerd) -> Events {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = Command::new(build().tool("ctr"));
         cmd.arg("--address").arg(c.address()).arg("events");
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod containerd;
 pub mod cri;
+pub mod docker;
+pub mod dropin;
 pub mod e2e;
 pub mod hostlo;
 pub mod netenv;

@@ -87,10 +87,18 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Creates one with `addr_cidr` (e.g. `10.77.3.1/24`) and sets it up.
+    /// Creates one with `addr_cidr` (e.g. `10.77.3.1/24`) and sets it up. It gets a
+    /// fixed MAC, as a host's bridge has (its uplink's) and as the agent gives the
+    /// bridges it makes: a bridge without one takes the lowest MAC of its ports, and
+    /// changes it when that port goes, which leaves every pod with a stale neighbour
+    /// entry for its gateway (a test then fails depending on random MACs).
     pub fn new(addr_cidr: Option<&str>) -> Bridge {
         let name = format!("nltb{}", suffix());
-        check(&["ip", "link", "add", &name, "type", "bridge"]);
+        let r = rand::random::<[u8; 3]>();
+        let mac = format!("02:4e:54:{:02x}:{:02x}:{:02x}", r[0], r[1], r[2]);
+        check(&[
+            "ip", "link", "add", &name, "address", &mac, "type", "bridge",
+        ]);
         if let Some(a) = addr_cidr {
             check(&["ip", "addr", "add", a, "dev", &name]);
         }

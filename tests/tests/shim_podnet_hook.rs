@@ -1,9 +1,9 @@
 //! The pod network hook of the task service, with real runc and a fake
-//! `PodNetwork` (no containerd): `setup` runs after `runc create` with the
-//! container's own netns, a failing `setup` leaves nothing behind (no runc
-//! container, network torn down, no event), `teardown` runs on Delete and a
-//! failing `teardown` does not stop the deletion, and app containers of a
-//! pod get no network. Run as root; nothing skips.
+//! `PodNetwork` (no containerd): `setup` runs at Start, before `runc start`, with
+//! the container's own netns; a failing `setup` fails the Start, tears the network
+//! down and kills the init (Stopped, one TaskExit), after which Delete leaves
+//! nothing; `teardown` runs on Delete and a failing `teardown` does not stop the
+//! deletion, and app containers of a pod get no network. Run as root; nothing skips.
 //!
 //! One test function: the service's reaper waits for any child of this
 //! process, so two services must not run side by side in one test binary.
@@ -206,9 +206,12 @@ fn pod_network_hook() {
             factory,
         );
 
-        // 1. A container with a netns of its own: setup after runc create, teardown on delete.
+        // 1. A container with a netns of its own: setup at start, teardown on delete.
         let b = bundle(dir.path(), "owner", &["sleep", "1000"], &[]);
         let created = svc.create(&ctx(), create_req("owner", &b, &config)).await.unwrap();
+        assert!(net.0.lock().unwrap().setups.is_empty(), "setup before the start");
+        assert_eq!(events.topics(), vec!["/tasks/create"]);
+        svc.start(&ctx(), StartRequest { id: "owner".into(), ..Default::default() }).await.unwrap();
         {
             let s = net.0.lock().unwrap();
             assert_eq!(s.setups.len(), 1);
@@ -218,8 +221,6 @@ fn pod_network_hook() {
             assert_eq!(netns, &PathBuf::from(format!("/proc/{}/ns/net", created.pid)));
             assert!(fresh, "setup ran before the container's own netns existed");
         }
-        assert_eq!(events.topics(), vec!["/tasks/create"]);
-        svc.start(&ctx(), StartRequest { id: "owner".into(), ..Default::default() }).await.unwrap();
         svc.kill(&ctx(), KillRequest { id: "owner".into(), signal: 9, ..Default::default() })
             .await
             .unwrap();
@@ -233,18 +234,29 @@ fn pod_network_hook() {
             vec!["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
         );
 
-        // 2. setup fails: Create fails clearly and leaves nothing (a failed setup gives
-        //    back what it made itself: no teardown).
+        // 2. setup fails: Start fails clearly, the task is Stopped (killed, never run), and
+        //    Delete leaves nothing (a failed setup gives back what it made itself: no
+        //    teardown).
         net.0.lock().unwrap().fail_setup = true;
         let b = bundle(dir.path(), "failing", &["sleep", "1000"], &[]);
-        let e = svc.create(&ctx(), create_req("failing", &b, &config)).await.unwrap_err();
+        svc.create(&ctx(), create_req("failing", &b, &config)).await.unwrap();
+        let e = svc.start(&ctx(), StartRequest { id: "failing".into(), ..Default::default() }).await.unwrap_err();
         let msg = format!("{e:?}");
         assert!(msg.contains("UNAVAILABLE") && msg.contains("failing") && msg.contains("injected failure"), "{msg}");
         assert_eq!(net.0.lock().unwrap().teardowns, vec![format!("{ns}/owner")]);
+        let st = svc.state(&ctx(), StateRequest { id: "failing".into(), ..Default::default() }).await.unwrap();
+        assert_eq!(st.status(), containerd_shim_protos::types::task::Status::STOPPED);
+        assert_eq!(st.exit_status, 137);
+        let d = svc.delete(&ctx(), DeleteRequest { id: "failing".into(), ..Default::default() }).await.unwrap();
+        assert_eq!(d.exit_status, 137);
         assert!(runc_containers(&ns_root).is_empty(), "runc container left: {:?}", runc_containers(&ns_root));
         let e = svc.state(&ctx(), StateRequest { id: "failing".into(), ..Default::default() }).await.unwrap_err();
         assert!(matches!(e, containerd_shim_protos::ttrpc::Error::RpcStatus(ref s) if s.code() == Code::NOT_FOUND), "{e:?}");
-        assert!(!events.topics().iter().skip(4).any(|t| t == "/tasks/create"));
+        assert_eq!(
+            events.topics().iter().skip(4).map(String::as_str).collect::<Vec<_>>(),
+            vec!["/tasks/create", "/tasks/exit", "/tasks/delete"],
+            "one exit event for the killed init"
+        );
         net.0.lock().unwrap().fail_setup = false;
 
         // 3. teardown fails: Delete still completes.
@@ -278,8 +290,12 @@ fn pod_network_hook() {
             &[("io.kubernetes.cri.container-type", "sandbox"), ("io.kubernetes.cri.sandbox-id", "pod1")],
         );
         svc.create(&ctx(), create_req("sandbox", &b, &config)).await.unwrap();
+        svc.start(&ctx(), StartRequest { id: "sandbox".into(), ..Default::default() }).await.unwrap();
         assert_eq!(net.0.lock().unwrap().setups.last().unwrap().0, "pod1");
-        // Deleting a created (never started) container.
+        svc.kill(&ctx(), KillRequest { id: "sandbox".into(), signal: 9, ..Default::default() })
+            .await
+            .unwrap();
+        svc.wait(&ctx(), WaitRequest { id: "sandbox".into(), ..Default::default() }).await.unwrap();
         svc.delete(&ctx(), DeleteRequest { id: "sandbox".into(), ..Default::default() }).await.unwrap();
         assert_eq!(net.0.lock().unwrap().teardowns.last().unwrap(), "pod1");
         assert!(runc_containers(&ns_root).is_empty());

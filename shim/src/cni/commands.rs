@@ -57,6 +57,9 @@ pub async fn cmd_add(env: &CniEnv, conf: &NetConf, cfg: &ShimConfig) -> Result<S
             ifname: &ifname,
             netns: Path::new(&env.netns),
             nic_wait: cfg.network.nic_wait,
+            // The namespace is the runtime's and its CNI chain's (another
+            // network may add its interface): only this interface is ours.
+            exclusive: false,
         },
     )
     .await?;

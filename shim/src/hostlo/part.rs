@@ -90,7 +90,7 @@ pub async fn join(
     };
     let attempt = async {
         let nspec = NicSpec::for_nic(&nic, SEGMENT_IFNAME);
-        plug_into_pod(&nspec, netns, nic_wait).await?;
+        plug_into_pod(&nspec, netns, nic_wait, false).await?;
         let address = match nspec.addresses.first() {
             Some((IpAddr::V4(a), _)) => *a,
             _ => {

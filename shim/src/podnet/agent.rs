@@ -68,6 +68,7 @@ impl PodNetwork for AgentNetwork {
                 ifname,
                 netns: &req.netns,
                 nic_wait: self.network.nic_wait,
+                exclusive: req.exclusive,
             },
         )
         .await?;

@@ -41,15 +41,24 @@ pub struct AttachRequest<'a> {
     pub netns: &'a Path,
     /// How long to wait for the hot-plugged NIC to appear.
     pub nic_wait: Duration,
+    /// Refuse a namespace that holds another network manager's interface
+    /// ([`GuestNetError::NotOurs`]; see [`super::PodNetRequest::exclusive`]).
+    pub exclusive: bool,
 }
 
 /// The guest step of an attach: put the NIC the agent described into the
 /// pod, configured ([`GuestPlug`]: netlink in this VM; a fake in unit tests).
 #[async_trait::async_trait]
 pub trait Plug: Send + Sync {
-    /// Plugs `spec` into the namespace at `netns`, waiting up to `wait` for it to appear.
-    async fn plug(&self, spec: &NicSpec, netns: &Path, wait: Duration)
-        -> Result<(), GuestNetError>;
+    /// Plugs `spec` into the namespace at `netns`, waiting up to `wait` for it to appear;
+    /// with `exclusive`, refuses a namespace that holds another manager's interface.
+    async fn plug(
+        &self,
+        spec: &NicSpec,
+        netns: &Path,
+        wait: Duration,
+        exclusive: bool,
+    ) -> Result<(), GuestNetError>;
 }
 
 /// [`Plug`] through this VM's kernel ([`guest::plug_into_pod`]).
@@ -63,8 +72,9 @@ impl Plug for GuestPlug {
         spec: &NicSpec,
         netns: &Path,
         wait: Duration,
+        exclusive: bool,
     ) -> Result<(), GuestNetError> {
-        guest::plug_into_pod(spec, netns, wait).await
+        guest::plug_into_pod(spec, netns, wait, exclusive).await
     }
 }
 
@@ -101,7 +111,10 @@ pub async fn attach_and_plug_with(
     let (failed, made): (PodNetError, Option<String>) = match client.attach(&args).await {
         Ok(attached) => {
             let spec = NicSpec::for_nic(&attached.nic, req.ifname);
-            match plug.plug(&spec, req.netns, req.nic_wait).await {
+            match plug
+                .plug(&spec, req.netns, req.nic_wait, req.exclusive)
+                .await
+            {
                 Ok(()) => return Ok(attached),
                 Err(e) => (e.into(), attached.created.then(|| attached.nic.id.clone())),
             }
@@ -154,6 +167,7 @@ mod tests {
             spec: &NicSpec,
             _netns: &Path,
             wait: Duration,
+            _exclusive: bool,
         ) -> Result<(), GuestNetError> {
             if self.0.lock().unwrap().contains(&spec.ifname) {
                 return Err(GuestNetError::NicNotFound {
@@ -176,6 +190,7 @@ mod tests {
             ifname,
             netns: Path::new("/nonexistent/netns"),
             nic_wait: Duration::from_millis(10),
+            exclusive: false,
         }
     }
 

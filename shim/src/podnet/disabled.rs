@@ -36,6 +36,7 @@ mod tests {
             sandbox: SandboxRef::new("default", "s"),
             netns: "/proc/1/ns/net".into(),
             labels: HashMap::new(),
+            exclusive: true,
         };
         let info = Disabled.setup(&req).await.unwrap();
         assert!(info.addresses.is_empty());

@@ -38,6 +38,13 @@ pub struct PodNetRequest {
     pub netns: PathBuf,
     /// Labels worth keeping with the NIC (pod name and namespace).
     pub labels: HashMap<String, String>,
+    /// The namespace is the container's alone (outside CRI: ctr, Docker): one
+    /// that holds another network manager's interface (Docker's veth on one of
+    /// its networks) is refused ([`guest::GuestNetError::NotOurs`]) instead of
+    /// two NICs fighting over the interface name and the default route. In the
+    /// CRI path the namespace is CRI's and its CNI chain's, which may add other
+    /// interfaces (a second network): `false`.
+    pub exclusive: bool,
 }
 
 /// What the sandbox got.
@@ -72,6 +79,7 @@ impl PodNetError {
     pub fn code(&self) -> ttrpc::Code {
         match self {
             Self::Client(e) | Self::Hostlo(HostloError::Agent(e)) => e.code(),
+            Self::Guest(guest::GuestNetError::NotOurs { .. }) => ttrpc::Code::FAILED_PRECONDITION,
             Self::Hostlo(_) | Self::Guest(_) => ttrpc::Code::INTERNAL,
         }
     }

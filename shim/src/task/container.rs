@@ -70,6 +70,12 @@ pub(super) struct OwnedNetwork {
     pub(super) backend: Arc<dyn PodNetwork>,
 }
 
+/// The pod network a network owner gets when it starts.
+pub(super) struct PendingNetwork {
+    pub(super) req: crate::podnet::PodNetRequest,
+    pub(super) backend: Arc<dyn PodNetwork>,
+}
+
 /// One container.
 pub(super) struct Container {
     pub(super) id: String,
@@ -80,6 +86,8 @@ pub(super) struct Container {
     pub(super) cgroup: Option<Cgroup>,
     pub(super) oom: Option<JoinHandle<()>>,
     pub(super) network: Option<OwnedNetwork>,
+    /// The pod network still to set up at start (a network owner, created, not started).
+    pub(super) pending_network: Option<PendingNetwork>,
     pub(super) rootfs_mounted: bool,
     /// Set once the container is deleted (or its creation rolled back).
     pub(super) gone: bool,

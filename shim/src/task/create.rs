@@ -9,17 +9,33 @@
 //! read the pid, start the stdio copies     -
 //! record in the bundle                     remove the record
 //! in the map, init's exit watched          out of the map
-//! pod network setup (network owner)        -                (a failed setup gives back what it made)
 //! cgroup + OOM watch                       -                (a failure is logged)
 //! ```
 //!
 //! A failing step undoes exactly what the steps before it did ([`Undo`]), so
-//! a failed Create leaves no runc container, no NIC it leased, no record and
-//! no mount behind. The undo order: the runc container first, then the
-//! record, the rootfs. The pod network is the last step that can fail, and a
-//! setup that fails gives back the NIC it made itself, and only that one: a
+//! a failed Create leaves no runc container, no record and no mount behind.
+//! The undo order: the runc container first, then the record, the rootfs.
+//!
+//! The pod network of a network owner is set up when its task **starts**
+//! ([`TaskService::start_network`]), not here: containerd's CRI runs CNI before
+//! the create, but Docker configures the namespace of a container on one of its
+//! networks during `runc create` (Docker 26: the `libnetwork-setkey` prestart
+//! hook) or after the create returns (Docker 28: `SetKey` from the daemon, before
+//! the start). At start every party has had its turn, so the setup sees a namespace
+//! that is final, and refuses one that holds another's interface instead of
+//! fighting over `eth0` with it.
+//!
+//! ```text
+//! Start(init) of a network owner
+//! pod network setup                        (a failed setup gives back what it made),
+//!                                          SIGKILL init: Stopped (TaskExit), so that
+//!                                          the caller deletes the task as usual
+//! runc start                               -
+//! ```
+//!
+//! A setup that fails gives back the NIC it made itself, and only that one: a
 //! NIC the sandbox already had (nestless-cni's, in the CRI path) is not the
-//! create's to release; CNI DEL releases it.
+//! start's to release; CNI DEL releases it.
 
 use std::{
     collections::HashMap,
@@ -31,11 +47,15 @@ use std::{
 };
 
 use containerd_shim::api;
+use containerd_shim_protos::{events::task::TaskExit, protobuf::MessageField, topics};
 use log::{info, warn};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio::sync::{Mutex, MutexGuard, OwnedMutexGuard};
 
 use super::{
-    container::{started, Container, OwnedNetwork, Process},
+    container::{
+        started, timestamp, Container, OwnedNetwork, PendingNetwork, Process, KILLED_STATUS,
+    },
+    state::ProcState,
     TaskService,
 };
 use crate::{
@@ -45,7 +65,8 @@ use crate::{
     error::{Result, ShimError},
     options::{RuncOptions, RuntimeOptions},
     podnet::PodNetRequest,
-    policy::{self, NetworkRole, SpecView},
+    policy::{self, NetnsSource, NetworkRole, SpecView},
+    reaper::Exit,
     runc::{self, CreateOpts, RuncSettings, Runtime},
     stdio::{IoContext, PreparedIo, ProcessIo, StdioSpec},
 };
@@ -212,6 +233,7 @@ impl TaskService {
             cgroup: None,
             oom: None,
             network: None,
+            pending_network: None,
             rootfs_mounted,
             gone: false,
             io_context,
@@ -227,43 +249,18 @@ impl TaskService {
             .insert(id.clone(), container);
         self.watch_exit(&id, "", pid);
 
-        if let Some((sandbox, netns, backend)) = &network {
-            let req_net = PodNetRequest {
-                sandbox: sandbox.clone(),
-                netns: netns.path(pid),
-                labels: policy::network_labels(&spec, &self.inner.namespace),
-            };
-            match backend.setup(&req_net).await {
-                Ok(info) => {
-                    if !info.interface.is_empty() {
-                        info!(
-                            "sandbox {sandbox}: {} {} {} in {}",
-                            info.interface,
-                            info.mac,
-                            info.addresses.join(","),
-                            req_net.netns.display()
-                        );
-                    }
-                    c.network = Some(OwnedNetwork {
-                        sandbox: sandbox.clone(),
-                        backend: backend.clone(),
-                    });
-                }
-                Err(source) => {
-                    c.gone = true;
-                    let io = c.init.io.take();
-                    drop(c);
-                    self.remove(&id);
-                    undo.run(self).await;
-                    drop(io);
-                    let e = ShimError::Network {
-                        sandbox_id: sandbox.to_string(),
-                        source: Box::new(source),
-                    };
-                    warn!("create {id}: {}", e.chain());
-                    return Err(e);
-                }
-            }
+        // The pod network is set up when the task starts (see `start_network`): by then
+        // every other party that configures the namespace has had its turn.
+        if let Some((sandbox, netns, backend)) = network {
+            c.pending_network = Some(PendingNetwork {
+                req: PodNetRequest {
+                    exclusive: !matches!(netns, NetnsSource::Path(_)),
+                    sandbox,
+                    netns: netns.path(pid),
+                    labels: policy::network_labels(&spec, &self.inner.namespace),
+                },
+                backend,
+            });
         }
 
         match Cgroup::of_pid(pid) {
@@ -278,6 +275,71 @@ impl TaskService {
             _container: c,
             _creating: creating,
         })
+    }
+
+    /// The pod network step of a network owner, run by Start before `runc start`.
+    /// On failure (the setup has given back what it made) the init is killed and marked Stopped
+    /// (one TaskExit, status 137), so that containerd, ctr, Docker or CRI delete the
+    /// task as after any failed start; the error names the sandbox and the cause.
+    pub(super) async fn start_network(&self, c: &mut MutexGuard<'_, Container>) -> Result<()> {
+        let Some(PendingNetwork { req, backend }) = c.pending_network.take() else {
+            return Ok(());
+        };
+        let id = c.id.clone();
+        match backend.setup(&req).await {
+            Ok(info) => {
+                if !info.interface.is_empty() {
+                    info!(
+                        "sandbox {}: {} {} {} in {}",
+                        req.sandbox,
+                        info.interface,
+                        info.mac,
+                        info.addresses.join(","),
+                        req.netns.display()
+                    );
+                }
+                c.network = Some(OwnedNetwork {
+                    sandbox: req.sandbox,
+                    backend,
+                });
+                Ok(())
+            }
+            Err(source) => {
+                let pid = c.init.pid;
+                if let Err(e) = c.runc.kill(&id, libc::SIGKILL as u32, false).await {
+                    warn!("start {id}: cannot kill the init process: {}", e.chain());
+                }
+                // Stopped now, whatever the reaper says later (an exit of a stopped
+                // process is not news); then gone from the kernel, so that `runc delete`
+                // finds the container stopped.
+                let exit = Exit {
+                    pid,
+                    status: KILLED_STATUS,
+                    at: std::time::SystemTime::now(),
+                };
+                c.init.state = ProcState::Stopped;
+                c.init.exit.send_replace(Some(exit));
+                self.publish(
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    TaskExit {
+                        container_id: id.clone(),
+                        id: id.clone(),
+                        pid,
+                        exit_status: KILLED_STATUS,
+                        exited_at: MessageField::some(timestamp(exit.at)),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                wait_gone(pid).await;
+                let e = ShimError::Network {
+                    sandbox_id: req.sandbox.to_string(),
+                    source: Box::new(source),
+                };
+                warn!("start {id}: {}", e.chain());
+                Err(e)
+            }
+        }
     }
 
     /// How runc runs for a container: `[runc]` of the config, overridden by runc options.
@@ -334,5 +396,14 @@ impl TaskService {
             }
         }
         started
+    }
+}
+
+/// Waits (up to 5 s) until `pid` is gone: killed and reaped by the shim's reaper.
+async fn wait_gone(pid: u32) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    // SAFETY: kill(2) with signal 0 only checks for the process.
+    while unsafe { libc::kill(pid as i32, 0) } == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -31,11 +31,12 @@
 //!   |                   | spec -> network role, mount rootfs, open stdio
 //!   |                   |------------ runc create --------------->| init exists, stopped
 //!   |                   | record in bundle, watch init's exit
-//!   |                   |---- setup(sandbox, netns) (owner only) ->| NIC in the netns
-//!   |                   |   on failure: runc delete -f, teardown, unmount: nothing left
+//!   |                   |   on failure: runc delete -f, unmount: nothing left
 //!   |                   | cgroup + OOM watch, event TaskCreate
 //!   |<------ pid -------|
-//!   | Start(id)         |------------ runc start ---------------->|
+//!   | Start(id)         |---- setup(sandbox, netns) (owner only) ->| NIC in the netns
+//!   |                   |   on failure: (setup gave back what it made) kill init (Stopped, TaskExit)
+//!   |                   |------------ runc start ---------------->|
 //!   |<------ pid -------| event TaskStart
 //!   |        ...        | reaper: init exits -> event TaskExit, Wait() returns
 //!   | Delete(id)        |------------ runc delete --------------->|
@@ -281,6 +282,10 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StartResponse> {
         let c = self.container(&req.id)?;
         let mut c = c.lock().await;
+        if req.exec_id.is_empty() {
+            c.next("", state::Op::Start)?;
+            self.start_network(&mut c).await?;
+        }
         let pid = c.start(&req.exec_id).await?;
         if req.exec_id.is_empty() {
             self.publish(

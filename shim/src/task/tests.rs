@@ -400,11 +400,12 @@ fn message(e: &ttrpc::Error) -> String {
 // ------------------------------------------------------------ create and its rollback
 
 #[tokio::test]
-async fn a_created_owner_has_its_rootfs_runc_container_record_and_network() {
+async fn a_created_owner_has_its_rootfs_runc_container_and_record_and_its_network_at_start() {
     let h = Harness::new();
     let pid = h.create("c1", true).await.unwrap().pid;
     assert_eq!(pid, INIT_PID);
-    assert_eq!(h.world.take(), ["mount", "runc create", "setup test/c1"]);
+    // The network waits for the start: others (Docker) may still configure the namespace.
+    assert_eq!(h.world.take(), ["mount", "runc create"]);
     assert!(h.dir.path().join("c1").join(RECORD_FILE).is_file());
     assert_eq!(h.events.topics(), ["/tasks/create"]);
     assert_eq!(h.status("c1", "").await, api::Status::CREATED);
@@ -504,29 +505,37 @@ async fn a_failed_record_deletes_the_runc_container_and_unmounts() {
     .await;
 }
 
-/// What a create whose pod network setup fails does, and undoes: no
-/// teardown, since a failed setup gives back what it made itself, and a NIC
-/// the sandbox already had (CNI's) is not the create's to release.
-const AFTER_A_FAILED_SETUP: &[&str] = &[
-    "mount",
-    "runc create",
-    "setup test/c1",
-    "runc delete --force",
-    "unmount",
-];
+/// What a start whose pod network setup fails does: the init killed, never
+/// started; no teardown, since a failed setup gives back what it made itself,
+/// and a NIC the sandbox already had (CNI's) is not the start's to release.
+const AFTER_A_FAILED_SETUP: &[&str] = &["setup test/c1", "runc kill 9"];
+
+/// A start whose network fails leaves a Stopped task (one TaskExit, 137) that deletes
+/// as usual and releases nothing.
+async fn assert_failed_start_then_deleted(h: &Harness) {
+    assert_eq!(h.world.take(), AFTER_A_FAILED_SETUP);
+    assert_eq!(h.status("c1", "").await, api::Status::STOPPED);
+    assert_eq!(h.events.topics(), ["/tasks/create", "/tasks/exit"]);
+    let d = h.delete("c1", "").await.unwrap();
+    assert_eq!(d.exit_status, 137);
+    assert_eq!(h.world.take(), ["runc delete", "unmount"]);
+    assert!(!h.dir.path().join("c1").join(RECORD_FILE).is_file());
+}
 
 #[tokio::test]
-async fn a_failed_network_undoes_everything_before_it() {
+async fn a_failed_network_stops_the_task_at_start() {
     let h = Harness::new();
     h.world.fail("setup");
-    let e = h.create("c1", true).await.unwrap_err();
+    h.create("c1", true).await.unwrap();
+    h.world.take();
+    let e = h.start("c1", "").await.unwrap_err();
     let msg = message(&e);
     assert!(
         msg.contains("pod network of sandbox test/c1") && msg.contains("injected failure"),
         "{msg}"
     );
     assert_eq!(code(e), Code::UNAVAILABLE);
-    assert_rolled_back(&h, "c1", AFTER_A_FAILED_SETUP).await;
+    assert_failed_start_then_deleted(&h).await;
     // The id is free again.
     h.world.fail.lock().unwrap().clear();
     h.create("c1", true).await.unwrap();
@@ -536,10 +545,12 @@ async fn a_failed_network_undoes_everything_before_it() {
 async fn the_agents_refusal_reaches_containerd_with_its_code() {
     let h = Harness::new();
     h.world.fail("setup: no NIC left");
-    let e = h.create("c1", true).await.unwrap_err();
+    h.create("c1", true).await.unwrap();
+    h.world.take();
+    let e = h.start("c1", "").await.unwrap_err();
     assert!(message(&e).contains("max_nics"), "{e:?}");
     assert_eq!(code(e), Code::RESOURCE_EXHAUSTED);
-    assert_rolled_back(&h, "c1", AFTER_A_FAILED_SETUP).await;
+    assert_failed_start_then_deleted(&h).await;
 }
 
 #[tokio::test]
@@ -667,6 +678,7 @@ async fn a_container_lives_by_the_state_table() {
     assert_eq!(
         h.world.take(),
         [
+            "setup test/c1",
             "runc start",
             "runc pause",
             "runc resume",

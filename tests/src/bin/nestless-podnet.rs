@@ -51,6 +51,7 @@ fn main() {
             sandbox: sandbox.clone(),
             netns,
             labels,
+            exclusive: false,
         };
         match net.setup(&req).await {
             Ok(info) => println!(

@@ -107,6 +107,7 @@ impl FakeKernel {
                         mac: None,
                         up: false,
                         running: false,
+                        kind: None,
                     },
                     mtu: 65536,
                     addrs: Vec::new(),
@@ -161,6 +162,7 @@ impl FakeKernel {
                 mac: Some(mac),
                 up: false,
                 running: false,
+                kind: None,
             },
             mtu: 1500,
             addrs: Vec::new(),
@@ -168,6 +170,27 @@ impl FakeKernel {
         k.namespaces.get_mut(Path::new(ROOT)).unwrap().push(link);
         drop(k);
         self.after_request();
+    }
+
+    /// Another network manager's link in namespace `ns` (Docker's veth, a
+    /// kernel's fallback tunnel device), up or down.
+    pub fn foreign(&self, ns: &str, name: &str, kind: &str, up: bool) {
+        let mut k = self.0.lock().unwrap();
+        let index = k.next_index;
+        k.next_index += 1;
+        let link = FakeLink {
+            link: Link {
+                index,
+                name: name.into(),
+                mac: Some([2, 0x42, 0xac, 0x11, 0, index as u8]),
+                up,
+                running: up,
+                kind: Some(kind.into()),
+            },
+            mtu: 1500,
+            addrs: Vec::new(),
+        };
+        k.namespaces.get_mut(Path::new(ns)).unwrap().push(link);
     }
 
     /// The link with `mac`: (namespace, link, mtu, addresses).

@@ -28,6 +28,9 @@ pub struct Link {
     /// Operationally up (`IFF_RUNNING`): carrier, and the kernel's link
     /// watch has activated it; what goes out now reaches the wire.
     pub running: bool,
+    /// The kind of a virtual link (`veth`, `bridge`, ...); `None` for a
+    /// device's own (a virtio-net NIC, `lo`).
+    pub kind: Option<String>,
 }
 
 /// An address of a link, as listed.

@@ -165,6 +165,19 @@ pub enum GuestNetError {
         /// The name asked for.
         want: String,
     },
+    /// The pod's namespace holds a network interface that nestless did not put there.
+    #[error(
+        "network namespace {} already has {links}, which nestless did not put there: \
+         nestless gives a container its own NIC and shares its network namespace with no \
+         other network (with Docker: run with --network none)",
+        netns.display()
+    )]
+    NotOurs {
+        /// The namespace.
+        netns: PathBuf,
+        /// The interfaces found, e.g. `eth0 (veth)`.
+        links: String,
+    },
     /// A network namespace could not be used.
     #[error("cannot use network namespace {}: {error}", path.display())]
     Netns {
@@ -314,17 +327,47 @@ pub async fn check_configured(ns: &dyn NsLinks, spec: &NicSpec) -> Result<NicSta
     Ok(NicState::Ready)
 }
 
+/// Inside the pod's namespace: the interfaces of another network manager, as
+/// `name (kind)`: every link but `lo`, the NIC of `spec` and a Hostlo segment
+/// NIC (`hostlo0`) that is up or holds the name `spec` asks for. (A kernel
+/// with tunnel modules loaded gives every namespace its fallback devices,
+/// `tunl0`, `sit0`, ...: down, and named otherwise, they are nobody's.)
+///
+/// Docker's networks put their veth there before the task starts: during
+/// `runc create` (Docker 26, the `libnetwork-setkey` hook) or between create
+/// and start (Docker 28, `SetKey`).
+pub async fn foreign_links(ns: &dyn NsLinks, spec: &NicSpec) -> Result<Vec<String>, GuestNetError> {
+    Ok(ns
+        .links()
+        .await?
+        .into_iter()
+        .filter(|l| {
+            l.name != "lo"
+                && l.name != nestless_model::hostlo::SEGMENT_IFNAME
+                && l.mac.as_ref() != Some(&spec.mac)
+                && (l.up || l.name == spec.ifname)
+        })
+        .map(|l| match l.kind {
+            Some(kind) => format!("{} ({kind})", l.name),
+            None => l.name,
+        })
+        .collect())
+}
+
 /// Puts the NIC described by `spec` into the namespace at `netns`,
 /// configured and usable, through the kernel. A NIC already in place and
-/// usable is left as it is.
+/// usable is left as it is. With `exclusive` (a container's own namespace),
+/// a namespace that holds another manager's interface ([`foreign_links`]) is
+/// refused with [`GuestNetError::NotOurs`] before anything is moved.
 pub async fn plug_into_pod(
     spec: &NicSpec,
     netns: &Path,
     wait: Duration,
+    exclusive: bool,
 ) -> Result<(), GuestNetError> {
     let root = Netlink::current()?;
     let pod = Netlink::open(netns)?;
-    plug(&root, &pod, netns, spec, wait).await
+    plug(&root, &pod, netns, spec, wait, exclusive).await
 }
 
 /// [`plug_into_pod`] through `root` (the VM's namespace, where the NIC
@@ -335,7 +378,17 @@ pub async fn plug(
     netns: &Path,
     spec: &NicSpec,
     wait: Duration,
+    exclusive: bool,
 ) -> Result<(), GuestNetError> {
+    if exclusive {
+        let foreign = foreign_links(pod, spec).await?;
+        if !foreign.is_empty() {
+            return Err(GuestNetError::NotOurs {
+                netns: netns.to_path_buf(),
+                links: foreign.join(", "),
+            });
+        }
+    }
     match find(pod, &spec.mac).await? {
         Some(link) if link.name == spec.ifname => {
             if check_configured(pod, spec).await? == NicState::Ready {

@@ -21,7 +21,7 @@ use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
         address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
         RouteNetlinkMessage,
     },
     Handle, LinkUnspec, MulticastGroup, RouteMessageBuilder,
@@ -214,10 +214,17 @@ impl Netlink {
 fn link_of(m: &LinkMessage) -> Link {
     let mut name = String::new();
     let mut mac = None;
+    let mut kind = None;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
             LinkAttribute::Address(a) => mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
+            LinkAttribute::LinkInfo(infos) => {
+                kind = infos.iter().find_map(|i| match i {
+                    LinkInfo::Kind(k) => Some(k.to_string()),
+                    _ => None,
+                })
+            }
             _ => {}
         }
     }
@@ -227,6 +234,7 @@ fn link_of(m: &LinkMessage) -> Link {
         mac,
         up: m.header.flags.contains(LinkFlags::Up),
         running: m.header.flags.contains(LinkFlags::Running),
+        kind,
     }
 }
 

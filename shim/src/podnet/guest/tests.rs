@@ -42,7 +42,7 @@ fn spec(ifname: &str, addresses: &[&str]) -> NicSpec {
 }
 
 async fn plug_in(k: &FakeKernel, spec: &NicSpec) -> Result<(), GuestNetError> {
-    plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), spec, WAIT).await
+    plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), spec, WAIT, false).await
 }
 
 #[tokio::test]
@@ -262,6 +262,7 @@ async fn dad_that_never_ends_fails_at_the_deadline() {
         Path::new(POD),
         &s,
         Duration::from_millis(200),
+        false,
     )
     .await
     .unwrap_err();
@@ -301,6 +302,7 @@ async fn a_nic_that_never_appears_is_reported_with_its_mac() {
         Path::new(POD),
         &spec("eth0", &["10.0.0.5/24"]),
         Duration::from_millis(50),
+        false,
     )
     .await
     .unwrap_err();
@@ -325,4 +327,58 @@ fn routes_read_as_ip_route_writes_them() {
     assert!(is_transit_name("nlm0badcafe"));
     assert!(!is_transit_name("nlmx"));
     assert!(!is_transit_name("eth0"));
+}
+
+#[tokio::test]
+async fn an_exclusive_plug_refuses_a_namespace_with_another_managers_interface() {
+    // Docker's bridge network: its veth is eth0 (up, default route) before the start.
+    let k = FakeKernel::new(&[POD]);
+    k.foreign(POD, "eth0", "veth", true);
+    k.hotplug("eth1", MAC);
+    let s = spec("eth0", &["10.0.0.5/24"]);
+    let e = plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), &s, WAIT, true)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, GuestNetError::NotOurs { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("eth0 (veth)") && msg.contains("--network none"),
+        "{msg}"
+    );
+    // Nothing moved: the NIC is still in the VM's namespace, for the caller to give back.
+    let (ns, ..) = k.link(MAC).unwrap();
+    assert_eq!(ns, Path::new(ROOT));
+    // Not exclusive (a CNI chain's namespace): the plug goes on, and the name clash
+    // is the kernel's answer, not a silent second eth0.
+    let k = FakeKernel::new(&[POD]);
+    k.foreign(POD, "net1", "macvlan", true);
+    k.hotplug("eth1", MAC);
+    plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), &s, WAIT, false)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_exclusive_plug_ignores_loopback_fallback_tunnels_and_its_own_nic() {
+    let k = FakeKernel::new(&[POD]);
+    // Tunnel modules loaded: every namespace gets these, down.
+    k.foreign(POD, "tunl0", "ipip", false);
+    k.foreign(POD, "sit0", "sit", false);
+    k.hotplug("eth1", MAC);
+    let s = spec("eth0", &["10.0.0.5/24"]);
+    plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), &s, WAIT, true)
+        .await
+        .unwrap();
+    // Again, with the NIC in place (nestless-cni put it there first): still fine.
+    plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), &s, WAIT, true)
+        .await
+        .unwrap();
+    // A down interface holding the name the NIC needs is another's too.
+    let k = FakeKernel::new(&[POD]);
+    k.foreign(POD, "eth0", "dummy", false);
+    k.hotplug("eth1", MAC);
+    let e = plug(&k.ns(ROOT), &k.ns(POD), Path::new(POD), &s, WAIT, true)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("eth0 (dummy)"), "{e}");
 }
