@@ -76,6 +76,9 @@ pub async fn release_stale(config: Config) -> Result<ReconcileReport, DaemonErro
 /// # Errors
 /// See [`DaemonError`]; a signal is a clean exit.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
     let owner = owner_alias(&config.agent.state_dir);
     let links = Arc::new(Netlink::new(&owner).map_err(DaemonError::Netlink)?);
     let agent =

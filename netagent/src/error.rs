@@ -70,6 +70,15 @@ pub enum AgentError {
     /// The state file could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// An operation's task ended before the operation did (the runtime
+    /// is shutting down, or a bug panicked it).
+    #[error(
+        "the {op} operation was interrupted (the agent is stopping?); the next start recovers it"
+    )]
+    Interrupted {
+        /// The operation (`AttachNic`, `HostloJoin`, …).
+        op: &'static str,
+    },
     /// The state file has records the configuration does not account for
     /// (at start only).
     #[error(transparent)]
@@ -96,10 +105,12 @@ impl AgentError {
             AgentError::HostloTenant { .. } => Code::PERMISSION_DENIED,
             AgentError::Ipam(_) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::NoFreeSlot { .. }) => Code::RESOURCE_EXHAUSTED,
+            AgentError::Backend(BackendError::BridgeFull { .. }) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::UnplugTimeout { .. }) => Code::DEADLINE_EXCEEDED,
             AgentError::Backend(e) if e.is_unavailable() => Code::UNAVAILABLE,
             AgentError::Backend(_) => Code::INTERNAL,
             AgentError::State(_) | AgentError::Stale(_) => Code::INTERNAL,
+            AgentError::Interrupted { .. } => Code::UNAVAILABLE,
             AgentError::NoFreeMac { .. } => Code::RESOURCE_EXHAUSTED,
         }
     }

@@ -31,8 +31,9 @@ struct Args {
     check_config: bool,
     /// Unplug the NICs of state records that the configuration no longer
     /// accounts for (a network renamed or removed, an address outside its
-    /// network's range now, ...), free their addresses, and exit. The agent
-    /// refuses to start while there are any.
+    /// network's range now, ...) or that claim what an older record holds
+    /// (an address, MAC, id or attachment), free their addresses, and exit.
+    /// The agent refuses to start while there are any.
     #[arg(long, conflicts_with = "check_config")]
     release_stale: bool,
     /// Log filter (error, warn, info, debug, trace), overriding RUST_LOG.
@@ -56,6 +57,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
         println!(
             "{}: valid ({} network(s), {} VM(s))",
             args.config.display(),

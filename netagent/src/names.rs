@@ -116,15 +116,22 @@ impl Scope {
 /// The interface name a NIC takes in the pod when the request names none.
 pub const DEFAULT_IFNAME: &str = "eth0";
 
+/// Longest Linux interface name (IFNAMSIZ less its NUL).
+pub const MAX_IFNAME: usize = 15;
+
 /// Checks a Linux interface name as the kernel does (`dev_valid_name`):
-/// 1 to 15 bytes, not `.` or `..`, no `/`, `:`, whitespace or NUL.
+/// 1 to 15 bytes, not `.` or `..`, no `/`, `:`, whitespace or NUL; and,
+/// stricter than the kernel, no control character (a name that would
+/// garble every log line and `ip link` listing it appears in).
 pub fn check_ifname(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("{name:?} is not 1 to 15 characters"));
+    if name.is_empty() || name.len() > MAX_IFNAME {
+        return Err(format!(
+            "{name:?} is not 1 to {MAX_IFNAME} bytes (IFNAMSIZ)"
+        ));
     }
     if name
         .bytes()
-        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
         || name == "."
         || name == ".."
     {
@@ -310,6 +317,12 @@ impl fmt::Debug for NicId {
 pub const HOST_IF_PREFIX: &str = "nlh";
 /// Prefix of the guest end of a veth (netns backend) before the guest renames it.
 pub const GUEST_IF_PREFIX: &str = "nlg";
+/// Prefix of the Hostlo segment bridges (`crate::hostlo::SEGMENT_PREFIX`;
+/// a test keeps the two equal).
+pub const SEGMENT_PREFIX: &str = "nls";
+/// The prefixes of the host links the agent makes and sweeps: no link of
+/// the operator's (a network's bridge) may start with one.
+pub const AGENT_LINK_PREFIXES: [&str; 3] = [HOST_IF_PREFIX, GUEST_IF_PREFIX, SEGMENT_PREFIX];
 /// Prefix of QEMU device ids the agent creates.
 pub const QEMU_DEVICE_PREFIX: &str = "nl-";
 /// Prefix of QEMU netdev ids the agent creates.
@@ -471,8 +484,34 @@ mod tests {
         assert_eq!(IfName::parse("").unwrap().as_str(), "eth0", "empty is eth0");
         assert_eq!(IfName::parse("net1").unwrap().as_str(), "net1");
         assert!(IfName::parse(&"n".repeat(15)).is_ok());
-        for bad in [".", "..", "a/b", "a:b", "a b", &"n".repeat(16)] {
+        for bad in [
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\u{1}b",
+            "a\u{7f}",
+            "a\nb",
+            &"n".repeat(16),
+        ] {
             assert_eq!(IfName::parse(bad).unwrap_err().field, "interface", "{bad}");
+        }
+    }
+
+    #[test]
+    fn agent_link_prefixes_are_the_agents_own() {
+        assert_eq!(SEGMENT_PREFIX, crate::hostlo::SEGMENT_PREFIX);
+        let id = NicId::random();
+        for name in [
+            id.names().host_if,
+            id.names().guest_if,
+            crate::hostlo::segment_bridge("db"),
+        ] {
+            assert!(
+                AGENT_LINK_PREFIXES.iter().any(|p| name.starts_with(p)),
+                "{name}"
+            );
         }
     }
 

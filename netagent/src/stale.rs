@@ -7,10 +7,14 @@
 //! if it did: its address would not be leased (the next NIC would get it
 //! again: two NICs, one address) and its network would not be found.
 //!
-//! [`sort`] goes through the records once, in file order, and takes the
-//! lease of every record that fits. Each one that does not gets a
-//! [`Misfit`] naming the configuration key at odds with it. What happens
-//! then is the operator's choice ([`StalePolicy`]):
+//! [`sort`] goes through the records once, oldest first (creation time,
+//! then file order), and takes the lease of every record that fits. Each
+//! one that does not gets a [`Misfit`] naming the configuration key at
+//! odds with it, or the older record it clashes with: the state file's own
+//! invariants are checked here too, so that no two records share an id
+//! (and so a host link name), a MAC, an IPv4 address of a network, an IPv6
+//! address, an attachment (VM, scope, sandbox, interface) or a Hostlo
+//! part. What happens then is the operator's choice ([`StalePolicy`]):
 //!
 //! ```text
 //! state.json ──sort(config)──▶ fits ─────────────▶ the record store, leases taken
@@ -25,11 +29,14 @@
 //! Refusing is the default because every way of carrying a misfit over
 //! guesses: a renamed network may be the old one under a new name or a new
 //! tenant on the same bridge, and a NIC whose address left the range cannot
-//! keep it without clashing with what the range now hands out. The
-//! operator knows which; the error names the state file, the config file
-//! and the key, and says the two ways out: restore the configuration the
-//! NICs were made with, or run `nestless-netagent --release-stale` once (it
-//! unplugs them, frees their addresses and exits), then start the agent.
+//! keep it without clashing with what the range now hands out. Two records
+//! that claim one address, MAC or attachment (a hand-edited or restored
+//! file) are refused the same way: of the two, the older keeps it, and
+//! the newer is the misfit. The operator knows which; the error names the
+//! state file, the config file and the key or the other record, and says
+//! the two ways out: restore the configuration the NICs were made with, or
+//! run `nestless-netagent --release-stale` once (it unplugs them, frees
+//! their addresses and exits), then start the agent.
 //!
 //! After [`sort`], every BrFusion record in the store holds its lease, so
 //! freeing a record's lease when it goes never frees another record's.
@@ -37,8 +44,8 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
 };
 
 use ipnet::Ipv4Net;
@@ -48,7 +55,7 @@ use crate::{
     config::Config,
     hostlo::{self, Part},
     ipam::Ipam,
-    names::NicId,
+    names::{NicId, DEFAULT_IFNAME},
     state::{NicRecord, StateError, StateFile},
 };
 
@@ -66,6 +73,11 @@ pub enum StalePolicy {
 /// Why a record does not fit the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Misfit {
+    /// An older record has the same id, and so the same host link.
+    IdTaken {
+        /// The host link's name.
+        host_if: String,
+    },
     /// Its network is not configured (renamed or removed).
     UnknownNetwork {
         /// The record's network.
@@ -78,7 +90,7 @@ pub enum Misfit {
         /// The VM's network now.
         network: String,
     },
-    /// An earlier record has the same MAC.
+    /// An older record has the same MAC.
     MacTaken {
         /// That record.
         other: NicId,
@@ -97,8 +109,21 @@ pub enum Misfit {
         /// The range's last address.
         last: Ipv4Addr,
     },
-    /// An earlier record has the same address on the same network.
+    /// An older record has the same address on the same network.
     AddressTaken {
+        /// That record.
+        other: NicId,
+    },
+    /// An older record has the same IPv6 address.
+    Ipv6Taken {
+        /// The address.
+        address: Ipv6Addr,
+        /// That record.
+        other: NicId,
+    },
+    /// An older record is the same attachment: VM, scope (containerd
+    /// namespace), sandbox and interface.
+    AttachmentTaken {
         /// That record.
         other: NicId,
     },
@@ -117,7 +142,7 @@ pub enum Misfit {
         /// The segment subnet.
         subnet: Ipv4Net,
     },
-    /// An earlier record holds the same part of the same Hostlo pod.
+    /// An older record holds the same part of the same Hostlo pod.
     HostloPartTaken {
         /// The pod.
         pod: String,
@@ -126,7 +151,7 @@ pub enum Misfit {
         /// That record.
         other: NicId,
     },
-    /// An earlier part of the same Hostlo pod is of another tenant network.
+    /// An older part of the same Hostlo pod is of another tenant network.
     HostloTenants {
         /// The pod.
         pod: String,
@@ -140,6 +165,10 @@ pub enum Misfit {
 impl fmt::Display for Misfit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Misfit::IdTaken { host_if } => write!(
+                f,
+                "an older record has the same id (and host link {host_if})"
+            ),
             Misfit::UnknownNetwork { network } => write!(
                 f,
                 "network {network:?} is not in the config (key [[network]] name)"
@@ -164,6 +193,13 @@ impl fmt::Display for Misfit {
             Misfit::AddressTaken { other } => {
                 write!(f, "NIC {other} has the same address")
             }
+            Misfit::Ipv6Taken { address, other } => {
+                write!(f, "NIC {other} has the same IPv6 address {address}")
+            }
+            Misfit::AttachmentTaken { other } => write!(
+                f,
+                "NIC {other} is the same attachment (VM, scope, sandbox, interface)"
+            ),
             Misfit::Ipv6 { network, what } => write!(
                 f,
                 "{what} (keys network ({network:?}).subnet6, gateway6)"
@@ -269,7 +305,7 @@ pub enum LoadError {
 pub fn load(config: &Config, policy: StalePolicy) -> Result<(StateFile, Sorted), LoadError> {
     let state = StateFile::in_dir(&config.agent.state_dir);
     let saved = state.read()?;
-    let mut sorted = sort(config, saved.nics, state.path())?;
+    let mut sorted = sort(config, saved.nics);
     // Next-fit goes on where the previous run stopped (see `Ipam`).
     for (network, last) in &saved.last_leased {
         if let Some(ipam) = sorted.ipam.get_mut(network) {
@@ -287,12 +323,9 @@ pub fn load(config: &Config, policy: StalePolicy) -> Result<(StateFile, Sorted),
     Ok((state, sorted))
 }
 
-/// Sorts `records`, read from `state`, against `config` (see the module
-/// doc).
-///
-/// # Errors
-/// [`StateError::Corrupt`] when two records have one id.
-pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<Sorted, StateError> {
+/// Sorts `records` against `config` and against each other (see the
+/// module doc).
+pub fn sort(config: &Config, mut records: Vec<NicRecord>) -> Sorted {
     let mut sorted = Sorted {
         fits: Vec::new(),
         ipam: config
@@ -303,17 +336,41 @@ pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<So
         vm_gone: Vec::new(),
         misfits: Vec::new(),
     };
+    // Of two records that claim one thing, the older keeps it (a stable
+    // sort: file order among records of one second).
+    records.sort_by_key(|r| r.created_unix);
     let mut ids = HashSet::new();
     let mut macs: HashMap<MacAddr, NicId> = HashMap::new();
     let mut addresses: HashMap<(String, Ipv4Addr), NicId> = HashMap::new();
+    let mut addresses6: HashMap<Ipv6Addr, NicId> = HashMap::new();
+    let mut attachments: HashMap<(String, String, String, String), NicId> = HashMap::new();
     let mut parts: HashMap<(String, u32), NicId> = HashMap::new();
     let mut tenants: HashMap<String, (String, NicId)> = HashMap::new();
+    // What only one record may hold: the VM, scope, sandbox and interface
+    // of a NIC given to a sandbox (an empty interface is `eth0`).
+    let attachment = |r: &NicRecord| {
+        (r.hostlo.is_none() && !r.pooled).then(|| {
+            let interface = match r.interface.as_str() {
+                "" => DEFAULT_IFNAME,
+                i => i,
+            };
+            (
+                r.vm.clone(),
+                r.scope.clone(),
+                r.sandbox_id.clone(),
+                interface.to_string(),
+            )
+        })
+    };
     for rec in records {
         if !ids.insert(rec.id.clone()) {
-            return Err(StateError::Corrupt {
-                path: state.to_path_buf(),
-                message: format!("NIC id {} appears twice", rec.id),
+            sorted.misfits.push(StaleRecord {
+                misfit: Misfit::IdTaken {
+                    host_if: rec.id.names().host_if,
+                },
+                record: rec,
             });
+            continue;
         }
         let Some((vm_index, vm)) = config
             .vms
@@ -403,12 +460,25 @@ pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<So
                     });
                 }
             }
+            if let Some(v6) = rec.ipv6 {
+                if let Some(other) = addresses6.get(&v6) {
+                    return Some(Misfit::Ipv6Taken {
+                        address: v6,
+                        other: other.clone(),
+                    });
+                }
+            }
             // What is left of the addresses never leased: IPv6 mirrors
             // (of gateway6, outside subnet6, a reserved anycast address).
             if let Some(why) = net.unleasable(rec.ipv4) {
                 return Some(Misfit::Ipv6 {
                     network: net.name.clone(),
                     what: format!("the address {} is never leased: {why}", rec.ipv4),
+                });
+            }
+            if let Some(other) = attachment(&rec).and_then(|a| attachments.get(&a)) {
+                return Some(Misfit::AttachmentTaken {
+                    other: other.clone(),
                 });
             }
             None
@@ -430,6 +500,12 @@ pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<So
             }
             None => {
                 addresses.insert((rec.network.clone(), rec.ipv4), rec.id.clone());
+                if let Some(v6) = rec.ipv6 {
+                    addresses6.insert(v6, rec.id.clone());
+                }
+                if let Some(a) = attachment(&rec) {
+                    attachments.insert(a, rec.id.clone());
+                }
                 if let Some(ipam) = sorted.ipam.get_mut(&rec.network) {
                     if let Err(e) = ipam.reserve(rec.ipv4) {
                         // The checks above leave nothing for reserve to refuse.
@@ -440,12 +516,12 @@ pub fn sort(config: &Config, records: Vec<NicRecord>, state: &Path) -> Result<So
         }
         sorted.fits.push(rec);
     }
-    Ok(sorted)
+    sorted
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, path::Path};
 
     use super::*;
     use crate::{hostlo::HostloRef, lifecycle::NicState};
@@ -556,7 +632,7 @@ mod tests {
             ),
             rec("00000000c2", "vm1", "green", "10.40.0.9", 22),
         ];
-        let s = sort(&cfg, records, Path::new("/var/lib/nestless/state.json")).unwrap();
+        let s = sort(&cfg, records);
         let fits: Vec<String> = s.fits.iter().map(|r| r.id.to_string()).collect();
         assert_eq!(fits, ["00000000a1", "00000000b0", "00000000c1"]);
         assert_eq!(s.vm_gone.len(), 1);
@@ -612,12 +688,7 @@ mod tests {
     #[test]
     fn the_error_names_the_files_the_key_and_the_ways_out() {
         let cfg = config();
-        let s = sort(
-            &cfg,
-            vec![rec("00000000a2", "vm1", "blue", "10.40.0.2", 2)],
-            Path::new("/var/lib/nestless/state.json"),
-        )
-        .unwrap();
+        let s = sort(&cfg, vec![rec("00000000a2", "vm1", "blue", "10.40.0.2", 2)]);
         let e = StaleRecords {
             state: "/var/lib/nestless/state.json".into(),
             config: cfg.path.clone(),
@@ -636,13 +707,137 @@ mod tests {
         }
     }
 
+    /// The state file's own invariants (issue 11, item 5): records that
+    /// share an id (a host link), an IPv6 address or an attachment do not
+    /// fit either; the older of two keeps what they share, whatever the
+    /// file order, and a pooled NIC or a NIC of another scope or interface
+    /// is another attachment.
     #[test]
-    fn one_id_twice_is_a_corrupt_file() {
-        let r = rec("00000000a1", "vm1", "green", "10.40.0.2", 1);
-        let e = sort(&config(), vec![r.clone(), r], Path::new("/s/state.json")).unwrap_err();
-        assert!(
-            e.to_string().contains("/s/state.json") && e.to_string().contains("appears twice"),
-            "{e}"
+    fn records_claiming_one_thing_leave_it_to_the_oldest() {
+        let cfg = config();
+        let at = |r: NicRecord, created_unix: i64| NicRecord { created_unix, ..r };
+        let v6 = |r: NicRecord, a: &str| NicRecord {
+            ipv6: Some(a.parse().unwrap()),
+            ..r
+        };
+        let same_sandbox = |r: NicRecord| NicRecord {
+            sandbox_id: "sb".into(),
+            ..r
+        };
+        let records = vec![
+            // Newer, first in the file: a1's address and MAC.
+            at(rec("00000000a0", "vm1", "green", "10.40.0.2", 1), 20),
+            at(rec("00000000a1", "vm1", "green", "10.40.0.2", 1), 10),
+            // a1's id (another address, MAC and sandbox).
+            at(rec("00000000a1", "vm1", "green", "10.40.0.3", 3), 30),
+            // One IPv6 address twice.
+            at(
+                v6(
+                    rec("00000000b0", "vm1", "green", "10.40.0.4", 4),
+                    "fd00:40::4",
+                ),
+                10,
+            ),
+            at(
+                v6(
+                    rec("00000000b1", "vm1", "green", "10.40.0.5", 5),
+                    "fd00:40::4",
+                ),
+                11,
+            ),
+            // One attachment twice; then the same sandbox in another
+            // scope, on another interface, and pooled: all fit.
+            at(
+                same_sandbox(rec("00000000c0", "vm1", "green", "10.40.0.6", 6)),
+                10,
+            ),
+            at(
+                same_sandbox(rec("00000000c1", "vm1", "green", "10.40.0.7", 7)),
+                11,
+            ),
+            NicRecord {
+                scope: "team-one".into(),
+                ..same_sandbox(rec("00000000c2", "vm1", "green", "10.40.0.8", 8))
+            },
+            NicRecord {
+                interface: "net1".into(),
+                ..same_sandbox(rec("00000000c3", "vm1", "green", "10.40.0.13", 9))
+            },
+            NicRecord {
+                pooled: true,
+                sandbox_id: String::new(),
+                ..rec("00000000c4", "vm1", "green", "10.40.0.10", 10)
+            },
+            NicRecord {
+                pooled: true,
+                sandbox_id: String::new(),
+                ..rec("00000000c5", "vm1", "green", "10.40.0.11", 11)
+            },
+            // An empty interface is eth0: c0's attachment again.
+            NicRecord {
+                interface: String::new(),
+                ..at(
+                    same_sandbox(rec("00000000c6", "vm1", "green", "10.40.0.12", 12)),
+                    12,
+                )
+            },
+        ];
+        let s = sort(&cfg, records);
+        let mut fits: Vec<String> = s.fits.iter().map(|r| r.id.to_string()).collect();
+        fits.sort();
+        assert_eq!(
+            fits,
+            [
+                "00000000a1",
+                "00000000b0",
+                "00000000c0",
+                "00000000c2",
+                "00000000c3",
+                "00000000c4",
+                "00000000c5"
+            ]
         );
+        let why: Vec<(String, String)> = s
+            .misfits
+            .iter()
+            .map(|m| (m.record.id.to_string(), m.misfit.to_string()))
+            .collect();
+        let expect = [
+            (
+                "00000000b1",
+                "NIC 00000000b0 has the same IPv6 address fd00:40::4",
+            ),
+            ("00000000c1", "NIC 00000000c0 is the same attachment"),
+            ("00000000c6", "NIC 00000000c0 is the same attachment"),
+            ("00000000a0", "NIC 00000000a1 has the same MAC"),
+            (
+                "00000000a1",
+                "an older record has the same id (and host link nlh00000000a1)",
+            ),
+        ];
+        assert_eq!(why.len(), expect.len(), "{why:#?}");
+        for (want_id, want) in expect {
+            assert!(
+                why.iter()
+                    .any(|(id, text)| id == want_id && text.contains(want)),
+                "{want_id}: {want:?} not in {why:#?}"
+            );
+        }
+        let green = &s.ipam["green"];
+        assert_eq!(green.leased(), 7, "one lease per record kept");
+        assert!(!green.is_leased("10.40.0.3".parse().unwrap()), "a1's twin");
+        // The refusal names both records of each pair and the way out.
+        let e = StaleRecords {
+            state: "/var/lib/nestless/state.json".into(),
+            config: cfg.path.clone(),
+            records: s.misfits,
+        }
+        .to_string();
+        for want in [
+            "NIC 00000000a0 (VM vm1, sandbox \"sb-00000000a0\", 10.40.0.2 on \"green\"): NIC 00000000a1 has the same MAC",
+            "--release-stale",
+        ] {
+            assert!(e.contains(want), "{e}\nlacks {want:?}");
+        }
     }
 }

@@ -4,6 +4,9 @@
 //! directory, is fsynced, renamed over `state.json`, and the directory is
 //! fsynced. A reader therefore sees either the old or the new file, whole.
 //! Leases are not stored on their own; they are the addresses of the records.
+//!
+//! What the records must be to be loaded (no two share an address, a MAC,
+//! an id, ...; each fits the configuration) is checked by [`crate::stale`].
 
 use std::{
     collections::BTreeMap,
@@ -127,6 +130,27 @@ pub enum StateError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl StateError {
+    /// The same error again (an `io::Error` cannot be cloned: its kind and
+    /// text are kept), for the writer that answers many saves at once.
+    pub fn duplicate(&self) -> StateError {
+        match self {
+            StateError::Io { op, path, source } => StateError::Io {
+                op,
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => std::io::Error::from_raw_os_error(errno),
+                    None => std::io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            StateError::Corrupt { path, message } => StateError::Corrupt {
+                path: path.clone(),
+                message: message.clone(),
+            },
+        }
+    }
 }
 
 /// The state file.

@@ -154,6 +154,48 @@ impl AgentProc {
         self.spawn();
     }
 
+    /// Runs the agent binary on this config with `args` until it exits
+    /// (at most `timeout`; killed then): its exit status and its output.
+    pub fn run_once(&self, args: &[&str], timeout: Duration) -> (std::process::ExitStatus, String) {
+        assert!(self.child.is_none(), "agent still running");
+        let out = self.dir.path().join("run-once.log");
+        let f = std::fs::File::create(&out).expect("create run-once log");
+        let mut c = Command::new(bin_path("nestless-netagent"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn nestless-netagent");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = c.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "nestless-netagent {args:?} still running after {timeout:?}:\n{}",
+                    std::fs::read_to_string(&out).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&out).unwrap_or_default())
+    }
+
+    /// Writes the state file (the agent must be down).
+    pub fn write_state(&self, state: &serde_json::Value) {
+        assert!(self.child.is_none(), "agent still running");
+        std::fs::write(
+            self.dir.path().join("state/state.json"),
+            serde_json::to_vec_pretty(state).expect("JSON"),
+        )
+        .expect("write state.json");
+    }
+
     /// Reads the state file.
     pub fn state(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.dir.path().join("state/state.json"))

@@ -742,6 +742,31 @@ mod tests {
         assert_eq!(forgets(), [line.clone(), line], "released");
     }
 
+    /// Issue 11, item 8: a bridge with every port taken (`EXFULL`) is a
+    /// clear `RESOURCE_EXHAUSTED`, not `INTERNAL: Exchange full`, and the
+    /// attach leaves nothing behind.
+    #[tokio::test]
+    async fn a_full_bridge_is_resource_exhausted() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        *r.links.fail.lock().unwrap() = Some("join_bridge");
+        *r.links.fail_errno.lock().unwrap() = Some(libc::EXFULL);
+        let e = r.agent.attach("vm1", req("a")).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::RESOURCE_EXHAUSTED, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("bridge br0 is full") && text.contains("at most 1023 ports"),
+            "{text}"
+        );
+        assert!(r.agent.records(None).is_empty());
+        assert_eq!(r.agent.records.leased("n"), 0);
+        // Another errno of the same step stays what it was.
+        *r.links.fail.lock().unwrap() = Some("join_bridge");
+        let e = r.agent.attach("vm1", req("a")).await.unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INTERNAL, "{e}");
+        r.agent.attach("vm1", req("a")).await.unwrap();
+    }
+
     #[tokio::test]
     async fn failed_plug_leaves_no_record_or_lease() {
         let dir = tempfile::tempdir().unwrap();

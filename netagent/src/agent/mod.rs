@@ -4,8 +4,10 @@
 //! of one VM are serialised (slot choice, idempotency) while different VMs
 //! proceed concurrently. Records change in memory, are persisted, and only
 //! then do the side effects of the step happen (write-ahead, see
-//! [`crate::lifecycle`]). Saves are serialised and each writes the latest
-//! snapshot, so the file never goes back in time.
+//! [`crate::lifecycle`]). One writer thread does every save (group commit,
+//! see `records`), so saves never overlap and the file never goes back in
+//! time. The server runs each mutating operation as a task of its own, so
+//! a cancelled request never stops one half-way.
 //!
 //! ```text
 //! AttachNic(scope, sandbox, interface)       DetachNic(nic | scope, sandbox[, interface])

@@ -7,19 +7,32 @@
 //! record's lease is freed when the record goes ([`Records::remove`]). A
 //! Hostlo record's address is fixed by its part and holds no lease.
 //!
-//! [`Records::persist`] writes a snapshot of every record; saves are
-//! serialised and each writes the latest snapshot, so the file never goes
-//! back in time.
+//! [`Records::persist`] asks the one writer of the state file for a save
+//! and waits for it. The writer is a thread of its own that owns the file
+//! (issue 11, item 3):
+//!
+//! ```text
+//! persist() ──request──▶ writer thread: wait for a request, take every
+//!   (await the reply)      request queued behind it, snapshot the store,
+//!                          write + fsync + rename once, answer them all
+//! ```
+//!
+//! A caller that stops waiting (its request was cancelled) cancels
+//! nothing: the save it asked for happens whole, and no two saves ever
+//! overlap on the temporary file. Concurrent changes share one write and
+//! fsync (group commit), and every snapshot is taken after the changes of
+//! the requests it answers, so an answered save holds the caller's change
+//! and the file never goes back in time.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
-    sync::{Mutex as StdMutex, MutexGuard},
+    sync::{mpsc, Arc, Mutex as StdMutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use nestless_model::MacAddr;
-use tokio::sync::Mutex;
+use tokio::sync::oneshot;
 
 use crate::{
     config::{Config, NetworkConfig, VmConfig},
@@ -35,9 +48,73 @@ use crate::{
 /// The records and leases, persisted to the state file.
 pub(super) struct Records {
     state: StateFile,
-    store: StdMutex<Store>,
-    save_lock: Mutex<()>,
+    store: Arc<StdMutex<Store>>,
+    /// Requests to the writer thread ([`Writer`]).
+    saves: mpsc::Sender<SaveRequest>,
+    /// Snapshots written (tests: group commit).
+    #[cfg(test)]
+    writes: Arc<std::sync::atomic::AtomicU64>,
+    /// Records of the state file dropped at load.
     dropped: usize,
+}
+
+/// A save request: the writer answers on it once a snapshot taken after
+/// the request is on disk.
+type SaveRequest = oneshot::Sender<Result<(), StateError>>;
+
+/// The one writer of the state file: a thread that takes the queued save
+/// requests, writes one snapshot for them all, and answers each.
+struct Writer {
+    state: StateFile,
+    store: Arc<StdMutex<Store>>,
+    requests: mpsc::Receiver<SaveRequest>,
+    #[cfg(test)]
+    writes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Writer {
+    /// Starts the writer; it ends when the last sender is gone.
+    fn spawn(self) -> Result<(), StateError> {
+        let path = self.state.path().to_path_buf();
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || self.run())
+            .map(drop)
+            .map_err(|source| StateError::Io {
+                op: "start the writer of",
+                path,
+                source,
+            })
+    }
+
+    fn run(self) {
+        while let Ok(first) = self.requests.recv() {
+            let mut batch = vec![first];
+            batch.extend(self.requests.try_iter());
+            let snapshot = {
+                let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                State {
+                    nics: store.records.values().cloned().collect(),
+                    last_leased: store
+                        .ipam
+                        .iter()
+                        .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
+                        .collect(),
+                }
+            };
+            let result = self.state.write(snapshot);
+            #[cfg(test)]
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            for reply in batch {
+                // A caller that stopped waiting gets nothing; its save is done.
+                let _ = reply.send(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(e.duplicate()),
+                });
+            }
+        }
+    }
 }
 
 struct Store {
@@ -104,11 +181,26 @@ impl Records {
             records: sorted.fits.into_iter().map(|r| (r.id.clone(), r)).collect(),
             ipam: sorted.ipam,
         };
+        let dropped = sorted.misfits.len() + sorted.vm_gone.len();
+        let store = Arc::new(StdMutex::new(store));
+        let (saves, requests) = mpsc::channel();
+        #[cfg(test)]
+        let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        Writer {
+            state: state.clone(),
+            store: store.clone(),
+            requests,
+            #[cfg(test)]
+            writes: writes.clone(),
+        }
+        .spawn()?;
         Ok(Records {
             state,
-            store: StdMutex::new(store),
-            save_lock: Mutex::new(()),
-            dropped: sorted.misfits.len() + sorted.vm_gone.len(),
+            store,
+            saves,
+            #[cfg(test)]
+            writes,
+            dropped,
         })
     }
 
@@ -386,32 +478,21 @@ impl Records {
         Some(rec)
     }
 
-    /// Writes every record to the state file (atomically, durably).
+    /// Writes every record to the state file (atomically, durably),
+    /// through the one writer: returns once a snapshot taken after this
+    /// call began is on disk. Dropping the future cancels only the wait.
     ///
     /// # Errors
     /// [`AgentError::State`] when the file cannot be written.
     pub async fn persist(&self) -> Result<(), AgentError> {
-        let _g = self.save_lock.lock().await;
-        let snapshot = {
-            let store = self.lock();
-            State {
-                nics: store.records.values().cloned().collect(),
-                last_leased: store
-                    .ipam
-                    .iter()
-                    .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
-                    .collect(),
-            }
+        let (reply, done) = oneshot::channel();
+        let stopped = || StateError::Io {
+            op: "write (its writer stopped)",
+            path: self.state.path().to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
         };
-        let state = self.state.clone();
-        let path = state.path().to_path_buf();
-        tokio::task::spawn_blocking(move || state.write(snapshot))
-            .await
-            .map_err(|e| StateError::Io {
-                op: "write (the save task failed)",
-                path,
-                source: std::io::Error::other(e.to_string()),
-            })??;
+        self.saves.send(reply).map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())??;
         Ok(())
     }
 
@@ -462,6 +543,68 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(view.pod_ip, Some(eth0.ipv4));
+    }
+
+    /// Issue 11, item 3: saves go through one writer. Concurrent saves
+    /// share writes (group commit), each answered save holds its change,
+    /// and a save whose caller stopped waiting is still written whole.
+    #[tokio::test]
+    async fn saves_are_grouped_and_survive_their_callers() {
+        use std::sync::atomic::Ordering;
+
+        use crate::{agent::rig::rig, state::StateFile};
+        let dir = tempfile::tempdir().unwrap();
+        let r = rig(dir.path(), "10.9.0.254");
+        let vm = r.agent.vm("vm1").unwrap().clone();
+        let before = r.agent.records.writes.load(Ordering::Relaxed);
+        let saves = (0..50).map(|_| {
+            let rec = r
+                .agent
+                .records
+                .begin(
+                    &vm.config,
+                    crate::agent::attach::brfusion_nic(&vm, None, &Default::default()).record,
+                    &[0x52, 0x54, 0x00],
+                )
+                .map(|rec| rec.id);
+            let records = &r.agent.records;
+            async move {
+                let id = rec.ok();
+                records.persist().await.unwrap();
+                id
+            }
+        });
+        let ids: Vec<_> = futures::future::join_all(saves).await;
+        let written = r.agent.records.writes.load(Ordering::Relaxed) - before;
+        assert!(written < 50, "{written} writes for 50 concurrent saves");
+        let on_disk: Vec<_> = StateFile::in_dir(dir.path())
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|rec| rec.id)
+            .collect();
+        for id in ids.into_iter().flatten() {
+            assert!(on_disk.contains(&id), "{id} not saved");
+        }
+        // A save whose caller goes away before the answer is still made.
+        let a = r.agent.records.begin(
+            &vm.config,
+            crate::agent::attach::brfusion_nic(&vm, None, &Default::default()).record,
+            &[0x52, 0x54, 0x00],
+        );
+        {
+            let mut save = Box::pin(r.agent.records.persist());
+            assert!(futures::poll!(save.as_mut()).is_pending());
+        }
+        // The next save is written after it: both are on disk once it returns.
+        r.agent.records.persist().await.unwrap();
+        if let Ok(a) = a {
+            assert!(StateFile::in_dir(dir.path())
+                .load()
+                .unwrap()
+                .iter()
+                .any(|rec| rec.id == a.id));
+        }
     }
 
     /// Next-fit goes on after the last address across a restart: the

@@ -74,6 +74,13 @@ pub enum BackendError {
         /// How long the agent waited.
         after: Duration,
     },
+    /// The bridge has as many ports as the kernel allows
+    /// ([`crate::config::BRIDGE_MAX_PORTS`]; `EXFULL`).
+    #[error("bridge {bridge} is full: a Linux bridge holds at most {max} ports; no NIC can join it until one leaves (spread the network's VMs over more networks, or lower their max_nics)", max = crate::config::BRIDGE_MAX_PORTS)]
+    BridgeFull {
+        /// The bridge.
+        bridge: String,
+    },
     /// The VM's network namespace cannot be used.
     #[error("network namespace {path} of VM {vm} is unusable: {source}")]
     Netns {
@@ -87,6 +94,18 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// The error of joining a NIC's host end to `bridge`: the kernel's
+    /// `EXFULL` (every port taken) is [`BackendError::BridgeFull`].
+    pub fn joining(bridge: &str, e: LinkError) -> BackendError {
+        if e.source.raw_os_error() == Some(libc::EXFULL) {
+            BackendError::BridgeFull {
+                bridge: bridge.to_string(),
+            }
+        } else {
+            BackendError::Link(e)
+        }
+    }
+
     /// True when the VM (QEMU, its namespace) cannot be reached right now.
     pub fn is_unavailable(&self) -> bool {
         match self {

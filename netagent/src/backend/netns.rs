@@ -91,7 +91,7 @@ impl VmBackend for NetnsBackend {
                     names.host_if
                 );
             }
-            return Err(e.into());
+            return Err(BackendError::joining(&nic.bridge, e));
         }
         Ok(Plugged::default())
     }

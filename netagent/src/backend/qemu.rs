@@ -263,7 +263,8 @@ impl QemuBackend {
         let tap = self.links.open_tap(&names.host_if)?;
         self.links
             .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
-            .await?;
+            .await
+            .map_err(|e| BackendError::joining(&nic.bridge, e))?;
         let getfd = GetFd {
             fdname: &names.fd_name,
         };

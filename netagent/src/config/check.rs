@@ -6,7 +6,14 @@
 //! duplicate) with a gateway that is a router's address, no overlapping subnets, names, CIDs or
 //! sockets used twice, a VM's backend keys matching its `backend`, a VM
 //! reachable somehow, a warm pool within the quota, the Hostlo subnet apart
-//! from every network. Each error names the file and the key.
+//! from every network. And what cannot work once running (issue 11, item
+//! 9): a relative `state_dir`, admin socket or VM socket (resolved against
+//! the working directory: two agents would share, and sweep, one state);
+//! a VM socket that is the admin socket, another VM's socket or a QMP
+//! socket; two VMs on one `qmp_socket` or one `netns` (two tenants driving
+//! one VM); a bridge named like the links the agent makes and sweeps
+//! (`nlh`, `nlg`, `nls`); a control character in a path. Each error names
+//! the file and the key.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -18,11 +25,13 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nestless_model::hostlo::DEFAULT_SEGMENT_SUBNET;
 
+use crate::names::AGENT_LINK_PREFIXES;
+
 use super::{
     mirror6,
-    raw::{segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
-    reserved6, AgentSettings, BackendConfig, Config, ConfigError, HostloConfig, NetworkConfig,
-    RouteConfig, VmConfig, IPV6_MIN_MTU,
+    raw::{has_control, segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
+    reserved6, AgentSettings, BackendConfig, Config, ConfigError, ConfigWarning, HostloConfig,
+    NetworkConfig, RouteConfig, VmConfig, BRIDGE_MAX_PORTS, IPV6_MIN_MTU,
 };
 
 /// The IPv4 address of `net`'s subnet whose IPv6 mirror in `s6` is `a`.
@@ -83,8 +92,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A path the agent binds, opens or keeps state in: absolute (a
+    /// relative one depends on the working directory the agent happens to
+    /// start in), without control characters.
+    fn path(&self, key: impl fmt::Display, p: &Path) -> Result<(), ConfigError> {
+        let text = p.to_string_lossy();
+        if has_control(&text) {
+            return Err(self.err(key, format!("{text:?} holds a control character")));
+        }
+        if !p.is_absolute() {
+            return Err(self.err(key, format!("{} is not an absolute path", p.display())));
+        }
+        Ok(())
+    }
+
     fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let a = raw.agent;
+        self.path("agent.state_dir", &a.state_dir)?;
+        self.path("agent.admin_socket", &a.admin_socket)?;
         let agent = AgentSettings {
             state_dir: a.state_dir,
             admin_socket: a.admin_socket,
@@ -99,9 +124,14 @@ impl Checker<'_> {
         }
         let mut networks = BTreeMap::new();
         let mut bridges = HashMap::new();
+        // The key of each network, by name.
+        let mut net_keys: HashMap<String, String> = HashMap::new();
         for (i, n) in raw.network.into_iter().enumerate() {
             let key = format!("network[{i}] ({:?})", n.name);
             let net = self.check_network(&key, n)?;
+            net_keys
+                .entry(net.name.clone())
+                .or_insert_with(|| key.clone());
             for other in networks.values() {
                 let other: &NetworkConfig = other;
                 if other.subnet.contains(&net.subnet.network())
@@ -132,10 +162,22 @@ impl Checker<'_> {
         let mut vms = Vec::new();
         let mut names = HashSet::new();
         let mut cids = HashMap::new();
-        let mut sockets = HashMap::new();
+        // Every socket the agent listens on, and whose it is.
+        let mut sockets: HashMap<PathBuf, String> = HashMap::new();
+        sockets.insert(
+            agent.admin_socket.clone(),
+            "the admin socket (agent.admin_socket)".into(),
+        );
+        // Every VM endpoint (QMP socket, namespace), and whose it is.
+        let mut endpoints: HashMap<PathBuf, String> = HashMap::new();
         for (i, v) in raw.vm.into_iter().enumerate() {
             let key = format!("vm[{i}] ({:?})", v.name);
-            let vm = self.check_vm(&key, v, &agent, &networks)?;
+            let socket_key = if v.socket.is_none() && v.vsock_uds.is_some() {
+                "vsock_uds"
+            } else {
+                "socket"
+            };
+            let vm = self.check_vm(&key, socket_key, v, &agent, &networks)?;
             if !names.insert(vm.name.clone()) {
                 return Err(self.err(format!("{key}.name"), "duplicate VM name"));
             }
@@ -147,24 +189,92 @@ impl Checker<'_> {
                     ));
                 }
             }
+            let endpoint_key = match vm.backend {
+                BackendConfig::Qemu { .. } => "qmp_socket",
+                BackendConfig::Netns { .. } => "netns",
+            };
+            let endpoint = vm.backend.endpoint().to_path_buf();
+            if let Some(other) = endpoints.insert(endpoint.clone(), vm.name.clone()) {
+                return Err(self.err(
+                    format!("{key}.{endpoint_key}"),
+                    format!(
+                        "{} is already VM {other:?}'s: two VMs of the agent would drive one VM",
+                        endpoint.display()
+                    ),
+                ));
+            }
+            if let Some(owner) = sockets.get(&endpoint) {
+                return Err(self.err(
+                    format!("{key}.{endpoint_key}"),
+                    format!(
+                        "{} is {owner}, which the agent listens on",
+                        endpoint.display()
+                    ),
+                ));
+            }
             if let Some(sock) = &vm.unix_socket {
-                if let Some(other) = sockets.insert(sock.clone(), vm.name.clone()) {
+                if let Some(other) =
+                    sockets.insert(sock.clone(), format!("VM {:?}'s socket", vm.name))
+                {
                     return Err(self.err(
-                        format!("{key}.socket"),
-                        format!("{} is already VM {other:?}'s socket", sock.display()),
+                        format!("{key}.{socket_key}"),
+                        format!("{} is already {other}", sock.display()),
+                    ));
+                }
+                if let Some(other) = endpoints.get(sock) {
+                    return Err(self.err(
+                        format!("{key}.{socket_key}"),
+                        format!(
+                            "{} is VM {other:?}'s QMP socket or namespace",
+                            sock.display()
+                        ),
                     ));
                 }
             }
             vms.push(vm);
         }
         let hostlo = self.check_hostlo(raw.hostlo, &networks)?;
+        let warnings = self.bridge_ports(&networks, &net_keys, &vms);
         Ok(Config {
             path: self.path.to_path_buf(),
             agent,
             networks,
             vms,
             hostlo,
+            warnings,
         })
+    }
+
+    /// A network whose VMs may hold more NICs together than its bridge has
+    /// ports ([`BRIDGE_MAX_PORTS`]; one VM's `max_nics` cannot exceed it):
+    /// a warning, not an error, since quotas are often overcommitted. The
+    /// attach past the last port is refused with `RESOURCE_EXHAUSTED`
+    /// (`BackendError::BridgeFull`).
+    fn bridge_ports(
+        &self,
+        networks: &BTreeMap<String, NetworkConfig>,
+        net_keys: &HashMap<String, String>,
+        vms: &[VmConfig],
+    ) -> Vec<ConfigWarning> {
+        networks
+            .values()
+            .filter_map(|net| {
+                let on: Vec<&VmConfig> = vms.iter().filter(|v| v.network == net.name).collect();
+                let total: u64 = on.iter().map(|v| u64::from(v.max_nics)).sum();
+                (total > u64::from(BRIDGE_MAX_PORTS)).then(|| ConfigWarning {
+                    path: self.path.to_path_buf(),
+                    key: format!(
+                        "{}.bridge",
+                        net_keys.get(&net.name).map_or("network", String::as_str)
+                    ),
+                    message: format!(
+                        "the {} VM(s) on it may hold {total} NICs (max_nics), but bridge {} holds at most {BRIDGE_MAX_PORTS} ports (fewer with an uplink): attaches past that are refused (RESOURCE_EXHAUSTED)",
+                        on.len(),
+                        net.bridge
+                    ),
+                })
+            })
+            .collect()
     }
 
     fn check_hostlo(
@@ -177,6 +287,12 @@ impl Checker<'_> {
             None => segment_subnet_rule(DEFAULT_SEGMENT_SUBNET)
                 .map_err(|m| self.err("hostlo.subnet", m))?,
         };
+        if let Some(why) = not_unicast4(subnet) {
+            return Err(self.err(
+                "hostlo.subnet",
+                format!("{subnet} is {why}: not a network of host addresses"),
+            ));
+        }
         if let Some(n) = networks
             .values()
             .find(|n| n.subnet.contains(&subnet.network()) || subnet.contains(&n.subnet.network()))
@@ -190,6 +306,19 @@ impl Checker<'_> {
     }
 
     fn check_network(&self, key: &str, n: RawNetwork) -> Result<NetworkConfig, ConfigError> {
+        if let Some(p) = AGENT_LINK_PREFIXES
+            .iter()
+            .find(|p| n.bridge.starts_with(*p))
+        {
+            return Err(self.err(
+                format!("{key}.bridge"),
+                format!(
+                    "{:?} starts with {p:?}, a prefix of the links the agent makes and removes ({})",
+                    n.bridge,
+                    AGENT_LINK_PREFIXES.join(", ")
+                ),
+            ));
+        }
         let subnet = n.subnet;
         if let Some(why) = not_unicast4(subnet) {
             return Err(self.err(
@@ -406,6 +535,7 @@ impl Checker<'_> {
     fn check_vm(
         &self,
         key: &str,
+        socket_key: &str,
         v: RawVm,
         agent: &AgentSettings,
         networks: &BTreeMap<String, NetworkConfig>,
@@ -437,6 +567,7 @@ impl Checker<'_> {
                         "required for backend = \"qemu\"",
                     )
                 })?;
+                self.path(format!("{key}.qmp_socket"), &qmp_socket)?;
                 BackendConfig::Qemu {
                     qmp_socket,
                     hotplug_slots: v.hotplug_slots.unwrap_or_default(),
@@ -470,12 +601,7 @@ impl Checker<'_> {
             (None, None) => None,
         };
         if let Some(s) = &unix_socket {
-            if !s.is_absolute() {
-                return Err(self.err(
-                    format!("{key}.socket"),
-                    format!("{} is not an absolute path", s.display()),
-                ));
-            }
+            self.path(format!("{key}.{socket_key}"), s)?;
         }
         if v.cid.is_none() && unix_socket.is_none() {
             return Err(self.err(

@@ -87,6 +87,28 @@ pub enum ConfigError {
     },
 }
 
+/// Something in a valid configuration that may still fail at run time:
+/// `--check-config` prints it, the agent logs it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// The file.
+    pub path: PathBuf,
+    /// The key, as [`ConfigError::Invalid`] names it.
+    pub key: String,
+    /// What may fail.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.path.display(), self.key, self.message)
+    }
+}
+
+/// Most ports a Linux bridge holds: `BR_MAX_PORTS` (1 << 10) less port 0,
+/// which the kernel keeps. Adding one more fails with `EXFULL`.
+pub const BRIDGE_MAX_PORTS: u32 = 1023;
+
 // ---------------------------------------------------------------- checked form
 
 /// Whether the agent listens on AF_VSOCK. In the file: `true`, `false` or
@@ -382,6 +404,8 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     /// `[hostlo]`.
     pub hostlo: HostloConfig,
+    /// What may fail at run time though the file is valid.
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl Config {
@@ -692,6 +716,268 @@ mod tests {
         );
         let dup_name = format!("{net}[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=5\n[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"y\"\ncid=6\n");
         assert!(err(&dup_name).contains("duplicate VM name"));
+    }
+
+    /// Issue 11, item 8: one VM cannot be given more NICs than a bridge
+    /// has ports (an error); VMs whose quotas add up to more share the
+    /// bridge's ports (a warning naming the network's bridge).
+    #[test]
+    fn bridge_port_limit() {
+        let net = with_network("subnet = \"10.0.0.0/20\"\ngateway = \"10.0.0.1\"");
+        let vm = |name: &str, cid: u32, max: u32| {
+            format!("[[vm]]\nname = \"{name}\"\nbackend = \"netns\"\nnetns = \"{name}\"\ncid = {cid}\nmax_nics = {max}\n")
+        };
+        let e = err(&format!("{net}{}", vm("a", 3, 1024)));
+        assert!(
+            e.contains("vm[0] (\"a\").max_nics")
+                && e.contains("1023, the most ports a Linux bridge holds"),
+            "{e}"
+        );
+        let c = parse(&format!("{net}{}", vm("a", 3, 1023))).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = parse(&format!("{net}{}{}", vm("a", 3, 600), vm("b", 4, 424))).unwrap();
+        assert_eq!(c.warnings.len(), 1);
+        let w = c.warnings[0].to_string();
+        assert!(
+            w.starts_with("test.toml: network[0] (\"n\").bridge:")
+                && w.contains("may hold 1024 NICs")
+                && w.contains("at most 1023 ports")
+                && w.contains("RESOURCE_EXHAUSTED"),
+            "{w}"
+        );
+        let c = parse(&format!("{net}{}{}", vm("a", 3, 600), vm("b", 4, 423))).unwrap();
+        assert!(c.warnings.is_empty());
+    }
+
+    /// Issue 11, item 9: configurations that load but cannot work are
+    /// refused, each naming the file and the key.
+    #[test]
+    fn configs_that_cannot_work_are_refused() {
+        let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
+        let agent = "[agent]\nadmin_socket = \"/run/nl/admin.sock\"\n";
+        let vm = |name: &str, rest: &str| format!("[[vm]]\nname = \"{name}\"\n{rest}\n");
+        let netns = |ns: &str, sock: &str| {
+            format!("backend = \"netns\"\nnetns = \"{ns}\"\nsocket = \"{sock}\"")
+        };
+        let qemu = |qmp: &str, cid: u32| {
+            format!("backend = \"qemu\"\nqmp_socket = \"{qmp}\"\ncid = {cid}")
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            // A VM socket that is the admin socket, or another VM's.
+            (
+                format!("{agent}{net}{}", vm("a", &netns("x", "/run/nl/admin.sock"))),
+                "vm[0] (\"a\").socket",
+                "the admin socket",
+            ),
+            (
+                format!(
+                    "{agent}{net}{}{}",
+                    vm("a", &netns("x", "/run/nl/a.sock")),
+                    vm("b", &netns("y", "/run/nl/a.sock"))
+                ),
+                "vm[1] (\"b\").socket",
+                "already VM \"a\"'s socket",
+            ),
+            // vhost-device-vsock's <uds>_<port> landing on the admin socket names vsock_uds.
+            (
+                format!(
+                    "[agent]\nadmin_socket = \"/run/nl/v_7070\"\n{net}{}",
+                    vm(
+                        "a",
+                        "backend = \"netns\"\nnetns = \"x\"\nvsock_uds = \"/run/nl/v\""
+                    )
+                ),
+                "vm[0] (\"a\").vsock_uds",
+                "the admin socket",
+            ),
+            // Two VMs on one QEMU, or one namespace.
+            (
+                format!(
+                    "{net}{}{}",
+                    vm("a", &qemu("/run/q", 3)),
+                    vm("b", &qemu("/run/q", 4))
+                ),
+                "vm[1] (\"b\").qmp_socket",
+                "already VM \"a\"'s",
+            ),
+            (
+                format!(
+                    "{net}{}{}",
+                    vm("a", &netns("x", "/run/nl/a.sock")),
+                    vm("b", &netns("/run/netns/x", "/run/nl/b.sock"))
+                ),
+                "vm[1] (\"b\").netns",
+                "already VM \"a\"'s",
+            ),
+            // A QMP socket the agent would listen on.
+            (
+                format!("{agent}{net}{}", vm("a", &qemu("/run/nl/admin.sock", 3))),
+                "vm[0] (\"a\").qmp_socket",
+                "the admin socket",
+            ),
+            (
+                format!(
+                    "{net}{}{}",
+                    vm("a", &netns("x", "/run/nl/a.sock")),
+                    vm("b", &qemu("/run/nl/a.sock", 4))
+                ),
+                "vm[1] (\"b\").qmp_socket",
+                "VM \"a\"'s socket",
+            ),
+            // Relative paths.
+            (
+                format!("[agent]\nstate_dir = \"state\"\n{net}"),
+                "agent.state_dir",
+                "not an absolute path",
+            ),
+            (
+                format!("[agent]\nadmin_socket = \"admin.sock\"\n{net}"),
+                "agent.admin_socket",
+                "not an absolute path",
+            ),
+            (
+                format!("{net}{}", vm("a", &netns("x", "a.sock"))),
+                "vm[0] (\"a\").socket",
+                "not an absolute path",
+            ),
+            (
+                format!(
+                    "{net}{}",
+                    vm("a", "backend = \"netns\"\nnetns = \"x\"\nvsock_uds = \"v\"")
+                ),
+                "vm[0] (\"a\").vsock_uds",
+                "not an absolute path",
+            ),
+            (
+                format!("{net}{}", vm("a", &qemu("q.qmp", 3))),
+                "vm[0] (\"a\").qmp_socket",
+                "not an absolute path",
+            ),
+            // Subnets of no host addresses. Whole halves of the space are
+            // refused as larger than a /8 before that.
+            (
+                with_network("subnet = \"0.0.0.0/1\"\ngateway = \"10.0.0.1\""),
+                ".subnet",
+                "too large (at least /8)",
+            ),
+            (
+                with_network("subnet = \"0.0.0.0/8\"\ngateway = \"0.0.0.1\""),
+                ".subnet",
+                "\"this network\"",
+            ),
+            (
+                with_network("subnet = \"224.0.0.0/8\"\ngateway = \"224.0.0.1\""),
+                ".subnet",
+                "multicast",
+            ),
+            (
+                with_network("subnet = \"127.0.0.0/8\"\ngateway = \"127.0.0.1\""),
+                ".subnet",
+                "loopback",
+            ),
+            (
+                with_network("subnet = \"239.1.0.0/16\"\ngateway = \"239.1.0.1\""),
+                ".subnet",
+                "multicast",
+            ),
+            (
+                with_network(
+                    "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"::/1\"",
+                ),
+                ".subnet6",
+                "unspecified and loopback",
+            ),
+            (
+                with_network(
+                    "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"8000::/1\"",
+                ),
+                ".subnet6",
+                "multicast",
+            ),
+            (
+                with_network(
+                    "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"::1/128\"",
+                ),
+                ".subnet6",
+                "unspecified and loopback",
+            ),
+            (
+                with_network(
+                    "subnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\nsubnet6 = \"ff05::/64\"",
+                ),
+                ".subnet6",
+                "multicast",
+            ),
+            (
+                format!("{net}[hostlo]\nsubnet = \"127.0.0.0/24\""),
+                "hostlo.subnet",
+                "loopback",
+            ),
+            (
+                format!("{net}[hostlo]\nsubnet = \"224.0.0.0/24\""),
+                "hostlo.subnet",
+                "multicast",
+            ),
+            (
+                format!("{net}[hostlo]\nsubnet = \"0.0.0.0/1\""),
+                "hostlo.subnet",
+                "\"this network\"",
+            ),
+        ];
+        for (text, key, msg) in &cases {
+            let e = err(text);
+            assert!(
+                e.starts_with("test.toml: ") && e.contains(key) && e.contains(msg),
+                "{text}\nwant {key:?} / {msg:?}, got: {e}"
+            );
+        }
+        // Bridges named like the agent's own links, too long, or with
+        // control characters; control characters in names and paths.
+        let bridge = |b: &str| {
+            format!("[[network]]\nname = \"n\"\nbridge = \"{b}\"\nsubnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n")
+        };
+        for (b, msg) in [
+            ("nlh0", "prefix of the links the agent makes"),
+            ("nlgbr", "prefix of the links the agent makes"),
+            ("nls1234abcd", "prefix of the links the agent makes"),
+            ("bridge-of-16-chr", "IFNAMSIZ"),
+            ("br\\u0001x", "not a valid interface name"),
+            ("br\\u007f", "not a valid interface name"),
+            ("br\\tx", "not a valid interface name"),
+        ] {
+            let e = err(&bridge(b));
+            assert!(
+                e.contains("network[0] (\"n\").bridge") && e.contains(msg),
+                "{b}: {e}"
+            );
+        }
+        for ok in ["nlbr0", "nltb123456", "br-tenant-a", "n"] {
+            parse(&bridge(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        let ctl = [
+            ("[[network]]\nname = \"n\\u001b[2J\"\nbridge = \"br0\"\nsubnet = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n".to_string(), "network[0]", "control character"),
+            (format!("[agent]\nstate_dir = \"/var/lib/x\\ny\"\n{net}"), "agent.state_dir", "control character"),
+            (format!("[agent]\nadmin_socket = \"/run/a\\rb\"\n{net}"), "agent.admin_socket", "control character"),
+            (format!("{net}{}", vm("a", &netns("x\\u0007", "/run/a.sock"))), "vm[0] (\"a\").netns", "control character"),
+            (format!("{net}{}", vm("a", &netns("x", "/run/a\\n.sock"))), "vm[0] (\"a\").socket", "control character"),
+            (format!("{net}{}", vm("a", &qemu("/run/q\\u0000", 3))), "vm[0] (\"a\").qmp_socket", "control character"),
+            (format!("{net}{}", vm("a", &format!("{}\nhotplug_slots = [\"rp\\n1\"]", qemu("/run/q", 3)))), "vm[0] (\"a\").hotplug_slots[0]", "not a QEMU bus id"),
+            (format!("{net}{}", vm("a\\n", &netns("x", "/run/a.sock"))), "vm[0]", "characters of"),
+        ];
+        for (text, key, msg) in ctl {
+            let e = err(&text);
+            assert!(
+                e.contains(key) && e.contains(msg),
+                "{text}\nwant {key:?} / {msg:?}, got: {e}"
+            );
+        }
+        // What stays valid: one VM per endpoint, absolute paths.
+        parse(&format!(
+            "{agent}{net}{}{}",
+            vm("a", &netns("x", "/run/nl/a.sock")),
+            vm("b", &qemu("/run/nl/b.qmp", 3))
+        ))
+        .unwrap();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nestless_model::hostlo::DEFAULT_SEGMENT_MTU;
 use serde::{de::Error as _, Deserialize, Deserializer};
 
-use super::{check_ifname, ConfigError, ListenVsock, MacPrefix};
+use super::{check_ifname, ConfigError, ListenVsock, MacPrefix, BRIDGE_MAX_PORTS};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -244,10 +244,19 @@ fn default_max_nics() -> u32 {
     16
 }
 
+/// Whether `s` holds a control character (a newline, an escape
+/// sequence): refused in every name and path of the file, which the agent
+/// writes into log lines and replies.
+pub(super) fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn network_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     parsed(d, |s| {
         if s.is_empty() || s.len() > 64 {
             Err("must be 1 to 64 characters".into())
+        } else if has_control(s) {
+            Err(format!("{s:?} holds a control character"))
         } else {
             Ok(s.to_string())
         }
@@ -392,8 +401,10 @@ fn some_cid<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
 
 fn max_nics<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let n = u32::deserialize(d)?;
-    if !(1..=1024).contains(&n) {
-        return Err(D::Error::custom(format!("{n} is not between 1 and 1024")));
+    if !(1..=BRIDGE_MAX_PORTS).contains(&n) {
+        return Err(D::Error::custom(format!(
+            "{n} is not between 1 and {BRIDGE_MAX_PORTS}, the most ports a Linux bridge holds"
+        )));
     }
     Ok(n)
 }
@@ -404,7 +415,7 @@ struct BusId(String);
 impl<'de> Deserialize<'de> for BusId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<BusId, D::Error> {
         parsed(d, |s| {
-            if s.is_empty() || s.len() > 64 || s.contains(',') {
+            if s.is_empty() || s.len() > 64 || s.contains(',') || has_control(s) {
                 Err(format!("{s:?} is not a QEMU bus id"))
             } else {
                 Ok(BusId(s.to_string()))
@@ -421,7 +432,9 @@ fn some_bus_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, 
 /// A network namespace: an absolute path, or a name under `/run/netns`.
 fn some_netns<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
     parsed(d, |ns| {
-        if ns.starts_with('/') {
+        if has_control(ns) {
+            Err(format!("{ns:?} holds a control character"))
+        } else if ns.starts_with('/') {
             Ok(Some(PathBuf::from(ns)))
         } else if !ns.is_empty() && !ns.contains('/') && ns != "." && ns != ".." {
             Ok(Some(Path::new("/run/netns").join(ns)))

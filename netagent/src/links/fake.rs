@@ -24,6 +24,8 @@ pub struct FakeLinks {
     pub calls: Mutex<Vec<String>>,
     /// Operation name that fails next (`create_veth`, `join_bridge`...).
     pub fail: Mutex<Option<&'static str>>,
+    /// The errno of that failure (`EIO` when unset).
+    pub fail_errno: Mutex<Option<i32>>,
 }
 
 /// A real netlink call suspends the caller; so does this, so that
@@ -40,7 +42,9 @@ impl FakeLinks {
             return Err(LinkError::new(
                 op,
                 what,
-                std::io::Error::from_raw_os_error(libc::EIO),
+                std::io::Error::from_raw_os_error(
+                    self.fail_errno.lock().unwrap().take().unwrap_or(libc::EIO),
+                ),
             ));
         }
         Ok(())

@@ -16,10 +16,16 @@
 //! * [`vm`]: the `NetAgent` service of one VM: parse (convert), call the
 //!   agent, convert the reply; nothing else;
 //! * [`admin`]: the `Admin` service (nestlessctl);
-//! * [`convert`]: protobuf ⇄ domain; the one place requests are checked.
+//! * [`convert`]: protobuf ⇄ domain; the one place requests are checked;
+//! * [`conns`]: per-VM connection budgets and idle timeouts (the admin
+//!   socket has its own budget);
+//! * [`refusals`]: bounded logs about refused requests (fields cut, a
+//!   token bucket of lines per VM).
 
 pub mod admin;
+pub mod conns;
 pub mod convert;
+pub mod refusals;
 pub mod vm;
 
 use std::{
@@ -38,7 +44,12 @@ use tokio::{
 };
 use ttrpc::r#async::transport::Listener;
 
-use self::{admin::AdminService, vm::VmService};
+use self::{
+    admin::AdminService,
+    conns::{vm_budget, Budget, Tracked, IDLE_TIMEOUT, MAX_ADMIN_CONNS, MIN_CONNS_PER_VM},
+    refusals::RefusalLog,
+    vm::VmService,
+};
 use crate::{agent::Agent, config::ListenVsock};
 
 /// Listener set-up failures.
@@ -157,13 +168,38 @@ async fn start_server(
     Ok(server)
 }
 
+/// `stream` as a connection of `budget`, or `None` (closed, logged within
+/// bounds) when the budget is spent.
+fn admit<S: Io + 'static>(
+    stream: S,
+    budget: &Budget,
+    refusals: &RefusalLog,
+    what: &str,
+) -> Option<Conn> {
+    match budget.admit() {
+        Some(permit) => Some(Box::new(Tracked::new(stream, permit, IDLE_TIMEOUT))),
+        None => {
+            refusals.warn(
+                what,
+                format_args!(
+                    "{what}: connection refused: {} open, the most it may hold (RESOURCE_EXHAUSTED)",
+                    budget.max()
+                ),
+            );
+            None
+        }
+    }
+}
+
 fn accept_unix(
     listener: UnixListener,
     tx: mpsc::Sender<Conn>,
     what: String,
     root_only: bool,
+    budget: Budget,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let refusals = RefusalLog::default();
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
@@ -180,7 +216,10 @@ fn accept_unix(
                             }
                         }
                     }
-                    if tx.send(Box::new(stream)).await.is_err() {
+                    let Some(conn) = admit(stream, &budget, &refusals, &what) else {
+                        continue;
+                    };
+                    if tx.send(conn).await.is_err() {
                         return;
                     }
                 }
@@ -202,9 +241,11 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         sockets: Vec::new(),
         vsock: false,
     };
-    let mut by_cid: HashMap<u32, mpsc::Sender<Conn>> = HashMap::new();
+    let mut by_cid: HashMap<u32, (mpsc::Sender<Conn>, Budget, String)> = HashMap::new();
     for vm in agent.vms() {
         let name = vm.config.name.clone();
+        // One budget per VM, whichever way it connects.
+        let budget = Budget::new(vm_budget(vm.config.max_nics));
         let (tx, listener) = channel_listener();
         let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
             agent.clone(),
@@ -221,11 +262,12 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
                 tx.clone(),
                 format!("VM {name} socket {}", path.display()),
                 false,
+                budget.clone(),
             ));
             log::info!("VM {name}: listening on {}", path.display());
         }
         if let Some(cid) = vm.config.cid {
-            by_cid.insert(cid, tx);
+            by_cid.insert(cid, (tx, budget, format!("VM {name} (vsock CID {cid})")));
         }
     }
     if cfg.agent.listen_vsock != ListenVsock::No && !by_cid.is_empty() {
@@ -243,18 +285,39 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
                     .push(start_server("unknown callers", listener, service).await?);
                 running.vsock = true;
                 log::info!("listening on AF_VSOCK port {port}");
+                let unknown_budget = Budget::new(MIN_CONNS_PER_VM);
                 running.tasks.push(tokio::spawn(async move {
+                    let refusals = RefusalLog::default();
+                    let unknown_refusals = RefusalLog::default();
                     loop {
                         match l.accept().await {
                             Ok((stream, addr)) => {
-                                let tx = by_cid.get(&addr.cid()).cloned().unwrap_or_else(|| {
-                                    log::warn!(
-                                        "vsock connection from CID {}, which no configured VM has",
-                                        addr.cid()
-                                    );
-                                    unknown_tx.clone()
-                                });
-                                let _ = tx.send(Box::new(stream)).await;
+                                let (tx, conn) = match by_cid.get(&addr.cid()) {
+                                    Some((tx, budget, what)) => {
+                                        (tx, admit(stream, budget, &refusals, what))
+                                    }
+                                    None => {
+                                        unknown_refusals.warn(
+                                            "unknown",
+                                            format_args!(
+                                                "vsock connection from CID {}, which no configured VM has",
+                                                addr.cid()
+                                            ),
+                                        );
+                                        (
+                                            &unknown_tx,
+                                            admit(
+                                                stream,
+                                                &unknown_budget,
+                                                &unknown_refusals,
+                                                "unknown vsock callers",
+                                            ),
+                                        )
+                                    }
+                                };
+                                if let Some(conn) = conn {
+                                    let _ = tx.send(conn).await;
+                                }
                             }
                             Err(e) => {
                                 log::warn!("vsock accept failed: {e}");
@@ -283,6 +346,7 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         tx,
         format!("admin socket {}", path.display()),
         true,
+        Budget::new(MAX_ADMIN_CONNS),
     ));
     log::info!("admin socket {}", path.display());
     Ok(running)

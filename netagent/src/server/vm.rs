@@ -4,13 +4,25 @@
 //! The caller is fixed when the connection is accepted (see [`super`]): a
 //! service is made per VM, and one for callers no VM matches, which refuses
 //! every call with `PERMISSION_DENIED`.
+//!
+//! **Cancellation.** ttrpc drops a handler whose request's deadline
+//! (`timeout_nano`) passes or whose client goes away. Every operation that
+//! changes something (attach, detach, Hostlo join, leave, publish) runs as
+//! a task of its own that the handler awaits ([`to_end`]): dropping the
+//! handler drops only the wait, and the operation runs to its end, as if
+//! the reply had been lost (the caller's retry finds its result: attach
+//! and join are idempotent). Reads and `HostloWatch` (a wait) are not
+//! spawned.
 
 use std::sync::Arc;
 
 use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use super::convert;
+use super::{
+    convert,
+    refusals::{Bounded, RefusalLog},
+};
 use crate::{
     agent::{
         Agent, AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch, NicSelector,
@@ -19,17 +31,39 @@ use crate::{
     lifecycle::NicState,
 };
 
+/// Runs `op` on `agent` as a task of its own and waits for its result: a
+/// cancelled request drops the wait, never the operation.
+async fn to_end<T, Fut>(
+    agent: &Arc<Agent>,
+    name: &'static str,
+    op: impl FnOnce(Arc<Agent>) -> Fut,
+) -> Result<T, AgentError>
+where
+    Fut: std::future::Future<Output = Result<T, AgentError>> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(op(agent.clone()))
+        .await
+        .map_err(|_| AgentError::Interrupted { op: name })?
+}
+
 /// The NetAgent service bound to one caller.
 pub struct VmService {
     agent: Arc<Agent>,
     /// `None`: a caller no VM matches.
     vm: Option<String>,
+    /// The caller's failed requests, logged within bounds.
+    refusals: RefusalLog,
 }
 
 impl VmService {
     /// The service of VM `vm` (`None`: of callers no VM matches).
     pub fn new(agent: Arc<Agent>, vm: Option<String>) -> VmService {
-        VmService { agent, vm }
+        VmService {
+            agent,
+            vm,
+            refusals: RefusalLog::default(),
+        }
     }
 
     fn caller(&self) -> Result<&str, ttrpc::Error> {
@@ -67,7 +101,11 @@ impl agent_ttrpc::NetAgent for VmService {
         let vm_name = self.caller()?;
         let attached = async {
             let checked = AttachRequest::try_from(&req)?;
-            let done = self.agent.attach(vm_name, checked).await?;
+            let vm = vm_name.to_string();
+            let done = to_end(&self.agent, "AttachNic", move |a| async move {
+                a.attach(&vm, checked).await
+            })
+            .await?;
             // A record kept from an older configuration may name a network
             // that is gone: the VM may not use it.
             let net = self.agent.network(&done.record.network).ok_or_else(|| {
@@ -89,11 +127,15 @@ impl agent_ttrpc::NetAgent for VmService {
         }
         .await;
         attached.map_err(|e| {
-            log::warn!(
-                "VM {vm_name}: AttachNic for sandbox {:?} (scope {:?}, interface {:?}) failed: {e}",
-                req.sandbox_id,
-                req.scope,
-                req.interface
+            self.refusals.warn(
+                &format!("VM {vm_name}"),
+                format_args!(
+                    "VM {vm_name}: AttachNic for sandbox {} (scope {}, interface {}) failed: {}",
+                    Bounded(&req.sandbox_id),
+                    Bounded(&req.scope),
+                    Bounded(&req.interface),
+                    Bounded(&e.to_string())
+                ),
             );
             e.into()
         })
@@ -105,10 +147,23 @@ impl agent_ttrpc::NetAgent for VmService {
         req: pb::DetachNicRequest,
     ) -> ttrpc::Result<pb::DetachNicResponse> {
         let vm_name = self.caller()?;
-        let which = NicSelector::try_from(&req)?;
-        self.agent.detach(vm_name, which).await.map_err(|e| {
-            log::warn!("VM {vm_name}: DetachNic failed: {e}");
-            e
+        let detached = async {
+            let which = NicSelector::try_from(&req)?;
+            let vm = vm_name.to_string();
+            to_end(&self.agent, "DetachNic", move |a| async move {
+                a.detach(&vm, which).await
+            })
+            .await
+        }
+        .await;
+        detached.inspect_err(|e| {
+            self.refusals.warn(
+                &format!("VM {vm_name}"),
+                format_args!(
+                    "VM {vm_name}: DetachNic failed: {}",
+                    Bounded(&e.to_string())
+                ),
+            );
         })?;
         Ok(pb::DetachNicResponse::default())
     }
@@ -121,16 +176,23 @@ impl agent_ttrpc::NetAgent for VmService {
         let vm_name = self.caller()?;
         let joined = async {
             let checked = HostloJoin::try_from(&req)?;
-            self.agent.hostlo_join(vm_name, checked).await
+            let vm = vm_name.to_string();
+            to_end(&self.agent, "HostloJoin", move |a| async move {
+                a.hostlo_join(&vm, checked).await
+            })
+            .await
         }
         .await;
-        let (rec, view) = joined.map_err(|e| {
-            log::warn!(
-                "VM {vm_name}: HostloJoin {:?}/{} failed: {e}",
-                req.pod,
-                req.part
+        let (rec, view) = joined.inspect_err(|e| {
+            self.refusals.warn(
+                &format!("VM {vm_name}"),
+                format_args!(
+                    "VM {vm_name}: HostloJoin {}/{} failed: {}",
+                    Bounded(&req.pod),
+                    req.part,
+                    Bounded(&e.to_string())
+                ),
             );
-            e
         })?;
         Ok(pb::HostloJoinResponse {
             nic: protobuf::MessageField::some(convert::hostlo_nic(
@@ -150,7 +212,11 @@ impl agent_ttrpc::NetAgent for VmService {
     ) -> ttrpc::Result<pb::HostloLeaveResponse> {
         let vm_name = self.caller()?;
         let part = HostloPart::try_from(&req)?;
-        self.agent.hostlo_leave(vm_name, part).await?;
+        let vm = vm_name.to_string();
+        to_end(&self.agent, "HostloLeave", move |a| async move {
+            a.hostlo_leave(&vm, part).await
+        })
+        .await?;
         Ok(pb::HostloLeaveResponse::default())
     }
 
@@ -161,7 +227,11 @@ impl agent_ttrpc::NetAgent for VmService {
     ) -> ttrpc::Result<pb::HostloPublishResponse> {
         let vm_name = self.caller()?;
         let publish = HostloPublish::try_from(&req)?;
-        let conflicts = self.agent.hostlo_publish(vm_name, publish).await?;
+        let vm = vm_name.to_string();
+        let conflicts = to_end(&self.agent, "HostloPublish", move |a| async move {
+            a.hostlo_publish(&vm, publish).await
+        })
+        .await?;
         Ok(pb::HostloPublishResponse {
             conflicts: conflicts.iter().map(convert::hostlo_conflict).collect(),
             ..Default::default()

@@ -1,0 +1,209 @@
+//! Per-VM connection budgets (issue 11, item 1).
+//!
+//! One VM must not be able to take the agent's file descriptors from the
+//! others: each VM may hold at most [`vm_budget`] connections at once (64,
+//! or its `max_nics` + 16 when more: a shim per pod may keep one open, and
+//! a Hostlo part's watch keeps its busy), and a connection that carries nothing for [`IDLE_TIMEOUT`] is
+//! closed. A connection over the budget is closed at once, with a log line
+//! (rate-limited with the VM's other refusals); the admin socket has a
+//! budget of its own ([`MAX_ADMIN_CONNS`]), so that an operator gets in
+//! whatever the VMs do.
+//!
+//! ```text
+//! accept ─▶ Budget::admit ─full─▶ close (log, rate-limited)
+//!              │ ok
+//!              ▼
+//!           Tracked(stream, permit, idle timer) ─▶ ttrpc server of the VM
+//!              drop (closed by either side, or idle) ─▶ permit back
+//! ```
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+
+/// Least budget of connections of one VM.
+pub const MIN_CONNS_PER_VM: usize = 64;
+
+/// The connection budget of a VM with quota `max_nics`: one per NIC (a
+/// shim per pod may hold one open) and 16 more (CNI calls, retries), at
+/// least [`MIN_CONNS_PER_VM`]. The agent's fd limit (`LimitNOFILE=65536`
+/// in the unit) must cover the sum over its VMs.
+pub fn vm_budget(max_nics: u32) -> usize {
+    (max_nics as usize + 16).max(MIN_CONNS_PER_VM)
+}
+/// Most connections the admin socket holds at once.
+pub const MAX_ADMIN_CONNS: usize = 16;
+/// A connection that carries nothing this long is closed. Longer than a
+/// `HostloWatch` long poll (60 s), which is silent while it waits.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The connection budget of one VM (or of the admin socket).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    open: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` connections.
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A permit for one more connection, or `None` when `max` are open.
+    pub fn admit(&self) -> Option<Permit> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(self.open.clone()))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// The budget.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One admitted connection; gives its place back when dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A stream holding a [`Permit`], that reads as closed (EOF) once it has
+/// carried nothing for its idle timeout.
+pub struct Tracked<S> {
+    inner: S,
+    _permit: Permit,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<S> Tracked<S> {
+    /// `inner`, holding `permit`, closed after `idle` without traffic.
+    pub fn new(inner: S, permit: Permit, idle: Duration) -> Tracked<S> {
+        Tracked {
+            inner,
+            _permit: permit,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn touch(&mut self) {
+        self.timer.as_mut().reset(Instant::now() + self.idle);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                // Idle: end of stream, the server closes the connection.
+                Poll::Ready(()) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[test]
+    fn a_vm_budget_covers_a_connection_per_nic() {
+        assert_eq!(vm_budget(1), MIN_CONNS_PER_VM);
+        assert_eq!(vm_budget(48), 64);
+        assert_eq!(vm_budget(1023), 1039);
+    }
+
+    #[test]
+    fn a_budget_admits_up_to_its_max_and_takes_back_dropped_permits() {
+        let b = Budget::new(2);
+        let p1 = b.admit().unwrap();
+        let _p2 = b.admit().unwrap();
+        assert!(b.admit().is_none());
+        assert_eq!(b.open(), 2);
+        drop(p1);
+        assert_eq!(b.open(), 1);
+        assert!(b.admit().is_some());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_reads_as_closed() {
+        let b = Budget::new(1);
+        let (a, mut peer) = tokio::io::duplex(64);
+        let mut t = Tracked::new(a, b.admit().unwrap(), Duration::from_millis(20));
+        peer.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(t.read(&mut buf).await.unwrap(), 1, "data is read");
+        // Then silence, the peer still there: the stream reads as closed.
+        assert_eq!(t.read(&mut buf).await.unwrap(), 0);
+        drop(t);
+        assert_eq!(b.open(), 0, "the permit went back");
+        drop(peer);
+    }
+}

@@ -1,0 +1,752 @@
+//! Many tenants, one agent (issue 11): configurations that cannot work are
+//! refused, a bridge's port limit is a clear refusal, a state file that
+//! breaks the invariants stops the start, refused input cannot flood the
+//! log, and one tenant's cancellations cannot break another's operations.
+//! The real agent binary; the tests that make links need root.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use nestless_netagent::{config::BRIDGE_MAX_PORTS, hostlo::segment_bridge};
+use nestless_protos::agent as pb;
+use nestless_tests::{
+    agent::{bin_path, ctx, status_of, vm_client, AgentProc},
+    netenv::{check, host_links, random_subnet, require_root, run, suffix, Bridge, Netns},
+};
+
+/// `nestless-netagent --config PATH ARGS...`: (exit code, stdout + stderr).
+fn agent_cmd(path: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin_path("nestless-netagent"))
+        .arg("--config")
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Issue 11, item 9: each configuration that loads but cannot work is
+/// refused by `--check-config` (exit 2) naming the file and the key, and
+/// the agent refuses to start on it the same way.
+#[test]
+fn configs_that_cannot_work_are_refused_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let agent = format!("[agent]\nstate_dir = \"{d}/state\"\nadmin_socket = \"{d}/admin.sock\"\n");
+    let net = "[[network]]\nname = \"n\"\nbridge = \"br-t\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n";
+    let netns_vm = |name: &str, ns: &str, sock: &str| {
+        format!("[[vm]]\nname = \"{name}\"\nbackend = \"netns\"\nnetns = \"{ns}\"\nsocket = \"{sock}\"\n")
+    };
+    let qemu_vm = |name: &str, qmp: &str, cid: u32| {
+        format!(
+            "[[vm]]\nname = \"{name}\"\nbackend = \"qemu\"\nqmp_socket = \"{qmp}\"\ncid = {cid}\n"
+        )
+    };
+    let with_net = |n: &str| format!("{agent}[[network]]\nname = \"n\"\nbridge = \"br-t\"\n{n}\n");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!("{agent}{net}{}", netns_vm("a", "x", &format!("{d}/admin.sock"))),
+            "vm[0] (\"a\").socket",
+        ),
+        (
+            format!(
+                "{agent}{net}{}{}",
+                netns_vm("a", "x", &format!("{d}/a.sock")),
+                netns_vm("b", "y", &format!("{d}/a.sock"))
+            ),
+            "vm[1] (\"b\").socket",
+        ),
+        (
+            format!("{agent}{net}{}{}", qemu_vm("a", "/run/q.qmp", 3), qemu_vm("b", "/run/q.qmp", 4)),
+            "vm[1] (\"b\").qmp_socket",
+        ),
+        (
+            format!(
+                "{agent}{net}{}{}",
+                netns_vm("a", "shared", &format!("{d}/a.sock")),
+                netns_vm("b", "shared", &format!("{d}/b.sock"))
+            ),
+            "vm[1] (\"b\").netns",
+        ),
+        (format!("[agent]\nstate_dir = \"state\"\n{net}"), "agent.state_dir"),
+        (format!("[agent]\nadmin_socket = \"admin.sock\"\n{net}"), "agent.admin_socket"),
+        (format!("{agent}{net}{}", netns_vm("a", "x", "a.sock")), "vm[0] (\"a\").socket"),
+        (with_net("subnet = \"224.1.0.0/24\"\ngateway = \"224.1.0.1\""), "network[0] (\"n\").subnet"),
+        (with_net("subnet = \"127.0.0.0/24\"\ngateway = \"127.0.0.1\""), "network[0] (\"n\").subnet"),
+        (with_net("subnet = \"0.0.0.0/1\"\ngateway = \"10.0.0.1\""), "network[0] (\"n\").subnet"),
+        (
+            with_net("subnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\nsubnet6 = \"::/1\""),
+            "network[0] (\"n\").subnet6",
+        ),
+        (
+            with_net("subnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\nsubnet6 = \"ff02::/64\""),
+            "network[0] (\"n\").subnet6",
+        ),
+        (
+            format!("{agent}[[network]]\nname = \"n\"\nbridge = \"nlh0\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n"),
+            "network[0] (\"n\").bridge",
+        ),
+        (
+            format!("{agent}[[network]]\nname = \"n\"\nbridge = \"nls00000001\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n"),
+            "network[0] (\"n\").bridge",
+        ),
+        (
+            format!("{agent}[[network]]\nname = \"n\"\nbridge = \"a-bridge-too-long\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n"),
+            "network[0] (\"n\").bridge",
+        ),
+        (
+            format!("{agent}[[network]]\nname = \"n\"\nbridge = \"br\\u0007\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n"),
+            "network[0] (\"n\").bridge",
+        ),
+        (
+            format!("{agent}[[network]]\nname = \"n\\n\"\nbridge = \"br-t\"\nsubnet = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n"),
+            "network[0]",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let p = write(dir.path(), &format!("case{i}.toml"), text);
+        let (code, out) = agent_cmd(&p, &["--check-config"]);
+        assert_eq!(code, 2, "case {i} accepted:\n{text}\n{out}");
+        assert!(
+            out.contains(&p.display().to_string()) && out.contains(key),
+            "case {i}: expected the file and {key:?} in: {out}"
+        );
+    }
+    // At start, the same refusal, before anything is bound or made.
+    let p = write(
+        dir.path(),
+        "start.toml",
+        &format!(
+            "{agent}{net}{}",
+            netns_vm("a", "x", &format!("{d}/admin.sock"))
+        ),
+    );
+    let (code, out) = agent_cmd(&p, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("vm[0] (\"a\").socket") && out.contains("admin socket"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("admin.sock").exists(),
+        "the agent bound its socket"
+    );
+}
+
+/// A netns VM per tenant on one bridge, served by one agent.
+struct Rig {
+    agent: AgentProc,
+    bridge: Bridge,
+    vms: Vec<Netns>,
+}
+
+impl Rig {
+    fn new(vms: usize, max_nics: u32) -> Rig {
+        require_root();
+        let net = random_subnet();
+        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        let vms: Vec<Netns> = (0..vms).map(|i| Netns::new(&format!("t{i}"))).collect();
+        let agent = AgentProc::start(|dir| {
+            let mut s = AgentProc::agent_section(dir);
+            s += &format!(
+                "[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                bridge.name
+            );
+            for (i, ns) in vms.iter().enumerate() {
+                s += &format!(
+                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
+                    ns.name,
+                    dir.display()
+                );
+            }
+            s
+        });
+        Rig { agent, bridge, vms }
+    }
+
+    fn socket(&self, i: usize) -> PathBuf {
+        self.agent.dir.path().join(format!("vm{i}.sock"))
+    }
+
+    /// Host links the agent made (`nlh*`) that hang on this rig's bridge.
+    fn nic_ports(&self) -> Vec<String> {
+        let mut p: Vec<String> = self
+            .bridge
+            .ports()
+            .into_iter()
+            .filter(|p| p.starts_with("nlh"))
+            .collect();
+        p.sort();
+        p
+    }
+}
+
+fn attach_req(sb: &str) -> pb::AttachNicRequest {
+    pb::AttachNicRequest {
+        sandbox_id: sb.into(),
+        ..Default::default()
+    }
+}
+
+/// Veth pairs filling a bridge's ports (this kernel has no dummy links):
+/// one end on the bridge, the other in a namespace of its own, whose
+/// deletion takes every pair with it.
+struct Filler {
+    ports: Vec<String>,
+    _ns: Netns,
+}
+
+impl Filler {
+    /// `n` ports on `bridge` (one `ip -batch`).
+    fn new(bridge: &str, n: usize) -> Filler {
+        let ns = Netns::new("fill");
+        let tag = &suffix()[..4];
+        let ports: Vec<String> = (0..n).map(|i| format!("nltf{tag}{i:04}")).collect();
+        let batch: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                format!(
+                    "link add {p} master {bridge} type veth peer name p{i} netns {}\n",
+                    ns.name
+                )
+            })
+            .collect();
+        let path = std::env::temp_dir().join(format!("nltf{tag}.batch"));
+        std::fs::write(&path, batch).unwrap();
+        let out = run(&["ip", "-batch", path.to_str().unwrap()]);
+        let _ = std::fs::remove_file(path);
+        assert!(out.status.success(), "ip -batch: {out:?}");
+        Filler { ports, _ns: ns }
+    }
+
+    /// Deletes one pair: a port comes free.
+    fn free_one(&mut self) {
+        let p = self.ports.remove(0);
+        check(&["ip", "link", "del", &p]);
+    }
+}
+
+/// Issue 11, item 8, on the kernel: a bridge holds 1023 ports. With every
+/// port taken, an attach is refused with `RESOURCE_EXHAUSTED` saying so
+/// (not `INTERNAL: Exchange full`), leaves no link, record or lease, and
+/// the next attach once a port is free succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bridge_is_refused_with_resource_exhausted() {
+    let rig = Rig::new(1, 8);
+    let c = vm_client(&rig.socket(0)).await;
+    let first = c.attach_nic(ctx(), &attach_req("sb-first")).await.unwrap();
+    assert!(first.created);
+    let mut filler = Filler::new(&rig.bridge.name, BRIDGE_MAX_PORTS as usize - 1);
+    assert_eq!(rig.bridge.ports().len(), BRIDGE_MAX_PORTS as usize);
+    let e = c
+        .attach_nic(ctx(), &attach_req("sb-full"))
+        .await
+        .expect_err("an attach onto a full bridge succeeded");
+    let (code, msg) = status_of(&e);
+    assert_eq!(code, ttrpc::Code::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(
+        msg.contains(&format!("bridge {} is full", rig.bridge.name))
+            && msg.contains("at most 1023 ports"),
+        "{msg}"
+    );
+    let nic_id = first.nic.id.clone();
+    assert_eq!(
+        rig.nic_ports(),
+        vec![format!("nlh{nic_id}")],
+        "a link was left"
+    );
+    assert_eq!(rig.agent.records().len(), 1, "{:?}", rig.agent.records());
+    assert_eq!(rig.agent.leases().len(), 1);
+    filler.free_one();
+    let next = c.attach_nic(ctx(), &attach_req("sb-full")).await.unwrap();
+    assert!(next.created);
+    assert_eq!(rig.agent.records().len(), 2);
+    drop(filler);
+    assert_eq!(rig.nic_ports().len(), 2);
+    let _ = &rig.vms;
+}
+
+/// Issue 11, item 5, with the real agent: a state file in which two NICs
+/// hold one address (and MAC) is refused at start, naming both records and
+/// the way out that every record that does not fit has
+/// (`--release-stale`, `stale.rs`): it keeps the older record, unplugs what
+/// the newer one left and exits; the agent then starts, and no address is
+/// ever leased twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
+    let mut rig = Rig::new(1, 8);
+    let c = vm_client(&rig.socket(0)).await;
+    let a = c
+        .attach_nic(ctx(), &attach_req("sb-a"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let b = c
+        .attach_nic(ctx(), &attach_req("sb-b"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    drop(c);
+    assert!(rig.agent.stop().success());
+    // b's record now claims a's address (and a's MAC), and is the newer one.
+    let mut state = rig.agent.state();
+    for r in state["nics"].as_array_mut().unwrap() {
+        if r["id"] == b.id.as_str() {
+            r["ipv4"] = a.addresses[0].address.as_str().into();
+            r["mac"] = a.mac.as_str().into();
+            r["created_unix"] = (r["created_unix"].as_i64().unwrap() + 1).into();
+        }
+    }
+    rig.agent.write_state(&state);
+    let names_them = |out: &str| {
+        for want in [
+            format!(
+                "NIC {} (VM vm0, sandbox \"sb-b\", {} on \"n\"): NIC {} has the same MAC",
+                b.id, a.addresses[0].address, a.id
+            ),
+            "nestless-netagent --release-stale".to_string(),
+            "state.json".to_string(),
+        ] {
+            assert!(out.contains(&want), "{want:?} not in:\n{out}");
+        }
+    };
+    let (status, out) = rig.agent.run_once(&[], Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "started on a conflicting state file:\n{out}"
+    );
+    names_them(&out);
+    assert!(!rig.agent.admin.exists(), "the admin socket was bound");
+    let (status, out) = rig
+        .agent
+        .run_once(&["--check-config"], Duration::from_secs(30));
+    assert_eq!(status.code(), Some(2), "{out}");
+    names_them(&out);
+    // The way out.
+    let (status, out) = rig
+        .agent
+        .run_once(&["--release-stale"], Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    assert!(out.contains("released 1 NIC(s)"), "{out}");
+    let ids: Vec<String> = rig
+        .agent
+        .records()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, vec![a.id.clone()], "the older record is kept");
+    assert_eq!(
+        rig.nic_ports(),
+        vec![format!("nlh{}", a.id)],
+        "b's link was left"
+    );
+    rig.agent.restart();
+    // The next attach gets an address nobody holds.
+    let c = vm_client(&rig.socket(0)).await;
+    let n = c
+        .attach_nic(ctx(), &attach_req("sb-n"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    assert_ne!(n.addresses[0].address, a.addresses[0].address);
+    let leases: Vec<String> = rig
+        .agent
+        .leases()
+        .iter()
+        .map(|l| l["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    let unique: std::collections::HashSet<&String> = leases.iter().collect();
+    assert_eq!(unique.len(), leases.len(), "double lease: {leases:?}");
+}
+
+/// Issue 11, item 2: a tenant flooding its socket with large refused
+/// requests grows the agent's log by a bounded amount (fields cut, lines
+/// rate-limited per VM), while another tenant's calls all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_flood_is_bounded_and_leaves_other_tenants_alone() {
+    use nestless_netagent::server::refusals::{BURST, MAX_LOGGED, PER_SECOND};
+    let rig = Rig::new(2, 8);
+    let big = "X".repeat(1 << 20);
+    let log_before = rig.agent.log().len();
+    let start = std::time::Instant::now();
+    let mut flood = Vec::new();
+    let mut sent_bytes = 0usize;
+    for conn in 0..4 {
+        let sock = rig.socket(0);
+        let big = big.clone();
+        sent_bytes += 16 * big.len();
+        flood.push(tokio::spawn(async move {
+            let c = vm_client(&sock).await;
+            for i in 0..16 {
+                let e = match (conn + i) % 4 {
+                    0 => c.attach_nic(ctx(), &attach_req(&big)).await.err(),
+                    1 => {
+                        let mut r = attach_req("sb");
+                        r.labels = (0..16)
+                            .map(|k| (format!("{k}{}", &big[..60_000]), String::new()))
+                            .collect();
+                        c.attach_nic(ctx(), &r).await.err()
+                    }
+                    2 => c
+                        .hostlo_join(
+                            ctx(),
+                            &pb::HostloJoinRequest {
+                                pod: big.clone(),
+                                sandbox_id: "sb".into(),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .err(),
+                    _ => c
+                        .detach_nic(
+                            ctx(),
+                            &pb::DetachNicRequest {
+                                sandbox_id: big.clone(),
+                                ..Default::default()
+                            },
+                        )
+                        .await
+                        .err(),
+                };
+                let e = e.expect("a refused request succeeded");
+                assert_eq!(status_of(&e).0, ttrpc::Code::INVALID_ARGUMENT, "{e:?}");
+            }
+        }));
+    }
+    // Tenant B, meanwhile: every call succeeds.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..10 {
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&format!("b-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("tenant B's attach {i} failed: {e:?}"))
+            .nic
+            .unwrap();
+        b.detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: nic.id,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tenant B's detach {i} failed: {e:?}"));
+    }
+    for f in flood {
+        f.await.unwrap();
+    }
+    let elapsed = start.elapsed();
+    let grown = rig.agent.log().len() - log_before;
+    // Lines the bucket lets through in that time, each at most a few
+    // bounded fields long; B's 20 info lines besides.
+    let lines = u64::from(BURST) + u64::from(PER_SECOND) * (elapsed.as_secs() + 1) + 1;
+    let bound = lines as usize * (6 * MAX_LOGGED + 300) + 20 * 300;
+    eprintln!(
+        "log flood: {sent_bytes} bytes refused in {elapsed:?}, log grew {grown} bytes (bound {bound})"
+    );
+    assert!(
+        grown <= bound,
+        "the log grew {grown} bytes (bound {bound}):\n{}",
+        &rig.agent.log()[log_before..log_before + grown.min(4000)]
+    );
+}
+
+/// The state's view of what the agent holds: (record ids, their states).
+fn state_ids(agent: &AgentProc) -> (HashSet<String>, Vec<String>) {
+    let recs = agent.records();
+    (
+        recs.iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect(),
+        recs.iter()
+            .map(|r| r["state"].as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+/// `nlh*` links of this rig: ports of its bridge or of the segments of `pods`.
+fn rig_links(rig: &Rig, pods: &[String]) -> HashSet<String> {
+    let mut links: HashSet<String> = rig.nic_ports().into_iter().collect();
+    for seg in live_segments(pods) {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&check(&["ip", "-j", "link", "show", "master", &seg]))
+                .expect("ip -j output");
+        links.extend(
+            v.iter()
+                .filter_map(|l| l["ifname"].as_str())
+                .filter(|n| n.starts_with("nlh"))
+                .map(str::to_string),
+        );
+    }
+    links
+}
+
+/// The segment bridges of `pods` that exist.
+fn live_segments(pods: &[String]) -> Vec<String> {
+    let existing: HashSet<String> = host_links("nls").into_iter().collect();
+    pods.iter()
+        .map(|p| segment_bridge(p))
+        .filter(|s| existing.contains(s))
+        .collect()
+}
+
+/// Issue 11, item 3: tenant A's requests are cancelled in every way
+/// (deadlines of a millisecond, clients dropped mid-call) while tenant B
+/// attaches, joins Hostlo pods and detaches: every one of B's calls
+/// succeeds, and afterwards the state file is exactly what the agent
+/// holds, every record finished, no link or segment without a record;
+/// once A takes its NICs back, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_storm_breaks_nothing_of_another_tenant() {
+    let rig = Rig::new(2, 64);
+    let tag = suffix();
+    let pods_a: Vec<String> = (0..6).map(|i| format!("sa{tag}-{i}")).collect();
+    let pods_b: Vec<String> = (0..4).map(|i| format!("sb{tag}-{i}")).collect();
+    let tiny = || ttrpc::context::with_timeout(1_000_000);
+    let mut storm = Vec::new();
+    for w in 0..4usize {
+        let sock = rig.socket(0);
+        let pods = pods_a.clone();
+        storm.push(tokio::spawn(async move {
+            for i in 0..40usize {
+                let c = vm_client(&sock).await;
+                let sb = format!("a-{}", (w * 7 + i) % 12);
+                match i % 4 {
+                    0 => {
+                        let _ = c.attach_nic(tiny(), &attach_req(&sb)).await;
+                    }
+                    1 => {
+                        let _ = c
+                            .detach_nic(
+                                tiny(),
+                                &pb::DetachNicRequest {
+                                    sandbox_id: sb,
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                    }
+                    2 => {
+                        let join = pb::HostloJoinRequest {
+                            pod: pods[(w + i) % pods.len()].clone(),
+                            part: (w % 2) as u32,
+                            sandbox_id: sb,
+                            ..Default::default()
+                        };
+                        let _ = c.hostlo_join(tiny(), &join).await;
+                    }
+                    _ => {
+                        // A client that goes away mid-call.
+                        let call = tokio::spawn(async move {
+                            let _ = c.attach_nic(ctx(), &attach_req(&sb)).await;
+                        });
+                        tokio::task::yield_now().await;
+                        call.abort();
+                    }
+                }
+            }
+        }));
+    }
+    // Tenant B meanwhile: every call succeeds.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..12usize {
+        let sb = format!("b-{i}");
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&sb))
+            .await
+            .unwrap_or_else(|e| panic!("B's attach {i}: {e:?}"))
+            .nic
+            .unwrap();
+        let pod = pods_b[i % pods_b.len()].clone();
+        b.hostlo_join(
+            ctx(),
+            &pb::HostloJoinRequest {
+                pod: pod.clone(),
+                part: 0,
+                sandbox_id: sb.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's join {i}: {e:?}"));
+        b.hostlo_leave(
+            ctx(),
+            &pb::HostloLeaveRequest {
+                pod,
+                part: 0,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's leave {i}: {e:?}"));
+        b.detach_nic(
+            ctx(),
+            &pb::DetachNicRequest {
+                nic_id: nic.id,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("B's detach {i}: {e:?}"));
+    }
+    for s in storm {
+        s.await.unwrap();
+    }
+    // A barrier: A's own operations are serialised by its VM lock (first
+    // come, first served), so a call of A's that returns comes after every
+    // operation the storm started.
+    let a = vm_client(&rig.socket(0)).await;
+    let barrier = a.attach_nic(ctx(), &attach_req("a-barrier")).await.unwrap();
+    a.detach_nic(
+        ctx(),
+        &pb::DetachNicRequest {
+            nic_id: barrier.nic.unwrap().id,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let all_pods: Vec<String> = pods_a.iter().chain(&pods_b).cloned().collect();
+    // The state file is what the agent holds, every record finished, and
+    // every link has its record.
+    let (ids, states) = state_ids(&rig.agent);
+    assert!(states.iter().all(|s| s == "attached"), "{states:?}");
+    let admin: HashSet<String> = rig
+        .agent
+        .ctl_json("nics")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, admin, "state file and agent disagree");
+    let expected: HashSet<String> = ids.iter().map(|i| format!("nlh{i}")).collect();
+    assert_eq!(
+        rig_links(&rig, &all_pods),
+        expected,
+        "links without records (or records without links)"
+    );
+    assert!(
+        live_segments(&pods_b).is_empty(),
+        "B's segments were left: {:?}",
+        live_segments(&pods_b)
+    );
+    eprintln!("after the storm: {} NIC(s) of A", ids.len());
+    // A takes everything back: nothing is left.
+    for r in rig.agent.records() {
+        if let Some(h) = r.get("hostlo") {
+            a.hostlo_leave(
+                ctx(),
+                &pb::HostloLeaveRequest {
+                    pod: h["pod"].as_str().unwrap().into(),
+                    part: h["part"].as_u64().unwrap() as u32,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        } else {
+            a.detach_nic(
+                ctx(),
+                &pb::DetachNicRequest {
+                    nic_id: r["id"].as_str().unwrap().into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    assert!(rig.agent.records().is_empty(), "{:?}", rig.agent.records());
+    assert!(rig.agent.leases().is_empty());
+    assert!(rig_links(&rig, &all_pods).is_empty());
+    assert!(
+        live_segments(&all_pods).is_empty(),
+        "segments left: {:?}",
+        live_segments(&all_pods)
+    );
+}
+
+/// Issue 11, item 1: a tenant opening connections past its budget gets the
+/// extra ones closed at once, without touching anyone else: another VM's
+/// calls and `nestlessctl` keep working; once the tenant closes its
+/// connections it is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_per_vm() {
+    use nestless_netagent::server::conns::vm_budget;
+    use tokio::io::AsyncReadExt;
+    let rig = Rig::new(2, 8);
+    let budget = vm_budget(8);
+    let flood = budget + 200;
+    let mut held = Vec::new();
+    for _ in 0..flood {
+        held.push(
+            tokio::net::UnixStream::connect(rig.socket(0))
+                .await
+                .expect("connect to VM 0"),
+        );
+    }
+    // The agent closes every connection past the budget: each of them
+    // reads as closed. (The first budget stay open.)
+    let mut closed = 0;
+    for s in held.iter_mut().skip(budget) {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+            .await
+            .expect("an over-budget connection was kept open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        closed += 1;
+    }
+    assert_eq!(closed, flood - budget);
+    // VM 1 and the operator are served meanwhile.
+    let b = vm_client(&rig.socket(1)).await;
+    for i in 0..5 {
+        let nic = b
+            .attach_nic(ctx(), &attach_req(&format!("b-{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("VM 1's attach {i}: {e:?}"));
+        assert!(nic.created);
+    }
+    assert_eq!(rig.agent.ctl_json("status")["nics"], 5);
+    // VM 0 over budget: a new connection is closed (the call fails).
+    let over = vm_client(&rig.socket(0)).await;
+    assert!(over
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .is_err());
+    drop(over);
+    // It closes its connections: the budget comes back.
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = vm_client(&rig.socket(0)).await;
+        if c.health(ctx(), &pb::HealthRequest::default()).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM 0 not served again:\n{}",
+            rig.agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
