@@ -295,3 +295,53 @@ pub fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
         other => (ttrpc::Code::UNKNOWN, other.to_string()),
     }
 }
+
+/// Netns "VMs" on one test bridge, served by one agent with the netns backend:
+/// network `net_name` on a random /24 (`<net>.1` the gateway on the bridge),
+/// VM `vm<i>` in namespace `ns_tag<i>` with socket `<dir>/vm<i>.sock` and
+/// quota `max_nics`. Needs root (fails loudly without it).
+pub struct NetnsVms {
+    pub agent: AgentProc,
+    pub bridge: crate::netenv::Bridge,
+    pub vms: Vec<crate::netenv::Netns>,
+    /// The /24's prefix, e.g. `10.77.3`.
+    pub net: String,
+}
+
+impl NetnsVms {
+    pub fn start(vms: usize, max_nics: u32, net_name: &str, ns_tag: &str) -> NetnsVms {
+        use crate::netenv::{random_subnet, require_root, Bridge, Netns};
+        require_root();
+        let net = random_subnet();
+        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        let vms: Vec<Netns> = (0..vms)
+            .map(|i| Netns::new(&format!("{ns_tag}{i}")))
+            .collect();
+        let agent = AgentProc::start(|dir| {
+            let mut s = AgentProc::agent_section(dir);
+            s += &format!(
+                "[[network]]\nname = \"{net_name}\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                bridge.name
+            );
+            for (i, ns) in vms.iter().enumerate() {
+                s += &format!(
+                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
+                    ns.name,
+                    dir.display()
+                );
+            }
+            s
+        });
+        NetnsVms {
+            agent,
+            bridge,
+            vms,
+            net,
+        }
+    }
+
+    /// VM `i`'s socket.
+    pub fn socket(&self, i: usize) -> PathBuf {
+        self.agent.dir.path().join(format!("vm{i}.sock"))
+    }
+}

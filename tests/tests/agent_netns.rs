@@ -5,49 +5,13 @@ use std::{collections::HashSet, path::Path, time::Duration};
 
 use nestless_protos::agent as pb;
 use nestless_tests::{
-    agent::{admin_client, bin_path, ctx, status_of, vm_client, AgentProc},
+    agent::{admin_client, bin_path, ctx, status_of, vm_client, AgentProc, NetnsVms},
     netenv::{check, host_links, random_subnet, require_root, run, Bridge, Netns},
 };
 
-struct Rig {
-    agent: AgentProc,
-    bridge: Bridge,
-    vms: Vec<Netns>,
-    net: String,
-}
-
-impl Rig {
-    fn new(vms: usize, max_nics: u32) -> Rig {
-        require_root();
-        let net = random_subnet();
-        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
-        let vms: Vec<Netns> = (0..vms).map(|i| Netns::new(&format!("vm{i}"))).collect();
-        let agent = AgentProc::start(|dir| {
-            let mut s = AgentProc::agent_section(dir);
-            s += &format!(
-                "[[network]]\nname = \"test\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
-                bridge.name
-            );
-            for (i, ns) in vms.iter().enumerate() {
-                s += &format!(
-                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
-                    ns.name,
-                    dir.display()
-                );
-            }
-            s
-        });
-        Rig {
-            agent,
-            bridge,
-            vms,
-            net,
-        }
-    }
-
-    fn socket(&self, i: usize) -> std::path::PathBuf {
-        self.agent.dir.path().join(format!("vm{i}.sock"))
-    }
+/// One agent serving `vms` netns VMs (namespaces `vm<i>`) on network `test`.
+fn rig(vms: usize, max_nics: u32) -> NetnsVms {
+    NetnsVms::start(vms, max_nics, "test", "vm")
 }
 
 fn attach_req(sb: &str) -> pb::AttachNicRequest {
@@ -59,7 +23,7 @@ fn attach_req(sb: &str) -> pb::AttachNicRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_configure_ping_detach() {
-    let rig = Rig::new(1, 8);
+    let rig = rig(1, 8);
     let c = vm_client(&rig.socket(0)).await;
     let health = c
         .health(ctx(), &pb::HealthRequest::default())
@@ -162,7 +126,7 @@ async fn attach_configure_ping_detach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_bad_input_and_isolation() {
-    let rig = Rig::new(2, 2);
+    let rig = rig(2, 2);
     let c0 = vm_client(&rig.socket(0)).await;
     let c1 = vm_client(&rig.socket(1)).await;
 
@@ -295,7 +259,7 @@ async fn retries_bad_input_and_isolation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_cli_lists_vms_nics_and_leases() {
-    let rig = Rig::new(2, 4);
+    let rig = rig(2, 4);
     let c1 = vm_client(&rig.socket(1)).await;
     let nic = c1
         .attach_nic(ctx(), &attach_req("pod-x"))
@@ -347,7 +311,7 @@ async fn admin_cli_lists_vms_nics_and_leases() {
 
 /// Everything the agent made must be accounted for by its state file, and
 /// the state must be fully recovered (no half-done records).
-fn assert_consistent(rig: &Rig) -> HashSet<String> {
+fn assert_consistent(rig: &NetnsVms) -> HashSet<String> {
     let state = rig.agent.state();
     let nics = state["nics"].as_array().unwrap();
     let mut ids = HashSet::new();
@@ -389,7 +353,7 @@ fn assert_consistent(rig: &Rig) -> HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_attach_detach_loops_leaks_nothing() {
-    let mut rig = Rig::new(2, 6);
+    let mut rig = rig(2, 6);
     let rounds = 40;
     let mut interrupted = 0;
     for round in 0..rounds {
@@ -567,7 +531,7 @@ async fn warm_pool_nics_are_ready_before_the_request() {
 
 #[test]
 fn sigterm_keeps_nics_and_a_restart_finds_them() {
-    let mut rig = Rig::new(1, 4);
+    let mut rig = rig(1, 4);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let id = rt.block_on(async {
         let c = vm_client(&rig.socket(0)).await;
@@ -632,7 +596,7 @@ fn macs_in(ns: &Netns) -> HashSet<String> {
 /// interface name; each detach takes back exactly what it names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attachments_are_keyed_by_scope_sandbox_and_interface() {
-    let rig = Rig::new(1, 8);
+    let rig = rig(1, 8);
     let c = vm_client(&rig.socket(0)).await;
     let ns = &rig.vms[0];
     let mut nics = Vec::new();
@@ -955,7 +919,7 @@ async fn a_managed_bridge_keeps_its_mac() {
 /// while the agent runs (record and lease), so the VM gets its quota back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nic_deleted_behind_the_agents_back_is_released() {
-    let rig = Rig::new(1, 1);
+    let rig = rig(1, 1);
     let c = vm_client(&rig.socket(0)).await;
     let nic = c
         .attach_nic(ctx(), &attach_req("victim"))
@@ -983,7 +947,7 @@ async fn a_nic_deleted_behind_the_agents_back_is_released() {
 /// NICs with the old one; the agent releases them while it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_vm_namespace_releases_its_nics() {
-    let rig = Rig::new(1, 2);
+    let rig = rig(1, 2);
     let c = vm_client(&rig.socket(0)).await;
     for sb in ["a", "b"] {
         c.attach_nic(ctx(), &attach_req(sb)).await.unwrap();

@@ -14,8 +14,8 @@ use std::{
 use nestless_netagent::{config::BRIDGE_MAX_PORTS, hostlo::segment_bridge};
 use nestless_protos::agent as pb;
 use nestless_tests::{
-    agent::{bin_path, ctx, status_of, vm_client, AgentProc},
-    netenv::{check, host_links, random_subnet, require_root, run, suffix, Bridge, Netns},
+    agent::{bin_path, ctx, status_of, vm_client, AgentProc, NetnsVms},
+    netenv::{check, host_links, run, suffix, Netns},
 };
 
 /// `nestless-netagent --config PATH ARGS...`: (exit code, stdout + stderr).
@@ -145,52 +145,21 @@ fn configs_that_cannot_work_are_refused_naming_file_and_key() {
     );
 }
 
-/// A netns VM per tenant on one bridge, served by one agent.
-struct Rig {
-    agent: AgentProc,
-    bridge: Bridge,
-    vms: Vec<Netns>,
+/// A netns VM per tenant (namespaces `t<i>`) on one bridge, served by one agent.
+fn rig(vms: usize, max_nics: u32) -> NetnsVms {
+    NetnsVms::start(vms, max_nics, "n", "t")
 }
 
-impl Rig {
-    fn new(vms: usize, max_nics: u32) -> Rig {
-        require_root();
-        let net = random_subnet();
-        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
-        let vms: Vec<Netns> = (0..vms).map(|i| Netns::new(&format!("t{i}"))).collect();
-        let agent = AgentProc::start(|dir| {
-            let mut s = AgentProc::agent_section(dir);
-            s += &format!(
-                "[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
-                bridge.name
-            );
-            for (i, ns) in vms.iter().enumerate() {
-                s += &format!(
-                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
-                    ns.name,
-                    dir.display()
-                );
-            }
-            s
-        });
-        Rig { agent, bridge, vms }
-    }
-
-    fn socket(&self, i: usize) -> PathBuf {
-        self.agent.dir.path().join(format!("vm{i}.sock"))
-    }
-
-    /// Host links the agent made (`nlh*`) that hang on this rig's bridge.
-    fn nic_ports(&self) -> Vec<String> {
-        let mut p: Vec<String> = self
-            .bridge
-            .ports()
-            .into_iter()
-            .filter(|p| p.starts_with("nlh"))
-            .collect();
-        p.sort();
-        p
-    }
+/// Host links the agent made (`nlh*`) that hang on this rig's bridge.
+fn nic_ports(rig: &NetnsVms) -> Vec<String> {
+    let mut p: Vec<String> = rig
+        .bridge
+        .ports()
+        .into_iter()
+        .filter(|p| p.starts_with("nlh"))
+        .collect();
+    p.sort();
+    p
 }
 
 fn attach_req(sb: &str) -> pb::AttachNicRequest {
@@ -245,7 +214,7 @@ impl Filler {
 /// the next attach once a port is free succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_bridge_is_refused_with_resource_exhausted() {
-    let rig = Rig::new(1, 8);
+    let rig = rig(1, 8);
     let c = vm_client(&rig.socket(0)).await;
     let first = c.attach_nic(ctx(), &attach_req("sb-first")).await.unwrap();
     assert!(first.created);
@@ -264,7 +233,7 @@ async fn a_full_bridge_is_refused_with_resource_exhausted() {
     );
     let nic_id = first.nic.id.clone();
     assert_eq!(
-        rig.nic_ports(),
+        nic_ports(&rig),
         vec![format!("nlh{nic_id}")],
         "a link was left"
     );
@@ -275,7 +244,7 @@ async fn a_full_bridge_is_refused_with_resource_exhausted() {
     assert!(next.created);
     assert_eq!(rig.agent.records().len(), 2);
     drop(filler);
-    assert_eq!(rig.nic_ports().len(), 2);
+    assert_eq!(nic_ports(&rig).len(), 2);
     let _ = &rig.vms;
 }
 
@@ -287,7 +256,7 @@ async fn a_full_bridge_is_refused_with_resource_exhausted() {
 /// ever leased twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
-    let mut rig = Rig::new(1, 8);
+    let mut rig = rig(1, 8);
     let c = vm_client(&rig.socket(0)).await;
     let a = c
         .attach_nic(ctx(), &attach_req("sb-a"))
@@ -351,7 +320,7 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
         .collect();
     assert_eq!(ids, vec![a.id.clone()], "the older record is kept");
     assert_eq!(
-        rig.nic_ports(),
+        nic_ports(&rig),
         vec![format!("nlh{}", a.id)],
         "b's link was left"
     );
@@ -382,7 +351,7 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_flood_is_bounded_and_leaves_other_tenants_alone() {
     use nestless_netagent::server::refusals::{BURST, MAX_LOGGED, PER_SECOND};
-    let rig = Rig::new(2, 8);
+    let rig = rig(2, 8);
     let big = "X".repeat(1 << 20);
     let log_before = rig.agent.log().len();
     let start = std::time::Instant::now();
@@ -483,8 +452,8 @@ fn state_ids(agent: &AgentProc) -> (HashSet<String>, Vec<String>) {
 }
 
 /// `nlh*` links of this rig: ports of its bridge or of the segments of `pods`.
-fn rig_links(rig: &Rig, pods: &[String]) -> HashSet<String> {
-    let mut links: HashSet<String> = rig.nic_ports().into_iter().collect();
+fn rig_links(rig: &NetnsVms, pods: &[String]) -> HashSet<String> {
+    let mut links: HashSet<String> = nic_ports(rig).into_iter().collect();
     for seg in live_segments(pods) {
         let v: Vec<serde_json::Value> =
             serde_json::from_str(&check(&["ip", "-j", "link", "show", "master", &seg]))
@@ -516,7 +485,7 @@ fn live_segments(pods: &[String]) -> Vec<String> {
 /// once A takes its NICs back, nothing is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancellation_storm_breaks_nothing_of_another_tenant() {
-    let rig = Rig::new(2, 64);
+    let rig = rig(2, 64);
     let tag = suffix();
     let pods_a: Vec<String> = (0..6).map(|i| format!("sa{tag}-{i}")).collect();
     let pods_b: Vec<String> = (0..4).map(|i| format!("sb{tag}-{i}")).collect();
@@ -693,7 +662,7 @@ async fn a_cancellation_storm_breaks_nothing_of_another_tenant() {
 async fn a_connection_flood_is_capped_per_vm() {
     use nestless_netagent::server::conns::vm_budget;
     use tokio::io::AsyncReadExt;
-    let rig = Rig::new(2, 8);
+    let rig = rig(2, 8);
     let budget = vm_budget(8);
     let flood = budget + 200;
     let mut held = Vec::new();
