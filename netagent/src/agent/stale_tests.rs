@@ -2,6 +2,9 @@
 //! that no longer fit it are refused, or released on the operator's word,
 //! and never served next to a new NIC with the same address.
 
+// Compiled for tests only (also gated where `agent/mod.rs` declares it).
+#![cfg(test)]
+
 use std::{path::Path, sync::Arc};
 
 use super::{
