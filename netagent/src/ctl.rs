@@ -1,6 +1,8 @@
-//! `nestlessctl`'s agent commands: ask the admin socket, print a table or JSON.
+//! `nestlessctl`'s agent commands: ask the admin socket, print a table or
+//! JSON; `nestlessctl vm add|set|rm|ls` change the VMs registered at run
+//! time ([`VmCommand`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nestless_protos::{agent as pb, agent_ttrpc::AdminClient};
 use serde_json::{json, Value};
@@ -59,7 +61,9 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
             json!({
                 "agent_version": s.agent_version, "protocol_version": s.protocol_version,
                 "uptime_seconds": s.uptime_seconds, "state_file": s.state_file,
-                "vms": s.vms, "nics": s.nics,
+                "vms": s.vms, "nics": s.nics, "registered_vms": s.registered_vms,
+                "config_file": s.config_file, "config_generation": s.config_generation,
+                "last_reload_error": s.last_reload_error,
             })
         }
         View::Vms => {
@@ -67,18 +71,7 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
                 .list_vms(ctx(), &pb::ListVmsRequest::default())
                 .await
                 .map_err(|e| rpc_err("ListVms", e))?;
-            Value::Array(
-                r.vms
-                    .iter()
-                    .map(|v| {
-                        json!({
-                            "name": v.name, "backend": v.backend, "endpoint": v.endpoint, "network": v.network,
-                            "cid": v.cid, "unix_socket": v.unix_socket, "nics": v.nics, "max_nics": v.max_nics,
-                            "status": v.status,
-                        })
-                    })
-                    .collect(),
-            )
+            Value::Array(r.vms.iter().map(vm_json).collect())
         }
         View::Nics => {
             let req = pb::ListAllNicsRequest {
@@ -160,7 +153,17 @@ pub fn table(view: View, v: &Value) -> String {
                 .collect();
         }
         View::Vms => &[
-            "name", "backend", "network", "cid", "nics", "max_nics", "endpoint", "status",
+            "name",
+            "source",
+            "backend",
+            "network",
+            "cid",
+            "nics",
+            "max_nics",
+            "warm_pool",
+            "endpoint",
+            "unix_socket",
+            "status",
         ],
         View::Nics => &[
             "vm",
@@ -221,6 +224,229 @@ pub fn table(view: View, v: &Value) -> String {
         out += &line(r);
     }
     out
+}
+
+/// A VM of a reply as JSON.
+fn vm_json(v: &pb::VmInfo) -> Value {
+    json!({
+        "name": v.name, "backend": v.backend, "endpoint": v.endpoint, "network": v.network,
+        "cid": v.cid, "unix_socket": v.unix_socket, "nics": v.nics, "max_nics": v.max_nics,
+        "warm_pool": v.warm_pool, "status": v.status, "registered": v.registered,
+        "source": if v.registered { "registered" } else { "file" },
+    })
+}
+
+/// The fields of `nestlessctl vm add` and `vm set`: the keys of a `[[vm]]`
+/// entry. The agent checks them as it checks the file, naming the field.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct VmFields {
+    /// "qemu" or "netns" (required by `add`).
+    #[arg(long, value_parser = ["qemu", "netns"])]
+    pub backend: Option<String>,
+    /// The VM's network (default: the only one).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// vsock CID the VM calls from.
+    #[arg(long)]
+    pub cid: Option<u32>,
+    /// vhost-device-vsock socket (the agent listens on <path>_<port>).
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+    /// Unix socket the agent listens on for this VM.
+    #[arg(long)]
+    pub vm_socket: Option<PathBuf>,
+    /// At most this many NICs at once.
+    #[arg(long)]
+    pub max_nics: Option<u32>,
+    /// NICs kept plugged and unassigned.
+    #[arg(long)]
+    pub warm_pool: Option<u32>,
+    /// The VM's QMP socket (qemu).
+    #[arg(long)]
+    pub qmp_socket: Option<PathBuf>,
+    /// A hot-plug bus (qemu; repeat for more).
+    #[arg(long = "hotplug-slot")]
+    pub hotplug_slots: Vec<String>,
+    /// Network namespace: a name under /run/netns or a path (netns).
+    #[arg(long)]
+    pub netns: Option<String>,
+}
+
+impl VmFields {
+    /// `spec` with the fields given here changed.
+    fn apply(&self, spec: &mut pb::VmSpec) {
+        let path = |p: &PathBuf| p.display().to_string();
+        if let Some(b) = &self.backend {
+            spec.backend = b.clone();
+        }
+        if let Some(n) = &self.network {
+            spec.network = n.clone();
+        }
+        if let Some(c) = self.cid {
+            spec.cid = c;
+        }
+        if let Some(p) = &self.vsock_uds {
+            spec.vsock_uds = path(p);
+        }
+        if let Some(p) = &self.vm_socket {
+            spec.socket = path(p);
+        }
+        if let Some(n) = self.max_nics {
+            spec.max_nics = n;
+        }
+        if let Some(n) = self.warm_pool {
+            spec.warm_pool = n;
+        }
+        if let Some(p) = &self.qmp_socket {
+            spec.qmp_socket = path(p);
+        }
+        if !self.hotplug_slots.is_empty() {
+            spec.hotplug_slots = self.hotplug_slots.clone();
+        }
+        if let Some(n) = &self.netns {
+            spec.netns = n.clone();
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.backend.is_none()
+            && self.network.is_none()
+            && self.cid.is_none()
+            && self.vsock_uds.is_none()
+            && self.vm_socket.is_none()
+            && self.max_nics.is_none()
+            && self.warm_pool.is_none()
+            && self.qmp_socket.is_none()
+            && self.hotplug_slots.is_empty()
+            && self.netns.is_none()
+    }
+}
+
+/// `nestlessctl vm ...`: the VMs registered at run time.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum VmCommand {
+    /// Register a VM and serve it at once (kept across agent restarts).
+    Add {
+        /// The VM's name.
+        name: String,
+        /// Its fields.
+        #[command(flatten)]
+        fields: VmFields,
+    },
+    /// Change a registered VM: max_nics and warm_pool change live; other
+    /// fields restart its serving and are refused while it has NICs.
+    Set {
+        /// The VM's name.
+        name: String,
+        /// The fields to change.
+        #[command(flatten)]
+        fields: VmFields,
+    },
+    /// Unregister a VM: refused while it has NICs, unless --force.
+    Rm {
+        /// The VM's name.
+        name: String,
+        /// Release its NICs first (unplugged, leases freed).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The VMs served: from the file and registered.
+    Ls,
+}
+
+/// Runs a `vm` command: its result as JSON (`ls`: [`View::Vms`]'s rows),
+/// and a line for people.
+///
+/// # Errors
+/// Bad arguments, and the agent's refusals with its message.
+pub async fn vm_command(client: &AdminClient, cmd: &VmCommand) -> anyhow::Result<(Value, String)> {
+    match cmd {
+        VmCommand::Ls => {
+            let v = fetch(client, View::Vms, None).await?;
+            let t = table(View::Vms, &v);
+            Ok((v, t))
+        }
+        VmCommand::Add { name, fields } => {
+            if fields.backend.is_none() {
+                anyhow::bail!("vm add {name}: --backend is required (qemu or netns)");
+            }
+            let mut spec = pb::VmSpec {
+                name: name.clone(),
+                ..Default::default()
+            };
+            fields.apply(&mut spec);
+            let r = client
+                .register_vm(
+                    ctx(),
+                    &pb::RegisterVmRequest {
+                        vm: Some(spec).into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| rpc_err(&format!("vm add {name}"), e))?;
+            let v = vm_json(r.vm.as_ref().unwrap_or(&pb::VmInfo::default()));
+            Ok((v, format!("VM {name} registered and served\n")))
+        }
+        VmCommand::Set { name, fields } => {
+            if fields.is_empty() {
+                anyhow::bail!(
+                    "vm set {name}: nothing to change (give --max-nics, --warm-pool, ...)"
+                );
+            }
+            let vms = client
+                .list_vms(ctx(), &pb::ListVmsRequest::default())
+                .await
+                .map_err(|e| rpc_err("ListVms", e))?;
+            let Some(info) = vms.vms.iter().find(|v| &v.name == name) else {
+                anyhow::bail!("vm set {name}: the agent serves no VM of that name");
+            };
+            if !info.registered {
+                anyhow::bail!(
+                    "vm set {name}: it is a [[vm]] of the agent's configuration file: change it there and reload (systemctl reload nestless-netagent)"
+                );
+            }
+            let mut spec = info.spec.as_ref().cloned().unwrap_or_default();
+            fields.apply(&mut spec);
+            let r = client
+                .update_vm(
+                    ctx(),
+                    &pb::UpdateVmRequest {
+                        vm: Some(spec).into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| rpc_err(&format!("vm set {name}"), e))?;
+            let v = vm_json(r.vm.as_ref().unwrap_or(&pb::VmInfo::default()));
+            let how = if r.restarted {
+                "updated (its serving restarted)"
+            } else {
+                "updated live"
+            };
+            Ok((v, format!("VM {name} {how}\n")))
+        }
+        VmCommand::Rm { name, force } => {
+            let r = client
+                .unregister_vm(
+                    ctx(),
+                    &pb::UnregisterVmRequest {
+                        name: name.clone(),
+                        force: *force,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| rpc_err(&format!("vm rm {name}"), e))?;
+            Ok((
+                json!({"name": name, "released_nics": r.released_nics}),
+                format!(
+                    "VM {name} unregistered ({} NIC(s) released)\n",
+                    r.released_nics
+                ),
+            ))
+        }
+    }
 }
 
 fn cell(v: &Value) -> String {

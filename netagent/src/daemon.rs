@@ -4,8 +4,13 @@
 //! netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
 //!   ─▶ recover (bridges, reconcile, sweep)
 //!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch ─▶ sd_notify READY=1
+//!   ─▶ … SIGHUP ─▶ RELOADING=1 ─▶ the file read again and applied, or refused whole ─▶ READY=1
 //!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
 //! ```
+//!
+//! The configuration it is given is the effective one: the file and the
+//! VMs registered at run time ([`crate::registry::with_stored_vms`]), so
+//! the records of registered VMs are kept like those of the file's.
 //!
 //! NICs stay plugged at exit: they belong to running pods, and the state file
 //! has them for the next start. `nestless-netagent` (`main.rs`) only parses
@@ -14,12 +19,13 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    agent::{spawn_upkeep, Agent, ReconcileReport},
+    agent::{Agent, ReconcileReport},
     config::Config,
     error::AgentError,
     links::{deleted_links, owner_alias, Netlink},
     names::HOST_IF_PREFIX,
-    server::{self, ServeError},
+    registry::Registry,
+    server::{self, ServeError, VmListeners},
     stale::StalePolicy,
 };
 
@@ -93,8 +99,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         report.deferred,
         report.orphans
     );
-    let running = server::serve(agent.clone()).await?;
-    let mut upkeep = spawn_upkeep(agent.clone(), UPKEEP_PERIOD);
+    let registry = Arc::new(Registry::new(
+        agent.clone(),
+        Arc::new(VmListeners::new(agent.clone())),
+        UPKEEP_PERIOD,
+    ));
+    // Installed before serving: a SIGHUP from then on reloads, never kills.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Signals)?;
+    let running = server::serve(registry.clone()).await?;
+    registry.spawn_upkeep_all();
+    let mut upkeep = Vec::new();
     // NICs whose host end someone deletes are released at once, rather
     // than at the upkeep's next presence check.
     match deleted_links(HOST_IF_PREFIX) {
@@ -112,15 +127,31 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    log::info!("ready: serving {} VM(s)", agent.vms().count());
+    log::info!("ready: serving {} VM(s)", agent.vms().len());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(DaemonError::Signals)?;
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                log::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                log::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                log::info!("SIGHUP: reloading {}", agent.config().path.display());
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                // Refused or applied, the outcome is logged and kept by the registry.
+                let _ = registry.reload().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    registry.stop_upkeep();
     for t in upkeep {
         t.abort();
     }

@@ -7,6 +7,14 @@ use crate::{
 /// What can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A VM cannot stop being served while it has NICs.
+    #[error("VM {vm} has {count} NIC(s): detach them first, or unregister with force")]
+    VmHasNics {
+        /// The VM.
+        vm: String,
+        /// How many NICs it has.
+        count: usize,
+    },
     /// The caller is not a VM this agent serves.
     #[error("unknown VM: {0}")]
     UnknownVm(String),
@@ -97,6 +105,7 @@ impl AgentError {
         use ttrpc::Code;
         match self {
             AgentError::UnknownVm(_) => Code::PERMISSION_DENIED,
+            AgentError::VmHasNics { .. } => Code::FAILED_PRECONDITION,
             AgentError::Invalid(_) => Code::INVALID_ARGUMENT,
             AgentError::NicNotFound { .. } => Code::NOT_FOUND,
             AgentError::NetworkNotAllowed { .. } => Code::PERMISSION_DENIED,

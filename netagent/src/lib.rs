@@ -16,7 +16,8 @@
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
 //! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
 //!   state file, address allocation, names; [`stale`]: state records the
-//!   configuration no longer accounts for.
+//!   configuration no longer accounts for; [`registry`]: VMs registered at
+//!   run time (kept in `vms.json`) and the configuration reloaded on SIGHUP.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -31,6 +32,7 @@ pub mod lifecycle;
 pub mod links;
 pub mod names;
 pub mod qmp;
+pub mod registry;
 pub mod server;
 pub mod stale;
 pub mod state;

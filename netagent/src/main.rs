@@ -12,6 +12,7 @@ use clap::Parser;
 use nestless_netagent::{
     config::Config,
     daemon,
+    registry::{self, RegistryError},
     stale::{self, StalePolicy},
 };
 
@@ -49,7 +50,11 @@ fn main() -> ExitCode {
         logger.parse_filters(l);
     }
     logger.init();
-    let config = match Config::load(&args.config) {
+    // The file, with the VMs registered at run time (kept in the state directory).
+    let config = match Config::load(&args.config)
+        .map_err(RegistryError::from)
+        .and_then(registry::with_stored_vms)
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nestless-netagent: {e}");

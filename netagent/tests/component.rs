@@ -107,7 +107,12 @@ async fn vm_service_over_unix_sockets_with_fake_qemu() {
     }
     let agent =
         Arc::new(Agent::with_backends(config(dir.path()), links.clone(), backends).unwrap());
-    let running = server::serve(agent.clone()).await.expect("serve");
+    let registry = Arc::new(nestless_netagent::registry::Registry::new(
+        agent.clone(),
+        Arc::new(server::VmListeners::new(agent.clone())),
+        Duration::from_secs(2),
+    ));
+    let running = server::serve(registry).await.expect("serve");
     let vm1 = client(&dir.path().join("vm1.sock")).await;
     let vm2 = client(&dir.path().join("vm2.sock")).await;
 

@@ -90,6 +90,8 @@ fn systemd_unit_runs_the_binary_with_flags_it_accepts() {
             .collect()
     };
     assert_eq!(get("Type"), ["notify"]);
+    // systemctl reload is a SIGHUP: the agent reads its file again.
+    assert_eq!(get("ExecReload"), ["/bin/kill -HUP $MAINPID"]);
     let exec = get("ExecStart");
     assert_eq!(exec.len(), 1);
     let argv: Vec<&str> = exec[0].split_whitespace().collect();

@@ -262,6 +262,7 @@ impl Agent {
             });
         }
         let _op = vm.op.lock().await;
+        vm.check_live()?;
         let key = &req.attachment;
         if let Some(rec) = self.records.find_brfusion(vm_name, |r| key.is(r)) {
             if rec.state == NicState::Attached {
@@ -282,7 +283,7 @@ impl Agent {
         let record = self
             .plug_new(&vm, brfusion_nic(&vm, Some(key), req.labels.as_map()))
             .await?;
-        if vm.config.warm_pool > 0 {
+        if vm.warm_pool() > 0 {
             vm.upkeep.notify_one();
         }
         log::info!(
@@ -305,9 +306,11 @@ impl Agent {
     /// Leases, names, records (write-ahead) and plugs a new NIC. Caller holds
     /// the VM lock. On failure nothing is left: no record, lease or device.
     pub(super) async fn plug_new(&self, vm: &Vm, new: NewNic<'_>) -> Result<NicRecord, AgentError> {
-        let record = self
-            .records
-            .begin(&vm.config, new.record, &self.config.agent.mac_prefix)?;
+        let record = self.records.begin(
+            &vm.live_config(),
+            new.record,
+            &self.config().agent.mac_prefix,
+        )?;
         if let Err(e) = self.records.persist().await {
             self.records.apply(&record.id, Event::Failed);
             return Err(e);
@@ -366,6 +369,7 @@ impl Agent {
     ) -> Result<Vec<NicRecord>, AgentError> {
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        vm.check_live()?;
         let found: Vec<NicRecord> = self
             .records
             .snapshot(Some(vm_name))

@@ -263,7 +263,7 @@ impl Agent {
             conflicts: hostlo::conflicts(&ports),
             parts,
             pod_ip: found.pod_ip,
-            prefix_len: self.config.hostlo.subnet.prefix_len(),
+            prefix_len: self.config().hostlo.subnet.prefix_len(),
         })
     }
 
@@ -298,6 +298,7 @@ impl Agent {
         } = req;
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        vm.check_live()?;
         let segment = self.segments.lock(pod.as_str()).await;
         if let Some(r) = self.records.hostlo_part(pod.as_str(), part.get()) {
             if r.vm != vm_name {
@@ -340,7 +341,7 @@ impl Agent {
         }
         if let Err(e) = self
             .links
-            .ensure_segment(&bridge, self.config.hostlo.mtu)
+            .ensure_segment(&bridge, self.config().hostlo.mtu)
             .await
         {
             // It may be half made (created, not up).
@@ -350,9 +351,9 @@ impl Agent {
         let new = NewNic {
             record: NewRecord {
                 network: vm.network(),
-                fixed_ipv4: Some(hostlo::part_address(self.config.hostlo.subnet, part)),
+                fixed_ipv4: Some(hostlo::part_address(self.config().hostlo.subnet, part)),
                 mac: Some(hostlo::part_mac(
-                    &self.config.agent.mac_prefix,
+                    &self.config().agent.mac_prefix,
                     pod.as_str(),
                     part.get(),
                 )),
@@ -368,7 +369,7 @@ impl Agent {
                 }),
             },
             bridge: bridge.clone(),
-            mtu: self.config.hostlo.mtu,
+            mtu: self.config().hostlo.mtu,
         };
         let rec = match self.plug_new(&vm, new).await {
             Ok(r) => r,
@@ -419,6 +420,7 @@ impl Agent {
         let HostloPart { pod, part } = req;
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        vm.check_live()?;
         let segment = self.segments.lock(pod.as_str()).await;
         let rec = self.own_part(vm_name, &pod, part)?;
         self.remove_nic(&vm, &rec.id).await?;
@@ -442,6 +444,7 @@ impl Agent {
         let ports = ports.into_vec();
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
+        vm.check_live()?;
         let before = self.own_part(vm_name, &pod, part)?;
         let old = before
             .hostlo
@@ -863,8 +866,8 @@ mod tests {
             );
             let t = tenant.entry(h.pod.clone()).or_insert(r.network.clone());
             assert_eq!(*t, r.network, "{when}: pod {} has two tenants", h.pod);
-            let vm_net = &agent.vm(&r.vm).unwrap().config.network;
-            assert_eq!(vm_net, &r.network, "{when}: {r:?}");
+            let vm_net = agent.vm(&r.vm).unwrap().config.network.clone();
+            assert_eq!(&vm_net, &r.network, "{when}: {r:?}");
         }
         let live: std::collections::BTreeSet<String> =
             tenant.keys().map(|p| hostlo::segment_bridge(p)).collect();

@@ -49,8 +49,8 @@ mod stale_tests;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        atomic::{AtomicBool, AtomicU64},
-        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, RwLock, RwLockReadGuard,
     },
     time::{Duration, Instant},
 };
@@ -62,7 +62,7 @@ pub use attach::{
     MAX_LABEL_LEN,
 };
 pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch};
-pub use recovery::{spawn_upkeep, ReconcileReport};
+pub use recovery::{spawn_upkeep, spawn_vm_upkeep, ReconcileReport};
 
 use crate::{
     backend::{netns::NetnsBackend, qemu::QemuBackend, VmBackend},
@@ -75,11 +75,37 @@ use crate::{
 };
 use records::Records;
 
+/// The real backend of `vm`: a QMP client, or a namespace.
+fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> Arc<dyn VmBackend> {
+    match &vm.backend {
+        BackendConfig::Qemu {
+            qmp_socket,
+            hotplug_slots,
+        } => Arc::new(QemuBackend::new(
+            &vm.name,
+            Arc::new(QmpClient::new(qmp_socket, config.agent.qmp_timeout)),
+            links.clone(),
+            hotplug_slots.clone(),
+            config.agent.unplug_timeout,
+        )),
+        BackendConfig::Netns { netns } => {
+            Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
+        }
+    }
+}
+
 /// A served VM: its configuration, its network, its backend and its
 /// operation lock.
 pub struct Vm {
-    /// Configuration.
+    /// Configuration. Its `max_nics` and `warm_pool` are those the VM was
+    /// served with first: an update changes them live, read them with
+    /// [`Vm::max_nics`] and [`Vm::warm_pool`] (or [`Vm::live_config`]).
     pub config: VmConfig,
+    max_nics: AtomicU32,
+    warm_pool: AtomicU32,
+    /// No longer served (unregistered, or removed from the file): an
+    /// operation that took its lock after that refuses.
+    retired: AtomicBool,
     /// Backend.
     pub backend: Arc<dyn VmBackend>,
     network: NetworkConfig,
@@ -104,13 +130,74 @@ impl Vm {
     pub fn network(&self) -> &NetworkConfig {
         &self.network
     }
+
+    /// Its NIC quota now.
+    pub fn max_nics(&self) -> u32 {
+        self.max_nics.load(Ordering::Acquire)
+    }
+
+    /// Its warm pool size now.
+    pub fn warm_pool(&self) -> u32 {
+        self.warm_pool.load(Ordering::Acquire)
+    }
+
+    /// Changes the quota and warm pool live (a smaller quota does not take
+    /// NICs away: it refuses new ones until the VM is under it).
+    pub fn set_quota(&self, max_nics: u32, warm_pool: u32) {
+        self.max_nics.store(max_nics, Ordering::Release);
+        self.warm_pool.store(warm_pool, Ordering::Release);
+        self.upkeep.notify_one();
+    }
+
+    /// The configuration with the quota and warm pool of now.
+    pub fn live_config(&self) -> VmConfig {
+        VmConfig {
+            max_nics: self.max_nics(),
+            warm_pool: self.warm_pool(),
+            ..self.config.clone()
+        }
+    }
+
+    /// Whether the VM is no longer served.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Refuses an operation on a VM no longer served; call with its lock held.
+    fn check_live(&self) -> Result<(), AgentError> {
+        if self.is_retired() {
+            return Err(AgentError::UnknownVm(format!(
+                "{} (no longer served)",
+                self.config.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn new(config: VmConfig, backend: Arc<dyn VmBackend>, network: NetworkConfig) -> Vm {
+        Vm {
+            max_nics: AtomicU32::new(config.max_nics),
+            warm_pool: AtomicU32::new(config.warm_pool),
+            retired: AtomicBool::new(false),
+            config,
+            backend,
+            network,
+            op: Mutex::new(()),
+            seen_generation: AtomicU64::new(0),
+            upkeep: Notify::new(),
+            guest_restarted: AtomicBool::new(false),
+        }
+    }
 }
 
 /// The agent.
 pub struct Agent {
-    config: Config,
+    /// The effective configuration (file and registered VMs); replaced
+    /// whole when VMs are registered or the file is reloaded.
+    config: RwLock<Arc<Config>>,
     links: Arc<dyn HostLinks>,
-    vms: BTreeMap<String, Arc<Vm>>,
+    /// The served VMs. Never held across an await.
+    vms: RwLock<BTreeMap<String, Arc<Vm>>>,
     records: Records,
     hostlo: hostlo::Versions,
     /// Held by whatever checks or changes the parts of a Hostlo pod.
@@ -126,25 +213,11 @@ impl Agent {
         links: Arc<dyn HostLinks>,
         stale: StalePolicy,
     ) -> Result<Agent, AgentError> {
-        let mut backends: HashMap<String, Arc<dyn VmBackend>> = HashMap::new();
-        for vm in &config.vms {
-            let b: Arc<dyn VmBackend> = match &vm.backend {
-                BackendConfig::Qemu {
-                    qmp_socket,
-                    hotplug_slots,
-                } => Arc::new(QemuBackend::new(
-                    &vm.name,
-                    Arc::new(QmpClient::new(qmp_socket, config.agent.qmp_timeout)),
-                    links.clone(),
-                    hotplug_slots.clone(),
-                    config.agent.unplug_timeout,
-                )),
-                BackendConfig::Netns { netns } => {
-                    Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
-                }
-            };
-            backends.insert(vm.name.clone(), b);
-        }
+        let backends: HashMap<String, Arc<dyn VmBackend>> = config
+            .vms
+            .iter()
+            .map(|vm| (vm.name.clone(), real_backend(&config, vm, &links)))
+            .collect();
         Agent::build(config, links, backends, stale)
     }
 
@@ -185,21 +258,13 @@ impl Agent {
             };
             vms.insert(
                 vm.name.clone(),
-                Arc::new(Vm {
-                    config: vm.clone(),
-                    backend,
-                    network: network.clone(),
-                    op: Mutex::new(()),
-                    seen_generation: AtomicU64::new(0),
-                    upkeep: Notify::new(),
-                    guest_restarted: AtomicBool::new(false),
-                }),
+                Arc::new(Vm::new(vm.clone(), backend, network.clone())),
             );
         }
         Ok(Agent {
-            config,
+            config: RwLock::new(Arc::new(config)),
             links,
-            vms,
+            vms: RwLock::new(vms),
             records,
             hostlo: hostlo::Versions::starting_now(),
             segments: hostlo::SegmentLocks::default(),
@@ -207,9 +272,80 @@ impl Agent {
         })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The effective configuration (a snapshot).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the effective configuration (VMs registered or removed, the
+    /// file reloaded). The served VMs change with [`Agent::add_vm`] and
+    /// [`Agent::remove_vm`].
+    pub fn set_config(&self, config: Config) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
+
+    fn vms_read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Arc<Vm>>> {
+        self.vms
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts serving VM `vm` (of the effective configuration) with a real
+    /// backend; its records (kept from before) are reconciled by the
+    /// caller ([`Agent::reconcile_vm`]). Replaces nothing: `None` when a VM
+    /// of that name is served already or its network is unknown.
+    pub fn add_vm(&self, vm: &VmConfig) -> Option<Arc<Vm>> {
+        let config = self.config();
+        let network = config.networks.get(&vm.network)?.clone();
+        let backend = real_backend(&config, vm, &self.links);
+        self.add_vm_with(vm, backend, network)
+    }
+
+    /// [`Agent::add_vm`] with the given backend (tests use fakes).
+    pub fn add_vm_with(
+        &self,
+        vm: &VmConfig,
+        backend: Arc<dyn VmBackend>,
+        network: NetworkConfig,
+    ) -> Option<Arc<Vm>> {
+        let mut vms = self
+            .vms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if vms.contains_key(&vm.name) {
+            return None;
+        }
+        let served = Arc::new(Vm::new(vm.clone(), backend, network));
+        vms.insert(vm.name.clone(), served.clone());
+        Some(served)
+    }
+
+    /// Stops serving VM `name`: it is taken out of the served set under its
+    /// operation lock and marked retired, so an operation that waited for
+    /// the lock refuses. Refused (`Err` with the count) while it has NICs;
+    /// the caller releases them first ([`Agent::release_vm_nics`]).
+    pub async fn remove_vm(&self, name: &str) -> Result<Arc<Vm>, AgentError> {
+        let vm = self.vm(name)?;
+        let _op = vm.op.lock().await;
+        let count = self.records.count(name);
+        if count > 0 {
+            return Err(AgentError::VmHasNics {
+                vm: name.to_string(),
+                count,
+            });
+        }
+        vm.retired.store(true, Ordering::Release);
+        self.vms
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        Ok(vm.clone())
     }
 
     /// The state file.
@@ -222,24 +358,45 @@ impl Agent {
         self.started.elapsed()
     }
 
-    /// The served VMs.
-    pub fn vms(&self) -> impl Iterator<Item = &Arc<Vm>> {
-        self.vms.values()
+    /// The served VMs (a snapshot).
+    pub fn vms(&self) -> Vec<Arc<Vm>> {
+        self.vms_read().values().cloned().collect()
+    }
+
+    /// Whether VM `name` is served.
+    pub fn serves(&self, name: &str) -> bool {
+        self.vms_read().contains_key(name)
     }
 
     /// A served VM by name.
     ///
     /// # Errors
     /// [`AgentError::UnknownVm`] when no VM of that name is served.
-    pub fn vm(&self, name: &str) -> Result<&Arc<Vm>, AgentError> {
-        self.vms
+    pub fn vm(&self, name: &str) -> Result<Arc<Vm>, AgentError> {
+        self.vms_read()
             .get(name)
+            .cloned()
             .ok_or_else(|| AgentError::UnknownVm(name.to_string()))
     }
 
     /// A network by name.
-    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
-        self.config.networks.get(name)
+    pub fn network(&self, name: &str) -> Option<NetworkConfig> {
+        self.config().networks.get(name).cloned()
+    }
+
+    /// Forgets the allocator of network `name` (it changed, with no lease
+    /// on it): the next lease starts one for its new settings.
+    pub fn forget_network(&self, name: &str) {
+        self.records.forget_network(name);
+    }
+
+    /// Number of NICs on network `name`.
+    pub fn network_nic_count(&self, name: &str) -> usize {
+        self.records
+            .snapshot(None)
+            .iter()
+            .filter(|r| r.network == name)
+            .count()
     }
 
     /// All records (a snapshot), optionally of one VM.

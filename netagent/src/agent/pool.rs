@@ -15,8 +15,6 @@
 
 use std::collections::BTreeMap;
 
-use tokio::sync::Notify;
-
 use super::{attach::brfusion_nic, Agent, AttachRequest, Vm};
 use crate::{error::AgentError, state::NicRecord};
 
@@ -68,8 +66,9 @@ impl Agent {
         let mut plugged = 0;
         loop {
             let _op = vm.op.lock().await;
+            vm.check_live()?;
             let (pooled, total) = self.records.pool_counts(vm_name);
-            if pooled as u32 >= vm.config.warm_pool || total as u32 >= vm.config.max_nics {
+            if pooled as u32 >= vm.warm_pool() || total as u32 >= vm.max_nics() {
                 return Ok(plugged);
             }
             let rec = self
@@ -80,10 +79,12 @@ impl Agent {
         }
     }
 
-    /// What wakes VM `vm_name`'s upkeep task before its next tick (an attach
+    /// Wakes VM `vm_name`'s upkeep task before its next tick (an attach
     /// took a warm NIC).
-    pub fn upkeep_signal(&self, vm_name: &str) -> Option<&Notify> {
-        self.vms.get(vm_name).map(|v| &v.upkeep)
+    pub fn upkeep_signal(&self, vm_name: &str) {
+        if let Ok(vm) = self.vm(vm_name) {
+            vm.upkeep.notify_one();
+        }
     }
 }
 

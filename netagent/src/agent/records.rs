@@ -496,6 +496,11 @@ impl Records {
         Ok(())
     }
 
+    /// Drops `network`'s allocator (the network changed, nothing leased).
+    pub fn forget_network(&self, network: &str) {
+        self.lock().ipam.remove(network);
+    }
+
     /// Addresses leased on `network` (tests).
     #[cfg(test)]
     pub fn leased(&self, network: &str) -> u32 {

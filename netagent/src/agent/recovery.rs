@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use super::Agent;
 use crate::{
     backend::{BackendError, BackendEvent},
+    config::NetworkConfig,
     error::AgentError,
     hostlo,
     lifecycle::{self, Presence, Recovery},
@@ -59,6 +60,9 @@ impl Agent {
         let vm = self.vm(vm_name)?.clone();
         let _op = vm.op.lock().await;
         let mut report = ReconcileReport::default();
+        if vm.is_retired() {
+            return Ok(report);
+        }
         let generation = match vm.backend.probe().await {
             Ok(g) => Some(g),
             Err(e) => {
@@ -147,6 +151,67 @@ impl Agent {
         Ok(report)
     }
 
+    /// Network `net`'s bridge: made (with the gateway address) when the
+    /// agent manages it, else only looked for (a warning when missing).
+    ///
+    /// # Errors
+    /// [`AgentError::Backend`] when a managed bridge cannot be made.
+    pub async fn ensure_network(&self, net: &NetworkConfig) -> Result<(), AgentError> {
+        if net.manage_bridge {
+            self.links
+                .ensure_bridge(
+                    &net.bridge,
+                    Some((net.gateway.into(), net.subnet.prefix_len())),
+                    net.mtu,
+                )
+                .await
+                .map_err(BackendError::from)?;
+        } else if !self
+            .links
+            .exists(&net.bridge)
+            .await
+            .map_err(BackendError::from)?
+        {
+            log::warn!(
+                "network {}: bridge {} does not exist (yet); attaches will fail until it does",
+                net.name,
+                net.bridge
+            );
+        }
+        Ok(())
+    }
+
+    /// Releases every NIC of VM `vm_name` (an unregister with `force`):
+    /// each is unplugged and its lease freed as a detach would, Hostlo
+    /// parts leaving their segments. Returns how many went; the first
+    /// failure stops it (the NICs left stay recorded).
+    ///
+    /// # Errors
+    /// [`AgentError::UnknownVm`], or a NIC's cleanup.
+    pub async fn release_vm_nics(&self, vm_name: &str) -> Result<usize, AgentError> {
+        let vm = self.vm(vm_name)?;
+        let _op = vm.op.lock().await;
+        let mut released = 0;
+        for rec in self.records.snapshot(Some(vm_name)) {
+            let segment = match &rec.hostlo {
+                Some(h) => Some(self.segments.lock(&h.pod).await),
+                None => None,
+            };
+            self.remove_nic(&vm, &rec.id).await?;
+            log::info!(
+                "VM {vm_name}: NIC {} ({}) released (VM unregistered)",
+                rec.id,
+                rec.ipv4
+            );
+            if let (Some(h), Some(segment)) = (&rec.hostlo, &segment) {
+                self.mark_pod_changed(&h.pod);
+                self.remove_segment_if_empty(segment, &h.pod).await;
+            }
+            released += 1;
+        }
+        Ok(released)
+    }
+
     /// Deletes host links the agent made that no record accounts for.
     /// Call only when no operation is in flight (at start).
     ///
@@ -180,32 +245,12 @@ impl Agent {
     /// # Errors
     /// [`AgentError::Backend`] (a bridge or the host links), [`AgentError::State`].
     pub async fn recover(&self) -> Result<ReconcileReport, AgentError> {
-        for net in self.config.networks.values() {
-            if net.manage_bridge {
-                self.links
-                    .ensure_bridge(
-                        &net.bridge,
-                        Some((net.gateway.into(), net.subnet.prefix_len())),
-                        net.mtu,
-                    )
-                    .await
-                    .map_err(BackendError::from)?;
-            } else if !self
-                .links
-                .exists(&net.bridge)
-                .await
-                .map_err(BackendError::from)?
-            {
-                log::warn!(
-                    "network {}: bridge {} does not exist (yet); attaches will fail until it does",
-                    net.name,
-                    net.bridge
-                );
-            }
+        for net in self.config().networks.values() {
+            self.ensure_network(net).await?;
         }
         let mut total = ReconcileReport::default();
-        for name in self.vms.keys() {
-            let r = self.reconcile_vm(name).await?;
+        for vm in self.vms() {
+            let r = self.reconcile_vm(vm.name()).await?;
             total.kept += r.kept;
             total.rolled_back += r.rolled_back;
             total.detached += r.detached;
@@ -219,7 +264,7 @@ impl Agent {
             .records
             .snapshot(None)
             .into_iter()
-            .filter(|r| !self.vms.contains_key(&r.vm))
+            .filter(|r| !self.serves(&r.vm))
             .map(|r| r.id)
             .collect();
         for id in &stale {
@@ -289,7 +334,7 @@ impl Agent {
         } else {
             None
         };
-        if vm.config.warm_pool > 0 {
+        if vm.warm_pool() > 0 {
             if let Err(e) = self.refill_pool(vm_name).await {
                 log::warn!("VM {vm_name}: cannot refill the warm pool: {e}");
             }
@@ -329,7 +374,7 @@ impl Agent {
         let Some(rec) = self.records.get(&id) else {
             return;
         };
-        if let Some(vm) = self.vms.get(&rec.vm) {
+        if let Ok(vm) = self.vm(&rec.vm) {
             log::debug!("VM {}: host end {ifname} of NIC {id} deleted", rec.vm);
             vm.upkeep.notify_one();
         }
@@ -338,7 +383,7 @@ impl Agent {
     /// VM `vm_name`'s guest restarted: its next reconciliation releases the
     /// NICs given to sandboxes (the warm pool stays), and it runs now.
     pub fn guest_restarted(&self, vm_name: &str) {
-        if let Some(vm) = self.vms.get(vm_name) {
+        if let Ok(vm) = self.vm(vm_name) {
             log::info!("VM {vm_name}: the guest restarted; its sandboxes' NICs will be released");
             vm.guest_restarted.store(true, Ordering::Release);
             vm.upkeep.notify_one();
@@ -349,8 +394,9 @@ impl Agent {
     /// held: nothing new starts). False when `timeout` passed first.
     pub async fn drain(&self, timeout: Duration) -> bool {
         let all = async {
+            let vms = self.vms();
             let mut guards = Vec::new();
-            for vm in self.vms.values() {
+            for vm in &vms {
                 guards.push(vm.op.lock().await);
             }
             // Held until the process exits: no operation may start after the drain.
@@ -364,36 +410,43 @@ impl Agent {
 /// a warm NIC, a NIC's host end was deleted or the VM reported something
 /// ([`crate::backend::BackendEvent`]), [`Agent::upkeep_vm`].
 pub fn spawn_upkeep(agent: Arc<Agent>, period: Duration) -> Vec<JoinHandle<()>> {
-    let vms: Vec<_> = agent.vms().cloned().collect();
-    vms.into_iter()
-        .map(|vm| {
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                let name = vm.name();
-                let mut events = vm.backend.events();
-                let mut tick = tokio::time::interval(period);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = vm.upkeep.notified() => {}
-                        ev = events.next() => {
-                            if ev == BackendEvent::GuestRestarted {
-                                agent.guest_restarted(name);
-                            }
-                        }
-                    }
-                    match agent.upkeep_vm(name).await {
-                        Ok(Some(report)) if report != Default::default() => {
-                            log::info!("VM {name}: upkeep {report:?}")
-                        }
-                        Ok(_) => {}
-                        Err(e) => log::warn!("VM {name}: upkeep failed: {e}"),
+    agent
+        .vms()
+        .into_iter()
+        .map(|vm| spawn_vm_upkeep(agent.clone(), vm, period))
+        .collect()
+}
+
+/// The upkeep task of one VM (see [`spawn_upkeep`]); it ends when the VM
+/// is no longer served.
+pub fn spawn_vm_upkeep(agent: Arc<Agent>, vm: Arc<super::Vm>, period: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let name = vm.name();
+        let mut events = vm.backend.events();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if vm.is_retired() {
+                return;
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = vm.upkeep.notified() => {}
+                ev = events.next() => {
+                    if ev == BackendEvent::GuestRestarted {
+                        agent.guest_restarted(name);
                     }
                 }
-            })
-        })
-        .collect()
+            }
+            match agent.upkeep_vm(name).await {
+                Ok(Some(report)) if report != Default::default() => {
+                    log::info!("VM {name}: upkeep {report:?}")
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("VM {name}: upkeep failed: {e}"),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

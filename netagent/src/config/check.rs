@@ -16,7 +16,7 @@
 //! the file and the key.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
@@ -29,9 +29,12 @@ use crate::names::AGENT_LINK_PREFIXES;
 
 use super::{
     mirror6,
-    raw::{has_control, segment_subnet_rule, BackendKind, RawConfig, RawHostlo, RawNetwork, RawVm},
+    raw::{
+        has_control, registered_key, segment_subnet_rule, vm_from_spec, BackendKind, RawConfig,
+        RawHostlo, RawNetwork, RawVm,
+    },
     reserved6, AgentSettings, BackendConfig, Config, ConfigError, ConfigWarning, HostloConfig,
-    NetworkConfig, RouteConfig, VmConfig, BRIDGE_MAX_PORTS, IPV6_MIN_MTU,
+    NetworkConfig, RouteConfig, VmConfig, VmSpec, BRIDGE_MAX_PORTS, IPV6_MIN_MTU,
 };
 
 /// The IPv4 address of `net`'s subnet whose IPv6 mirror in `s6` is `a`.
@@ -74,9 +77,25 @@ fn not_unicast6(net: Ipv6Net) -> Option<&'static str> {
     })
 }
 
-/// The checked configuration of `raw`, read from `path`.
-pub(super) fn check(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
-    Checker { path }.check(raw)
+/// The checked configuration of `raw`, read from `path`, with the VMs
+/// `registered` at run time (kept in `store`) after the file's.
+pub(super) fn check(
+    path: &Path,
+    raw: RawConfig,
+    store: &Path,
+    registered: &[VmSpec],
+) -> Result<Config, ConfigError> {
+    Checker { path }.check(raw, store, registered)
+}
+
+/// What the VMs checked so far hold: names (and the key that named each),
+/// CIDs, sockets the agent listens on, endpoints (QMP sockets, namespaces).
+#[derive(Default)]
+struct Seen {
+    names: HashMap<String, String>,
+    cids: HashMap<u32, String>,
+    sockets: HashMap<PathBuf, String>,
+    endpoints: HashMap<PathBuf, String>,
 }
 
 struct Checker<'a> {
@@ -106,7 +125,13 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn check(
+        &self,
+        raw: RawConfig,
+        store: &Path,
+        registered: &[VmSpec],
+    ) -> Result<Config, ConfigError> {
+        let file = raw.clone();
         let a = raw.agent;
         self.path("agent.state_dir", &a.state_dir)?;
         self.path("agent.admin_socket", &a.admin_socket)?;
@@ -160,78 +185,31 @@ impl Checker<'_> {
             }
         }
         let mut vms = Vec::new();
-        let mut names = HashSet::new();
-        let mut cids = HashMap::new();
+        let mut seen = Seen::default();
         // Every socket the agent listens on, and whose it is.
-        let mut sockets: HashMap<PathBuf, String> = HashMap::new();
-        sockets.insert(
+        seen.sockets.insert(
             agent.admin_socket.clone(),
             "the admin socket (agent.admin_socket)".into(),
         );
-        // Every VM endpoint (QMP socket, namespace), and whose it is.
-        let mut endpoints: HashMap<PathBuf, String> = HashMap::new();
         for (i, v) in raw.vm.into_iter().enumerate() {
             let key = format!("vm[{i}] ({:?})", v.name);
-            let socket_key = if v.socket.is_none() && v.vsock_uds.is_some() {
-                "vsock_uds"
-            } else {
-                "socket"
-            };
-            let vm = self.check_vm(&key, socket_key, v, &agent, &networks)?;
-            if !names.insert(vm.name.clone()) {
-                return Err(self.err(format!("{key}.name"), "duplicate VM name"));
-            }
-            if let Some(cid) = vm.cid {
-                if let Some(other) = cids.insert(cid, vm.name.clone()) {
-                    return Err(self.err(
-                        format!("{key}.cid"),
-                        format!("CID {cid} is already VM {other:?}'s"),
-                    ));
-                }
-            }
-            let endpoint_key = match vm.backend {
-                BackendConfig::Qemu { .. } => "qmp_socket",
-                BackendConfig::Netns { .. } => "netns",
-            };
-            let endpoint = vm.backend.endpoint().to_path_buf();
-            if let Some(other) = endpoints.insert(endpoint.clone(), vm.name.clone()) {
-                return Err(self.err(
-                    format!("{key}.{endpoint_key}"),
+            vms.push(self.vm_entry(&key, v, false, &agent, &networks, &mut seen)?);
+        }
+        for spec in registered {
+            let v = vm_from_spec(store, spec)?;
+            let at = Checker { path: store };
+            let key = registered_key(&spec.name);
+            // A name the file has too: both places named.
+            if let Some(file_key) = seen.names.get(&v.name) {
+                return Err(at.err(
+                    format!("{key}.name"),
                     format!(
-                        "{} is already VM {other:?}'s: two VMs of the agent would drive one VM",
-                        endpoint.display()
+                        "duplicate VM name: {}: {file_key} has it too (remove one of them)",
+                        self.path.display()
                     ),
                 ));
             }
-            if let Some(owner) = sockets.get(&endpoint) {
-                return Err(self.err(
-                    format!("{key}.{endpoint_key}"),
-                    format!(
-                        "{} is {owner}, which the agent listens on",
-                        endpoint.display()
-                    ),
-                ));
-            }
-            if let Some(sock) = &vm.unix_socket {
-                if let Some(other) =
-                    sockets.insert(sock.clone(), format!("VM {:?}'s socket", vm.name))
-                {
-                    return Err(self.err(
-                        format!("{key}.{socket_key}"),
-                        format!("{} is already {other}", sock.display()),
-                    ));
-                }
-                if let Some(other) = endpoints.get(sock) {
-                    return Err(self.err(
-                        format!("{key}.{socket_key}"),
-                        format!(
-                            "{} is VM {other:?}'s QMP socket or namespace",
-                            sock.display()
-                        ),
-                    ));
-                }
-            }
-            vms.push(vm);
+            vms.push(at.vm_entry(&key, v, true, &agent, &networks, &mut seen)?);
         }
         let hostlo = self.check_hostlo(raw.hostlo, &networks)?;
         let warnings = self.bridge_ports(&networks, &net_keys, &vms);
@@ -242,7 +220,89 @@ impl Checker<'_> {
             vms,
             hostlo,
             warnings,
+            file,
+            registered: registered.to_vec(),
+            registered_path: store.to_path_buf(),
         })
+    }
+
+    /// One `[[vm]]` entry (or registered VM) `v`, named `key`, checked
+    /// alone and against the VMs `seen` before it.
+    fn vm_entry(
+        &self,
+        key: &str,
+        v: RawVm,
+        registered: bool,
+        agent: &AgentSettings,
+        networks: &BTreeMap<String, NetworkConfig>,
+        seen: &mut Seen,
+    ) -> Result<VmConfig, ConfigError> {
+        let socket_key = if v.socket.is_none() && v.vsock_uds.is_some() {
+            "vsock_uds"
+        } else {
+            "socket"
+        };
+        let mut vm = self.check_vm(key, socket_key, v, agent, networks)?;
+        vm.registered = registered;
+        if seen
+            .names
+            .insert(vm.name.clone(), key.to_string())
+            .is_some()
+        {
+            return Err(self.err(format!("{key}.name"), "duplicate VM name"));
+        }
+        if let Some(cid) = vm.cid {
+            if let Some(other) = seen.cids.insert(cid, vm.name.clone()) {
+                return Err(self.err(
+                    format!("{key}.cid"),
+                    format!("CID {cid} is already VM {other:?}'s"),
+                ));
+            }
+        }
+        let endpoint_key = match vm.backend {
+            BackendConfig::Qemu { .. } => "qmp_socket",
+            BackendConfig::Netns { .. } => "netns",
+        };
+        let endpoint = vm.backend.endpoint().to_path_buf();
+        if let Some(other) = seen.endpoints.insert(endpoint.clone(), vm.name.clone()) {
+            return Err(self.err(
+                format!("{key}.{endpoint_key}"),
+                format!(
+                    "{} is already VM {other:?}'s: two VMs of the agent would drive one VM",
+                    endpoint.display()
+                ),
+            ));
+        }
+        if let Some(owner) = seen.sockets.get(&endpoint) {
+            return Err(self.err(
+                format!("{key}.{endpoint_key}"),
+                format!(
+                    "{} is {owner}, which the agent listens on",
+                    endpoint.display()
+                ),
+            ));
+        }
+        if let Some(sock) = &vm.unix_socket {
+            if let Some(other) = seen
+                .sockets
+                .insert(sock.clone(), format!("VM {:?}'s socket", vm.name))
+            {
+                return Err(self.err(
+                    format!("{key}.{socket_key}"),
+                    format!("{} is already {other}", sock.display()),
+                ));
+            }
+            if let Some(other) = seen.endpoints.get(sock) {
+                return Err(self.err(
+                    format!("{key}.{socket_key}"),
+                    format!(
+                        "{} is VM {other:?}'s QMP socket or namespace",
+                        sock.display()
+                    ),
+                ));
+            }
+        }
+        Ok(vm)
     }
 
     /// A network whose VMs may hold more NICs together than its bridge has
@@ -623,6 +683,7 @@ impl Checker<'_> {
             cid: v.cid,
             unix_socket,
             max_nics: v.max_nics,
+            registered: false,
         })
     }
 }

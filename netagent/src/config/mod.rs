@@ -50,7 +50,7 @@ use std::{
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use nestless_model::mac::parse_hex_bytes;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Default location of the agent's configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nestless/netagent.toml";
@@ -379,6 +379,50 @@ pub struct VmConfig {
     pub max_nics: u32,
     /// NICs kept plugged and unassigned, so that an attach only assigns one.
     pub warm_pool: u32,
+    /// Registered at run time ([`VmSpec`], kept in `vms.json`) rather than a
+    /// `[[vm]]` entry of the file.
+    pub registered: bool,
+}
+
+/// A VM registered at run time (`RegisterVm`, `nestlessctl vm add`): the
+/// keys of a `[[vm]]` entry, kept as given in the registered VMs' store
+/// (`<state_dir>/vms.json`) and checked with the file's entries
+/// ([`Config::with_registered`]) each time the effective configuration is
+/// built. `None` is a key left out (its default, as in the file).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// `name`.
+    pub name: String,
+    /// `backend`: `"qemu"` or `"netns"`.
+    pub backend: String,
+    /// `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// `cid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<u32>,
+    /// `vsock_uds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_uds: Option<PathBuf>,
+    /// `socket`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// `max_nics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_nics: Option<u32>,
+    /// `warm_pool`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<u32>,
+    /// `qmp_socket` (qemu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp_socket: Option<PathBuf>,
+    /// `hotplug_slots` (qemu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_slots: Option<Vec<String>>,
+    /// `netns` (netns): a name under `/run/netns` or a path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Hostlo settings (`[hostlo]`).
@@ -406,6 +450,13 @@ pub struct Config {
     pub hostlo: HostloConfig,
     /// What may fail at run time though the file is valid.
     pub warnings: Vec<ConfigWarning>,
+    /// The file's entries, kept to check them again with another set of
+    /// registered VMs.
+    file: raw::RawConfig,
+    /// The registered VMs (also in `vms`, after the file's), as given.
+    registered: Vec<VmSpec>,
+    /// Where the registered VMs are kept (errors about them name it).
+    registered_path: PathBuf,
 }
 
 impl Config {
@@ -420,7 +471,44 @@ impl Config {
 
     /// Checks `text` as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        check::check(path, raw::from_toml(path, text)?)
+        check::check(path, raw::from_toml(path, text)?, Path::new(""), &[])
+    }
+
+    /// The effective configuration of this file with `vms` as the
+    /// registered VMs (kept in `store`, which errors about them name):
+    /// everything checked together, as if the registered VMs were `[[vm]]`
+    /// entries after the file's. A registered VM may not share a name (or
+    /// a socket, CID, QMP socket, namespace) with one of the file's.
+    pub fn with_registered(&self, store: &Path, vms: &[VmSpec]) -> Result<Config, ConfigError> {
+        check::check(&self.path, self.file.clone(), store, vms)
+    }
+
+    /// How errors name network `name`: `network[1] ("name")` (its entry in
+    /// the file), or `network ("name")` when the file has none.
+    pub fn network_key(&self, name: &str) -> String {
+        match self.file.network.iter().position(|n| n.name == name) {
+            Some(i) => format!("network[{i}] ({name:?})"),
+            None => format!("network ({name:?})"),
+        }
+    }
+
+    /// How errors name VM `name`: `vm[0] ("name")` (its entry in the file)
+    /// or `registered vm ("name")`.
+    pub fn vm_key(&self, name: &str) -> String {
+        match self.file.vm.iter().position(|v| v.name == name) {
+            Some(i) => format!("vm[{i}] ({name:?})"),
+            None => raw::registered_key(name),
+        }
+    }
+
+    /// The registered VMs, as given.
+    pub fn registered(&self) -> &[VmSpec] {
+        &self.registered
+    }
+
+    /// Where the registered VMs are kept (empty when there are none).
+    pub fn registered_path(&self) -> &Path {
+        &self.registered_path
     }
 
     /// The VM with this name.

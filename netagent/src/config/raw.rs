@@ -22,7 +22,7 @@ use serde::{de::Error as _, Deserialize, Deserializer};
 
 use super::{check_ifname, ConfigError, ListenVsock, MacPrefix, BRIDGE_MAX_PORTS};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     #[serde(default)]
@@ -35,7 +35,7 @@ pub(super) struct RawConfig {
     pub hostlo: RawHostlo,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawHostlo {
     /// `None`: `nestless_model::hostlo::DEFAULT_SEGMENT_SUBNET`.
@@ -54,7 +54,7 @@ impl Default for RawHostlo {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAgent {
     pub state_dir: PathBuf,
@@ -83,7 +83,7 @@ impl Default for RawAgent {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawNetwork {
     #[serde(deserialize_with = "network_name")]
@@ -110,7 +110,7 @@ pub(super) struct RawNetwork {
     pub routes: Vec<RawRoute>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
     #[serde(deserialize_with = "cidr")]
@@ -141,7 +141,7 @@ impl TryFrom<String> for BackendKind {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawVm {
     #[serde(deserialize_with = "vm_name")]
@@ -163,6 +163,34 @@ pub(super) struct RawVm {
     // netns
     #[serde(default, deserialize_with = "some_netns")]
     pub netns: Option<PathBuf>,
+}
+
+/// A registered VM ([`super::VmSpec`]) through the same schema as a
+/// `[[vm]]` entry, so that every rule about one value holds for it too; an
+/// error names `path` (the registered VMs' store) and the key,
+/// `registered vm ("name").cid`.
+pub(super) fn vm_from_spec(path: &Path, spec: &super::VmSpec) -> Result<RawVm, ConfigError> {
+    let key = registered_key(&spec.name);
+    let invalid = |k: String, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: k,
+        message,
+    };
+    let value = toml::Value::try_from(spec).map_err(|e| invalid(key.clone(), e.to_string()))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let k = if field.is_empty() || field == "." {
+            key.clone()
+        } else {
+            format!("{key}.{field}")
+        };
+        invalid(k, e.into_inner().to_string())
+    })
+}
+
+/// How errors name registered VM `name`: `registered vm ("name")`.
+pub(super) fn registered_key(name: &str) -> String {
+    format!("registered vm ({name:?})")
 }
 
 /// Deserialises the file, or says which key of `path` is wrong.

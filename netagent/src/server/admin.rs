@@ -1,5 +1,6 @@
 //! The `Admin` service (`nestlessctl`, over the root-only admin socket):
-//! read-only views of the agent, converted by [`convert`].
+//! views of the agent, converted by [`convert`], and the changes of the
+//! served VMs, which the [`Registry`] makes.
 
 use std::sync::Arc;
 
@@ -7,17 +8,41 @@ use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
 use super::convert;
-use crate::agent::Agent;
+use crate::{agent::Agent, config::VmConfig, registry::Registry};
 
 /// The Admin service.
 pub struct AdminService {
-    agent: Arc<Agent>,
+    registry: Arc<Registry>,
 }
 
 impl AdminService {
-    /// The Admin service of `agent`.
-    pub fn new(agent: Arc<Agent>) -> AdminService {
-        AdminService { agent }
+    /// The Admin service of `registry`'s agent.
+    pub fn new(registry: Arc<Registry>) -> AdminService {
+        AdminService { registry }
+    }
+
+    fn agent(&self) -> &Arc<Agent> {
+        self.registry.agent()
+    }
+
+    /// VM `vm` for a reply, without asking its backend.
+    fn info(&self, vm: &VmConfig, status: String) -> pb::VmInfo {
+        let (max, warm) = self
+            .agent()
+            .vm(&vm.name)
+            .map_or((vm.max_nics, vm.warm_pool), |v| {
+                (v.max_nics(), v.warm_pool())
+            });
+        let config = self.agent().config();
+        let spec = config.registered().iter().find(|s| s.name == vm.name);
+        convert::vm_info(
+            vm,
+            max,
+            warm,
+            self.agent().nic_count(&vm.name),
+            status,
+            spec,
+        )
     }
 }
 
@@ -28,13 +53,19 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::StatusRequest,
     ) -> ttrpc::Result<pb::StatusResponse> {
+        let agent = self.agent();
+        let config = agent.config();
         Ok(pb::StatusResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION.into(),
-            uptime_seconds: self.agent.uptime().as_secs(),
-            state_file: self.agent.state_file().path().display().to_string(),
-            vms: self.agent.vms().count() as u32,
-            nics: self.agent.records(None).len() as u32,
+            uptime_seconds: agent.uptime().as_secs(),
+            state_file: agent.state_file().path().display().to_string(),
+            vms: agent.vms().len() as u32,
+            nics: agent.records(None).len() as u32,
+            config_file: config.path.display().to_string(),
+            config_generation: self.registry.generation(),
+            last_reload_error: self.registry.last_reload_error(),
+            registered_vms: config.registered().len() as u32,
             ..Default::default()
         })
     }
@@ -45,7 +76,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: pb::ListVmsRequest,
     ) -> ttrpc::Result<pb::ListVmsResponse> {
         let mut vms = Vec::new();
-        for vm in self.agent.vms() {
+        for vm in self.agent().vms() {
             let status =
                 match tokio::time::timeout(std::time::Duration::from_secs(1), vm.backend.probe())
                     .await
@@ -54,26 +85,61 @@ impl agent_ttrpc::Admin for AdminService {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => "no answer within 1s".to_string(),
                 };
-            vms.push(pb::VmInfo {
-                name: vm.config.name.clone(),
-                backend: vm.backend.kind().into(),
-                endpoint: vm.config.backend.endpoint().display().to_string(),
-                network: vm.config.network.clone(),
-                cid: vm.config.cid.unwrap_or(0),
-                unix_socket: vm
-                    .config
-                    .unix_socket
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                nics: self.agent.nic_count(&vm.config.name) as u32,
-                max_nics: vm.config.max_nics,
-                status,
-                ..Default::default()
-            });
+            vms.push(self.info(&vm.config, status));
         }
         Ok(pb::ListVmsResponse {
             vms,
+            config_generation: self.registry.generation(),
+            last_reload_error: self.registry.last_reload_error(),
+            ..Default::default()
+        })
+    }
+
+    async fn register_vm(
+        &self,
+        _: &TtrpcContext,
+        req: pb::RegisterVmRequest,
+    ) -> ttrpc::Result<pb::RegisterVmResponse> {
+        let spec = convert::vm_spec(&req.vm.into_option().unwrap_or_default());
+        let registry = self.registry.clone();
+        // Its own task: a cancelled request never stops it half-way.
+        let vm = tokio::spawn(async move { registry.register(spec).await })
+            .await
+            .map_err(|_| interrupted("RegisterVm"))??;
+        Ok(pb::RegisterVmResponse {
+            vm: Some(self.info(&vm, "registered".into())).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn update_vm(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateVmRequest,
+    ) -> ttrpc::Result<pb::UpdateVmResponse> {
+        let spec = convert::vm_spec(&req.vm.into_option().unwrap_or_default());
+        let registry = self.registry.clone();
+        let (vm, restarted) = tokio::spawn(async move { registry.update(spec).await })
+            .await
+            .map_err(|_| interrupted("UpdateVm"))??;
+        Ok(pb::UpdateVmResponse {
+            vm: Some(self.info(&vm, "updated".into())).into(),
+            restarted,
+            ..Default::default()
+        })
+    }
+
+    async fn unregister_vm(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UnregisterVmRequest,
+    ) -> ttrpc::Result<pb::UnregisterVmResponse> {
+        let registry = self.registry.clone();
+        let released = tokio::spawn(async move { registry.unregister(&req.name, req.force).await })
+            .await
+            .map_err(|_| interrupted("UnregisterVm"))??;
+        Ok(pb::UnregisterVmResponse {
+            released_nics: u32::try_from(released).unwrap_or(u32::MAX),
             ..Default::default()
         })
     }
@@ -85,14 +151,14 @@ impl agent_ttrpc::Admin for AdminService {
     ) -> ttrpc::Result<pb::ListAllNicsResponse> {
         let vm = (!req.vm.is_empty()).then_some(req.vm.as_str());
         if let Some(v) = vm {
-            self.agent.vm(v)?;
+            self.agent().vm(v)?;
         }
         Ok(pb::ListAllNicsResponse {
             nics: self
-                .agent
+                .agent()
                 .records(vm)
                 .iter()
-                .map(|r| convert::nic_record(r, self.agent.network(&r.network)))
+                .map(|r| convert::nic_record(r, self.agent().network(&r.network).as_ref()))
                 .collect(),
             ..Default::default()
         })
@@ -105,7 +171,7 @@ impl agent_ttrpc::Admin for AdminService {
     ) -> ttrpc::Result<pb::ListHostloPodsResponse> {
         Ok(pb::ListHostloPodsResponse {
             pods: self
-                .agent
+                .agent()
                 .hostlo_pods()
                 .iter()
                 .map(convert::hostlo_pod)
@@ -121,7 +187,7 @@ impl agent_ttrpc::Admin for AdminService {
     ) -> ttrpc::Result<pb::ListLeasesResponse> {
         Ok(pb::ListLeasesResponse {
             leases: self
-                .agent
+                .agent()
                 .records(None)
                 .iter()
                 .map(convert::lease)
@@ -129,4 +195,8 @@ impl agent_ttrpc::Admin for AdminService {
             ..Default::default()
         })
     }
+}
+
+fn interrupted(op: &'static str) -> ttrpc::Error {
+    crate::error::AgentError::Interrupted { op }.to_ttrpc()
 }

@@ -23,7 +23,7 @@ use crate::{
         AttachRequest, Attachment, HostloJoin, HostloPart, HostloPodInfo, HostloPublish,
         HostloWatch, Labels, NetworkName, NicSelector,
     },
-    config::{HostloConfig, NetworkConfig},
+    config::{HostloConfig, NetworkConfig, VmConfig, VmSpec},
     hostlo::{Conflict, Part, PodName, PodView, Port, PortList},
     names::{IfName, Invalid, NicId, SandboxId, Scope},
     state::NicRecord,
@@ -320,6 +320,81 @@ pub fn lease(rec: &NicRecord) -> pb::Lease {
         sandbox_id: rec.sandbox_id.clone(),
         scope: rec.scope.clone(),
         interface: rec.interface.clone(),
+        ..Default::default()
+    }
+}
+
+/// A registered VM's fields from a request: an empty string, 0 or an empty
+/// list is a key left out. Nothing is checked here: the configuration's
+/// checker takes the result as it takes a `[[vm]]` entry.
+pub fn vm_spec(v: &pb::VmSpec) -> VmSpec {
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+    VmSpec {
+        name: v.name.clone(),
+        backend: v.backend.clone(),
+        network: text(&v.network),
+        cid: (v.cid != 0).then_some(v.cid),
+        vsock_uds: path(&v.vsock_uds),
+        socket: path(&v.socket),
+        max_nics: (v.max_nics != 0).then_some(v.max_nics),
+        warm_pool: (v.warm_pool != 0).then_some(v.warm_pool),
+        qmp_socket: path(&v.qmp_socket),
+        hotplug_slots: (!v.hotplug_slots.is_empty()).then(|| v.hotplug_slots.clone()),
+        netns: text(&v.netns),
+    }
+}
+
+/// A registered VM's fields as given, for a reply.
+pub fn vm_spec_pb(v: &VmSpec) -> pb::VmSpec {
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    pb::VmSpec {
+        name: v.name.clone(),
+        backend: v.backend.clone(),
+        network: v.network.clone().unwrap_or_default(),
+        cid: v.cid.unwrap_or(0),
+        vsock_uds: path(&v.vsock_uds),
+        socket: path(&v.socket),
+        max_nics: v.max_nics.unwrap_or(0),
+        warm_pool: v.warm_pool.unwrap_or(0),
+        qmp_socket: path(&v.qmp_socket),
+        hotplug_slots: v.hotplug_slots.clone().unwrap_or_default(),
+        netns: v.netns.clone().unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// A served VM for a reply (`status`: whether its backend answers; `nics`:
+/// how many it has; `spec`: its registered fields).
+pub fn vm_info(
+    vm: &VmConfig,
+    max_nics: u32,
+    warm_pool: u32,
+    nics: usize,
+    status: String,
+    spec: Option<&VmSpec>,
+) -> pb::VmInfo {
+    pb::VmInfo {
+        name: vm.name.clone(),
+        backend: vm.backend.kind().into(),
+        endpoint: vm.backend.endpoint().display().to_string(),
+        network: vm.network.clone(),
+        cid: vm.cid.unwrap_or(0),
+        unix_socket: vm
+            .unix_socket
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        nics: u32::try_from(nics).unwrap_or(u32::MAX),
+        max_nics,
+        status,
+        registered: vm.registered,
+        warm_pool,
+        spec: spec.map(vm_spec_pb).into(),
         ..Default::default()
     }
 }

@@ -12,6 +12,10 @@
 //!  admin.sock (0600, peer uid 0 checked) ──▶ Admin service (nestlessctl)
 //! ```
 //!
+//! VMs join and leave while the agent runs ([`crate::registry`]):
+//! [`VmListeners`] starts a VM's server and socket and adds its CID to the
+//! vsock accept loop's table, or stops them.
+//!
 //! * this file: the listeners, the per-VM servers and [`serve`];
 //! * [`vm`]: the `NetAgent` service of one VM: parse (convert), call the
 //!   agent, convert the reply; nothing else;
@@ -50,7 +54,11 @@ use self::{
     refusals::RefusalLog,
     vm::VmService,
 };
-use crate::{agent::Agent, config::ListenVsock};
+use crate::{
+    agent::{Agent, Vm},
+    config::ListenVsock,
+    registry::Registry,
+};
 
 /// Listener set-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +140,7 @@ pub struct Running {
     servers: Vec<ttrpc::r#async::Server>,
     tasks: Vec<JoinHandle<()>>,
     sockets: Vec<PathBuf>,
+    listeners: Arc<VmListeners>,
     /// Whether AF_VSOCK is being served.
     pub vsock: bool,
 }
@@ -147,6 +156,7 @@ impl Running {
         for p in &self.sockets {
             let _ = std::fs::remove_file(p);
         }
+        self.listeners.stop_all();
         // ttrpc's own Server::shutdown panics when its listener stream has
         // ended (ttrpc 0.9); the servers simply go away with the process.
         std::mem::forget(self.servers);
@@ -232,45 +242,152 @@ fn accept_unix(
     })
 }
 
-/// Starts every listener of `agent`'s configuration.
-pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
-    let cfg = agent.config().clone();
-    let mut running = Running {
-        servers: Vec::new(),
-        tasks: Vec::new(),
-        sockets: Vec::new(),
-        vsock: false,
-    };
-    let mut by_cid: HashMap<u32, (mpsc::Sender<Conn>, Budget, String)> = HashMap::new();
-    for vm in agent.vms() {
+/// A VM's connections: the channel into its ttrpc server, its budget,
+/// and how the logs name it.
+type VmDoor = (mpsc::Sender<Conn>, Budget, String);
+
+/// The per-VM servers and sockets, which VMs join and leave while the agent
+/// runs ([`crate::registry`]).
+pub struct VmListeners {
+    agent: Arc<Agent>,
+    /// VMs reached over AF_VSOCK, by CID (the vsock accept loop reads it).
+    by_cid: Arc<std::sync::RwLock<HashMap<u32, VmDoor>>>,
+    served: std::sync::Mutex<HashMap<String, VmListener>>,
+}
+
+struct VmListener {
+    task: Option<JoinHandle<()>>,
+    socket: Option<PathBuf>,
+    cid: Option<u32>,
+}
+
+impl VmListeners {
+    /// None yet, for `agent`'s VMs.
+    pub fn new(agent: Arc<Agent>) -> VmListeners {
+        VmListeners {
+            agent,
+            by_cid: Arc::default(),
+            served: std::sync::Mutex::default(),
+        }
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, HashMap<String, VmListener>> {
+        self.served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts serving `vm`: its ttrpc server, its unix socket (bound now),
+    /// its CID.
+    ///
+    /// # Errors
+    /// [`ServeError`] when the socket cannot be bound or the server started.
+    pub async fn add(&self, vm: &Vm) -> Result<(), ServeError> {
         let name = vm.config.name.clone();
         // One budget per VM, whichever way it connects.
-        let budget = Budget::new(vm_budget(vm.config.max_nics));
+        let budget = Budget::new(vm_budget(vm.max_nics()));
         let (tx, listener) = channel_listener();
-        let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
-            agent.clone(),
-            Some(name.clone()),
-        )));
-        running
-            .servers
-            .push(start_server(&format!("VM {name}"), listener, service).await?);
+        let mut entry = VmListener {
+            task: None,
+            socket: None,
+            cid: vm.config.cid,
+        };
         if let Some(path) = &vm.config.unix_socket {
             let l = bind_unix(path, 0o660)?;
-            running.sockets.push(path.clone());
-            running.tasks.push(accept_unix(
+            entry.socket = Some(path.clone());
+            entry.task = Some(accept_unix(
                 l,
                 tx.clone(),
                 format!("VM {name} socket {}", path.display()),
                 false,
                 budget.clone(),
             ));
+        }
+        let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
+            self.agent.clone(),
+            Some(name.clone()),
+        )));
+        let server = match start_server(&format!("VM {name}"), listener, service).await {
+            Ok(s) => s,
+            Err(e) => {
+                stop_listener(entry);
+                return Err(e);
+            }
+        };
+        // ttrpc's own Server::shutdown panics when its listener stream has
+        // ended (ttrpc 0.9): the server ends with its listener (the channel
+        // closes when the VM leaves) and is not shut down.
+        std::mem::forget(server);
+        if let Some(path) = &entry.socket {
             log::info!("VM {name}: listening on {}", path.display());
         }
         if let Some(cid) = vm.config.cid {
-            by_cid.insert(cid, (tx, budget, format!("VM {name} (vsock CID {cid})")));
+            self.by_cid
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(cid, (tx, budget, format!("VM {name} (vsock CID {cid})")));
+        }
+        if let Some(old) = self.served().insert(name, entry) {
+            stop_listener(old);
+        }
+        Ok(())
+    }
+
+    /// Stops serving VM `name`: its socket is closed and removed, its CID
+    /// forgotten. Connections already open stay until their peer closes
+    /// them; their calls are refused (the VM is no longer served).
+    pub fn remove(&self, name: &str) {
+        let Some(entry) = self.served().remove(name) else {
+            return;
+        };
+        if let Some(cid) = entry.cid {
+            self.by_cid
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&cid);
+        }
+        stop_listener(entry);
+    }
+
+    /// Stops every VM listener (at shutdown).
+    pub fn stop_all(&self) {
+        let all: Vec<VmListener> = self.served().drain().map(|(_, l)| l).collect();
+        self.by_cid
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        for l in all {
+            stop_listener(l);
         }
     }
-    if cfg.agent.listen_vsock != ListenVsock::No && !by_cid.is_empty() {
+}
+
+fn stop_listener(l: VmListener) {
+    if let Some(t) = l.task {
+        t.abort();
+    }
+    if let Some(p) = l.socket {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Starts every listener: each VM the agent serves now (VMs registered
+/// later are added by the registry), AF_VSOCK, and the admin socket.
+pub async fn serve(registry: Arc<Registry>) -> Result<Running, ServeError> {
+    let agent = registry.agent().clone();
+    let cfg = agent.config();
+    let mut running = Running {
+        servers: Vec::new(),
+        tasks: Vec::new(),
+        sockets: Vec::new(),
+        listeners: registry.listeners().clone(),
+        vsock: false,
+    };
+    for vm in agent.vms() {
+        registry.listeners().add(&vm).await?;
+    }
+    let by_cid = registry.listeners().by_cid.clone();
+    if cfg.agent.listen_vsock != ListenVsock::No {
         let port = cfg.agent.vsock_port;
         match tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
             libc::VMADDR_CID_ANY,
@@ -292,7 +409,12 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
                     loop {
                         match l.accept().await {
                             Ok((stream, addr)) => {
-                                let (tx, conn) = match by_cid.get(&addr.cid()) {
+                                let door = by_cid
+                                    .read()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .get(&addr.cid())
+                                    .cloned();
+                                let (tx, conn) = match &door {
                                     Some((tx, budget, what)) => {
                                         (tx, admit(stream, budget, &refusals, what))
                                     }
@@ -334,7 +456,7 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         }
     }
     let (tx, listener) = channel_listener();
-    let admin = agent_ttrpc::create_admin(Arc::new(AdminService::new(agent.clone())));
+    let admin = agent_ttrpc::create_admin(Arc::new(AdminService::new(registry.clone())));
     running
         .servers
         .push(start_server("admin", listener, admin).await?);

@@ -88,7 +88,7 @@ impl agent_ttrpc::NetAgent for VmService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             vm: vm_name.into(),
             nics_in_use: self.agent.nic_count(vm_name) as u32,
-            nic_quota: vm.config.max_nics,
+            nic_quota: vm.max_nics(),
             ..Default::default()
         })
     }
@@ -120,7 +120,7 @@ impl agent_ttrpc::NetAgent for VmService {
                 }
             })?;
             Ok::<_, AgentError>(pb::AttachNicResponse {
-                nic: protobuf::MessageField::some(convert::nic(&done.record, net)),
+                nic: protobuf::MessageField::some(convert::nic(&done.record, &net)),
                 created: done.created,
                 ..Default::default()
             })
@@ -260,7 +260,7 @@ impl agent_ttrpc::NetAgent for VmService {
             .records(Some(vm_name))
             .iter()
             .filter(|r| r.state == NicState::Attached && !r.pooled && r.hostlo.is_none())
-            .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, n)))
+            .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, &n)))
             .collect();
         Ok(pb::ListNicsResponse {
             nics,

@@ -1,0 +1,512 @@
+//! VMs registered at run time and the configuration reloaded on SIGHUP
+//! (issue 13, item 1), for real: the agent binary, netns-backed VMs on a
+//! test bridge, `nestlessctl vm ...`, the Admin API. Needs root. Every wait
+//! polls the agent's API (the config generation, the last reload error,
+//! the VMs it lists), never a sleep.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use nestless_protos::agent as pb;
+use nestless_tests::{
+    agent::{admin_client, bin_path, ctx, status_of, vm_client, AgentProc, NetnsVms},
+    netenv::{host_links, Netns},
+};
+
+fn rig(vms: usize) -> NetnsVms {
+    NetnsVms::start(vms, 8, "test", "vv")
+}
+
+fn attach_req(sb: &str) -> pb::AttachNicRequest {
+    pb::AttachNicRequest {
+        sandbox_id: sb.into(),
+        ..Default::default()
+    }
+}
+
+/// `nestlessctl ARGS --socket <admin>`.
+fn ctl(agent: &AgentProc, args: &[&str]) -> Output {
+    Command::new(bin_path("nestlessctl"))
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.admin)
+        .output()
+        .expect("run nestlessctl")
+}
+
+/// `nestlessctl vm add NAME --backend netns --netns NS --vm-socket SOCKET EXTRA...`.
+fn add(agent: &AgentProc, name: &str, ns: &str, socket: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "vm",
+        "add",
+        name,
+        "--backend",
+        "netns",
+        "--netns",
+        ns,
+        "--vm-socket",
+        socket,
+    ];
+    args.extend_from_slice(extra);
+    ctl(agent, &args)
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "nestlessctl failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn failed(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "nestlessctl should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `nestlessctl vm ls --json`, by name.
+fn vms(agent: &AgentProc) -> Vec<serde_json::Value> {
+    let out = ok(&ctl(agent, &["vm", "ls", "--json"]));
+    serde_json::from_str::<serde_json::Value>(&out)
+        .expect("vm ls --json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn vm<'a>(list: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    list.iter().find(|v| v["name"] == name)
+}
+
+async fn status(agent: &AgentProc) -> pb::StatusResponse {
+    admin_client(&agent.admin)
+        .await
+        .status(ctx(), &pb::StatusRequest::default())
+        .await
+        .expect("Status")
+}
+
+/// Polls Status until `done` holds (20 s at most).
+async fn wait_status(
+    agent: &AgentProc,
+    what: &str,
+    done: impl Fn(&pb::StatusResponse) -> bool,
+) -> pb::StatusResponse {
+    let start = Instant::now();
+    loop {
+        let s = status(agent).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: not within 20s; last status {s:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sighup(agent: &AgentProc) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+}
+
+/// A `[[vm]]` entry as the rig writes them.
+fn vm_entry(name: &str, ns: &str, dir: &Path) -> String {
+    format!(
+        "[[vm]]\nname = \"{name}\"\nbackend = \"netns\"\nnetns = \"{ns}\"\nsocket = \"{}/{name}.sock\"\nmax_nics = 8\n",
+        dir.display()
+    )
+}
+
+/// The rig's config with other networks and VMs.
+fn config_text(rig: &NetnsVms, networks: &[(&str, &str, &str)], vms: &str) -> String {
+    let dir = rig.agent.dir.path();
+    let mut s = AgentProc::agent_section(dir);
+    for (name, bridge, net) in networks {
+        s += &format!(
+            "[[network]]\nname = \"{name}\"\nbridge = \"{bridge}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n"
+        );
+    }
+    s + vms
+}
+
+/// The NIC with `mac` is in namespace `ns`.
+fn has_mac(ns: &Netns, mac: &str) -> bool {
+    ns.links()
+        .iter()
+        .any(|l| l["address"].as_str() == Some(mac))
+}
+
+fn sock(rig: &NetnsVms, name: &str) -> PathBuf {
+    rig.agent.dir.path().join(format!("{name}.sock"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_add_serves_at_once_and_rm_needs_force_with_nics() {
+    let rig = rig(1);
+    let ns = Netns::new("dyn");
+    let dyn_sock = sock(&rig, "dyn");
+    let dyn_sock_s = dyn_sock.display().to_string();
+
+    // Bad arguments: said clearly, nothing registered.
+    let e = failed(&ctl(&rig.agent, &["vm", "add", "dyn", "--netns", &ns.name]));
+    assert!(e.contains("--backend is required"), "{e}");
+    let e = failed(&ctl(
+        &rig.agent,
+        &[
+            "vm",
+            "add",
+            "dyn",
+            "--backend",
+            "netns",
+            "--max-nics",
+            "many",
+        ],
+    ));
+    assert!(e.contains("--max-nics") && e.contains("many"), "{e}");
+    let e = failed(&ctl(&rig.agent, &["vm", "add", "dyn", "--backend", "xen"]));
+    assert!(e.contains("xen"), "{e}");
+    // The agent's checks, naming the field: a name the file has, the file
+    // VM's namespace and socket, an unknown network, the admin socket.
+    let e = failed(&add(&rig.agent, "vm0", &ns.name, &dyn_sock_s, &[]));
+    assert!(e.contains("\"vm0\" exists already"), "{e}");
+    let e = failed(&add(&rig.agent, "dyn", &rig.vms[0].name, &dyn_sock_s, &[]));
+    assert!(
+        e.contains("registered vm (\"dyn\").netns") && e.contains("already VM \"vm0\"'s"),
+        "{e}"
+    );
+    let vm0_sock = rig.socket(0).display().to_string();
+    let e = failed(&add(&rig.agent, "dyn", &ns.name, &vm0_sock, &[]));
+    assert!(e.contains("registered vm (\"dyn\").socket"), "{e}");
+    let admin = rig.agent.admin.display().to_string();
+    let e = failed(&add(&rig.agent, "dyn", &ns.name, &admin, &[]));
+    assert!(e.contains("admin socket"), "{e}");
+    let e = failed(&add(
+        &rig.agent,
+        "dyn",
+        &ns.name,
+        &dyn_sock_s,
+        &["--network", "nope"],
+    ));
+    assert!(e.contains("registered vm (\"dyn\").network"), "{e}");
+    assert!(vm(&vms(&rig.agent), "dyn").is_none());
+    assert!(!dyn_sock.exists());
+
+    // Registered: served at once.
+    let generation = status(&rig.agent).await.config_generation;
+    ok(&add(
+        &rig.agent,
+        "dyn",
+        &ns.name,
+        &dyn_sock_s,
+        &["--max-nics", "4"],
+    ));
+    assert_eq!(status(&rig.agent).await.config_generation, generation + 1);
+    let c = vm_client(&dyn_sock).await;
+    let health = c
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.vm, "dyn");
+    assert_eq!(health.nic_quota, 4);
+    let nic = c
+        .attach_nic(ctx(), &attach_req("sb-dyn"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    assert!(has_mac(&ns, &nic.mac), "NIC {} not in {}", nic.mac, ns.name);
+    let list = vms(&rig.agent);
+    let d = vm(&list, "dyn").expect("dyn listed");
+    assert_eq!(d["source"], "registered");
+    assert_eq!(d["nics"], 1);
+    assert_eq!(vm(&list, "vm0").unwrap()["source"], "file");
+    let table = ok(&ctl(&rig.agent, &["vm", "ls"]));
+    assert!(
+        table.starts_with("NAME") && table.contains("registered"),
+        "{table}"
+    );
+
+    // A live quota change; a socket change refused while it has NICs.
+    ok(&ctl(
+        &rig.agent,
+        &["vm", "set", "dyn", "--max-nics", "6", "--warm-pool", "0"],
+    ));
+    let health = c
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.nic_quota, 6);
+    let other = sock(&rig, "dyn2").display().to_string();
+    let e = failed(&ctl(
+        &rig.agent,
+        &["vm", "set", "dyn", "--vm-socket", &other],
+    ));
+    assert!(e.contains("1 NIC(s)") && e.contains("socket"), "{e}");
+    let e = failed(&ctl(&rig.agent, &["vm", "set", "vm0", "--max-nics", "2"]));
+    assert!(e.contains("[[vm]]"), "{e}");
+
+    // rm without --force: refused, naming the count; nothing changed.
+    let e = failed(&ctl(&rig.agent, &["vm", "rm", "dyn"]));
+    assert!(e.contains("1 NIC(s)") && e.contains("force"), "{e}");
+    assert!(dyn_sock.exists());
+    assert!(has_mac(&ns, &nic.mac));
+    // The file's VMs are not removed this way.
+    let e = failed(&ctl(&rig.agent, &["vm", "rm", "vm0"]));
+    assert!(e.contains("[[vm]]"), "{e}");
+
+    // rm --force: its NIC released, its socket gone, nothing left.
+    let out = ok(&ctl(&rig.agent, &["vm", "rm", "dyn", "--force", "--json"]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["released_nics"], 1);
+    assert!(!dyn_sock.exists(), "socket left");
+    assert!(!has_mac(&ns, &nic.mac), "NIC left in the namespace");
+    assert!(
+        host_links(&format!("nlh{}", nic.id)).is_empty(),
+        "host end left"
+    );
+    assert!(rig.agent.leases().is_empty());
+    assert!(vm(&vms(&rig.agent), "dyn").is_none());
+    // Its open connection is refused now (the VM is no longer served).
+    if let Err(e) = c.health(ctx(), &pb::HealthRequest::default()).await {
+        let (code, _) = status_of(&e);
+        assert_ne!(code, ttrpc::Code::OK, "{e:?}");
+    } else {
+        panic!("a call on an unregistered VM's connection succeeded");
+    }
+    let e = failed(&ctl(&rig.agent, &["vm", "rm", "dyn"]));
+    assert!(e.contains("no registered VM"), "{e}");
+
+    // Without NICs, rm needs no force; the name can be used again.
+    ok(&add(&rig.agent, "dyn", &ns.name, &dyn_sock_s, &[]));
+    assert!(dyn_sock.exists());
+    ok(&ctl(&rig.agent, &["vm", "rm", "dyn"]));
+    assert!(!dyn_sock.exists());
+    let stored = std::fs::read_to_string(rig.agent.dir.path().join("state/vms.json")).unwrap();
+    assert!(!stored.contains("dyn"), "{stored}");
+}
+
+async fn register(agent: &AgentProc, name: &str, ns: &Netns, socket: &Path) {
+    admin_client(&agent.admin)
+        .await
+        .register_vm(
+            ctx(),
+            &pb::RegisterVmRequest {
+                vm: Some(pb::VmSpec {
+                    name: name.into(),
+                    backend: "netns".into(),
+                    netns: ns.name.clone(),
+                    socket: socket.display().to_string(),
+                    ..Default::default()
+                })
+                .into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("RegisterVm {name}: {e:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_vm_and_its_nics_survive_restart_and_kill9() {
+    let mut rig = rig(1);
+    let ns = Netns::new("dur");
+    let dsock = sock(&rig, "dur");
+    register(&rig.agent, "dur", &ns, &dsock).await;
+    let nic = vm_client(&dsock)
+        .await
+        .attach_nic(ctx(), &attach_req("sb-dur"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    for how in ["stop", "kill -9"] {
+        if how == "stop" {
+            assert!(rig.agent.stop().success());
+        } else {
+            rig.agent.kill9();
+        }
+        rig.agent.restart();
+        let list = vms(&rig.agent);
+        let d = vm(&list, "dur").unwrap_or_else(|| panic!("after {how}: {list:?}"));
+        assert_eq!(d["source"], "registered", "after {how}");
+        assert_eq!(d["nics"], 1, "after {how}: its NIC kept");
+        assert!(has_mac(&ns, &nic.mac), "after {how}");
+        // Served again: the same attach finds its NIC.
+        let again = vm_client(&dsock)
+            .await
+            .attach_nic(ctx(), &attach_req("sb-dur"))
+            .await
+            .unwrap();
+        assert!(!again.created, "after {how}");
+        assert_eq!(again.nic.unwrap().id, nic.id);
+        assert!(
+            !rig.agent.log().contains("no longer configured"),
+            "after {how}:\n{}",
+            rig.agent.log()
+        );
+    }
+    ok(&ctl(&rig.agent, &["vm", "rm", "dur", "--force"]));
+    assert!(!has_mac(&ns, &nic.mac));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_change() {
+    let rig = rig(2);
+    let extra = Netns::new("new");
+    let c0 = vm_client(&rig.socket(0)).await;
+    let nic = c0
+        .attach_nic(ctx(), &attach_req("sb-keep"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let before = status(&rig.agent).await;
+    assert_eq!(before.last_reload_error, "");
+    // vm1 removed, vm2 added, a network added (its bridge is not there:
+    // a warning, attaches to it would fail until it is).
+    let dir = rig.agent.dir.path();
+    let bridge = rig.bridge.name.clone();
+    let text = config_text(
+        &rig,
+        &[
+            ("test", &bridge, &rig.net),
+            ("more", "nltmissing0", "10.254.254"),
+        ],
+        &(vm_entry("vm0", &rig.vms[0].name, dir)
+            + "network = \"test\"\n"
+            + &vm_entry("vm2", &extra.name, dir)
+            + "network = \"test\"\n"),
+    );
+    std::fs::write(&rig.agent.config, text).unwrap();
+    sighup(&rig.agent);
+    let after = wait_status(&rig.agent, "reload applied", |s| {
+        s.config_generation > before.config_generation
+    })
+    .await;
+    assert_eq!(after.last_reload_error, "", "{after:?}");
+    assert!(!rig.socket(1).exists(), "vm1's socket left");
+    let list = vms(&rig.agent);
+    assert!(vm(&list, "vm1").is_none());
+    assert_eq!(vm(&list, "vm0").unwrap()["nics"], 1);
+    let c2 = vm_client(&sock(&rig, "vm2")).await;
+    let n2 = c2
+        .attach_nic(ctx(), &attach_req("sb-new"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    assert!(has_mac(&extra, &n2.mac));
+    assert!(has_mac(&rig.vms[0], &nic.mac), "vm0's NIC kept");
+    let health = c0
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.nics_in_use, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_a_bad_change_and_survives_garbage() {
+    let rig = rig(1);
+    let c0 = vm_client(&rig.socket(0)).await;
+    let nic = c0
+        .attach_nic(ctx(), &attach_req("sb-live"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let before = status(&rig.agent).await;
+    let original = std::fs::read_to_string(&rig.agent.config).unwrap();
+    let dir = rig.agent.dir.path();
+    // The network renamed under a live NIC: refused whole.
+    let bridge = rig.bridge.name.clone();
+    let renamed = config_text(
+        &rig,
+        &[("test2", &bridge, &rig.net)],
+        &vm_entry("vm0", &rig.vms[0].name, dir),
+    );
+    std::fs::write(&rig.agent.config, renamed).unwrap();
+    sighup(&rig.agent);
+    let s = wait_status(&rig.agent, "reload refused", |s| {
+        !s.last_reload_error.is_empty()
+    })
+    .await;
+    let cfg = rig.agent.config.display().to_string();
+    assert!(
+        s.last_reload_error.starts_with(&cfg)
+            && s.last_reload_error.contains("network[0] (\"test\")")
+            && s.last_reload_error.contains("1 NIC(s)"),
+        "{}",
+        s.last_reload_error
+    );
+    assert_eq!(s.config_generation, before.config_generation);
+    let health = c0
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.nics_in_use, 1);
+    assert!(has_mac(&rig.vms[0], &nic.mac));
+    assert_eq!(rig.agent.leases().len(), 1);
+
+    // A [[vm]] of the file taking a registered VM's name: refused, both named.
+    let ns = Netns::new("clash");
+    register(&rig.agent, "dyn", &ns, &sock(&rig, "dyn")).await;
+    let generation = status(&rig.agent).await.config_generation;
+    let clash =
+        original.clone() + &vm_entry("dyn", &ns.name, dir).replace("dyn.sock", "dyn-file.sock");
+    std::fs::write(&rig.agent.config, clash).unwrap();
+    let last = s.last_reload_error.clone();
+    sighup(&rig.agent);
+    let s = wait_status(&rig.agent, "clash refused", |s| s.last_reload_error != last).await;
+    assert!(
+        s.last_reload_error.contains("registered vm (\"dyn\").name")
+            && s.last_reload_error.contains("vm[1] (\"dyn\")"),
+        "{}",
+        s.last_reload_error
+    );
+    assert_eq!(s.config_generation, generation);
+
+    // Garbage: logged, kept running.
+    std::fs::write(&rig.agent.config, "[[[ not toml\n").unwrap();
+    let last = s.last_reload_error.clone();
+    sighup(&rig.agent);
+    let s = wait_status(&rig.agent, "garbage refused", |s| {
+        s.last_reload_error != last
+    })
+    .await;
+    assert!(
+        s.last_reload_error.starts_with(&cfg) && s.last_reload_error.contains("line 1"),
+        "{}",
+        s.last_reload_error
+    );
+    assert_eq!(s.config_generation, generation);
+    let health = c0
+        .health(ctx(), &pb::HealthRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(health.vm, "vm0");
+
+    // The original file again: applied (nothing changes), error cleared.
+    std::fs::write(&rig.agent.config, original).unwrap();
+    sighup(&rig.agent);
+    let s = wait_status(&rig.agent, "reload applied", |s| {
+        s.last_reload_error.is_empty()
+    })
+    .await;
+    assert_eq!(s.config_generation, generation + 1);
+    ok(&ctl(&rig.agent, &["vm", "rm", "dyn"]));
+}
