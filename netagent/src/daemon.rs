@@ -82,6 +82,10 @@ pub async fn release_stale(config: Config) -> Result<ReconcileReport, DaemonErro
 /// # Errors
 /// See [`DaemonError`]; a signal is a clean exit.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Installed first: a SIGHUP during recovery waits for the loop below
+    // (it reloads then), and never kills the agent.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DaemonError::Signals)?;
     for w in &config.warnings {
         log::warn!("{w}");
     }
@@ -104,9 +108,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         Arc::new(VmListeners::new(agent.clone())),
         UPKEEP_PERIOD,
     ));
-    // Installed before serving: a SIGHUP from then on reloads, never kills.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(DaemonError::Signals)?;
     let running = server::serve(registry.clone()).await?;
     registry.spawn_upkeep_all();
     let mut upkeep = Vec::new();

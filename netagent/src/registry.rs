@@ -532,6 +532,7 @@ impl Registry {
             }
         }
         let Some(served) = self.agent.add_vm(vm) else {
+            // Served already (the network is checked with the configuration).
             return Err(RegistryError::Exists(name.to_string()));
         };
         if let Err(e) = self.listeners.add(&served).await {
@@ -652,7 +653,13 @@ impl Registry {
             });
         }
         self.stop_vm(&name).await?;
-        self.store.save(&specs)?;
+        if let Err(e) = self.store.save(&specs) {
+            // Served again as it was.
+            if let Err(se) = self.start_vm(&name).await {
+                log::error!("VM {name}: not served again after a failed update: {se}");
+            }
+            return Err(e.into());
+        }
         self.agent.set_config(new);
         if let Err(e) = self.start_vm(&name).await {
             log::error!("VM {name}: updated but not served: {e}");
@@ -758,10 +765,19 @@ impl Registry {
         for w in &new.warnings {
             log::warn!("{w}");
         }
-        // Stop what goes or restarts; a VM that gained NICs since the plan
-        // stops the reload here (what was stopped so far stays stopped).
+        // Stop what goes or restarts. A VM that gained NICs since the plan
+        // refuses the reload: what was stopped so far is served again.
+        let mut stopped: Vec<&String> = Vec::new();
         for name in plan.remove.iter().chain(&plan.restart) {
-            self.stop_vm(name).await?;
+            if let Err(e) = self.stop_vm(name).await {
+                for again in stopped {
+                    if let Err(se) = self.start_vm(again).await {
+                        log::error!("VM {again}: not served again after a refused reload: {se}");
+                    }
+                }
+                return Err(e);
+            }
+            stopped.push(name);
         }
         for net in &plan.networks {
             self.agent.forget_network(net);

@@ -360,6 +360,26 @@ async fn a_registered_vm_and_its_nics_survive_restart_and_kill9() {
             rig.agent.log()
         );
     }
+    // A [[vm]] added to the file with the registered VM's name: the agent
+    // refuses to start (and --check-config says why), naming both.
+    assert!(rig.agent.stop().success());
+    let original = std::fs::read_to_string(&rig.agent.config).unwrap();
+    let other = Netns::new("dur2");
+    let clash = original.clone()
+        + &vm_entry("dur", &other.name, rig.agent.dir.path()).replace("dur.sock", "dur-file.sock");
+    std::fs::write(&rig.agent.config, clash).unwrap();
+    for args in [&["--check-config"][..], &[][..]] {
+        let (status, out) = rig.agent.run_once(args, Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{args:?}: {out}");
+        assert!(
+            out.contains("vms.json: registered vm (\"dur\").name")
+                && out.contains("vm[1] (\"dur\") has it too"),
+            "{args:?}: {out}"
+        );
+    }
+    std::fs::write(&rig.agent.config, original).unwrap();
+    rig.agent.restart();
+    assert_eq!(vm(&vms(&rig.agent), "dur").unwrap()["nics"], 1);
     ok(&ctl(&rig.agent, &["vm", "rm", "dur", "--force"]));
     assert!(!has_mac(&ns, &nic.mac));
 }
