@@ -189,7 +189,7 @@ fuzz_target!(|data: &[u8]| {
                 Call::Attach(r) => {
                     if let Ok(a) = agent.attach(vm, r).await {
                         if let Some(net) = agent.network(&a.record.network) {
-                            convert::nic(&a.record, net);
+                            convert::nic(&a.record, &net);
                         }
                     }
                 }

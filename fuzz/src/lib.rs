@@ -151,7 +151,7 @@ pub async fn exercise(agent: &Agent, vm: &str) {
         .await
     {
         if let Some(net) = agent.network(&a.record.network) {
-            convert::nic(&a.record, net);
+            convert::nic(&a.record, &net);
         }
     }
     let join = HostloJoin {
@@ -170,7 +170,7 @@ pub async fn exercise(agent: &Agent, vm: &str) {
 pub fn replies(agent: &Agent) {
     for r in agent.records(None) {
         let net = agent.network(&r.network);
-        convert::nic_record(&r, net);
+        convert::nic_record(&r, net.as_ref());
         convert::lease(&r);
     }
     for p in agent.hostlo_pods() {

@@ -464,6 +464,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn vm_flags_change_only_what_they_give() {
+        let mut spec = pb::VmSpec {
+            name: "a".into(),
+            backend: "netns".into(),
+            netns: "x".into(),
+            socket: "/run/a.sock".into(),
+            max_nics: 4,
+            ..Default::default()
+        };
+        let flags = VmFields {
+            max_nics: Some(8),
+            warm_pool: Some(2),
+            ..Default::default()
+        };
+        assert!(!flags.is_empty() && VmFields::default().is_empty());
+        flags.apply(&mut spec);
+        assert_eq!((spec.max_nics, spec.warm_pool), (8, 2));
+        assert_eq!(
+            (spec.netns.as_str(), spec.socket.as_str()),
+            ("x", "/run/a.sock")
+        );
+        let flags = VmFields {
+            vm_socket: Some("/run/b.sock".into()),
+            hotplug_slots: vec!["rp1".into()],
+            ..Default::default()
+        };
+        flags.apply(&mut spec);
+        assert_eq!(spec.socket, "/run/b.sock");
+        assert_eq!(spec.hotplug_slots, ["rp1"]);
+        assert_eq!(spec.max_nics, 8);
+    }
+
+    #[test]
     fn tables_align_and_show_dashes() {
         let v = json!([
             {"network": "default", "address": "10.0.0.2", "vm": "vm1", "nic_id": "0000000001",

@@ -871,32 +871,47 @@ mod tests {
             e.contains("registered vm (\"v2\").netns") && e.contains("already VM \"v1\"'s"),
             "{e}"
         );
-        let mut s = spec("v2", "ns2");
-        s.socket = Some("/run/nl-test/admin.sock".into());
-        let e = c.with_registered(store, &[s]).unwrap_err().to_string();
-        assert!(
-            e.contains("registered vm (\"v2\").socket") && e.contains("admin socket"),
-            "{e}"
-        );
-        let mut s = spec("v2", "ns2");
-        s.network = Some("nope".into());
-        let e = c.with_registered(store, &[s]).unwrap_err().to_string();
-        assert!(
-            e.contains("registered vm (\"v2\").network") && e.contains("no [[network]]"),
-            "{e}"
-        );
-        let mut s = spec("v2", "ns2");
-        s.backend = "xen".into();
-        let e = c.with_registered(store, &[s]).unwrap_err().to_string();
-        assert!(
-            e.contains("registered vm (\"v2\").backend") && e.contains("xen"),
-            "{e}"
-        );
-        let mut s = spec("v2", "ns2");
-        s.max_nics = Some(2);
-        s.warm_pool = Some(3);
-        let e = c.with_registered(store, &[s]).unwrap_err().to_string();
-        assert!(e.contains("registered vm (\"v2\").warm_pool"), "{e}");
+        // Each change of a good v2 refused, naming its field and why.
+        // A change of the spec, the field named, why.
+        type Case = (fn(&mut VmSpec), &'static str, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                |s| s.socket = Some("/run/nl-test/admin.sock".into()),
+                "socket",
+                "admin socket",
+            ),
+            (
+                |s| s.network = Some("nope".into()),
+                "network",
+                "no [[network]]",
+            ),
+            (|s| s.backend = "xen".into(), "backend", "xen"),
+            (
+                |s| {
+                    s.max_nics = Some(2);
+                    s.warm_pool = Some(3)
+                },
+                "warm_pool",
+                "max_nics",
+            ),
+            // One-value rules of the file's schema hold too.
+            (|s| s.cid = Some(2), "cid", "reserved"),
+            (|s| s.max_nics = Some(5000), "max_nics", "1023"),
+            (
+                |s| s.socket = Some("relative.sock".into()),
+                "socket",
+                "absolute",
+            ),
+        ];
+        for (change, field, why) in cases {
+            let mut s = spec("v2", "ns2");
+            change(&mut s);
+            let e = c.with_registered(store, &[s]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("registered vm (\"v2\").{field}")) && e.contains(why),
+                "{field}: {e}"
+            );
+        }
         let mut s = spec("v2\n", "ns2");
         s.socket = None;
         assert!(c.with_registered(store, &[s]).is_err());
