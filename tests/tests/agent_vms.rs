@@ -482,6 +482,42 @@ async fn sighup_refuses_a_bad_change_and_survives_garbage() {
     assert!(has_mac(&rig.vms[0], &nic.mac));
     assert_eq!(rig.agent.leases().len(), 1);
 
+    // The subnet shrunk under the live lease, the VM with the NIC removed:
+    // each refused, naming its key.
+    let shrunk = AgentProc::agent_section(dir)
+        + &format!(
+            "[[network]]\nname = \"test\"\nbridge = \"{bridge}\"\nsubnet = \"{0}.0/25\"\ngateway = \"{0}.1\"\n",
+            rig.net
+        )
+        + &vm_entry("vm0", &rig.vms[0].name, dir);
+    let no_vm = config_text(&rig, &[("test", &bridge, &rig.net)], "");
+    let mut last = s.last_reload_error.clone();
+    for (text, key) in [
+        (shrunk, "network[0] (\"test\").subnet"),
+        (no_vm, "vm[0] (\"vm0\")"),
+    ] {
+        std::fs::write(&rig.agent.config, text).unwrap();
+        sighup(&rig.agent);
+        let s = wait_status(&rig.agent, key, |s| s.last_reload_error != last).await;
+        assert!(
+            s.last_reload_error.starts_with(&cfg)
+                && s.last_reload_error.contains(key)
+                && s.last_reload_error.contains("1 NIC(s)"),
+            "{key}: {}",
+            s.last_reload_error
+        );
+        assert_eq!(s.config_generation, before.config_generation);
+        last = s.last_reload_error;
+    }
+    assert!(rig.socket(0).exists());
+    assert_eq!(
+        c0.health(ctx(), &pb::HealthRequest::default())
+            .await
+            .unwrap()
+            .nics_in_use,
+        1
+    );
+
     // A [[vm]] of the file taking a registered VM's name: refused, both named.
     let ns = Netns::new("clash");
     register(&rig.agent, "dyn", &ns, &sock(&rig, "dyn")).await;
@@ -489,7 +525,6 @@ async fn sighup_refuses_a_bad_change_and_survives_garbage() {
     let clash =
         original.clone() + &vm_entry("dyn", &ns.name, dir).replace("dyn.sock", "dyn-file.sock");
     std::fs::write(&rig.agent.config, clash).unwrap();
-    let last = s.last_reload_error.clone();
     sighup(&rig.agent);
     let s = wait_status(&rig.agent, "clash refused", |s| s.last_reload_error != last).await;
     assert!(
