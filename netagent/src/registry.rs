@@ -536,7 +536,7 @@ impl Registry {
             return Err(RegistryError::Exists(name.to_string()));
         };
         if let Err(e) = self.listeners.add(&served).await {
-            let _ = self.agent.remove_vm(name).await;
+            let _ = self.agent.remove_vm(name, false).await;
             return Err(e.into());
         }
         match self.agent.reconcile_vm(name).await {
@@ -554,10 +554,11 @@ impl Registry {
         Ok(())
     }
 
-    /// Stops serving VM `name` (it has no NICs): out of the agent, socket
-    /// removed, upkeep stopped.
-    async fn stop_vm(&self, name: &str) -> Result<(), RegistryError> {
-        self.agent.remove_vm(name).await?;
+    /// Stops serving VM `name`: out of the agent (refused while it has
+    /// NICs, unless `force` releases them), socket removed, upkeep
+    /// stopped. Returns how many NICs were released.
+    async fn stop_vm(&self, name: &str, force: bool) -> Result<usize, RegistryError> {
+        let released = self.agent.remove_vm(name, force).await?;
         self.listeners.remove(name);
         if let Some(t) = self
             .upkeep
@@ -568,7 +569,7 @@ impl Registry {
             t.abort();
         }
         log::info!("VM {name}: no longer served");
-        Ok(())
+        Ok(released)
     }
 
     /// Registers VM `spec` and serves it at once.
@@ -652,7 +653,7 @@ impl Registry {
                 fields: fields.join(", "),
             });
         }
-        self.stop_vm(&name).await?;
+        self.stop_vm(&name, false).await?;
         if let Err(e) = self.store.save(&specs) {
             // Served again as it was.
             if let Err(se) = self.start_vm(&name).await {
@@ -699,14 +700,9 @@ impl Registry {
             }
             .into());
         }
-        let released = if count > 0 {
-            self.agent.release_vm_nics(name).await?
-        } else {
-            0
-        };
         // Its NICs are gone before it leaves the store: a crash in between
         // serves it again at the next start, without NICs.
-        self.stop_vm(name).await?;
+        let released = self.stop_vm(name, force).await?;
         let specs: Vec<VmSpec> = config
             .registered()
             .iter()
@@ -769,7 +765,7 @@ impl Registry {
         // refuses the reload: what was stopped so far is served again.
         let mut stopped: Vec<&String> = Vec::new();
         for name in plan.remove.iter().chain(&plan.restart) {
-            if let Err(e) = self.stop_vm(name).await {
+            if let Err(e) = self.stop_vm(name, false).await {
                 for again in stopped {
                     if let Err(se) = self.start_vm(again).await {
                         log::error!("VM {again}: not served again after a refused reload: {se}");

@@ -565,3 +565,90 @@ async fn sighup_refuses_a_bad_change_and_survives_garbage() {
     assert_eq!(s.config_generation, generation + 1);
     ok(&ctl(&rig.agent, &["vm", "rm", "dyn"]));
 }
+
+/// `UnregisterVm` with force while the VM attaches in a loop: every NIC it
+/// got is released (in its namespace, on the host, in the leases), and the
+/// attaches after it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_unregister_during_attaches_leaks_nothing() {
+    let rig = rig(1);
+    let ns = Netns::new("race");
+    let rsock = sock(&rig, "race");
+    register(&rig.agent, "race", &ns, &rsock).await;
+    let c = vm_client(&rsock).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let looping = {
+        let stop = stop.clone();
+        let refused = refused.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                i += 1;
+                match c.attach_nic(ctx(), &attach_req(&format!("sb-{i}"))).await {
+                    Ok(r) => ids.push(r.nic.unwrap().id),
+                    Err(_) => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
+                }
+                let _ = c
+                    .detach_nic(
+                        ctx(),
+                        &pb::DetachNicRequest {
+                            sandbox_id: format!("sb-{}", i - 1),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+            }
+            ids
+        })
+    };
+    let start = Instant::now();
+    while rig.agent.leases().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "no attach");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = admin_client(&rig.agent.admin)
+        .await
+        .unregister_vm(
+            ctx(),
+            &pb::UnregisterVmRequest {
+                name: "race".into(),
+                force: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("UnregisterVm force");
+    assert!(r.released_nics >= 1, "{r:?}");
+    // Attaches after it are refused: wait for a few.
+    let after = refused.load(std::sync::atomic::Ordering::Acquire);
+    let start = Instant::now();
+    while refused.load(std::sync::atomic::Ordering::Acquire) < after + 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "attaches not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let ids = looping.await.unwrap();
+    assert!(!ids.is_empty());
+    assert!(rig.agent.leases().is_empty(), "{:?}", rig.agent.leases());
+    assert!(vm(&vms(&rig.agent), "race").is_none());
+    for id in &ids {
+        assert!(
+            host_links(&format!("nlh{id}")).is_empty(),
+            "host end of {id} left"
+        );
+    }
+    let left: Vec<_> = ns
+        .links()
+        .into_iter()
+        .filter(|l| l["ifname"] != "lo")
+        .collect();
+    assert!(left.is_empty(), "links left in the VM namespace: {left:?}");
+    assert!(!rsock.exists());
+}

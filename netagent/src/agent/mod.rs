@@ -328,24 +328,31 @@ impl Agent {
 
     /// Stops serving VM `name`: it is taken out of the served set under its
     /// operation lock and marked retired, so an operation that waited for
-    /// the lock refuses. Refused (`Err` with the count) while it has NICs;
-    /// the caller releases them first ([`Agent::release_vm_nics`]).
-    pub async fn remove_vm(&self, name: &str) -> Result<Arc<Vm>, AgentError> {
+    /// the lock refuses. While it has NICs: refused
+    /// ([`AgentError::VmHasNics`]), or with `force` they are released first
+    /// ([`Agent::release_nics_locked`]) within the same hold of the lock,
+    /// so no attach slips in between. Returns how many were released.
+    ///
+    /// # Errors
+    /// [`AgentError::UnknownVm`], [`AgentError::VmHasNics`], or a NIC's
+    /// cleanup (the VM then stays served, with the NICs not released).
+    pub async fn remove_vm(&self, name: &str, force: bool) -> Result<usize, AgentError> {
         let vm = self.vm(name)?;
         let _op = vm.op.lock().await;
         let count = self.records.count(name);
-        if count > 0 {
+        if count > 0 && !force {
             return Err(AgentError::VmHasNics {
                 vm: name.to_string(),
                 count,
             });
         }
+        let released = self.release_nics_locked(&vm).await?;
         vm.retired.store(true, Ordering::Release);
         self.vms
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
-        Ok(vm.clone())
+        Ok(released)
     }
 
     /// The state file.

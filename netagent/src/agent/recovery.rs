@@ -181,23 +181,23 @@ impl Agent {
         Ok(())
     }
 
-    /// Releases every NIC of VM `vm_name` (an unregister with `force`):
-    /// each is unplugged and its lease freed as a detach would, Hostlo
-    /// parts leaving their segments. Returns how many went; the first
-    /// failure stops it (the NICs left stay recorded).
+    /// Releases every NIC of `vm` (an unregister with `force`; the caller
+    /// holds the VM's operation lock): each is unplugged and its lease
+    /// freed as a detach would, Hostlo parts leaving their segments.
+    /// Returns how many went; the first failure stops it (the NICs left
+    /// stay recorded).
     ///
     /// # Errors
-    /// [`AgentError::UnknownVm`], or a NIC's cleanup.
-    pub async fn release_vm_nics(&self, vm_name: &str) -> Result<usize, AgentError> {
-        let vm = self.vm(vm_name)?;
-        let _op = vm.op.lock().await;
+    /// A NIC's cleanup.
+    pub(super) async fn release_nics_locked(&self, vm: &super::Vm) -> Result<usize, AgentError> {
+        let vm_name = vm.name();
         let mut released = 0;
         for rec in self.records.snapshot(Some(vm_name)) {
             let segment = match &rec.hostlo {
                 Some(h) => Some(self.segments.lock(&h.pod).await),
                 None => None,
             };
-            self.remove_nic(&vm, &rec.id).await?;
+            self.remove_nic(vm, &rec.id).await?;
             log::info!(
                 "VM {vm_name}: NIC {} ({}) released (VM unregistered)",
                 rec.id,
