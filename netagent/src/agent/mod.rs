@@ -20,6 +20,12 @@
 //!   persist, reply
 //! ```
 //!
+//! The served VMs and the effective configuration change while the agent
+//! runs ([`crate::registry`]): each is behind a lock never held across an
+//! await, and an operation works on its own `Arc` of its [`Vm`]. A VM taken
+//! out ([`Agent::remove_vm`]) is marked retired under its operation lock:
+//! an operation that was waiting for that lock refuses.
+//!
 //! The requests the agent takes are already checked (`server::convert` parses
 //! them into [`AttachRequest`], [`NicSelector`], [`HostloJoin`], …); nothing
 //! here checks a request field again. One job per file:
