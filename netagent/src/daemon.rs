@@ -144,7 +144,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
             _ = hup.recv() => {
                 log::info!("SIGHUP: reloading {}", agent.config().path.display());
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                // systemd (v253 and newer) terminates a service whose
+                // RELOADING=1 comes without MONOTONIC_USEC: both, or neither.
+                if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading, now]);
+                }
                 // Refused or applied, the outcome is logged and kept by the registry.
                 let _ = registry.reload().await;
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -184,6 +184,23 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
         .output()
         .unwrap();
     assert!(as_root.status.success(), "{as_root:?}");
+    // A reload (SIGHUP, systemctl reload): RELOADING=1 with the
+    // MONOTONIC_USEC systemd 253+ demands with it, then READY=1 again.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let n = sock.recv(&mut buf).expect("no RELOADING message");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        msg.contains("RELOADING=1") && msg.contains("MONOTONIC_USEC="),
+        "{msg}"
+    );
+    let n = sock
+        .recv(&mut buf)
+        .expect("no READY message after the reload");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
