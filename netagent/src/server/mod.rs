@@ -253,6 +253,8 @@ pub struct VmListeners {
     /// VMs reached over AF_VSOCK, by CID (the vsock accept loop reads it).
     by_cid: Arc<std::sync::RwLock<HashMap<u32, VmDoor>>>,
     served: std::sync::Mutex<HashMap<String, VmListener>>,
+    /// Whether AF_VSOCK is served (set once the listener is bound).
+    vsock: std::sync::atomic::AtomicBool,
 }
 
 struct VmListener {
@@ -268,6 +270,7 @@ impl VmListeners {
             agent,
             by_cid: Arc::default(),
             served: std::sync::Mutex::default(),
+            vsock: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -322,6 +325,11 @@ impl VmListeners {
             log::info!("VM {name}: listening on {}", path.display());
         }
         if let Some(cid) = vm.config.cid {
+            if entry.socket.is_none() && !self.vsock.load(std::sync::atomic::Ordering::Acquire) {
+                log::warn!(
+                    "VM {name}: CID {cid}, but the agent does not listen on AF_VSOCK (listen_vsock, or no vhost_vsock): the VM cannot call in"
+                );
+            }
             self.by_cid
                 .write()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -383,77 +391,87 @@ pub async fn serve(registry: Arc<Registry>) -> Result<Running, ServeError> {
         listeners: registry.listeners().clone(),
         vsock: false,
     };
-    for vm in agent.vms() {
-        registry.listeners().add(&vm).await?;
-    }
-    let by_cid = registry.listeners().by_cid.clone();
-    if cfg.agent.listen_vsock != ListenVsock::No {
+    // AF_VSOCK is bound first (whether it listens decides a warning about
+    // VMs with a CID), then the VMs are added, then it accepts: a VM's CID
+    // is in the table before its first connection can be taken.
+    let vsock = if cfg.agent.listen_vsock != ListenVsock::No {
         let port = cfg.agent.vsock_port;
         match tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
             libc::VMADDR_CID_ANY,
             port,
         )) {
-            Ok(l) => {
-                let (unknown_tx, listener) = channel_listener();
-                let service =
-                    agent_ttrpc::create_net_agent(Arc::new(VmService::new(agent.clone(), None)));
-                running
-                    .servers
-                    .push(start_server("unknown callers", listener, service).await?);
-                running.vsock = true;
-                log::info!("listening on AF_VSOCK port {port}");
-                let unknown_budget = Budget::new(MIN_CONNS_PER_VM);
-                running.tasks.push(tokio::spawn(async move {
-                    let refusals = RefusalLog::default();
-                    let unknown_refusals = RefusalLog::default();
-                    loop {
-                        match l.accept().await {
-                            Ok((stream, addr)) => {
-                                let door = by_cid
-                                    .read()
-                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                    .get(&addr.cid())
-                                    .cloned();
-                                let (tx, conn) = match &door {
-                                    Some((tx, budget, what)) => {
-                                        (tx, admit(stream, budget, &refusals, what))
-                                    }
-                                    None => {
-                                        unknown_refusals.warn(
-                                            "unknown",
-                                            format_args!(
-                                                "vsock connection from CID {}, which no configured VM has",
-                                                addr.cid()
-                                            ),
-                                        );
-                                        (
-                                            &unknown_tx,
-                                            admit(
-                                                stream,
-                                                &unknown_budget,
-                                                &unknown_refusals,
-                                                "unknown vsock callers",
-                                            ),
-                                        )
-                                    }
-                                };
-                                if let Some(conn) = conn {
-                                    let _ = tx.send(conn).await;
-                                }
-                            }
-                            Err(e) => {
-                                log::warn!("vsock accept failed: {e}");
-                                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            }
-                        }
-                    }
-                }));
-            }
+            Ok(l) => Some(l),
             Err(e) if cfg.agent.listen_vsock == ListenVsock::Auto => {
                 log::info!("AF_VSOCK not available ({e}); serving VMs on unix sockets only");
+                None
             }
             Err(source) => return Err(ServeError::Vsock { port, source }),
         }
+    } else {
+        None
+    };
+    running.vsock = vsock.is_some();
+    registry
+        .listeners()
+        .vsock
+        .store(running.vsock, std::sync::atomic::Ordering::Release);
+    for vm in agent.vms() {
+        registry.listeners().add(&vm).await?;
+    }
+    let by_cid = registry.listeners().by_cid.clone();
+    if let Some(l) = vsock {
+        let (unknown_tx, listener) = channel_listener();
+        let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(agent.clone(), None)));
+        running
+            .servers
+            .push(start_server("unknown callers", listener, service).await?);
+        log::info!("listening on AF_VSOCK port {}", cfg.agent.vsock_port);
+        let unknown_budget = Budget::new(MIN_CONNS_PER_VM);
+        running.tasks.push(tokio::spawn(async move {
+            let refusals = RefusalLog::default();
+            let unknown_refusals = RefusalLog::default();
+            loop {
+                match l.accept().await {
+                    Ok((stream, addr)) => {
+                        let door = by_cid
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(&addr.cid())
+                            .cloned();
+                        let (tx, conn) = match &door {
+                            Some((tx, budget, what)) => {
+                                (tx, admit(stream, budget, &refusals, what))
+                            }
+                            None => {
+                                unknown_refusals.warn(
+                                    "unknown",
+                                    format_args!(
+                                        "vsock connection from CID {}, which no configured VM has",
+                                        addr.cid()
+                                    ),
+                                );
+                                (
+                                    &unknown_tx,
+                                    admit(
+                                        stream,
+                                        &unknown_budget,
+                                        &unknown_refusals,
+                                        "unknown vsock callers",
+                                    ),
+                                )
+                            }
+                        };
+                        if let Some(conn) = conn {
+                            let _ = tx.send(conn).await;
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("vsock accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }));
     }
     let (tx, listener) = channel_listener();
     let admin = agent_ttrpc::create_admin(Arc::new(AdminService::new(registry.clone())));
