@@ -285,7 +285,7 @@ async fn a_renamed_network_is_refused_until_released() {
     assert!(agent.stop().success());
     std::fs::write(&agent.config, config("green", agent.dir.path())).unwrap();
 
-    let state = agent.dir.path().join("state/state.json");
+    let state = agent.dir.path().join("state/state.db");
     let names_it = |text: &str| {
         for want in [
             format!("state file {}", state.display()),

@@ -71,7 +71,7 @@ use crate::{
     links::HostLinks,
     qmp::QmpClient,
     stale::StalePolicy,
-    state::{NicRecord, StateFile},
+    state::NicRecord,
 };
 use records::Records;
 
@@ -212,9 +212,9 @@ impl Agent {
         &self.config
     }
 
-    /// The state file.
-    pub fn state_file(&self) -> &StateFile {
-        self.records.state_file()
+    /// Where the state store lives.
+    pub fn state_path(&self) -> &std::path::Path {
+        self.records.state_path()
     }
 
     /// How long the agent has run.

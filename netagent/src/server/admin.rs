@@ -32,7 +32,7 @@ impl agent_ttrpc::Admin for AdminService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION.into(),
             uptime_seconds: self.agent.uptime().as_secs(),
-            state_file: self.agent.state_file().path().display().to_string(),
+            state_file: self.agent.state_path().display().to_string(),
             vms: self.agent.vms().count() as u32,
             nics: self.agent.records(None).len() as u32,
             ..Default::default()
