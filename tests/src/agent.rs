@@ -62,7 +62,7 @@ impl AgentProc {
             dir,
             child: None,
         };
-        a.spawn();
+        a.spawn(Duration::from_secs(30));
         a
     }
 
@@ -74,7 +74,7 @@ impl AgentProc {
         )
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, ready_within: Duration) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,7 +90,7 @@ impl AgentProc {
             .spawn()
             .expect("spawn nestless-netagent");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30));
+        self.wait_ready(ready_within);
     }
 
     /// Waits until the admin socket accepts connections: the agent binds it
@@ -150,8 +150,13 @@ impl AgentProc {
 
     /// Starts the agent again (after [`AgentProc::kill9`] or [`AgentProc::stop`]).
     pub fn restart(&mut self) {
+        self.restart_within(Duration::from_secs(30));
+    }
+
+    /// [`AgentProc::restart`], ready within `timeout` (recovery of many NICs).
+    pub fn restart_within(&mut self, timeout: Duration) {
         assert!(self.child.is_none(), "agent still running");
-        self.spawn();
+        self.spawn(timeout);
     }
 
     /// Runs the agent binary on this config with `args` until it exits
