@@ -1,16 +1,15 @@
-//! The state-file loader: any bytes as `state.json`, under a fixed config.
-//! Loaded as a start loads it: refused with a report of what does not fit,
-//! or released; then the start-up recovery and a guest's first requests.
+//! The state loader: any bytes as `state.json`, under a fixed config.
+//! Loaded as a start loads it (imported into a fresh database, then read
+//! back): refused with a report of what does not fit, or released; then
+//! the start-up recovery and a guest's first requests.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nestless_fuzz::{agent, config, exercise, runtime, state_path, VMS};
+use nestless_fuzz::{agent, config, exercise, fresh_state, runtime, VMS};
 use nestless_netagent::stale::{self, StalePolicy};
 
 fuzz_target!(|data: &[u8]| {
-    if std::fs::write(state_path(), data).is_err() {
-        panic!("cannot write {}", state_path().display());
-    }
+    fresh_state(data);
     let config = config();
     if let Err(e) = stale::load(&config, StalePolicy::Refuse) {
         // The refusal's text is what the operator reads: build it too.

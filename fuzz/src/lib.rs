@@ -93,9 +93,21 @@ pub fn scratch() -> &'static Path {
     })
 }
 
-/// The path of the state file in [`scratch`].
+/// The path of the state file in [`scratch`]: a `state.json` as an agent
+/// before the database wrote it, which the first open imports.
 pub fn state_path() -> PathBuf {
     scratch().join("state.json")
+}
+
+/// Writes `data` as the [`state_path`] file, with no database beside it:
+/// every input goes through the import as well as the loader.
+pub fn fresh_state(data: &[u8]) {
+    for name in ["state.db", "state.db-wal", "state.db-shm", "state.json.migrated"] {
+        let _ = std::fs::remove_file(scratch().join(name));
+    }
+    if std::fs::write(state_path(), data).is_err() {
+        panic!("cannot write {}", state_path().display());
+    }
 }
 
 /// One current-thread runtime for the whole run.

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             Ok((state, sorted)) => {
                 println!(
                     "{}: {} NIC record(s) fit{}",
-                    state.path().display(),
+                    state.display(),
                     sorted.fits.len(),
                     match sorted.vm_gone.len() {
                         0 => String::new(),

@@ -17,7 +17,7 @@
 //! part. What happens then is the operator's choice ([`StalePolicy`]):
 //!
 //! ```text
-//! state.json ──sort(config)──▶ fits ─────────────▶ the record store, leases taken
+//! state     ──sort(config)──▶ fits ─────────────▶ the record store, leases taken
 //!                  ├─────────▶ VM not configured ─▶ dropped (the VM's removal says so)
 //!                  └─────────▶ misfits ─▶ Refuse (default): StaleRecords, the agent does not start
 //!                                        └▶ Release (`nestless-netagent --release-stale`):
@@ -45,7 +45,7 @@ use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use ipnet::Ipv4Net;
@@ -56,7 +56,7 @@ use crate::{
     hostlo::{self, Part},
     ipam::Ipam,
     names::{NicId, DEFAULT_IFNAME},
-    state::{NicRecord, StateError, StateFile},
+    state::{self, NicRecord, State, StateError},
 };
 
 /// What to do with records that do not fit the configuration.
@@ -296,15 +296,31 @@ pub enum LoadError {
     Stale(#[from] StaleRecords),
 }
 
-/// Reads the state file of `config` and sorts its records against it; with
-/// [`StalePolicy::Refuse`], records that do not fit are an error. What the
-/// agent does at start, and `nestless-netagent --check-config`.
+/// Reads the state of `config` without changing it ([`state::read_dir`])
+/// and sorts its records against it; with [`StalePolicy::Refuse`], records
+/// that do not fit are an error. What `nestless-netagent --check-config`
+/// does; returns the path read.
 ///
 /// # Errors
 /// [`LoadError`].
-pub fn load(config: &Config, policy: StalePolicy) -> Result<(StateFile, Sorted), LoadError> {
-    let state = StateFile::in_dir(&config.agent.state_dir);
-    let saved = state.read()?;
+pub fn load(config: &Config, policy: StalePolicy) -> Result<(PathBuf, Sorted), LoadError> {
+    let (path, saved) = state::read_dir(&config.agent.state_dir, config.agent.state_store)?;
+    let sorted = sort_saved(config, saved, &path, policy)?;
+    Ok((path, sorted))
+}
+
+/// Sorts `saved` (read from `path`) against `config`, the allocation
+/// cursors taken up; with [`StalePolicy::Refuse`], records that do not fit
+/// are an error. What the agent does at start.
+///
+/// # Errors
+/// [`LoadError::Stale`].
+pub fn sort_saved(
+    config: &Config,
+    saved: State,
+    path: &Path,
+    policy: StalePolicy,
+) -> Result<Sorted, LoadError> {
     let mut sorted = sort(config, saved.nics);
     // Next-fit goes on where the previous run stopped (see `Ipam`).
     for (network, last) in &saved.last_leased {
@@ -314,13 +330,13 @@ pub fn load(config: &Config, policy: StalePolicy) -> Result<(StateFile, Sorted),
     }
     if !sorted.misfits.is_empty() && policy == StalePolicy::Refuse {
         return Err(StaleRecords {
-            state: state.path().to_path_buf(),
+            state: path.to_path_buf(),
             config: config.path.clone(),
             records: std::mem::take(&mut sorted.misfits),
         }
         .into());
     }
-    Ok((state, sorted))
+    Ok(sorted)
 }
 
 /// Sorts `records` against `config` and against each other (see the

@@ -62,7 +62,7 @@ impl AgentProc {
             dir,
             child: None,
         };
-        a.spawn();
+        a.spawn(Duration::from_secs(30));
         a
     }
 
@@ -74,7 +74,7 @@ impl AgentProc {
         )
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self, ready_within: Duration) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,7 +90,7 @@ impl AgentProc {
             .spawn()
             .expect("spawn nestless-netagent");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(30));
+        self.wait_ready(ready_within);
     }
 
     /// Waits until the admin socket accepts connections: the agent binds it
@@ -150,8 +150,13 @@ impl AgentProc {
 
     /// Starts the agent again (after [`AgentProc::kill9`] or [`AgentProc::stop`]).
     pub fn restart(&mut self) {
+        self.restart_within(Duration::from_secs(30));
+    }
+
+    /// [`AgentProc::restart`], ready within `timeout` (recovery of many NICs).
+    pub fn restart_within(&mut self, timeout: Duration) {
         assert!(self.child.is_none(), "agent still running");
-        self.spawn();
+        self.spawn(timeout);
     }
 
     /// Runs the agent binary on this config with `args` until it exits
@@ -186,21 +191,50 @@ impl AgentProc {
         (status, std::fs::read_to_string(&out).unwrap_or_default())
     }
 
-    /// Writes the state file (the agent must be down).
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Replaces the stored state with `state` (the shape [`AgentProc::state`]
+    /// returns; the agent must be down).
     pub fn write_state(&self, state: &serde_json::Value) {
+        use nestless_netagent::state::{sqlite::SqliteStore, NicRecord, State};
         assert!(self.child.is_none(), "agent still running");
+        let nics: Vec<NicRecord> =
+            serde_json::from_value(state["nics"].clone()).expect("records in the state given");
+        let last_leased = serde_json::from_value(state["last_leased"].clone()).unwrap_or_default();
+        SqliteStore::open(&self.state_dir())
+            .and_then(|mut db| db.replace(&State { nics, last_leased }))
+            .expect("write the state database");
+    }
+
+    /// Writes `state.json` as an agent before the database wrote it (the
+    /// agent must be down; its next start imports it).
+    pub fn write_legacy_state(&self, state: &serde_json::Value) {
+        assert!(self.child.is_none(), "agent still running");
+        std::fs::create_dir_all(self.state_dir()).expect("state dir");
         std::fs::write(
-            self.dir.path().join("state/state.json"),
+            self.state_dir().join("state.json"),
             serde_json::to_vec_pretty(state).expect("JSON"),
         )
         .expect("write state.json");
     }
 
-    /// Reads the state file.
+    /// The stored state, read as another process reads it while the agent
+    /// runs, in the shape of the old `state.json`:
+    /// `{"version": 1, "nics": [record...], "last_leased": {network: address}}`.
     pub fn state(&self) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.dir.path().join("state/state.json"))
-            .unwrap_or_else(|_| "{\"nics\":[]}".into());
-        serde_json::from_str(&text).expect("state.json is JSON")
+        let (_, state) = nestless_netagent::state::read_dir(
+            &self.state_dir(),
+            nestless_netagent::state::StoreKind::Sqlite,
+        )
+        .expect("the agent's state is readable");
+        serde_json::json!({
+            "version": nestless_netagent::state::STATE_VERSION,
+            "nics": state.nics,
+            "last_leased": state.last_leased,
+        })
     }
 
     /// An agent serving this machine as VM "local" (netns backend, NICs put into

@@ -443,7 +443,7 @@ pub struct Node {
     _tap: HostTap,
 }
 
-/// One of the agent's NIC records (from `state.json`).
+/// One of the agent's NIC records (from its state store).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct NicRecord {
     /// The NIC id (`nl-<id>` in QEMU, `nlh<id>` on the host).
@@ -917,7 +917,7 @@ impl Cluster {
         self.ipv6.then(|| format!("{}1", net6_of(&self.net)))
     }
 
-    /// The agent's NIC records (`state.json`).
+    /// The agent's NIC records (its state store).
     pub fn records(&self) -> Vec<NicRecord> {
         records(&self.agent)
     }
@@ -948,9 +948,9 @@ impl Cluster {
     }
 }
 
-/// An agent's NIC records (`state.json`).
+/// An agent's NIC records (its state store).
 pub fn records(agent: &AgentProc) -> Vec<NicRecord> {
-    serde_json::from_value(agent.state()["nics"].clone()).expect("state.json records")
+    serde_json::from_value(agent.state()["nics"].clone()).expect("stored records")
 }
 
 fn agent_config(

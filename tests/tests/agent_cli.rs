@@ -156,14 +156,23 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(bin_path("nestless-netagent"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("NOTIFY_SOCKET", &notify)
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(bin_path("nestless-netagent"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &notify)
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 256];
-    let n = sock.recv(&mut buf).expect("no sd_notify message");
+    // A signal may interrupt the wait (EINTR): wait again.
+    let recv = |buf: &mut [u8]| loop {
+        match sock.recv(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other,
+        }
+    };
+    let n = recv(&mut buf).expect("no sd_notify message");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     // A non-root caller is dropped at accept; root gets an answer.
     let admin = dir.path().join("admin.sock");
@@ -187,28 +196,37 @@ fn notifies_systemd_when_ready_and_refuses_non_root_admins() {
     // A reload (SIGHUP, systemctl reload): RELOADING=1 with the
     // MONOTONIC_USEC systemd 253+ demands with it, then READY=1 again.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    let n = sock.recv(&mut buf).expect("no RELOADING message");
+    let n = recv(&mut buf).expect("no RELOADING message");
     let msg = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(
         msg.contains("RELOADING=1") && msg.contains("MONOTONIC_USEC="),
         "{msg}"
     );
-    let n = sock
-        .recv(&mut buf)
-        .expect("no READY message after the reload");
+    let n = recv(&mut buf).expect("no READY message after the reload");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let n = sock.recv(&mut buf).expect("no STOPPING message");
+    let n = recv(&mut buf).expect("no STOPPING message");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// A child process killed if the test fails before it exits (a leftover
+/// agent would hold the harness's output open).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// With `listen_vsock = true` the agent listens on AF_VSOCK (any CID, the
@@ -304,7 +322,7 @@ async fn a_renamed_network_is_refused_until_released() {
     assert!(agent.stop().success());
     std::fs::write(&agent.config, config("green", agent.dir.path())).unwrap();
 
-    let state = agent.dir.path().join("state/state.json");
+    let state = agent.dir.path().join("state/state.db");
     let names_it = |text: &str| {
         for want in [
             format!("state file {}", state.display()),

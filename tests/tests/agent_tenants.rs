@@ -289,7 +289,7 @@ async fn a_state_file_breaking_its_invariants_is_refused_with_a_way_out() {
                 b.id, a.addresses[0].address, a.id
             ),
             "nestless-netagent --release-stale".to_string(),
-            "state.json".to_string(),
+            "state.db".to_string(),
         ] {
             assert!(out.contains(&want), "{want:?} not in:\n{out}");
         }
@@ -718,4 +718,83 @@ async fn a_connection_flood_is_capped_per_vm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Issue 11, item 4: the upgrade from `state.json` is automatic. An agent
+/// on the whole-file store (`state_store = "json"`, the format of every
+/// agent before the database) hands out NICs; the agent restarted on the
+/// default store imports them once (same ids, addresses and links, the
+/// file set aside as `state.json.migrated`), the next attach gets an
+/// address nobody holds, and a kill -9 after it loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_upgraded_from_state_json_keeps_every_nic() {
+    let mut rig = rig(1, 8);
+    assert!(rig.agent.stop().success());
+    let state_dir = rig.agent.state_dir();
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    let text = std::fs::read_to_string(&rig.agent.config).unwrap();
+    let default_store = text.clone();
+    std::fs::write(
+        &rig.agent.config,
+        text.replacen("[agent]\n", "[agent]\nstate_store = \"json\"\n", 1),
+    )
+    .unwrap();
+    rig.agent.restart();
+    let c = vm_client(&rig.socket(0)).await;
+    let mut old = Vec::new();
+    for sb in ["up-a", "up-b", "up-c"] {
+        old.push(
+            c.attach_nic(ctx(), &attach_req(sb))
+                .await
+                .unwrap()
+                .nic
+                .unwrap(),
+        );
+    }
+    drop(c);
+    assert!(rig.agent.stop().success());
+    assert!(state_dir.join("state.json").exists());
+    assert!(!state_dir.join("state.db").exists());
+
+    std::fs::write(&rig.agent.config, default_store).unwrap();
+    rig.agent.restart();
+    assert!(state_dir.join("state.db").exists());
+    assert!(!state_dir.join("state.json").exists());
+    assert!(state_dir.join("state.json.migrated").exists());
+    let ids = |rig: &NetnsVms| -> HashSet<String> {
+        rig.agent
+            .records()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let old_ids: HashSet<String> = old.iter().map(|n| n.id.clone()).collect();
+    assert_eq!(ids(&rig), old_ids);
+    let mut want_ports: Vec<String> = old.iter().map(|n| format!("nlh{}", n.id)).collect();
+    want_ports.sort();
+    assert_eq!(nic_ports(&rig), want_ports, "the NICs' links are kept");
+    let c = vm_client(&rig.socket(0)).await;
+    let n = c
+        .attach_nic(ctx(), &attach_req("up-new"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let old_addrs: HashSet<&str> = old
+        .iter()
+        .map(|n| n.addresses[0].address.as_str())
+        .collect();
+    assert!(
+        !old_addrs.contains(n.addresses[0].address.as_str()),
+        "{} handed out twice",
+        n.addresses[0].address
+    );
+    drop(c);
+    rig.agent.kill9();
+    rig.agent.restart();
+    let mut all = old_ids.clone();
+    all.insert(n.id.clone());
+    assert_eq!(ids(&rig), all, "a kill -9 lost an acknowledged attach");
+    let leases = rig.agent.leases();
+    assert_eq!(leases.len(), 4, "{leases:?}");
 }

@@ -484,7 +484,7 @@ mod tests {
     use super::*;
     use crate::{
         agent::rig::{errors_logged, keyed, req, rig, sb},
-        state::StateFile,
+        state::records_in,
     };
 
     #[tokio::test]
@@ -779,7 +779,7 @@ mod tests {
         assert!(r.agent.attach("vm1", req("a")).await.is_err());
         assert!(r.agent.records(None).is_empty());
         assert_eq!(r.agent.records.leased("n"), 0);
-        assert!(StateFile::in_dir(dir.path()).load().unwrap().is_empty());
+        assert!(records_in(dir.path()).unwrap().is_empty());
         assert!(r.links.links.lock().unwrap().is_empty());
     }
 }

@@ -77,7 +77,7 @@ use crate::{
     links::HostLinks,
     qmp::QmpClient,
     stale::StalePolicy,
-    state::{NicRecord, StateFile},
+    state::NicRecord,
 };
 use records::Records;
 
@@ -361,9 +361,9 @@ impl Agent {
         Ok(released)
     }
 
-    /// The state file.
-    pub fn state_file(&self) -> &StateFile {
-        self.records.state_file()
+    /// Where the state store lives.
+    pub fn state_path(&self) -> &std::path::Path {
+        self.records.state_path()
     }
 
     /// How long the agent has run.

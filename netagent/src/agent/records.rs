@@ -7,26 +7,35 @@
 //! record's lease is freed when the record goes ([`Records::remove`]). A
 //! Hostlo record's address is fixed by its part and holds no lease.
 //!
-//! [`Records::persist`] asks the one writer of the state file for a save
-//! and waits for it. The writer is a thread of its own that owns the file
-//! (issue 11, item 3):
+//! [`Records::persist`] asks the one writer of the state store for a save
+//! and waits for it. The writer is a thread of its own that owns the store
+//! (issue 11, items 3 and 4):
 //!
 //! ```text
 //! persist() ──request──▶ writer thread: wait for a request, take every
-//!   (await the reply)      request queued behind it, snapshot the store,
-//!                          write + fsync + rename once, answer them all
+//!   (await the reply)      request queued behind it, take the ids changed
+//!                          since the last commit (and, for a whole-file
+//!                          store, every record), commit once, answer all
 //! ```
 //!
+//! Every change marks its record's id dirty under the store's lock; the
+//! writer takes the dirty ids and clones those records only, so neither the
+//! lock's hold time nor a commit grows with the number of NICs (the
+//! database writes the changed rows). The lock is never held across the
+//! commit. A commit that fails puts its ids back, so the next one retries
+//! them.
+//!
 //! A caller that stops waiting (its request was cancelled) cancels
-//! nothing: the save it asked for happens whole, and no two saves ever
-//! overlap on the temporary file. Concurrent changes share one write and
-//! fsync (group commit), and every snapshot is taken after the changes of
-//! the requests it answers, so an answered save holds the caller's change
-//! and the file never goes back in time.
+//! nothing: the save it asked for happens whole, and no two commits ever
+//! overlap. Concurrent changes share one commit and fsync (group commit),
+//! and the dirty ids are taken after the changes of the requests it
+//! answers, so an answered save holds the caller's change and the store
+//! never goes back in time.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::Ipv4Addr,
+    path::{Path, PathBuf},
     sync::{mpsc, Arc, Mutex as StdMutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -42,19 +51,20 @@ use crate::{
     lifecycle::{self, Event, NicState},
     names::{free_mac, NicId, DEFAULT_IFNAME},
     stale::{self, LoadError, StalePolicy},
-    state::{NicRecord, State, StateError, StateFile},
+    state::{self, Batch, NicRecord, StateError, StateStore},
 };
 
 /// The records and leases, persisted to the state file.
 pub(super) struct Records {
-    state: StateFile,
+    /// Where the store lives.
+    path: PathBuf,
     store: Arc<StdMutex<Store>>,
     /// Requests to the writer thread ([`Writer`]).
     saves: mpsc::Sender<SaveRequest>,
     /// Snapshots written (tests: group commit).
     #[cfg(test)]
     writes: Arc<std::sync::atomic::AtomicU64>,
-    /// Records of the state file dropped at load.
+    /// Records of the state store dropped at load.
     dropped: usize,
 }
 
@@ -65,7 +75,7 @@ type SaveRequest = oneshot::Sender<Result<(), StateError>>;
 /// The one writer of the state file: a thread that takes the queued save
 /// requests, writes one snapshot for them all, and answers each.
 struct Writer {
-    state: StateFile,
+    state: Box<dyn StateStore>,
     store: Arc<StdMutex<Store>>,
     requests: mpsc::Receiver<SaveRequest>,
     #[cfg(test)]
@@ -75,7 +85,7 @@ struct Writer {
 impl Writer {
     /// Starts the writer; it ends when the last sender is gone.
     fn spawn(self) -> Result<(), StateError> {
-        let path = self.state.path().to_path_buf();
+        let path = StateStore::path(&*self.state).to_path_buf();
         std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || self.run())
@@ -87,26 +97,40 @@ impl Writer {
             })
     }
 
-    fn run(self) {
+    fn run(mut self) {
         while let Ok(first) = self.requests.recv() {
-            let mut batch = vec![first];
-            batch.extend(self.requests.try_iter());
-            let snapshot = {
-                let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
-                State {
-                    nics: store.records.values().cloned().collect(),
-                    last_leased: store
+            let mut waiting = vec![first];
+            waiting.extend(self.requests.try_iter());
+            let (batch, ids) = {
+                let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                let ids = std::mem::take(&mut store.dirty);
+                let batch = Batch {
+                    changed: ids
+                        .iter()
+                        .map(|id| (id.clone(), store.records.get(id).cloned()))
+                        .collect(),
+                    cursors: store
                         .ipam
                         .iter()
                         .filter_map(|(n, i)| Some((n.clone(), i.last_given()?)))
                         .collect(),
-                }
+                    all: self
+                        .state
+                        .needs_all()
+                        .then(|| store.records.values().cloned().collect()),
+                };
+                (batch, ids)
             };
-            let result = self.state.write(snapshot);
+            let result = self.state.commit(batch);
+            if result.is_err() {
+                // Not stored: the next commit takes these ids again.
+                let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+                store.dirty.extend(ids);
+            }
             #[cfg(test)]
             self.writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            for reply in batch {
+            for reply in waiting {
                 // A caller that stopped waiting gets nothing; its save is done.
                 let _ = reply.send(match &result {
                     Ok(()) => Ok(()),
@@ -120,6 +144,8 @@ impl Writer {
 struct Store {
     records: BTreeMap<NicId, NicRecord>,
     ipam: HashMap<String, Ipam>,
+    /// Ids changed since the last commit (see the module doc).
+    dirty: BTreeSet<NicId>,
 }
 
 /// What a new record holds besides its id, MAC and state.
@@ -163,7 +189,10 @@ impl Records {
     /// # Errors
     /// [`AgentError::State`] (unreadable file), [`AgentError::Stale`].
     pub fn load(config: &Config, policy: StalePolicy) -> Result<Records, AgentError> {
-        let (state, sorted) = stale::load(config, policy).map_err(|e| match e {
+        let mut state = state::open(&config.agent.state_dir, config.agent.state_store)?;
+        let path = state.path().to_path_buf();
+        let saved = state.read()?;
+        let sorted = stale::sort_saved(config, saved, &path, policy).map_err(|e| match e {
             LoadError::State(e) => AgentError::State(e),
             LoadError::Stale(e) => AgentError::Stale(e),
         })?;
@@ -177,9 +206,17 @@ impl Records {
                 r.vm
             );
         }
+        // What was dropped leaves the store at the next commit.
+        let dirty = sorted
+            .misfits
+            .iter()
+            .map(|m| m.record.id.clone())
+            .chain(sorted.vm_gone.iter().map(|r| r.id.clone()))
+            .collect();
         let store = Store {
             records: sorted.fits.into_iter().map(|r| (r.id.clone(), r)).collect(),
             ipam: sorted.ipam,
+            dirty,
         };
         let dropped = sorted.misfits.len() + sorted.vm_gone.len();
         let store = Arc::new(StdMutex::new(store));
@@ -187,7 +224,7 @@ impl Records {
         #[cfg(test)]
         let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Writer {
-            state: state.clone(),
+            state,
             store: store.clone(),
             requests,
             #[cfg(test)]
@@ -195,7 +232,7 @@ impl Records {
         }
         .spawn()?;
         Ok(Records {
-            state,
+            path,
             store,
             saves,
             #[cfg(test)]
@@ -204,8 +241,8 @@ impl Records {
         })
     }
 
-    /// How many records of the state file [`Records::load`] dropped (the
-    /// file still has them until the next save).
+    /// How many records of the state store [`Records::load`] dropped (the
+    /// store still has them until the next save).
     pub fn dropped_at_load(&self) -> usize {
         self.dropped
     }
@@ -216,9 +253,14 @@ impl Records {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The state file.
-    pub fn state_file(&self) -> &StateFile {
-        &self.state
+    /// Where the state store lives.
+    pub fn state_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Marks `id` changed: the next commit writes it (or its removal).
+    fn touch(store: &mut Store, id: &NicId) {
+        store.dirty.insert(id.clone());
     }
 
     /// All records (a snapshot), optionally of one VM.
@@ -424,6 +466,7 @@ impl Records {
             hostlo: new.hostlo,
             pooled: new.pooled,
         };
+        Records::touch(&mut store, &id);
         store.records.insert(id, rec.clone());
         Ok(rec)
     }
@@ -433,13 +476,17 @@ impl Records {
         let mut store = self.lock();
         let rec = store.records.get_mut(id)?;
         change(rec);
-        Some(rec.clone())
+        let rec = rec.clone();
+        Records::touch(&mut store, id);
+        Some(rec)
     }
 
     /// Puts `rec` back as it was (undo of an [`Records::update`] that could
     /// not be persisted).
     pub fn restore(&self, rec: NicRecord) {
-        self.lock().records.insert(rec.id.clone(), rec);
+        let mut store = self.lock();
+        Records::touch(&mut store, &rec.id);
+        store.records.insert(rec.id.clone(), rec);
     }
 
     /// Moves record `id` along the lifecycle ([`lifecycle::transition`]).
@@ -453,7 +500,9 @@ impl Records {
         match lifecycle::transition(Some(rec.state), event) {
             Ok(Some(next)) => {
                 rec.state = next;
-                Some(rec.clone())
+                let rec = rec.clone();
+                Records::touch(&mut store, id);
+                Some(rec)
             }
             Ok(None) => {
                 drop(store);
@@ -470,6 +519,7 @@ impl Records {
     pub fn remove(&self, id: &NicId) -> Option<NicRecord> {
         let mut store = self.lock();
         let rec = store.records.remove(id)?;
+        Records::touch(&mut store, id);
         if rec.hostlo.is_none() {
             if let Some(ipam) = store.ipam.get_mut(&rec.network) {
                 ipam.release(rec.ipv4);
@@ -488,7 +538,7 @@ impl Records {
         let (reply, done) = oneshot::channel();
         let stopped = || StateError::Io {
             op: "write (its writer stopped)",
-            path: self.state.path().to_path_buf(),
+            path: self.path.clone(),
             source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
         };
         self.saves.send(reply).map_err(|_| stopped())?;
@@ -557,7 +607,7 @@ mod tests {
     async fn saves_are_grouped_and_survive_their_callers() {
         use std::sync::atomic::Ordering;
 
-        use crate::{agent::rig::rig, state::StateFile};
+        use crate::{agent::rig::rig, state::records_in};
         let dir = tempfile::tempdir().unwrap();
         let r = rig(dir.path(), "10.9.0.254");
         let vm = r.agent.vm("vm1").unwrap().clone();
@@ -582,33 +632,42 @@ mod tests {
         let ids: Vec<_> = futures::future::join_all(saves).await;
         let written = r.agent.records.writes.load(Ordering::Relaxed) - before;
         assert!(written < 50, "{written} writes for 50 concurrent saves");
-        let on_disk: Vec<_> = StateFile::in_dir(dir.path())
-            .load()
+        let on_disk: Vec<_> = records_in(dir.path())
             .unwrap()
             .into_iter()
             .map(|rec| rec.id)
             .collect();
-        for id in ids.into_iter().flatten() {
-            assert!(on_disk.contains(&id), "{id} not saved");
+        for id in ids.iter().flatten() {
+            assert!(on_disk.contains(id), "{id} not saved");
+            // Room under the VM's quota for the next one.
+            r.agent.records.remove(id);
         }
-        // A save whose caller goes away before the answer is still made.
-        let a = r.agent.records.begin(
-            &vm.config,
-            crate::agent::attach::brfusion_nic(&vm, None, &Default::default()).record,
-            &[0x52, 0x54, 0x00],
-        );
+        // A save whose caller goes away once it is asked is still made, with
+        // no further save: wait for the store to hold it.
+        let a = r
+            .agent
+            .records
+            .begin(
+                &vm.config,
+                crate::agent::attach::brfusion_nic(&vm, None, &Default::default()).record,
+                &[0x52, 0x54, 0x00],
+            )
+            .unwrap();
         {
             let mut save = Box::pin(r.agent.records.persist());
-            assert!(futures::poll!(save.as_mut()).is_pending());
+            let _ = futures::poll!(save.as_mut());
         }
-        // The next save is written after it: both are on disk once it returns.
-        r.agent.records.persist().await.unwrap();
-        if let Ok(a) = a {
-            assert!(StateFile::in_dir(dir.path())
-                .load()
-                .unwrap()
-                .iter()
-                .any(|rec| rec.id == a.id));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !records_in(dir.path())
+            .unwrap()
+            .iter()
+            .any(|rec| rec.id == a.id)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned save was never made"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

@@ -462,7 +462,7 @@ mod tests {
         backend::fake::FakeQemu,
         lifecycle::NicState,
         links::fake::FakeLinks,
-        state::{NicRecord, StateFile},
+        state::{records_in, sqlite::SqliteStore, NicRecord, State},
     };
 
     #[tokio::test]
@@ -486,8 +486,7 @@ mod tests {
         }
         // Simulate crashes mid-way by editing the durable state: one record
         // stuck in Detaching, one in Attaching whose device was half made.
-        let sf = StateFile::in_dir(dir.path());
-        let mut recs = sf.load().unwrap();
+        let mut recs = records_in(dir.path()).unwrap();
         for r in recs.iter_mut() {
             if r.sandbox_id == "detaching" {
                 r.state = NicState::Detaching;
@@ -505,7 +504,13 @@ mod tests {
             ..keep.clone()
         };
         recs.push(half.clone());
-        sf.save(&recs).unwrap();
+        SqliteStore::open(dir.path())
+            .unwrap()
+            .replace(&State {
+                nics: recs,
+                last_leased: Default::default(),
+            })
+            .unwrap();
         q1.netdevs.lock().unwrap().insert(half.id.names().netdev);
         links.links.lock().unwrap().insert(half.id.names().host_if);
         // An orphan netdev no record knows, and VM2's QEMU lost its device (restart).
@@ -536,7 +541,7 @@ mod tests {
         let left = r.agent.records(None);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].id, keep.id);
-        assert_eq!(sf.load().unwrap(), left);
+        assert_eq!(records_in(dir.path()).unwrap(), left);
         assert_eq!(r.agent.records.leased("n"), 1);
         assert_eq!(q1.devices.lock().unwrap().len(), 1);
         assert_eq!(q1.netdevs.lock().unwrap().len(), 1);

@@ -12,8 +12,13 @@ use super::{
     Agent,
 };
 use crate::{
-    backend::fake::FakeQemu, config::Config, error::AgentError, hostlo, links::fake::FakeLinks,
-    stale::StalePolicy, state::StateFile,
+    backend::fake::FakeQemu,
+    config::Config,
+    error::AgentError,
+    hostlo,
+    links::fake::FakeLinks,
+    stale::StalePolicy,
+    state::{records_in, sqlite::SqliteStore},
 };
 
 fn config(dir: &Path, network: &str) -> Config {
@@ -71,8 +76,8 @@ async fn a_renamed_network_is_refused_or_released_never_served_twice() {
         old
     };
     assert_eq!(old.ipv4.to_string(), "10.40.0.2");
-    let state = StateFile::in_dir(dir.path());
-    let before = state.load().unwrap();
+    let state = SqliteStore::path_in(dir.path());
+    let before = records_in(dir.path()).unwrap();
 
     let e = match Agent::with_backends(
         config(dir.path(), "green"),
@@ -88,7 +93,7 @@ async fn a_renamed_network_is_refused_or_released_never_served_twice() {
     );
     let text = e.to_string();
     for want in [
-        &state.path().display().to_string(),
+        &state.display().to_string(),
         "config /etc/nestless/netagent.toml",
         &format!(
             "NIC {} (VM vm1, sandbox \"old\", 10.40.0.2 on \"blue\")",
@@ -100,7 +105,11 @@ async fn a_renamed_network_is_refused_or_released_never_served_twice() {
     ] {
         assert!(text.contains(want), "{text}\nlacks {want:?}");
     }
-    assert_eq!(state.load().unwrap(), before, "a refusal changes nothing");
+    assert_eq!(
+        records_in(dir.path()).unwrap(),
+        before,
+        "a refusal changes nothing"
+    );
 
     let green = Agent::build(
         config(dir.path(), "green"),
@@ -125,7 +134,7 @@ async fn a_renamed_network_is_refused_or_released_never_served_twice() {
         "their tap and the segment are gone"
     );
     assert!(
-        state.load().unwrap().is_empty(),
+        records_in(dir.path()).unwrap().is_empty(),
         "the state file forgot them"
     );
 

@@ -143,6 +143,7 @@ impl Checker<'_> {
             mac_prefix: a.mac_prefix,
             qmp_timeout: a.qmp_timeout,
             unplug_timeout: a.unplug_timeout,
+            state_store: a.state_store,
         };
         if raw.network.is_empty() {
             return Err(self.err("network", "at least one [[network]] is required"));

@@ -199,8 +199,11 @@ impl<'de> Deserialize<'de> for MacPrefix {
 /// Agent-wide settings (`[agent]`).
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
-    /// Where `state.json` lives.
+    /// Where the state store lives (`state.db`; `state.json` before).
     pub state_dir: PathBuf,
+    /// Which store holds the state (`state_store`, default `"sqlite"`; see
+    /// [`crate::state`]).
+    pub state_store: crate::state::StoreKind,
     /// The root-only unix socket `nestlessctl` talks to.
     pub admin_socket: PathBuf,
     /// AF_VSOCK port, also the `<uds>_<port>` suffix of vhost-device-vsock sockets.
@@ -593,6 +596,26 @@ mod tests {
 
     fn with_network(net: &str) -> String {
         format!("[[network]]\nname = \"n\"\nbridge = \"br0\"\n{net}\n")
+    }
+
+    /// `state_store` takes the two stores by name; anything else is an
+    /// error at its key.
+    #[test]
+    fn state_store_is_checked_at_load() {
+        use crate::state::StoreKind;
+        let with =
+            |v: &str| GOOD.replacen("[agent]\n", &format!("[agent]\nstate_store = {v}\n"), 1);
+        assert!(GOOD.contains("[agent]\n"));
+        assert_eq!(parse(GOOD).unwrap().agent.state_store, StoreKind::Sqlite);
+        let c = parse(&with("\"json\"")).unwrap();
+        assert_eq!(c.agent.state_store, StoreKind::Json);
+        for bad in ["\"redb\"", "1", "\"\""] {
+            let e = err(&with(bad));
+            assert!(
+                e.starts_with("test.toml:") && e.contains("agent.state_store"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nestless_model::hostlo::DEFAULT_SEGMENT_MTU;
 use serde::{de::Error as _, Deserialize, Deserializer};
 
+use crate::state::StoreKind;
+
 use super::{check_ifname, ConfigError, ListenVsock, MacPrefix, BRIDGE_MAX_PORTS};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,6 +69,8 @@ pub(super) struct RawAgent {
     pub qmp_timeout: Duration,
     #[serde(rename = "unplug_timeout_ms", deserialize_with = "millis")]
     pub unplug_timeout: Duration,
+    #[serde(deserialize_with = "state_store")]
+    pub state_store: StoreKind,
 }
 
 impl Default for RawAgent {
@@ -79,6 +83,7 @@ impl Default for RawAgent {
             mac_prefix: MacPrefix::default(),
             qmp_timeout: Duration::from_millis(5_000),
             unplug_timeout: Duration::from_millis(10_000),
+            state_store: StoreKind::default(),
         }
     }
 }
@@ -407,6 +412,10 @@ fn vsock_port<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         return Err(D::Error::custom(format!("{port} is not a usable port")));
     }
     Ok(port)
+}
+
+fn state_store<'de, D: Deserializer<'de>>(d: D) -> Result<StoreKind, D::Error> {
+    String::deserialize(d)?.parse().map_err(D::Error::custom)
 }
 
 fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -59,7 +59,7 @@ impl agent_ttrpc::Admin for AdminService {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION.into(),
             uptime_seconds: agent.uptime().as_secs(),
-            state_file: agent.state_file().path().display().to_string(),
+            state_file: agent.state_path().display().to_string(),
             vms: agent.vms().len() as u32,
             nics: agent.records(None).len() as u32,
             config_file: config.path.display().to_string(),
