@@ -39,7 +39,8 @@ pub enum AgentError {
         /// Its quota.
         quota: u32,
     },
-    /// A Hostlo part is already held by another VM.
+    /// A Hostlo part is already held by another VM (of the caller's own
+    /// tenant network: pods are named per network).
     #[error("part {part} of Hostlo pod {pod:?} is already in VM {vm}")]
     HostloPartTaken {
         /// The pod.
@@ -48,18 +49,6 @@ pub enum AgentError {
         part: u32,
         /// The VM holding it.
         vm: String,
-    },
-    /// A VM of another tenant network asked to join a Hostlo pod.
-    #[error("Hostlo pod {pod:?} belongs to network {network:?}; VM {vm} is on {vm_network:?}")]
-    HostloTenant {
-        /// The pod.
-        pod: String,
-        /// The pod's network.
-        network: String,
-        /// The calling VM.
-        vm: String,
-        /// Its network.
-        vm_network: String,
     },
     /// Address allocation failed.
     #[error(transparent)]
@@ -102,7 +91,6 @@ impl AgentError {
             AgentError::NetworkNotAllowed { .. } => Code::PERMISSION_DENIED,
             AgentError::QuotaExceeded { .. } => Code::RESOURCE_EXHAUSTED,
             AgentError::HostloPartTaken { .. } => Code::ALREADY_EXISTS,
-            AgentError::HostloTenant { .. } => Code::PERMISSION_DENIED,
             AgentError::Ipam(_) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::NoFreeSlot { .. }) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::BridgeFull { .. }) => Code::RESOURCE_EXHAUSTED,

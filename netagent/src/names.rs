@@ -506,7 +506,7 @@ mod tests {
         for name in [
             id.names().host_if,
             id.names().guest_if,
-            crate::hostlo::segment_bridge("db"),
+            crate::hostlo::segment_bridge("net", "db"),
         ] {
             assert!(
                 AGENT_LINK_PREFIXES.iter().any(|p| name.starts_with(p)),

@@ -472,7 +472,7 @@ fn rig_links(rig: &NetnsVms, pods: &[String]) -> HashSet<String> {
 fn live_segments(pods: &[String]) -> Vec<String> {
     let existing: HashSet<String> = host_links("nls").into_iter().collect();
     pods.iter()
-        .map(|p| segment_bridge(p))
+        .map(|p| segment_bridge("n", p))
         .filter(|s| existing.contains(s))
         .collect()
 }
@@ -718,4 +718,235 @@ async fn a_connection_flood_is_capped_per_vm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `ip -j link show master <bridge>`: the ports of a bridge, sorted.
+fn bridge_ports(bridge: &str) -> Vec<String> {
+    let mut p = nestless_tests::netenv::Bridge::ports_of(bridge);
+    p.sort();
+    p
+}
+
+/// The interface of VM netns `ns` with MAC `mac`.
+fn ifname_by_mac(ns: &Netns, mac: &str) -> String {
+    ns.links()
+        .iter()
+        .find(|l| l["address"].as_str() == Some(mac))
+        .and_then(|l| l["ifname"].as_str())
+        .unwrap_or_else(|| panic!("no link with MAC {mac} in {}", ns.name))
+        .to_string()
+}
+
+/// Issue 11, item 6: Hostlo pod names are scoped per tenant network. Two
+/// tenants (two VMs each) both run a pod `db` of two parts: every join
+/// succeeds, each pod has its own segment bridge holding exactly its own
+/// parts, and each part 0 reaches its own part 1 (the same address
+/// 169.254.77.2 answers with its own tenant's word). A tenant's attempt to
+/// take a part of its own `db` that is already held (a squat), and calls
+/// on parts only the other tenant holds, are refused with errors naming
+/// nothing of the other tenant (its network, VMs, sandboxes, segment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostlo_pod_names_are_per_tenant_network() {
+    let rig = NetnsVms::start_tenants(2, 2, 8, "h", "");
+    let tag = suffix();
+    let sb = |vm: usize| format!("sb{vm}-{tag}");
+    let mut nics = Vec::new();
+    for vm in 0..4usize {
+        let c = vm_client(&rig.socket(vm)).await;
+        let r = c
+            .hostlo_join(
+                ctx(),
+                &pb::HostloJoinRequest {
+                    pod: "db".into(),
+                    part: (vm % 2) as u32,
+                    sandbox_id: sb(vm),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("VM {vm}'s join of db: {e:?}"));
+        let view = r.pod.unwrap();
+        assert_eq!(
+            view.parts.len(),
+            vm % 2 + 1,
+            "VM {vm} sees only its own tenant's parts: {view:?}"
+        );
+        nics.push(r.nic.unwrap());
+    }
+    let (seg_a, seg_b) = (segment_bridge("t0", "db"), segment_bridge("t1", "db"));
+    assert_ne!(seg_a, seg_b);
+    for (seg, vms) in [(&seg_a, [0, 1]), (&seg_b, [2, 3])] {
+        let mut want: Vec<String> = vms.iter().map(|&v| format!("nlh{}", nics[v].id)).collect();
+        want.sort();
+        assert_eq!(bridge_ports(seg), want, "ports of segment {seg}");
+    }
+    let pods = rig.agent.hostlo();
+    let listed: Vec<(String, String, String)> = pods["pods"]
+        .as_array()
+        .or(pods.as_array())
+        .unwrap_or_else(|| panic!("{pods}"))
+        .iter()
+        .map(|p| {
+            (
+                p["network"].as_str().unwrap_or_default().to_string(),
+                p["pod"].as_str().unwrap_or_default().to_string(),
+                p["bridge"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("t0".to_string(), "db".to_string(), seg_a.clone()),
+            ("t1".to_string(), "db".to_string(), seg_b.clone())
+        ],
+        "{pods}"
+    );
+    // Each part 0 reaches its own part 1: both parts 1 are 169.254.77.2.
+    for (vm, part) in nics.iter().enumerate() {
+        let ns = &rig.vms[vm];
+        let dev = ifname_by_mac(ns, &part.mac);
+        let addr = format!("169.254.77.{}/24", vm % 2 + 1);
+        assert!(ns
+            .exec(&["ip", "addr", "add", &addr, "dev", &dev])
+            .status
+            .success());
+        assert!(ns.exec(&["ip", "link", "set", &dev, "up"]).status.success());
+        assert!(ns.exec(&["ip", "link", "set", "lo", "up"]).status.success());
+    }
+    let mut servers: Vec<std::process::Child> = [(1usize, "tenant-a"), (3, "tenant-b")]
+        .iter()
+        .map(|(vm, word)| {
+            Command::new("ip")
+                .args(["netns", "exec", &rig.vms[*vm].name, "socat"])
+                .arg("TCP-LISTEN:7070,bind=169.254.77.2,reuseaddr,fork")
+                .arg(format!("SYSTEM:echo {word}"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("socat (apt install socat)")
+        })
+        .collect();
+    for (vm, word) in [(0usize, "tenant-a"), (2, "tenant-b")] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let heard = loop {
+            let out = rig.vms[vm].exec(&["socat", "-T", "5", "-", "TCP:169.254.77.2:7070"]);
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if out.status.success() && !text.is_empty() {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "VM {vm} never reached 169.254.77.2: {out:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(heard, word, "VM {vm} reached another tenant's part");
+    }
+    for s in &mut servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    // Tenant B's second VM squats part 0 of its own db (held by VM 2), and
+    // reaches for what only tenant A has: refused, naming nothing of A.
+    let a_secrets = [
+        "\"t0\"".to_string(),
+        "vm0".to_string(),
+        "vm1".to_string(),
+        sb(0),
+        sb(1),
+        seg_a.clone(),
+        nics[0].id.clone(),
+        nics[1].id.clone(),
+    ];
+    let b = vm_client(&rig.socket(3)).await;
+    let squat = b
+        .hostlo_join(
+            ctx(),
+            &pb::HostloJoinRequest {
+                pod: "db".into(),
+                part: 0,
+                sandbox_id: format!("squat-{tag}"),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("a held part was taken");
+    let (code, text) = status_of(&squat);
+    assert_eq!(code, ttrpc::Code::ALREADY_EXISTS, "{text}");
+    let mut refusals = vec![text];
+    // A leaves its part 1; B's VM 3 leaves and rejoins nothing of A's.
+    let a_only = vm_client(&rig.socket(0)).await;
+    a_only
+        .hostlo_join(
+            ctx(),
+            &pb::HostloJoinRequest {
+                pod: "only-a".into(),
+                part: 5,
+                sandbox_id: sb(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for pod in ["db", "only-a"] {
+        let e = b
+            .hostlo_leave(
+                ctx(),
+                &pb::HostloLeaveRequest {
+                    pod: pod.into(),
+                    part: 5,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect_err("left a part it does not hold");
+        refusals.push(status_of(&e).1);
+        let e = b
+            .hostlo_watch(
+                ctx(),
+                &pb::HostloWatchRequest {
+                    pod: pod.into(),
+                    timeout_ms: 10,
+                    ..Default::default()
+                },
+            )
+            .await;
+        // VM 3 holds db's part 1: it watches its own tenant's db only.
+        match (pod, e) {
+            ("db", Ok(v)) => assert_eq!(
+                v.parts.iter().map(|p| p.part).collect::<Vec<_>>(),
+                vec![0, 1],
+                "B's own db"
+            ),
+            (_, Ok(v)) => panic!("watched another tenant's pod: {v:?}"),
+            (_, Err(e)) => refusals.push(status_of(&e).1),
+        }
+    }
+    // B's own "only-a" is a pod of B's: a join succeeds, on its own segment.
+    b.hostlo_join(
+        ctx(),
+        &pb::HostloJoinRequest {
+            pod: "only-a".into(),
+            part: 5,
+            sandbox_id: format!("b-only-{tag}"),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("B's own pod only-a");
+    assert_eq!(
+        bridge_ports(&segment_bridge("t1", "only-a")).len(),
+        1,
+        "B's only-a has B's part alone"
+    );
+    for text in &refusals {
+        for secret in &a_secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a refusal to tenant B names {secret:?} of tenant A: {text}"
+            );
+        }
+    }
+    eprintln!("refusals to tenant B: {refusals:#?}");
 }

@@ -289,25 +289,27 @@ impl Records {
             .cloned()
     }
 
-    /// The segment NIC of part `part` of Hostlo pod `pod`, in whichever VM.
-    pub fn hostlo_part(&self, pod: &str, part: u32) -> Option<NicRecord> {
+    /// The segment NIC of part `part` of Hostlo pod `pod` of tenant network
+    /// `network`, in whichever VM.
+    pub fn hostlo_part(&self, network: &str, pod: &str, part: u32) -> Option<NicRecord> {
         self.lock()
             .records
             .values()
             .find(|r| {
-                r.hostlo
-                    .as_ref()
-                    .is_some_and(|h| h.pod == pod && h.part == part)
+                r.network == network
+                    && r.hostlo
+                        .as_ref()
+                        .is_some_and(|h| h.pod == pod && h.part == part)
             })
             .cloned()
     }
 
-    /// Whether VM `vm` holds a part of Hostlo pod `pod`.
-    pub fn holds_hostlo(&self, vm: &str, pod: &str) -> bool {
-        self.lock()
-            .records
-            .values()
-            .any(|r| r.vm == vm && r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+    /// Whether VM `vm` holds a part of Hostlo pod `pod` of tenant network
+    /// `network`.
+    pub fn holds_hostlo(&self, vm: &str, network: &str, pod: &str) -> bool {
+        self.lock().records.values().any(|r| {
+            r.vm == vm && r.network == network && r.hostlo.as_ref().is_some_and(|h| h.pod == pod)
+        })
     }
 
     /// Every Hostlo segment NIC record.
@@ -320,15 +322,15 @@ impl Records {
             .collect()
     }
 
-    /// The parts of Hostlo pod `pod` and the pod IP: the address of the
-    /// `eth0` NIC of part 0's sandbox in the empty scope (CRI's pod NIC), in
-    /// part 0's VM.
-    pub fn hostlo_pod(&self, pod: &str) -> PodRecords {
+    /// The parts of Hostlo pod `pod` of tenant network `network` and the pod
+    /// IP: the address of the `eth0` NIC of part 0's sandbox in the empty
+    /// scope (CRI's pod NIC), in part 0's VM.
+    pub fn hostlo_pod(&self, network: &str, pod: &str) -> PodRecords {
         let store = self.lock();
         let parts: Vec<NicRecord> = store
             .records
             .values()
-            .filter(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+            .filter(|r| r.network == network && r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
             .cloned()
             .collect();
         let pod_ip = parts
