@@ -84,7 +84,10 @@ impl PodName {
         {
             return Err(Invalid::new(
                 "pod",
-                format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
+                format!(
+                    "{} is not 1 to 63 characters of [a-z0-9.-]",
+                    crate::names::Quoted(pod)
+                ),
             ));
         }
         Ok(PodName(pod.to_string()))

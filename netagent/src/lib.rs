@@ -14,8 +14,8 @@
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
-//! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
-//!   state file, address allocation, names; [`stale`]: state records the
+//! * [`config`], [`state`], [`ipam`], [`names`], [`labels`]: configuration,
+//!   the durable state file, address allocation, names, label limits; [`stale`]: state records the
 //!   configuration no longer accounts for.
 #![warn(missing_docs)]
 
@@ -27,6 +27,7 @@ pub mod daemon;
 pub mod error;
 pub mod hostlo;
 pub mod ipam;
+pub mod labels;
 pub mod lifecycle;
 pub mod links;
 pub mod names;

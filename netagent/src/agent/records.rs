@@ -222,6 +222,30 @@ impl Records {
     }
 
     /// All records (a snapshot), optionally of one VM.
+    /// A page of a listing (issue 11, item 7): at most `limit` records of VM
+    /// `vm` (every VM: `None`) that `keep` keeps, in id order, with ids
+    /// after `after`; and whether more follow. Clones only what it returns.
+    pub fn page(
+        &self,
+        vm: Option<&str>,
+        after: Option<&NicId>,
+        limit: usize,
+        keep: impl Fn(&NicRecord) -> bool,
+    ) -> (Vec<NicRecord>, bool) {
+        use std::ops::Bound;
+        let store = self.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut found = store
+            .records
+            .range((from, Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| vm.is_none_or(|v| r.vm == v) && keep(r));
+        let page: Vec<NicRecord> = found.by_ref().take(limit).cloned().collect();
+        let more = found.next().is_some();
+        (page, more)
+    }
+
+    /// Every record (of VM `vm`).
     pub fn snapshot(&self, vm: Option<&str>) -> Vec<NicRecord> {
         self.lock()
             .records

@@ -6,18 +6,39 @@ use std::sync::Arc;
 use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use super::convert;
-use crate::agent::Agent;
+use super::{
+    conns::{RateBudget, ADMIN_REQUESTS_PER_SEC, ADMIN_REQUEST_BURST},
+    convert,
+};
+use crate::{agent::Agent, error::AgentError};
 
 /// The Admin service.
 pub struct AdminService {
     agent: Arc<Agent>,
+    /// The admin socket's own request budget: what the VMs do never
+    /// spends it.
+    rate: RateBudget,
 }
 
 impl AdminService {
     /// The Admin service of `agent`.
     pub fn new(agent: Arc<Agent>) -> AdminService {
-        AdminService { agent }
+        AdminService {
+            agent,
+            rate: RateBudget::new(ADMIN_REQUEST_BURST, ADMIN_REQUESTS_PER_SEC),
+        }
+    }
+
+    fn admit(&self) -> Result<(), ttrpc::Error> {
+        if self.rate.take(std::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(AgentError::RequestBudget {
+            who: "the admin socket".into(),
+            burst: self.rate.burst(),
+            per_second: self.rate.per_second(),
+        }
+        .to_ttrpc())
     }
 }
 
@@ -28,6 +49,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::StatusRequest,
     ) -> ttrpc::Result<pb::StatusResponse> {
+        self.admit()?;
         Ok(pb::StatusResponse {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION.into(),
@@ -44,6 +66,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListVmsRequest,
     ) -> ttrpc::Result<pb::ListVmsResponse> {
+        self.admit()?;
         let mut vms = Vec::new();
         for vm in self.agent.vms() {
             let status =
@@ -83,17 +106,21 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         req: pb::ListAllNicsRequest,
     ) -> ttrpc::Result<pb::ListAllNicsResponse> {
+        self.admit()?;
         let vm = (!req.vm.is_empty()).then_some(req.vm.as_str());
         if let Some(v) = vm {
             self.agent.vm(v)?;
         }
+        let page = convert::PageRequest::parse(req.page_size, &req.page_token)?;
+        let (records, more) = self
+            .agent
+            .records_page(vm, page.after.as_ref(), page.size, |_| true);
         Ok(pb::ListAllNicsResponse {
-            nics: self
-                .agent
-                .records(vm)
+            nics: records
                 .iter()
                 .map(|r| convert::nic_record(r, self.agent.network(&r.network)))
                 .collect(),
+            next_page_token: convert::next_page_token(&records, more),
             ..Default::default()
         })
     }
@@ -103,6 +130,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListHostloPodsRequest,
     ) -> ttrpc::Result<pb::ListHostloPodsResponse> {
+        self.admit()?;
         Ok(pb::ListHostloPodsResponse {
             pods: self
                 .agent
@@ -119,6 +147,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListLeasesRequest,
     ) -> ttrpc::Result<pb::ListLeasesResponse> {
+        self.admit()?;
         Ok(pb::ListLeasesResponse {
             leases: self
                 .agent

@@ -46,7 +46,7 @@ use ttrpc::r#async::transport::Listener;
 
 use self::{
     admin::AdminService,
-    conns::{vm_budget, Budget, Tracked, IDLE_TIMEOUT, MAX_ADMIN_CONNS, MIN_CONNS_PER_VM},
+    conns::{vm_budget, Budget, RateBudget, Tracked, MAX_ADMIN_CONNS, MIN_CONNS_PER_VM},
     refusals::RefusalLog,
     vm::VmService,
 };
@@ -177,7 +177,7 @@ fn admit<S: Io + 'static>(
     what: &str,
 ) -> Option<Conn> {
     match budget.admit() {
-        Some(permit) => Some(Box::new(Tracked::new(stream, permit, IDLE_TIMEOUT))),
+        Some(permit) => Some(Box::new(Tracked::new(stream, permit, budget.idle()))),
         None => {
             refusals.warn(
                 what,
@@ -245,11 +245,20 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
     for vm in agent.vms() {
         let name = vm.config.name.clone();
         // One budget per VM, whichever way it connects.
-        let budget = Budget::new(vm_budget(vm.config.max_nics));
+        let budget = Budget::new(
+            cfg.agent
+                .max_connections_per_vm
+                .unwrap_or_else(|| vm_budget(vm.config.max_nics)),
+        )
+        .with_idle(cfg.agent.idle_timeout);
         let (tx, listener) = channel_listener();
         let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
             agent.clone(),
             Some(name.clone()),
+            RateBudget::new(
+                cfg.agent.request_burst_per_vm,
+                cfg.agent.requests_per_sec_per_vm,
+            ),
         )));
         running
             .servers
@@ -278,14 +287,21 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         )) {
             Ok(l) => {
                 let (unknown_tx, listener) = channel_listener();
-                let service =
-                    agent_ttrpc::create_net_agent(Arc::new(VmService::new(agent.clone(), None)));
+                let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
+                    agent.clone(),
+                    None,
+                    RateBudget::new(
+                        cfg.agent.request_burst_per_vm,
+                        cfg.agent.requests_per_sec_per_vm,
+                    ),
+                )));
                 running
                     .servers
                     .push(start_server("unknown callers", listener, service).await?);
                 running.vsock = true;
                 log::info!("listening on AF_VSOCK port {port}");
-                let unknown_budget = Budget::new(MIN_CONNS_PER_VM);
+                let unknown_budget =
+                    Budget::new(MIN_CONNS_PER_VM).with_idle(cfg.agent.idle_timeout);
                 running.tasks.push(tokio::spawn(async move {
                     let refusals = RefusalLog::default();
                     let unknown_refusals = RefusalLog::default();
@@ -346,7 +362,7 @@ pub async fn serve(agent: Arc<Agent>) -> Result<Running, ServeError> {
         tx,
         format!("admin socket {}", path.display()),
         true,
-        Budget::new(MAX_ADMIN_CONNS),
+        Budget::new(MAX_ADMIN_CONNS).with_idle(cfg.agent.idle_timeout),
     ));
     log::info!("admin socket {}", path.display());
     Ok(running)
