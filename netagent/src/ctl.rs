@@ -50,6 +50,29 @@ fn rpc_err(what: &str, e: ttrpc::Error) -> anyhow::Error {
     }
 }
 
+/// Every NIC (of VM `vm`, every VM's when empty), page after page (a NIC
+/// added or removed meanwhile neither makes another skipped nor repeated).
+pub async fn all_nics(client: &AdminClient, vm: &str) -> anyhow::Result<Vec<pb::NicRecord>> {
+    let mut nics = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req = pb::ListAllNicsRequest {
+            vm: vm.to_string(),
+            page_token,
+            ..Default::default()
+        };
+        let r = client
+            .list_all_nics(ctx(), &req)
+            .await
+            .map_err(|e| rpc_err("ListAllNics", e))?;
+        nics.extend(r.nics);
+        if r.next_page_token.is_empty() {
+            return Ok(nics);
+        }
+        page_token = r.next_page_token;
+    }
+}
+
 /// Fetches a view as JSON.
 pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow::Result<Value> {
     Ok(match view {
@@ -74,17 +97,9 @@ pub async fn fetch(client: &AdminClient, view: View, vm: Option<&str>) -> anyhow
             Value::Array(r.vms.iter().map(vm_json).collect())
         }
         View::Nics => {
-            let req = pb::ListAllNicsRequest {
-                vm: vm.unwrap_or_default().to_string(),
-                ..Default::default()
-            };
-            let r = client
-                .list_all_nics(ctx(), &req)
-                .await
-                .map_err(|e| rpc_err("ListAllNics", e))?;
+            let nics = all_nics(client, vm.unwrap_or_default()).await?;
             Value::Array(
-                r.nics
-                    .iter()
+                nics.iter()
                     .map(|n| {
                         let nic = n.nic.as_ref().cloned().unwrap_or_default();
                         json!({

@@ -4,6 +4,9 @@ use crate::{
     backend::BackendError, ipam::IpamError, names::Invalid, stale::StaleRecords, state::StateError,
 };
 
+/// Most bytes of the text of a status the agent replies with.
+pub const MAX_STATUS_TEXT: usize = 1024;
+
 /// What can go wrong serving a request.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -47,7 +50,8 @@ pub enum AgentError {
         /// Its quota.
         quota: u32,
     },
-    /// A Hostlo part is already held by another VM.
+    /// A Hostlo part is already held by another VM (of the caller's own
+    /// tenant network: pods are named per network).
     #[error("part {part} of Hostlo pod {pod:?} is already in VM {vm}")]
     HostloPartTaken {
         /// The pod.
@@ -56,18 +60,6 @@ pub enum AgentError {
         part: u32,
         /// The VM holding it.
         vm: String,
-    },
-    /// A VM of another tenant network asked to join a Hostlo pod.
-    #[error("Hostlo pod {pod:?} belongs to network {network:?}; VM {vm} is on {vm_network:?}")]
-    HostloTenant {
-        /// The pod.
-        pod: String,
-        /// The pod's network.
-        network: String,
-        /// The calling VM.
-        vm: String,
-        /// Its network.
-        vm_network: String,
     },
     /// Address allocation failed.
     #[error(transparent)]
@@ -91,6 +83,17 @@ pub enum AgentError {
     /// (at start only).
     #[error(transparent)]
     Stale(#[from] StaleRecords),
+    /// The caller made more requests than its budget allows (issue 11,
+    /// item 1).
+    #[error("{who} is over its request budget ({burst} at once, then {per_second}/s: keys agent.request_burst_per_vm, agent.requests_per_sec_per_vm); retry later")]
+    RequestBudget {
+        /// The caller (`VM a`, `the admin socket`).
+        who: String,
+        /// Requests at once.
+        burst: u32,
+        /// Requests per second.
+        per_second: u32,
+    },
     /// Every MAC under the configured prefix is taken.
     #[error("no free MAC address is left under the prefix {prefix} (agent.mac_prefix)")]
     NoFreeMac {
@@ -111,7 +114,6 @@ impl AgentError {
             AgentError::NetworkNotAllowed { .. } => Code::PERMISSION_DENIED,
             AgentError::QuotaExceeded { .. } => Code::RESOURCE_EXHAUSTED,
             AgentError::HostloPartTaken { .. } => Code::ALREADY_EXISTS,
-            AgentError::HostloTenant { .. } => Code::PERMISSION_DENIED,
             AgentError::Ipam(_) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::NoFreeSlot { .. }) => Code::RESOURCE_EXHAUSTED,
             AgentError::Backend(BackendError::BridgeFull { .. }) => Code::RESOURCE_EXHAUSTED,
@@ -121,12 +123,25 @@ impl AgentError {
             AgentError::State(_) | AgentError::Stale(_) => Code::INTERNAL,
             AgentError::Interrupted { .. } => Code::UNAVAILABLE,
             AgentError::NoFreeMac { .. } => Code::RESOURCE_EXHAUSTED,
+            AgentError::RequestBudget { .. } => Code::RESOURCE_EXHAUSTED,
         }
     }
 
-    /// The error as a ttrpc error carrying a status.
+    /// The error as a ttrpc error carrying a status; its text cut at
+    /// [`MAX_STATUS_TEXT`] bytes (each value it quotes is already cut, see
+    /// [`crate::names::Quoted`]: this is the last bound).
     pub fn to_ttrpc(&self) -> ttrpc::Error {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), self.to_string()))
+        let mut text = self.to_string();
+        if text.len() > MAX_STATUS_TEXT {
+            let mut end = MAX_STATUS_TEXT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            let full = text.len();
+            text.truncate(end);
+            text += &format!("…({full} bytes)");
+        }
+        ttrpc::Error::RpcStatus(ttrpc::get_status(self.code(), text))
     }
 }
 

@@ -1,5 +1,10 @@
 //! Hostlo, host side: pods whose parts run in several VMs of this host.
 //!
+//! A pod is named within its tenant network: the pod `db` of network `a`
+//! and the pod `db` of network `b` are two pods, with two segments
+//! ([`segment_bridge`] hashes both names), and nothing about one reaches
+//! the other's VMs.
+//!
 //! Every part's VM gets a NIC on the pod's *segment*, a host bridge of its own
 //! (`nls<hash>`, no uplink), with the address `.<part + 1>` of the segment
 //! subnet (every segment uses the same subnet: they never meet). The guest
@@ -48,6 +53,20 @@ pub struct HostloRef {
     /// The ports the part serves (sorted, unique).
     #[serde(default)]
     pub ports: Vec<Port>,
+    /// The pod's segment bridge, [`segment_bridge`] of the record's network
+    /// and the pod. Absent in records written before pods were scoped per
+    /// tenant network: their segment is [`legacy_segment_bridge`] of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<String>,
+}
+
+impl HostloRef {
+    /// The segment bridge the part is on.
+    pub fn bridge(&self) -> String {
+        self.segment
+            .clone()
+            .unwrap_or_else(|| legacy_segment_bridge(&self.pod))
+    }
 }
 
 /// A Hostlo pod name, checked: 1 to 63 characters of `[a-z0-9.-]`.
@@ -65,7 +84,10 @@ impl PodName {
         {
             return Err(Invalid::new(
                 "pod",
-                format!("{pod:?} is not 1 to 63 characters of [a-z0-9.-]"),
+                format!(
+                    "{} is not 1 to 63 characters of [a-z0-9.-]",
+                    crate::names::Quoted(pod)
+                ),
             ));
         }
         Ok(PodName(pod.to_string()))
@@ -151,16 +173,48 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
     h
 }
 
-/// The segment bridge of `pod`: `nls` + 8 hex digits of a stable hash (FNV-1a).
-pub fn segment_bridge(pod: &str) -> String {
+fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The bytes naming pod `pod` of tenant network `network` (a network name
+/// holds no NUL, so no two pairs give the same bytes).
+fn pod_key<'a>(network: &'a str, pod: &'a str) -> impl Iterator<Item = u8> + 'a {
+    network.bytes().chain([0]).chain(pod.bytes())
+}
+
+/// The segment bridge of pod `pod` of tenant network `network`: `nls` + 12
+/// hex digits (48 bits) of a stable hash (FNV-1a, 64 bits) of both names,
+/// the 15 bytes an interface name may have.
+pub fn segment_bridge(network: &str, pod: &str) -> String {
+    format!(
+        "{SEGMENT_PREFIX}{:012x}",
+        fnv1a64(pod_key(network, pod)) >> 16
+    )
+}
+
+/// The segment bridge of `pod` in records written before pods were scoped
+/// per tenant network: `nls` + 8 hex digits of FNV-1a (32 bits) of the pod
+/// alone. Never made any more; kept so that such pods run on.
+pub fn legacy_segment_bridge(pod: &str) -> String {
     format!("{SEGMENT_PREFIX}{:08x}", fnv1a(pod.bytes()))
 }
 
 /// The MAC of part `part`'s segment NIC: `prefix` then a stable hash of the
-/// pod and part, so that a part that comes back has the same MAC and its
-/// peers' neighbour caches stay right.
-pub fn part_mac(prefix: &[u8], pod: &str, part: u32) -> nestless_model::MacAddr {
-    let h = fnv1a(pod.bytes().chain(part.to_be_bytes()).chain(*b"hostlo")).to_be_bytes();
+/// tenant network, the pod and the part, so that a part that comes back has
+/// the same MAC and its peers' neighbour caches stay right.
+pub fn part_mac(prefix: &[u8], network: &str, pod: &str, part: u32) -> nestless_model::MacAddr {
+    let h = fnv1a(
+        pod_key(network, pod)
+            .chain(part.to_be_bytes())
+            .chain(*b"hostlo"),
+    )
+    .to_be_bytes();
     let mut m = [0u8; 6];
     // Hash bytes fill whatever the prefix leaves, last bytes first.
     for (i, b) in m.iter_mut().enumerate() {
@@ -234,10 +288,26 @@ mod tests {
 
     #[test]
     fn names_and_addresses() {
-        let b = segment_bridge("web-frontend");
-        assert!(b.starts_with("nls") && b.len() == 11, "{b}");
-        assert_eq!(b, segment_bridge("web-frontend"), "stable");
-        assert_ne!(b, segment_bridge("web-frontenc"));
+        let b = segment_bridge("a", "web-frontend");
+        assert!(b.starts_with("nls") && b.len() == 15, "{b}");
+        assert_eq!(b, segment_bridge("a", "web-frontend"), "stable");
+        assert_ne!(b, segment_bridge("a", "web-frontenc"));
+        // One pod name in two tenant networks: two segments.
+        assert_ne!(b, segment_bridge("b", "web-frontend"));
+        assert_ne!(segment_bridge("ab", "c"), segment_bridge("a", "bc"));
+        // Records of before the scoping name their segment by the pod alone.
+        let old = legacy_segment_bridge("web-frontend");
+        assert!(old.starts_with("nls") && old.len() == 11, "{old}");
+        let legacy = HostloRef {
+            pod: "web-frontend".into(),
+            part: 0,
+            ports: vec![],
+            segment: None,
+        };
+        assert_eq!(legacy.bridge(), old);
+        let loaded: HostloRef =
+            serde_json::from_str(r#"{"pod":"web-frontend","part":0,"ports":[]}"#).unwrap();
+        assert_eq!(loaded, legacy, "a record of before the scoping loads");
         assert_eq!(
             part_address("169.254.77.0/24".parse().unwrap(), Part(0)),
             "169.254.77.1".parse::<Ipv4Addr>().unwrap()
@@ -251,13 +321,14 @@ mod tests {
     #[test]
     fn part_macs_are_stable_and_distinct() {
         let p = [0x52, 0x54, 0x00];
-        assert_eq!(part_mac(&p, "web", 1), part_mac(&p, "web", 1));
-        assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "web", 2));
-        assert_ne!(part_mac(&p, "web", 1), part_mac(&p, "api", 1));
-        assert_eq!(&part_mac(&p, "web", 1).0[..3], &p);
-        assert!(!part_mac(&[], "web", 1).is_multicast());
+        assert_eq!(part_mac(&p, "a", "web", 1), part_mac(&p, "a", "web", 1));
+        assert_ne!(part_mac(&p, "a", "web", 1), part_mac(&p, "a", "web", 2));
+        assert_ne!(part_mac(&p, "a", "web", 1), part_mac(&p, "a", "api", 1));
+        assert_ne!(part_mac(&p, "a", "web", 1), part_mac(&p, "b", "web", 1));
+        assert_eq!(&part_mac(&p, "a", "web", 1).0[..3], &p);
+        assert!(!part_mac(&[], "a", "web", 1).is_multicast());
         // A prefix longer than a MAC is cut, not a panic.
-        assert_eq!(part_mac(&[0x02; 8], "web", 1).0, [0x02; 6]);
+        assert_eq!(part_mac(&[0x02; 8], "a", "web", 1).0, [0x02; 6]);
     }
 
     #[test]

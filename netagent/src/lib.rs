@@ -14,10 +14,11 @@
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
 //! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
-//! * [`config`], [`state`], [`ipam`], [`names`]: configuration, the durable
-//!   state file, address allocation, names; [`stale`]: state records the
-//!   configuration no longer accounts for; [`registry`]: VMs registered at
-//!   run time (kept in `vms.json`) and the configuration reloaded on SIGHUP.
+//! * [`config`], [`state`], [`ipam`], [`names`], [`labels`]: configuration,
+//!   the durable state (SQLite), address allocation, names, label limits;
+//!   [`stale`]: state records the configuration no longer accounts for;
+//!   [`registry`]: VMs registered at run time (kept in `vms.json`) and the
+//!   configuration reloaded on SIGHUP.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -28,6 +29,7 @@ pub mod daemon;
 pub mod error;
 pub mod hostlo;
 pub mod ipam;
+pub mod labels;
 pub mod lifecycle;
 pub mod links;
 pub mod names;

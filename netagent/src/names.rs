@@ -35,6 +35,37 @@ impl Invalid {
     }
 }
 
+/// Most bytes of an input value an error text quotes (issue 11, item 4).
+pub const MAX_QUOTED: usize = 64;
+
+/// A value from a request as an error text quotes it: escaped (`{:?}`), and
+/// when longer than [`MAX_QUOTED`] bytes cut on a character boundary, with
+/// `…` and the full length: `"aaaa"…(1048576 bytes)`. A refusal so costs a
+/// bounded reply (and log line) whatever the request held.
+pub struct Quoted<'a>(pub &'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_bounded(f, self.0, MAX_QUOTED)
+    }
+}
+
+/// Writes `s` quoted and escaped (no control character is written raw),
+/// at most `max` bytes of it as escaped, then `…` and the full length when
+/// cut.
+pub fn write_bounded(f: &mut fmt::Formatter<'_>, s: &str, max: usize) -> fmt::Result {
+    let mut shown = String::with_capacity(max.min(s.len() * 2) + 8);
+    for c in s.chars() {
+        let before = shown.len();
+        shown.extend(c.escape_debug());
+        if shown.len() > max {
+            shown.truncate(before);
+            return write!(f, "\"{shown}\"…({} bytes)", s.len());
+        }
+    }
+    write!(f, "\"{shown}\"")
+}
+
 /// Longest sandbox id accepted.
 pub const MAX_SANDBOX_ID: usize = 128;
 
@@ -58,7 +89,7 @@ impl SandboxId {
         {
             return Err(Invalid::new(
                 "sandbox_id",
-                format!("{id:?} has characters outside [A-Za-z0-9_.-]"),
+                format!("{} has characters outside [A-Za-z0-9_.-]", Quoted(id)),
             ));
         }
         Ok(SandboxId(id.to_string()))
@@ -101,7 +132,7 @@ impl Scope {
         {
             return Err(Invalid::new(
                 "scope",
-                format!("{scope:?} has characters outside [A-Za-z0-9_.-]"),
+                format!("{} has characters outside [A-Za-z0-9_.-]", Quoted(scope)),
             ));
         }
         Ok(Scope(scope.to_string()))
@@ -126,7 +157,8 @@ pub const MAX_IFNAME: usize = 15;
 pub fn check_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_IFNAME {
         return Err(format!(
-            "{name:?} is not 1 to {MAX_IFNAME} bytes (IFNAMSIZ)"
+            "{} is not 1 to {MAX_IFNAME} bytes (IFNAMSIZ)",
+            Quoted(name)
         ));
     }
     if name
@@ -135,7 +167,7 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
         || name == "."
         || name == ".."
     {
-        return Err(format!("{name:?} is not a valid interface name"));
+        return Err(format!("{} is not a valid interface name", Quoted(name)));
     }
     Ok(())
 }
@@ -283,7 +315,10 @@ impl TryFrom<String> for NicId {
         {
             Ok(NicId(s))
         } else {
-            Err(format!("{s:?} is not a NIC id (10 lower-case hex digits)"))
+            Err(format!(
+                "{} is not a NIC id (10 lower-case hex digits)",
+                Quoted(&s)
+            ))
         }
     }
 }
@@ -506,7 +541,7 @@ mod tests {
         for name in [
             id.names().host_if,
             id.names().guest_if,
-            crate::hostlo::segment_bridge("db"),
+            crate::hostlo::segment_bridge("net", "db"),
         ] {
             assert!(
                 AGENT_LINK_PREFIXES.iter().any(|p| name.starts_with(p)),

@@ -142,7 +142,8 @@ pub enum Misfit {
         /// The segment subnet.
         subnet: Ipv4Net,
     },
-    /// An older record holds the same part of the same Hostlo pod.
+    /// An older record holds the same part of the same Hostlo pod (of the
+    /// same tenant network: pods are named per network).
     HostloPartTaken {
         /// The pod.
         pod: String,
@@ -151,12 +152,18 @@ pub enum Misfit {
         /// That record.
         other: NicId,
     },
-    /// An older part of the same Hostlo pod is of another tenant network.
-    HostloTenants {
-        /// The pod.
-        pod: String,
-        /// The other part's network.
-        network: String,
+    /// A Hostlo part whose segment bridge is neither its pod's nor the one
+    /// of records written before pods were scoped per tenant network.
+    HostloSegment {
+        /// The segment the record names.
+        segment: String,
+        /// The pod's.
+        want: String,
+    },
+    /// An older part of another Hostlo pod is on the same segment bridge.
+    HostloSegmentTaken {
+        /// The segment.
+        segment: String,
         /// That part's record.
         other: NicId,
     },
@@ -212,13 +219,13 @@ impl fmt::Display for Misfit {
                 f,
                 "NIC {other} holds part {part} of Hostlo pod {pod:?} too"
             ),
-            Misfit::HostloTenants {
-                pod,
-                network,
-                other,
-            } => write!(
+            Misfit::HostloSegment { segment, want } => write!(
                 f,
-                "Hostlo pod {pod:?} has a part on network {network:?} too (NIC {other}); a pod has one tenant"
+                "its segment bridge {segment:?} is not its pod's ({want})"
+            ),
+            Misfit::HostloSegmentTaken { segment, other } => write!(
+                f,
+                "NIC {other}, of another Hostlo pod, is on its segment bridge {segment:?} too"
             ),
         }
     }
@@ -360,8 +367,8 @@ pub fn sort(config: &Config, mut records: Vec<NicRecord>) -> Sorted {
     let mut addresses: HashMap<(String, Ipv4Addr), NicId> = HashMap::new();
     let mut addresses6: HashMap<Ipv6Addr, NicId> = HashMap::new();
     let mut attachments: HashMap<(String, String, String, String), NicId> = HashMap::new();
-    let mut parts: HashMap<(String, u32), NicId> = HashMap::new();
-    let mut tenants: HashMap<String, (String, NicId)> = HashMap::new();
+    let mut parts: HashMap<(String, String, u32), NicId> = HashMap::new();
+    let mut segments: HashMap<String, ((String, String), NicId)> = HashMap::new();
     // What only one record may hold: the VM, scope, sandbox and interface
     // of a NIC given to a sandbox (an empty interface is `eth0`).
     let attachment = |r: &NicRecord| {
@@ -426,18 +433,22 @@ pub fn sort(config: &Config, mut records: Vec<NicRecord>) -> Sorted {
                         subnet,
                     });
                 }
-                if let Some(other) = parts.get(&(h.pod.clone(), h.part)) {
+                let want = hostlo::segment_bridge(&rec.network, &h.pod);
+                let segment = h.bridge();
+                if segment != want && segment != hostlo::legacy_segment_bridge(&h.pod) {
+                    return Some(Misfit::HostloSegment { segment, want });
+                }
+                if let Some(other) = parts.get(&(rec.network.clone(), h.pod.clone(), h.part)) {
                     return Some(Misfit::HostloPartTaken {
                         pod: h.pod.clone(),
                         part: h.part,
                         other: other.clone(),
                     });
                 }
-                if let Some((network, other)) = tenants.get(&h.pod) {
-                    if *network != rec.network {
-                        return Some(Misfit::HostloTenants {
-                            pod: h.pod.clone(),
-                            network: network.clone(),
+                if let Some((pod, other)) = segments.get(&segment) {
+                    if *pod != (rec.network.clone(), h.pod.clone()) {
+                        return Some(Misfit::HostloSegmentTaken {
+                            segment,
                             other: other.clone(),
                         });
                     }
@@ -509,10 +520,10 @@ pub fn sort(config: &Config, mut records: Vec<NicRecord>) -> Sorted {
         macs.insert(rec.mac, rec.id.clone());
         match &rec.hostlo {
             Some(h) => {
-                parts.insert((h.pod.clone(), h.part), rec.id.clone());
-                tenants
-                    .entry(h.pod.clone())
-                    .or_insert_with(|| (rec.network.clone(), rec.id.clone()));
+                parts.insert((rec.network.clone(), h.pod.clone(), h.part), rec.id.clone());
+                segments
+                    .entry(h.bridge())
+                    .or_insert_with(|| ((rec.network.clone(), h.pod.clone()), rec.id.clone()));
             }
             None => {
                 addresses.insert((rec.network.clone(), rec.ipv4), rec.id.clone());
@@ -603,6 +614,7 @@ mod tests {
                 pod: pod.into(),
                 part,
                 ports: vec![],
+                segment: None,
             }),
             ..rec(id, vm, network, "169.254.77.1", mac)
         }
@@ -640,7 +652,39 @@ mod tests {
             },
             part("00000000b2", "vm1", "green", "web", 300, 12),
             part("00000000b3", "vm1", "green", "web", 0, 13),
-            part("00000000b4", "vm2", "other", "web", 2, 14),
+            // Tenant "other"'s own pod "web": another pod, it fits.
+            {
+                let mut r = part("00000000b4", "vm2", "other", "web", 2, 14);
+                if let Some(h) = r.hostlo.as_mut() {
+                    h.segment = Some(hostlo::segment_bridge("other", "web"));
+                }
+                r
+            },
+            {
+                let mut r = part("00000000b5", "vm2", "other", "db", 3, 15);
+                if let Some(h) = r.hostlo.as_mut() {
+                    h.segment = Some("nls0123456789ab".into());
+                }
+                r
+            },
+            {
+                // Scoped "db" of "other": fits.
+                let mut r = part("00000000b6", "vm2", "other", "db", 4, 16);
+                if let Some(h) = r.hostlo.as_mut() {
+                    h.segment = Some(hostlo::segment_bridge("other", "db"));
+                }
+                r
+            },
+            {
+                // Another pod on the legacy segment of "web": refused (two
+                // pods on one segment: a hash collision the check after it
+                // catches too).
+                let mut r = part("00000000b7", "vm2", "other", "api", 5, 17);
+                if let Some(h) = r.hostlo.as_mut() {
+                    h.segment = Some(hostlo::legacy_segment_bridge("web"));
+                }
+                r
+            },
             rec("00000000c0", "gone", "green", "10.40.0.2", 20),
             v6(
                 rec("00000000c1", "vm1", "green", "10.40.0.10", 21),
@@ -650,13 +694,26 @@ mod tests {
         ];
         let s = sort(&cfg, records);
         let fits: Vec<String> = s.fits.iter().map(|r| r.id.to_string()).collect();
-        assert_eq!(fits, ["00000000a1", "00000000b0", "00000000c1"]);
+        assert_eq!(
+            fits,
+            [
+                "00000000a1",
+                "00000000b0",
+                "00000000b4",
+                "00000000b6",
+                "00000000c1"
+            ]
+        );
         assert_eq!(s.vm_gone.len(), 1);
         let why: Vec<(String, String)> = s
             .misfits
             .iter()
             .map(|m| (m.record.id.to_string(), m.misfit.to_string()))
             .collect();
+        let b7 = format!(
+            "its segment bridge {:?} is not its pod's",
+            hostlo::legacy_segment_bridge("web")
+        );
         let expect = [
             (
                 "00000000a2",
@@ -682,9 +739,10 @@ mod tests {
                 "NIC 00000000b0 holds part 0 of Hostlo pod \"web\" too",
             ),
             (
-                "00000000b4",
-                "has a part on network \"green\" too (NIC 00000000b0)",
+                "00000000b5",
+                "its segment bridge \"nls0123456789ab\" is not its pod's",
             ),
+            ("00000000b7", b7.as_str()),
             (
                 "00000000c2",
                 "10.40.0.9 is never leased: its IPv6 mirror fd00:40::9 is gateway6",

@@ -642,17 +642,30 @@ impl AgentClient {
         }
     }
 
-    /// `ListNics`: the calling VM's NICs.
+    /// `ListNics`: the calling VM's NICs, every page of them.
     ///
     /// # Errors
     /// [`ClientError::AgentRefused`], [`ClientError::AgentUnavailable`].
     pub async fn list(&self) -> Result<Vec<ListedNic>, ClientError> {
-        let r = self
-            .client
-            .list_nics(self.ctx(), &pb::ListNicsRequest::default())
-            .await
-            .map_err(|e| self.refused("ListNics", e))?;
-        Ok(r.nics
+        let mut nics = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let req = pb::ListNicsRequest {
+                page_token,
+                ..Default::default()
+            };
+            let r = self
+                .client
+                .list_nics(self.ctx(), &req)
+                .await
+                .map_err(|e| self.refused("ListNics", e))?;
+            nics.extend(r.nics);
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            page_token = r.next_page_token;
+        }
+        Ok(nics
             .into_iter()
             .map(|n| ListedNic {
                 id: n.id.clone(),

@@ -330,47 +330,94 @@ pub fn status_of(e: &ttrpc::Error) -> (ttrpc::Code, String) {
     }
 }
 
-/// Netns "VMs" on one test bridge, served by one agent with the netns backend:
-/// network `net_name` on a random /24 (`<net>.1` the gateway on the bridge),
-/// VM `vm<i>` in namespace `ns_tag<i>` with socket `<dir>/vm<i>.sock` and
-/// quota `max_nics`. Needs root (fails loudly without it).
+/// Netns "VMs" served by one agent with the netns backend. With
+/// [`NetnsVms::start`], all on network `net_name` on one test bridge and a
+/// random /24 (`<net>.1` the gateway on the bridge); with
+/// [`NetnsVms::start_tenants`], one network per group of VMs. VM `vm<i>` is in
+/// namespace `ns_tag<i>` with socket `<dir>/vm<i>.sock` and quota `max_nics`.
+/// Needs root (fails loudly without it).
 pub struct NetnsVms {
     pub agent: AgentProc,
+    /// The first network's bridge.
     pub bridge: crate::netenv::Bridge,
+    /// The other networks' bridges (`start_tenants`).
+    pub more_bridges: Vec<crate::netenv::Bridge>,
     pub vms: Vec<crate::netenv::Netns>,
-    /// The /24's prefix, e.g. `10.77.3`.
+    /// The first network's /24 prefix, e.g. `10.77.3`.
     pub net: String,
 }
 
 impl NetnsVms {
     pub fn start(vms: usize, max_nics: u32, net_name: &str, ns_tag: &str) -> NetnsVms {
+        NetnsVms::start_with(&vec![net_name.to_string(); vms], max_nics, ns_tag, "")
+    }
+
+    /// `networks` tenant networks `t0`, `t1`, ... (each its own bridge and
+    /// /24) of `per_network` VMs each: VM `vm<i>` is on `t<i / per_network>`.
+    /// `agent_keys` go into the `[agent]` section.
+    pub fn start_tenants(
+        networks: usize,
+        per_network: usize,
+        max_nics: u32,
+        ns_tag: &str,
+        agent_keys: &str,
+    ) -> NetnsVms {
+        let nets: Vec<String> = (0..networks * per_network)
+            .map(|i| format!("t{}", i / per_network))
+            .collect();
+        NetnsVms::start_with(&nets, max_nics, ns_tag, agent_keys)
+    }
+
+    /// VM `vm<i>` on network `vm_nets[i]`, each distinct network on a bridge
+    /// and /24 of its own.
+    fn start_with(vm_nets: &[String], max_nics: u32, ns_tag: &str, agent_keys: &str) -> NetnsVms {
         use crate::netenv::{random_subnet, require_root, Bridge, Netns};
         require_root();
-        let net = random_subnet();
-        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
-        let vms: Vec<Netns> = (0..vms)
+        let mut names: Vec<&String> = Vec::new();
+        for n in vm_nets {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let mut subnets: Vec<String> = Vec::new();
+        while subnets.len() < names.len().max(1) {
+            let s = random_subnet();
+            if !subnets.contains(&s) {
+                subnets.push(s);
+            }
+        }
+        let mut bridges: Vec<Bridge> = subnets
+            .iter()
+            .map(|net| Bridge::new(Some(&format!("{net}.1/24"))))
+            .collect();
+        let vms: Vec<Netns> = (0..vm_nets.len())
             .map(|i| Netns::new(&format!("{ns_tag}{i}")))
             .collect();
         let agent = AgentProc::start(|dir| {
             let mut s = AgentProc::agent_section(dir);
-            s += &format!(
-                "[[network]]\nname = \"{net_name}\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
-                bridge.name
-            );
-            for (i, ns) in vms.iter().enumerate() {
+            s += agent_keys;
+            for ((name, net), bridge) in names.iter().zip(&subnets).zip(&bridges) {
                 s += &format!(
-                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
+                    "[[network]]\nname = \"{name}\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n",
+                    bridge.name
+                );
+            }
+            for (i, (ns, net)) in vms.iter().zip(vm_nets).enumerate() {
+                s += &format!(
+                    "[[vm]]\nname = \"vm{i}\"\nbackend = \"netns\"\nnetns = \"{}\"\nnetwork = \"{net}\"\nsocket = \"{}/vm{i}.sock\"\nmax_nics = {max_nics}\n",
                     ns.name,
                     dir.display()
                 );
             }
             s
         });
+        let bridge = bridges.remove(0);
         NetnsVms {
             agent,
             bridge,
+            more_bridges: bridges,
             vms,
-            net,
+            net: subnets.swap_remove(0),
         }
     }
 

@@ -158,7 +158,7 @@ async fn retries_bad_input_and_isolation() {
         (
             pb::AttachNicRequest {
                 sandbox_id: "x".into(),
-                labels: (0..17)
+                labels: (0..65)
                     .map(|i| (format!("k{i}"), "v".to_string()))
                     .collect(),
                 ..Default::default()
@@ -304,7 +304,7 @@ async fn admin_cli_lists_vms_nics_and_leases() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown VM: nope"),
+        String::from_utf8_lossy(&out.stderr).contains("unknown VM: \"nope\""),
         "{out:?}"
     );
 }

@@ -450,32 +450,34 @@ async fn concurrent_joins_and_leaves_keep_the_hostlo_rules() {
     assert!(agent.records().is_empty());
 }
 
-/// The rules, read from the state file and the host's links.
+/// The rules, read from the state file and the host's links. A pod is
+/// named within its tenant network (`t0`, `t1`): each (network, pod) has its
+/// own parts and segment.
 fn check_hostlo_rules(agent: &AgentProc, pods: &[String], when: &str) {
-    let mut tenant: BTreeMap<String, String> = BTreeMap::new();
     let mut held = BTreeSet::new();
-    let mut ends: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut ends: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for r in agent.records() {
         let pod = r["hostlo"]["pod"].as_str().expect("only Hostlo parts here");
         let part = r["hostlo"]["part"].as_u64().unwrap();
         let network = r["network"].as_str().unwrap();
         assert_eq!(r["state"], "attached", "{when}: {r}");
         assert!(
-            held.insert((pod.to_string(), part)),
-            "{when}: part {part} of {pod} held twice"
+            held.insert((network.to_string(), pod.to_string(), part)),
+            "{when}: part {part} of {network}/{pod} held twice"
         );
-        let t = tenant.entry(pod.to_string()).or_insert(network.to_string());
-        assert_eq!(t, network, "{when}: pod {pod} has two tenants");
         let vm: usize = r["vm"].as_str().unwrap()[2..].parse().unwrap();
         assert_eq!(network, format!("t{}", vm / 2), "{when}: {r}");
-        ends.entry(pod.to_string())
+        ends.entry((network.to_string(), pod.to_string()))
             .or_default()
             .insert(format!("nlh{}", r["id"].as_str().unwrap()));
     }
-    for pod in pods {
-        let bridge = segment_bridge(pod);
+    for (network, pod) in ["t0", "t1"]
+        .iter()
+        .flat_map(|n| pods.iter().map(move |p| (n.to_string(), p.clone())))
+    {
+        let bridge = segment_bridge(&network, &pod);
         let exists = !host_links(&bridge).is_empty();
-        match ends.get(pod) {
+        match ends.get(&(network.clone(), pod.clone())) {
             None => assert!(
                 !exists,
                 "{when}: segment {bridge} of {pod} left with no part"
@@ -579,7 +581,7 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
             .map(|p| p["pod"].as_str().unwrap().to_string())
             .collect();
         for pod in &pods {
-            let seg = segment_bridge(pod);
+            let seg = segment_bridge("t", pod);
             let exists = !host_links(&seg).is_empty();
             assert_eq!(
                 exists,
@@ -626,9 +628,9 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
     // So does one a crash left between creating it (with the agent's MAC)
     // and marking it; one with another MAC and no mark (another agent's, in
     // that same window) stays.
-    let ghost = segment_bridge(&format!("ghost-{tag}"));
-    let unmarked = segment_bridge(&format!("unmarked-{tag}"));
-    let foreign = segment_bridge(&format!("foreign-{tag}"));
+    let ghost = segment_bridge("t", &format!("ghost-{tag}"));
+    let unmarked = segment_bridge("t", &format!("unmarked-{tag}"));
+    let foreign = segment_bridge("t", &format!("foreign-{tag}"));
     agent.kill9();
     check(&["ip", "link", "add", &ghost, "type", "bridge"]);
     check(&["ip", "link", "set", &ghost, "alias", &owner]);
@@ -651,7 +653,7 @@ async fn kill9_during_hostlo_joins_leaves_no_segment() {
     assert!(foreign_left, "the sweep removed another agent's {foreign}");
     assert_eq!(view(&agent), Value::Array(vec![]));
     for pod in &pods {
-        assert!(host_links(&segment_bridge(pod)).is_empty(), "{pod}");
+        assert!(host_links(&segment_bridge("t", pod)).is_empty(), "{pod}");
     }
 }
 

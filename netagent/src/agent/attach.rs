@@ -32,11 +32,6 @@ use crate::{
     state::NicRecord,
 };
 
-/// Most labels on one NIC.
-pub const MAX_LABELS: usize = 16;
-/// Longest label key or value.
-pub const MAX_LABEL_LEN: usize = 253;
-
 /// A network name from a request, checked: 1 to 64 characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkName(String);
@@ -56,42 +51,7 @@ impl NetworkName {
     }
 }
 
-/// A NIC's labels from a request, checked: at most [`MAX_LABELS`], keys of
-/// 1 to [`MAX_LABEL_LEN`] bytes, values of at most [`MAX_LABEL_LEN`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Labels(BTreeMap<String, String>);
-
-impl TryFrom<BTreeMap<String, String>> for Labels {
-    type Error = Invalid;
-
-    /// Checks the labels (field `labels`).
-    fn try_from(labels: BTreeMap<String, String>) -> Result<Labels, Invalid> {
-        if labels.len() > MAX_LABELS {
-            return Err(Invalid::new(
-                "labels",
-                format!("{} labels, at most {MAX_LABELS}", labels.len()),
-            ));
-        }
-        for (k, v) in &labels {
-            if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
-                return Err(Invalid::new(
-                    "labels",
-                    format!(
-                        "key {k:?}: keys 1 to {MAX_LABEL_LEN} bytes, values up to {MAX_LABEL_LEN}"
-                    ),
-                ));
-            }
-        }
-        Ok(Labels(labels))
-    }
-}
-
-impl Labels {
-    /// The labels.
-    pub fn as_map(&self) -> &BTreeMap<String, String> {
-        &self.0
-    }
-}
+pub use crate::labels::Labels;
 
 /// Which attachment of a VM: the idempotency key of an attach within the
 /// calling VM. One sandbox may hold several NICs, one per interface name,

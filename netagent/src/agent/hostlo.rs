@@ -3,24 +3,27 @@
 //! rules (names, addresses, MACs, conflicts) are in [`crate::hostlo`].
 //!
 //! ```text
-//! HostloJoin(pod, part, sb) ─▶ lock VM, then the pod's segment
+//! HostloJoin(pod, part, sb) ─▶ the pod is (the VM's network, pod)
+//!                              lock VM, then the pod's segment
 //!                              part held by another VM? ─▶ ALREADY_EXISTS
 //!                              same part, same sandbox, Attached? ─▶ it
-//!                              pod of another tenant network? ─▶ PERMISSION_DENIED
-//!                              segment bridge nls<hash> (first part)
-//!                              plug_new(.part+1, MAC of (pod, part)) ─▶ mark_pod_changed
+//!                              segment bridge nls<hash(network, pod)> (first part)
+//!                              plug_new(.part+1, MAC of (network, pod, part)) ─▶ mark_pod_changed
 //! HostloPublish(ports) ──────▶ record's ports, persist ─▶ mark_pod_changed ─▶ conflicts
 //! HostloWatch(since) ────────▶ the view once its version passes `since` (or at the timeout)
 //! HostloLeave ───────────────▶ lock VM, then the segment; remove_nic ─▶ mark_pod_changed;
 //!                              last part: segment removed
 //! ```
 //!
-//! The rules of a pod span VMs: one tenant network per pod, one VM per
+//! A pod is named within its tenant network (the calling VM's): two
+//! tenants may each have a pod `db`, with two segments, and nothing a VM is
+//! told (a view, a refusal) names another tenant's pod, VM or network. The
+//! rules of a pod span VMs: one VM per
 //! part, a segment bridge exactly while a part is in (and no two pods on one
 //! bridge name). A VM's lock alone cannot keep them, since the parts of a
 //! pod are in several VMs; so whatever checks or changes them (join, leave,
 //! and the reconciliation releasing a part) holds the segment's lock
-//! ([`SegmentLocks`], one per bridge name) from the check to the change.
+//! ([`SegmentLocks`], one per pod) from the check to the change.
 //! Lock order: a VM's lock, then one segment's; never a VM's lock while
 //! holding a segment's, never two segments at once, so no two operations
 //! wait for each other in a circle. Joins and leaves of different pods
@@ -94,7 +97,7 @@ pub struct HostloWatch {
 /// A Hostlo pod as the operator sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostloPodInfo {
-    /// The pod.
+    /// The pod (within its network).
     pub pod: String,
     /// Its segment bridge.
     pub bridge: String,
@@ -115,8 +118,15 @@ pub(super) struct Versions {
     boot: u64,
 }
 
+/// A pod: (tenant network, pod name).
+type PodKey = (String, String);
+
+fn pod_key(network: &str, pod: &str) -> PodKey {
+    (network.to_string(), pod.to_string())
+}
+
 struct VersionsInner {
-    by_pod: HashMap<String, u64>,
+    by_pod: HashMap<PodKey, u64>,
     /// The last version handed out.
     last: u64,
 }
@@ -143,96 +153,114 @@ impl Versions {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn of(&self, pod: &str) -> u64 {
-        self.lock().by_pod.get(pod).copied().unwrap_or(self.boot)
+    fn of(&self, network: &str, pod: &str) -> u64 {
+        self.lock()
+            .by_pod
+            .get(&pod_key(network, pod))
+            .copied()
+            .unwrap_or(self.boot)
     }
 
-    fn forget(&self, pod: &str) {
-        self.lock().by_pod.remove(pod);
+    fn forget(&self, network: &str, pod: &str) {
+        self.lock().by_pod.remove(&pod_key(network, pod));
     }
 }
 
-/// The locks of the Hostlo segments, one per segment bridge name (so that
-/// two pods whose names hash to one bridge share it too); entries go once
-/// no one holds or waits for them.
+/// The locks of the Hostlo segments, one per pod (tenant network, pod
+/// name); entries go once no one holds or waits for them.
 #[derive(Default)]
 pub(super) struct SegmentLocks {
-    by_bridge: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    by_pod: StdMutex<HashMap<PodKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A segment's lock, held: the proof that a caller may check and change
-/// the parts of the pods on `bridge` and the bridge itself.
+/// the parts of the pod and its bridge.
 pub(super) struct SegmentGuard {
-    bridge: String,
     _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl SegmentLocks {
-    /// Waits for the lock of `pod`'s segment. Caller may hold a VM's lock,
-    /// and no segment's.
-    pub async fn lock(&self, pod: &str) -> SegmentGuard {
-        let bridge = hostlo::segment_bridge(pod);
+    /// Waits for the lock of pod `pod` of network `network`. Caller may hold
+    /// a VM's lock, and no segment's.
+    pub async fn lock(&self, network: &str, pod: &str) -> SegmentGuard {
         let lock = {
             // Nothing panics while holding it.
-            let mut map = self.by_bridge.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.by_pod.lock().unwrap_or_else(|e| e.into_inner());
             map.retain(|_, l| Arc::strong_count(l) > 1);
-            map.entry(bridge.clone()).or_default().clone()
+            map.entry(pod_key(network, pod)).or_default().clone()
         };
         SegmentGuard {
-            bridge,
             _held: lock.lock_owned().await,
         }
     }
 }
 
 impl Agent {
-    /// Gives `pod` a new version and wakes its watchers.
-    pub(super) fn mark_pod_changed(&self, pod: &str) {
+    /// Gives pod `pod` of network `network` a new version and wakes its
+    /// watchers.
+    pub(super) fn mark_pod_changed(&self, network: &str, pod: &str) {
         let v = {
             let mut inner = self.hostlo.lock();
             inner.last += 1;
             let v = inner.last;
-            inner.by_pod.insert(pod.to_string(), v);
+            inner.by_pod.insert(pod_key(network, pod), v);
             v
         };
         self.hostlo.changed.send_replace(v);
     }
 
-    /// The names of the Hostlo pods the agent knows, sorted.
-    pub(super) fn hostlo_pod_names(&self) -> Vec<String> {
-        let mut pods: Vec<String> = self
+    /// The Hostlo pods the agent knows, (network, pod), sorted.
+    fn hostlo_pod_keys(&self) -> Vec<PodKey> {
+        let mut pods: Vec<PodKey> = self
             .records
             .hostlo_all()
             .into_iter()
-            .filter_map(|r| r.hostlo.map(|h| h.pod))
+            .filter_map(|r| Some((r.network, r.hostlo?.pod)))
             .collect();
         pods.sort();
         pods.dedup();
         pods
     }
 
-    /// The Hostlo pods the agent knows, by name: members, network, view.
+    /// The segment bridges of the Hostlo pods the agent knows.
+    pub(super) fn hostlo_segments(&self) -> std::collections::HashSet<String> {
+        self.records
+            .hostlo_all()
+            .into_iter()
+            .filter_map(|r| Some(r.hostlo?.bridge()))
+            .collect()
+    }
+
+    /// The segment bridge of pod `pod` of network `network`: the one its
+    /// parts are on (a pod of before the scoping keeps its old name), else
+    /// [`hostlo::segment_bridge`].
+    fn pod_bridge(&self, network: &str, pod: &str) -> String {
+        self.records
+            .hostlo_pod(network, pod)
+            .parts
+            .iter()
+            .find_map(|r| Some(r.hostlo.as_ref()?.bridge()))
+            .unwrap_or_else(|| hostlo::segment_bridge(network, pod))
+    }
+
+    /// The Hostlo pods the agent knows, by network and name: members,
+    /// bridge, view.
     pub fn hostlo_pods(&self) -> Vec<HostloPodInfo> {
         let records = self.records.hostlo_all();
-        self.hostlo_pod_names()
+        self.hostlo_pod_keys()
             .into_iter()
-            .filter_map(|pod| {
-                let view = self.hostlo_view(&pod)?;
-                let mine = || {
-                    records
-                        .iter()
-                        .filter_map(|r| Some((r, r.hostlo.as_ref()?)))
-                        .filter(|(_, h)| h.pod == pod)
-                };
-                let mut members: Vec<(u32, String)> =
-                    mine().map(|(r, h)| (h.part, r.vm.clone())).collect();
+            .filter_map(|(network, pod)| {
+                let view = self.hostlo_view(&network, &pod)?;
+                let mut members: Vec<(u32, String)> = records
+                    .iter()
+                    .filter(|r| r.network == network)
+                    .filter_map(|r| Some((r, r.hostlo.as_ref()?)))
+                    .filter(|(_, h)| h.pod == pod)
+                    .map(|(r, h)| (h.part, r.vm.clone()))
+                    .collect();
                 members.sort();
-                let network = mine()
-                    .map(|(r, _)| r.network.clone())
-                    .next()
-                    .unwrap_or_default();
                 Some(HostloPodInfo {
-                    bridge: hostlo::segment_bridge(&pod),
+                    bridge: self.pod_bridge(&network, &pod),
                     pod,
                     network,
                     members,
@@ -242,9 +270,10 @@ impl Agent {
             .collect()
     }
 
-    /// The pod as its parts see it; `None` when no part is in.
-    pub fn hostlo_view(&self, pod: &str) -> Option<PodView> {
-        let found = self.records.hostlo_pod(pod);
+    /// Pod `pod` of network `network` as its parts see it; `None` when no
+    /// part is in.
+    pub fn hostlo_view(&self, network: &str, pod: &str) -> Option<PodView> {
+        let found = self.records.hostlo_pod(network, pod);
         if found.parts.is_empty() {
             return None;
         }
@@ -259,7 +288,7 @@ impl Agent {
         let ports: BTreeMap<u32, Vec<Port>> =
             parts.iter().map(|(k, (_, p))| (*k, p.clone())).collect();
         Some(PodView {
-            version: self.hostlo.of(pod),
+            version: self.hostlo.of(network, pod),
             conflicts: hostlo::conflicts(&ports),
             parts,
             pod_ip: found.pod_ip,
@@ -267,25 +296,27 @@ impl Agent {
         })
     }
 
-    /// The view of a pod VM `vm_name` is in (it holds `part`), or NotFound.
+    /// The view of a pod VM `vm_name` (of network `network`) is in (it
+    /// holds `part`), or NotFound.
     fn view_of_part(
         &self,
         vm_name: &str,
+        network: &str,
         pod: &PodName,
         part: Part,
     ) -> Result<PodView, AgentError> {
-        self.hostlo_view(pod.as_str())
+        self.hostlo_view(network, pod.as_str())
             .ok_or_else(|| part_not_found(vm_name, pod, part))
     }
 
-    /// Puts part `req.part` of Hostlo pod `req.pod` in VM `vm_name`: a NIC on
-    /// the pod's segment.
+    /// Puts part `req.part` of Hostlo pod `req.pod` of VM `vm_name`'s
+    /// network in the VM: a NIC on the pod's segment.
     ///
     /// # Errors
-    /// [`AgentError::HostloPartTaken`] (another VM has the part),
-    /// [`AgentError::HostloTenant`] (the pod is another tenant's),
-    /// [`AgentError::Invalid`] (the pod's segment name collides with a
-    /// running pod's), and those of [`Agent::attach`].
+    /// [`AgentError::HostloPartTaken`] (another VM of the network has the
+    /// part), [`AgentError::Invalid`] (the pod's segment name is another
+    /// pod's, which the refusal does not name), and those of
+    /// [`Agent::attach`].
     pub async fn hostlo_join(
         &self,
         vm_name: &str,
@@ -297,10 +328,11 @@ impl Agent {
             sandbox_id,
         } = req;
         let vm = self.vm(vm_name)?.clone();
+        let network = vm.config.network.clone();
         let _op = vm.op.lock().await;
         vm.check_live()?;
-        let segment = self.segments.lock(pod.as_str()).await;
-        if let Some(r) = self.records.hostlo_part(pod.as_str(), part.get()) {
+        let segment = self.segments.lock(&network, pod.as_str()).await;
+        if let Some(r) = self.records.hostlo_part(&network, pod.as_str(), part.get()) {
             if r.vm != vm_name {
                 return Err(AgentError::HostloPartTaken {
                     pod: pod.to_string(),
@@ -309,35 +341,30 @@ impl Agent {
                 });
             }
             if r.state == NicState::Attached && r.sandbox_id == sandbox_id.as_str() {
-                let view = self.view_of_part(vm_name, &pod, part)?;
+                let view = self.view_of_part(vm_name, &network, &pod, part)?;
                 return Ok((r, view));
             }
             // A restarted part (new sandbox) or a half-done one: start afresh.
             self.remove_nic(&vm, &r.id).await?;
-            self.mark_pod_changed(pod.as_str());
+            self.mark_pod_changed(&network, pod.as_str());
         }
-        let bridge = segment.bridge.clone();
-        for r in self.records.hostlo_all() {
-            let Some(h) = r.hostlo.as_ref() else { continue };
-            if h.pod == pod.as_str() && r.network != vm.config.network {
-                return Err(AgentError::HostloTenant {
-                    pod: pod.to_string(),
-                    network: r.network.clone(),
-                    vm: vm_name.to_string(),
-                    vm_network: vm.config.network.clone(),
-                });
-            }
-            if h.pod != pod.as_str() && hostlo::segment_bridge(&h.pod) == bridge {
-                return Err(Invalid::new(
-                    "pod",
-                    format!(
-                        "{:?} and the running pod {:?} map to the same segment {bridge}: rename one",
-                        pod.as_str(),
-                        h.pod
-                    ),
-                )
-                .into());
-            }
+        let bridge = self.pod_bridge(&network, pod.as_str());
+        // Another pod (of any tenant) on the bridge name: a hash collision
+        // (48 bits), refused without a word about that pod.
+        let taken = self.records.hostlo_all().into_iter().any(|r| {
+            r.hostlo.as_ref().is_some_and(|h| {
+                (r.network != network || h.pod != pod.as_str()) && h.bridge() == bridge
+            })
+        });
+        if taken {
+            return Err(Invalid::new(
+                "pod",
+                format!(
+                    "{:?}: its segment name {bridge} is in use by another pod; rename it",
+                    pod.as_str()
+                ),
+            )
+            .into());
         }
         if let Err(e) = self
             .links
@@ -345,7 +372,8 @@ impl Agent {
             .await
         {
             // It may be half made (created, not up).
-            self.remove_segment_if_empty(&segment, pod.as_str()).await;
+            self.remove_segment_if_empty(&segment, &network, pod.as_str(), &bridge)
+                .await;
             return Err(BackendError::from(e).into());
         }
         let new = NewNic {
@@ -354,6 +382,7 @@ impl Agent {
                 fixed_ipv4: Some(hostlo::part_address(self.config().hostlo.subnet, part)),
                 mac: Some(hostlo::part_mac(
                     &self.config().agent.mac_prefix,
+                    &network,
                     pod.as_str(),
                     part.get(),
                 )),
@@ -366,6 +395,7 @@ impl Agent {
                     pod: pod.to_string(),
                     part: part.get(),
                     ports: Vec::new(),
+                    segment: Some(bridge.clone()),
                 }),
             },
             bridge: bridge.clone(),
@@ -374,39 +404,53 @@ impl Agent {
         let rec = match self.plug_new(&vm, new).await {
             Ok(r) => r,
             Err(e) => {
-                self.remove_segment_if_empty(&segment, pod.as_str()).await;
+                self.remove_segment_if_empty(&segment, &network, pod.as_str(), &bridge)
+                    .await;
                 return Err(e);
             }
         };
-        self.mark_pod_changed(pod.as_str());
+        self.mark_pod_changed(&network, pod.as_str());
         log::info!(
             "Hostlo pod {pod}: part {} joined from VM {vm_name} ({} on {bridge})",
             part.get(),
             rec.ipv4
         );
-        let view = self.view_of_part(vm_name, &pod, part)?;
+        let view = self.view_of_part(vm_name, &network, &pod, part)?;
         Ok((rec, view))
     }
 
-    /// Removes the segment of `pod` when no part holds it any more (a
-    /// record in any state holds it). The caller holds the segment's lock.
-    pub(super) async fn remove_segment_if_empty(&self, segment: &SegmentGuard, pod: &str) {
-        if self.hostlo_view(pod).is_some() {
+    /// Removes `bridge`, the segment of pod `pod` of network `network`, when
+    /// no part holds it any more (a record in any state holds it). The
+    /// caller holds the segment's lock.
+    pub(super) async fn remove_segment_if_empty(
+        &self,
+        _segment: &SegmentGuard,
+        network: &str,
+        pod: &str,
+        bridge: &str,
+    ) {
+        if self.hostlo_view(network, pod).is_some() {
             return;
         }
-        let bridge = &segment.bridge;
         match self.links.delete(bridge).await {
             Ok(true) => log::info!("Hostlo pod {pod}: last part gone, segment {bridge} removed"),
             Ok(false) => {}
             Err(e) => log::warn!("Hostlo pod {pod}: cannot remove segment {bridge}: {e}"),
         }
-        self.hostlo.forget(pod);
+        self.hostlo.forget(network, pod);
     }
 
-    /// VM `vm_name`'s segment NIC of the part, or NotFound.
-    fn own_part(&self, vm_name: &str, pod: &PodName, part: Part) -> Result<NicRecord, AgentError> {
+    /// VM `vm_name`'s (of network `network`) segment NIC of the part, or
+    /// NotFound.
+    fn own_part(
+        &self,
+        vm_name: &str,
+        network: &str,
+        pod: &PodName,
+        part: Part,
+    ) -> Result<NicRecord, AgentError> {
         self.records
-            .hostlo_part(pod.as_str(), part.get())
+            .hostlo_part(network, pod.as_str(), part.get())
             .filter(|r| r.vm == vm_name)
             .ok_or_else(|| part_not_found(vm_name, pod, part))
     }
@@ -419,14 +463,17 @@ impl Agent {
     pub async fn hostlo_leave(&self, vm_name: &str, req: HostloPart) -> Result<(), AgentError> {
         let HostloPart { pod, part } = req;
         let vm = self.vm(vm_name)?.clone();
+        let network = vm.config.network.clone();
         let _op = vm.op.lock().await;
         vm.check_live()?;
-        let segment = self.segments.lock(pod.as_str()).await;
-        let rec = self.own_part(vm_name, &pod, part)?;
+        let segment = self.segments.lock(&network, pod.as_str()).await;
+        let rec = self.own_part(vm_name, &network, &pod, part)?;
+        let bridge = self.pod_bridge(&network, pod.as_str());
         self.remove_nic(&vm, &rec.id).await?;
         log::info!("Hostlo pod {pod}: part {} left VM {vm_name}", part.get());
-        self.mark_pod_changed(pod.as_str());
-        self.remove_segment_if_empty(&segment, pod.as_str()).await;
+        self.mark_pod_changed(&network, pod.as_str());
+        self.remove_segment_if_empty(&segment, &network, pod.as_str(), &bridge)
+            .await;
         Ok(())
     }
 
@@ -443,9 +490,10 @@ impl Agent {
         let HostloPublish { pod, part, ports } = req;
         let ports = ports.into_vec();
         let vm = self.vm(vm_name)?.clone();
+        let network = vm.config.network.clone();
         let _op = vm.op.lock().await;
         vm.check_live()?;
-        let before = self.own_part(vm_name, &pod, part)?;
+        let before = self.own_part(vm_name, &network, &pod, part)?;
         let old = before
             .hostlo
             .as_ref()
@@ -461,9 +509,9 @@ impl Agent {
                 self.records.restore(before);
                 return Err(e);
             }
-            self.mark_pod_changed(pod.as_str());
+            self.mark_pod_changed(&network, pod.as_str());
         }
-        let view = self.view_of_part(vm_name, &pod, part)?;
+        let view = self.view_of_part(vm_name, &network, &pod, part)?;
         let mine: Vec<Conflict> = view
             .conflicts
             .into_iter()
@@ -493,8 +541,8 @@ impl Agent {
         req: HostloWatch,
     ) -> Result<PodView, AgentError> {
         let pod = req.pod.as_str();
-        self.vm(vm_name)?;
-        if !self.records.holds_hostlo(vm_name, pod) {
+        let network = self.vm(vm_name)?.config.network.clone();
+        if !self.records.holds_hostlo(vm_name, &network, pod) {
             return Err(AgentError::NicNotFound {
                 vm: vm_name.to_string(),
                 what: format!("in Hostlo pod {pod:?} (join it first)"),
@@ -504,7 +552,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_WATCH);
         loop {
             let view = self
-                .hostlo_view(pod)
+                .hostlo_view(&network, pod)
                 .ok_or_else(|| AgentError::NicNotFound {
                     vm: vm_name.to_string(),
                     what: format!("in Hostlo pod {pod:?} (it has no part left)"),
@@ -608,7 +656,7 @@ mod tests {
             "169.254.77.1".parse::<std::net::Ipv4Addr>().unwrap()
         );
         assert_eq!(v0.pod_ip, Some(main.ipv4));
-        let bridge = hostlo::segment_bridge("web");
+        let bridge = hostlo::segment_bridge("a", "web");
         assert!(links.links.lock().unwrap().contains(&bridge));
         // The same join again is the same NIC.
         assert_eq!(
@@ -620,12 +668,37 @@ mod tests {
                 .id,
             n0.id
         );
-        // Another tenant's VM is refused; a taken part is refused.
-        let e = agent
+        // Another tenant's pod "web" is another pod, on its own segment,
+        // and neither sees the other.
+        let (o1, ov) = agent
             .hostlo_join("other", join("web", 1, "x"))
             .await
-            .unwrap_err();
-        assert_eq!(e.code(), ttrpc::Code::PERMISSION_DENIED, "{e}");
+            .unwrap();
+        let other_bridge = hostlo::segment_bridge("b", "web");
+        assert_ne!(other_bridge, bridge);
+        assert!(links.links.lock().unwrap().contains(&other_bridge));
+        assert_eq!(ov.parts.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(ov.pod_ip, None, "not tenant a's part 0");
+        assert_ne!(o1.mac, n0.mac);
+        assert_eq!(
+            agent.hostlo_view("a", "web").unwrap().parts.len(),
+            1,
+            "tenant a's pod is untouched"
+        );
+        let pods = agent.hostlo_pods();
+        assert_eq!(
+            pods.iter()
+                .map(|p| (p.network.as_str(), p.pod.as_str(), p.bridge.clone()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("a", "web", bridge.clone()),
+                ("b", "web", other_bridge.clone())
+            ]
+        );
+        agent.hostlo_leave("other", part("web", 1)).await.unwrap();
+        assert!(!links.links.lock().unwrap().contains(&other_bridge));
+        assert!(links.links.lock().unwrap().contains(&bridge));
+        // A taken part is refused, naming only the tenant's own VM.
         let e = agent
             .hostlo_join("vm2", join("web", 0, "x"))
             .await
@@ -711,7 +784,7 @@ mod tests {
         }
         let agent = Agent::with_backends(cfg, links.clone(), b).unwrap();
         agent.recover().await.unwrap();
-        let v = agent.hostlo_view("web").unwrap();
+        let v = agent.hostlo_view("a", "web").unwrap();
         assert_eq!(v.parts[&0].1, vec![tcp(80), tcp(8080)]);
         assert!(
             v.version > seen.version,
@@ -722,11 +795,77 @@ mod tests {
         assert!(links.links.lock().unwrap().contains(&bridge));
         agent.hostlo_leave("vm2", part("web", 1)).await.unwrap();
         assert!(!links.links.lock().unwrap().contains(&bridge));
-        assert!(agent.hostlo_view("web").is_none());
+        assert!(agent.hostlo_view("a", "web").is_none());
         assert_eq!(
             agent.records(None).len(),
             1,
             "only the BrFusion NIC is left"
+        );
+    }
+
+    /// A state file of before the scoping (Hostlo parts without a
+    /// `segment`) loads; its pod runs on in its old segment: a part joining
+    /// later goes there too, and the last part leaving removes it.
+    #[tokio::test]
+    async fn a_pod_of_before_the_scoping_keeps_its_segment() {
+        use crate::agent::rig::rig_with;
+        let dir = tempfile::tempdir().unwrap();
+        let links = Arc::new(FakeLinks::default());
+        let (q1, q2) = (Arc::new(FakeQemu::new(4)), Arc::new(FakeQemu::new(4)));
+        let r = rig_with(
+            dir.path(),
+            "10.9.0.254",
+            links.clone(),
+            q1.clone(),
+            q2.clone(),
+        );
+        r.agent
+            .hostlo_join("vm1", join("web", 0, "sb0"))
+            .await
+            .unwrap();
+        drop(r);
+        // Made old: the record names no segment, the bridge has the old name.
+        let mut nics = crate::state::records_in(dir.path()).unwrap();
+        for nic in &mut nics {
+            nic.hostlo.as_mut().unwrap().segment = None;
+        }
+        crate::state::sqlite::SqliteStore::open(dir.path())
+            .unwrap()
+            .replace(&crate::state::State {
+                nics,
+                last_leased: Default::default(),
+            })
+            .unwrap();
+        let (new, old) = (
+            hostlo::segment_bridge("n", "web"),
+            hostlo::legacy_segment_bridge("web"),
+        );
+        {
+            let mut l = links.links.lock().unwrap();
+            assert!(l.remove(&new), "{l:?}");
+            l.insert(old.clone());
+        }
+        let r = rig_with(dir.path(), "10.9.0.254", links.clone(), q1, q2);
+        r.agent.recover().await.unwrap();
+        assert!(links.links.lock().unwrap().contains(&old), "kept at start");
+        assert_eq!(r.agent.hostlo_pods()[0].bridge, old);
+        let (n1, v) = r
+            .agent
+            .hostlo_join("vm2", join("web", 1, "sb1"))
+            .await
+            .unwrap();
+        assert_eq!(v.parts.len(), 2);
+        assert_eq!(
+            n1.hostlo.unwrap().bridge(),
+            old,
+            "the new part joins the old segment"
+        );
+        assert!(!links.links.lock().unwrap().contains(&new));
+        r.agent.hostlo_leave("vm1", part("web", 0)).await.unwrap();
+        r.agent.hostlo_leave("vm2", part("web", 1)).await.unwrap();
+        assert!(
+            !links.links.lock().unwrap().contains(&old),
+            "removed with its last part"
         );
     }
 
@@ -853,24 +992,31 @@ mod tests {
         when: &str,
     ) {
         let records = agent.records(None);
-        let mut tenant: HashMap<String, String> = HashMap::new();
+        let mut pods = std::collections::BTreeSet::new();
         let mut held = std::collections::HashSet::new();
         for r in &records {
             assert_eq!(r.state, NicState::Attached, "{when}: {r:?}");
             let h = r.hostlo.as_ref().expect("only Hostlo parts here");
             assert!(
-                held.insert((h.pod.clone(), h.part)),
-                "{when}: part {} of {} held twice",
+                held.insert((r.network.clone(), h.pod.clone(), h.part)),
+                "{when}: part {} of {}/{} held twice",
                 h.part,
+                r.network,
                 h.pod
             );
-            let t = tenant.entry(h.pod.clone()).or_insert(r.network.clone());
-            assert_eq!(*t, r.network, "{when}: pod {} has two tenants", h.pod);
+            assert_eq!(
+                h.bridge(),
+                hostlo::segment_bridge(&r.network, &h.pod),
+                "{when}: {r:?}"
+            );
+            pods.insert((r.network.clone(), h.pod.clone()));
             let vm_net = agent.vm(&r.vm).unwrap().config.network.clone();
             assert_eq!(&vm_net, &r.network, "{when}: {r:?}");
         }
-        let live: std::collections::BTreeSet<String> =
-            tenant.keys().map(|p| hostlo::segment_bridge(p)).collect();
+        let live: std::collections::BTreeSet<String> = pods
+            .iter()
+            .map(|(n, p)| hostlo::segment_bridge(n, p))
+            .collect();
         let bridges: std::collections::BTreeSet<String> = links
             .links
             .lock()

@@ -63,11 +63,8 @@ use std::{
 
 use tokio::sync::{Mutex, Notify};
 
-pub use attach::{
-    AttachRequest, Attached, Attachment, Labels, NetworkName, NicSelector, MAX_LABELS,
-    MAX_LABEL_LEN,
-};
-pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch};
+pub use attach::{AttachRequest, Attached, Attachment, Labels, NetworkName, NicSelector};
+pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWatch, MAX_WATCH};
 pub use recovery::{spawn_upkeep, spawn_vm_upkeep, ReconcileReport};
 
 use crate::{
@@ -389,7 +386,7 @@ impl Agent {
         self.vms_read()
             .get(name)
             .cloned()
-            .ok_or_else(|| AgentError::UnknownVm(name.to_string()))
+            .ok_or_else(|| AgentError::UnknownVm(crate::names::Quoted(name).to_string()))
     }
 
     /// A network by name.
@@ -415,6 +412,19 @@ impl Agent {
     /// All records (a snapshot), optionally of one VM.
     pub fn records(&self, vm_name: Option<&str>) -> Vec<NicRecord> {
         self.records.snapshot(vm_name)
+    }
+
+    /// A page of the records of VM `vm_name` (every VM: `None`) that `keep`
+    /// keeps, in id order after `after`, at most `limit`; and whether more
+    /// follow.
+    pub fn records_page(
+        &self,
+        vm_name: Option<&str>,
+        after: Option<&crate::names::NicId>,
+        limit: usize,
+        keep: impl Fn(&NicRecord) -> bool,
+    ) -> (Vec<NicRecord>, bool) {
+        self.records.page(vm_name, after, limit, keep)
     }
 
     /// Number of NICs VM `vm_name` has.

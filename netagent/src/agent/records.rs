@@ -264,6 +264,30 @@ impl Records {
     }
 
     /// All records (a snapshot), optionally of one VM.
+    /// A page of a listing (issue 11, item 7): at most `limit` records of VM
+    /// `vm` (every VM: `None`) that `keep` keeps, in id order, with ids
+    /// after `after`; and whether more follow. Clones only what it returns.
+    pub fn page(
+        &self,
+        vm: Option<&str>,
+        after: Option<&NicId>,
+        limit: usize,
+        keep: impl Fn(&NicRecord) -> bool,
+    ) -> (Vec<NicRecord>, bool) {
+        use std::ops::Bound;
+        let store = self.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut found = store
+            .records
+            .range((from, Bound::Unbounded))
+            .map(|(_, r)| r)
+            .filter(|r| vm.is_none_or(|v| r.vm == v) && keep(r));
+        let page: Vec<NicRecord> = found.by_ref().take(limit).cloned().collect();
+        let more = found.next().is_some();
+        (page, more)
+    }
+
+    /// Every record (of VM `vm`).
     pub fn snapshot(&self, vm: Option<&str>) -> Vec<NicRecord> {
         self.lock()
             .records
@@ -331,25 +355,27 @@ impl Records {
             .cloned()
     }
 
-    /// The segment NIC of part `part` of Hostlo pod `pod`, in whichever VM.
-    pub fn hostlo_part(&self, pod: &str, part: u32) -> Option<NicRecord> {
+    /// The segment NIC of part `part` of Hostlo pod `pod` of tenant network
+    /// `network`, in whichever VM.
+    pub fn hostlo_part(&self, network: &str, pod: &str, part: u32) -> Option<NicRecord> {
         self.lock()
             .records
             .values()
             .find(|r| {
-                r.hostlo
-                    .as_ref()
-                    .is_some_and(|h| h.pod == pod && h.part == part)
+                r.network == network
+                    && r.hostlo
+                        .as_ref()
+                        .is_some_and(|h| h.pod == pod && h.part == part)
             })
             .cloned()
     }
 
-    /// Whether VM `vm` holds a part of Hostlo pod `pod`.
-    pub fn holds_hostlo(&self, vm: &str, pod: &str) -> bool {
-        self.lock()
-            .records
-            .values()
-            .any(|r| r.vm == vm && r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+    /// Whether VM `vm` holds a part of Hostlo pod `pod` of tenant network
+    /// `network`.
+    pub fn holds_hostlo(&self, vm: &str, network: &str, pod: &str) -> bool {
+        self.lock().records.values().any(|r| {
+            r.vm == vm && r.network == network && r.hostlo.as_ref().is_some_and(|h| h.pod == pod)
+        })
     }
 
     /// Every Hostlo segment NIC record.
@@ -362,15 +388,15 @@ impl Records {
             .collect()
     }
 
-    /// The parts of Hostlo pod `pod` and the pod IP: the address of the
-    /// `eth0` NIC of part 0's sandbox in the empty scope (CRI's pod NIC), in
-    /// part 0's VM.
-    pub fn hostlo_pod(&self, pod: &str) -> PodRecords {
+    /// The parts of Hostlo pod `pod` of tenant network `network` and the pod
+    /// IP: the address of the `eth0` NIC of part 0's sandbox in the empty
+    /// scope (CRI's pod NIC), in part 0's VM.
+    pub fn hostlo_pod(&self, network: &str, pod: &str) -> PodRecords {
         let store = self.lock();
         let parts: Vec<NicRecord> = store
             .records
             .values()
-            .filter(|r| r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
+            .filter(|r| r.network == network && r.hostlo.as_ref().is_some_and(|h| h.pod == pod))
             .cloned()
             .collect();
         let pod_ip = parts

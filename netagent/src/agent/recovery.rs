@@ -99,7 +99,7 @@ impl Agent {
             }
             // A Hostlo part goes under its segment's lock, as a leave does.
             let segment = match &rec.hostlo {
-                Some(h) => Some(self.segments.lock(&h.pod).await),
+                Some(h) => Some(self.segments.lock(&rec.network, &h.pod).await),
                 None => None,
             };
             match self.remove_nic(&vm, &rec.id).await {
@@ -111,8 +111,9 @@ impl Agent {
                         rec.ipv4
                     );
                     if let (Some(h), Some(segment)) = (&rec.hostlo, &segment) {
-                        self.mark_pod_changed(&h.pod);
-                        self.remove_segment_if_empty(segment, &h.pod).await;
+                        self.mark_pod_changed(&rec.network, &h.pod);
+                        self.remove_segment_if_empty(segment, &rec.network, &h.pod, &h.bridge())
+                            .await;
                     }
                     match action {
                         Recovery::RollBack => report.rolled_back += 1,
@@ -194,7 +195,7 @@ impl Agent {
         let mut released = 0;
         for rec in self.records.snapshot(Some(vm_name)) {
             let segment = match &rec.hostlo {
-                Some(h) => Some(self.segments.lock(&h.pod).await),
+                Some(h) => Some(self.segments.lock(&rec.network, &h.pod).await),
                 None => None,
             };
             self.remove_nic(vm, &rec.id).await?;
@@ -204,8 +205,9 @@ impl Agent {
                 rec.ipv4
             );
             if let (Some(h), Some(segment)) = (&rec.hostlo, &segment) {
-                self.mark_pod_changed(&h.pod);
-                self.remove_segment_if_empty(segment, &h.pod).await;
+                self.mark_pod_changed(&rec.network, &h.pod);
+                self.remove_segment_if_empty(segment, &rec.network, &h.pod, &h.bridge())
+                    .await;
             }
             released += 1;
         }
@@ -286,11 +288,7 @@ impl Agent {
         }
         total.orphans += self.sweep_host_links().await?;
         // Segments of Hostlo pods that no part holds any more.
-        let live: HashSet<String> = self
-            .hostlo_pod_names()
-            .iter()
-            .map(|p| hostlo::segment_bridge(p))
-            .collect();
+        let live: HashSet<String> = self.hostlo_segments();
         for name in self
             .links
             .list_owned(hostlo::SEGMENT_PREFIX)

@@ -130,7 +130,7 @@ async fn a_renamed_network_is_refused_or_released_never_served_twice() {
             .lock()
             .unwrap()
             .iter()
-            .any(|l| *l == old.id.names().host_if || *l == hostlo::segment_bridge("web")),
+            .any(|l| *l == old.id.names().host_if || *l == hostlo::segment_bridge("blue", "web")),
         "their tap and the segment are gone"
     );
     assert!(

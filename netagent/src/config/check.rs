@@ -144,6 +144,10 @@ impl Checker<'_> {
             qmp_timeout: a.qmp_timeout,
             unplug_timeout: a.unplug_timeout,
             state_store: a.state_store,
+            max_connections_per_vm: a.max_connections_per_vm,
+            idle_timeout: a.idle_timeout,
+            requests_per_sec_per_vm: a.requests_per_sec_per_vm,
+            request_burst_per_vm: a.request_burst_per_vm,
         };
         if raw.network.is_empty() {
             return Err(self.err("network", "at least one [[network]] is required"));

@@ -216,6 +216,16 @@ pub struct AgentSettings {
     pub qmp_timeout: Duration,
     /// How long to wait for the guest to release an unplugged device.
     pub unplug_timeout: Duration,
+    /// Connections one VM may hold at once; `None`: one per NIC of its
+    /// `max_nics` and 16 more, at least 64 (`server::conns::vm_budget`).
+    pub max_connections_per_vm: Option<usize>,
+    /// A connection (of a VM or the admin socket) that carries nothing this
+    /// long is closed.
+    pub idle_timeout: Duration,
+    /// Requests one VM may make per second, past its burst.
+    pub requests_per_sec_per_vm: u32,
+    /// Requests one VM may make at once.
+    pub request_burst_per_vm: u32,
 }
 
 /// An extra route given to NICs of a network.
@@ -1097,6 +1107,25 @@ mod tests {
         assert!(err("[agent]\nmac_prefix = \"xx\"").contains("agent.mac_prefix"));
         assert!(err("[agent]\nlisten_vsock = \"maybe\"").contains("agent.listen_vsock"));
         assert!(err("[agent]\nqmp_timeout_ms = 0").contains("agent.qmp_timeout_ms"));
+        for (bad, key) in [
+            ("max_connections_per_vm = 0", "agent.max_connections_per_vm"),
+            (
+                "max_connections_per_vm = 70000",
+                "agent.max_connections_per_vm",
+            ),
+            ("idle_timeout_secs = 60", "agent.idle_timeout_secs"),
+            ("idle_timeout_secs = 90000", "agent.idle_timeout_secs"),
+            (
+                "requests_per_sec_per_vm = 0",
+                "agent.requests_per_sec_per_vm",
+            ),
+            ("request_burst_per_vm = 0", "agent.request_burst_per_vm"),
+            ("request_burst_per_vm = -1", "agent.request_burst_per_vm"),
+        ] {
+            let e = err(&format!("[agent]\n{bad}"));
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(e.contains("test.toml"), "{bad}: names no file: {e}");
+        }
         let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
         assert!(err(&format!("{net}[hostlo]\nsubnet = \"10.88.5.0/24\"")).contains("hostlo.subnet"));
         assert!(

@@ -71,6 +71,14 @@ pub(super) struct RawAgent {
     pub unplug_timeout: Duration,
     #[serde(deserialize_with = "state_store")]
     pub state_store: StoreKind,
+    #[serde(deserialize_with = "some_connections")]
+    pub max_connections_per_vm: Option<usize>,
+    #[serde(rename = "idle_timeout_secs", deserialize_with = "idle_secs")]
+    pub idle_timeout: Duration,
+    #[serde(deserialize_with = "rate")]
+    pub requests_per_sec_per_vm: u32,
+    #[serde(deserialize_with = "rate")]
+    pub request_burst_per_vm: u32,
 }
 
 impl Default for RawAgent {
@@ -84,6 +92,10 @@ impl Default for RawAgent {
             qmp_timeout: Duration::from_millis(5_000),
             unplug_timeout: Duration::from_millis(10_000),
             state_store: StoreKind::default(),
+            max_connections_per_vm: None,
+            idle_timeout: crate::server::conns::IDLE_TIMEOUT,
+            requests_per_sec_per_vm: crate::server::conns::REQUESTS_PER_SEC_PER_VM,
+            request_burst_per_vm: crate::server::conns::REQUEST_BURST_PER_VM,
         }
     }
 }
@@ -423,6 +435,35 @@ fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         0 => Err(D::Error::custom("must be more than 0")),
         n if n > 3_600_000 => Err(D::Error::custom("must be at most an hour")),
         n => Ok(Duration::from_millis(n)),
+    }
+}
+
+fn some_connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    match u32::deserialize(d)? {
+        n @ 1..=65_536 => Ok(Some(n as usize)),
+        n => Err(D::Error::custom(format!(
+            "{n} is not between 1 and 65536 (leave the key out for one per NIC of the VM's max_nics, and 16 more, at least 64)"
+        ))),
+    }
+}
+
+fn idle_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let max_watch = crate::agent::MAX_WATCH.as_secs();
+    match u64::deserialize(d)? {
+        n if n <= max_watch => Err(D::Error::custom(format!(
+            "{n} is not more than {max_watch} (a HostloWatch long poll is silent that long)"
+        ))),
+        n if n > 86_400 => Err(D::Error::custom(format!("{n} is more than a day"))),
+        n => Ok(Duration::from_secs(n)),
+    }
+}
+
+fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    match u32::deserialize(d)? {
+        n @ 1..=1_000_000 => Ok(n),
+        n => Err(D::Error::custom(format!(
+            "{n} is not between 1 and 1000000"
+        ))),
     }
 }
 

@@ -7,18 +7,39 @@ use std::sync::Arc;
 use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
-use super::convert;
-use crate::{agent::Agent, config::VmConfig, registry::Registry};
+use super::{
+    conns::{RateBudget, ADMIN_REQUESTS_PER_SEC, ADMIN_REQUEST_BURST},
+    convert,
+};
+use crate::{agent::Agent, config::VmConfig, error::AgentError, registry::Registry};
 
 /// The Admin service.
 pub struct AdminService {
     registry: Arc<Registry>,
+    /// The admin socket's own request budget: what the VMs do never
+    /// spends it.
+    rate: RateBudget,
 }
 
 impl AdminService {
     /// The Admin service of `registry`'s agent.
     pub fn new(registry: Arc<Registry>) -> AdminService {
-        AdminService { registry }
+        AdminService {
+            registry,
+            rate: RateBudget::new(ADMIN_REQUEST_BURST, ADMIN_REQUESTS_PER_SEC),
+        }
+    }
+
+    fn admit(&self) -> Result<(), ttrpc::Error> {
+        if self.rate.take(std::time::Instant::now()) {
+            return Ok(());
+        }
+        Err(AgentError::RequestBudget {
+            who: "the admin socket".into(),
+            burst: self.rate.burst(),
+            per_second: self.rate.per_second(),
+        }
+        .to_ttrpc())
     }
 
     fn agent(&self) -> &Arc<Agent> {
@@ -53,6 +74,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::StatusRequest,
     ) -> ttrpc::Result<pb::StatusResponse> {
+        self.admit()?;
         let agent = self.agent();
         let config = agent.config();
         Ok(pb::StatusResponse {
@@ -75,6 +97,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListVmsRequest,
     ) -> ttrpc::Result<pb::ListVmsResponse> {
+        self.admit()?;
         let mut vms = Vec::new();
         for vm in self.agent().vms() {
             let status =
@@ -100,6 +123,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         req: pb::RegisterVmRequest,
     ) -> ttrpc::Result<pb::RegisterVmResponse> {
+        self.admit()?;
         let spec = convert::vm_spec(&req.vm.into_option().unwrap_or_default());
         let registry = self.registry.clone();
         // Its own task: a cancelled request never stops it half-way.
@@ -117,6 +141,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         req: pb::UpdateVmRequest,
     ) -> ttrpc::Result<pb::UpdateVmResponse> {
+        self.admit()?;
         let spec = convert::vm_spec(&req.vm.into_option().unwrap_or_default());
         let registry = self.registry.clone();
         let (vm, restarted) = tokio::spawn(async move { registry.update(spec).await })
@@ -134,6 +159,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         req: pb::UnregisterVmRequest,
     ) -> ttrpc::Result<pb::UnregisterVmResponse> {
+        self.admit()?;
         let registry = self.registry.clone();
         let released = tokio::spawn(async move { registry.unregister(&req.name, req.force).await })
             .await
@@ -149,17 +175,21 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         req: pb::ListAllNicsRequest,
     ) -> ttrpc::Result<pb::ListAllNicsResponse> {
+        self.admit()?;
         let vm = (!req.vm.is_empty()).then_some(req.vm.as_str());
         if let Some(v) = vm {
             self.agent().vm(v)?;
         }
+        let page = convert::PageRequest::parse(req.page_size, &req.page_token)?;
+        let (records, more) = self
+            .agent()
+            .records_page(vm, page.after.as_ref(), page.size, |_| true);
         Ok(pb::ListAllNicsResponse {
-            nics: self
-                .agent()
-                .records(vm)
+            nics: records
                 .iter()
                 .map(|r| convert::nic_record(r, self.agent().network(&r.network).as_ref()))
                 .collect(),
+            next_page_token: convert::next_page_token(&records, more),
             ..Default::default()
         })
     }
@@ -169,6 +199,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListHostloPodsRequest,
     ) -> ttrpc::Result<pb::ListHostloPodsResponse> {
+        self.admit()?;
         Ok(pb::ListHostloPodsResponse {
             pods: self
                 .agent()
@@ -185,6 +216,7 @@ impl agent_ttrpc::Admin for AdminService {
         _: &TtrpcContext,
         _: pb::ListLeasesRequest,
     ) -> ttrpc::Result<pb::ListLeasesResponse> {
+        self.admit()?;
         Ok(pb::ListLeasesResponse {
             leases: self
                 .agent()

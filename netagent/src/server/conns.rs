@@ -1,4 +1,4 @@
-//! Per-VM connection budgets (issue 11, item 1).
+//! Per-VM connection and request budgets (issue 11, item 1).
 //!
 //! One VM must not be able to take the agent's file descriptors from the
 //! others: each VM may hold at most [`vm_budget`] connections at once (64,
@@ -8,6 +8,16 @@
 //! (rate-limited with the VM's other refusals); the admin socket has a
 //! budget of its own ([`MAX_ADMIN_CONNS`]), so that an operator gets in
 //! whatever the VMs do.
+//!
+//! Requests are budgeted too: each VM has a token bucket of requests
+//! ([`RateBudget`]: `request_burst_per_vm` at once, then
+//! `requests_per_sec_per_vm`, defaults [`REQUEST_BURST_PER_VM`] and
+//! [`REQUESTS_PER_SEC_PER_VM`]); a request past it is refused with
+//! `RESOURCE_EXHAUSTED` before it is parsed, and costs no other VM
+//! anything. The admin socket has a bucket of its own
+//! ([`ADMIN_REQUEST_BURST`], [`ADMIN_REQUESTS_PER_SEC`]). The `[agent]` keys
+//! `max_connections_per_vm` and `idle_timeout_secs` set the other two
+//! bounds.
 //!
 //! ```text
 //! accept ─▶ Budget::admit ─full─▶ close (log, rate-limited)
@@ -50,20 +60,89 @@ pub const MAX_ADMIN_CONNS: usize = 16;
 /// `HostloWatch` long poll (60 s), which is silent while it waits.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Requests a VM may make per second past its burst, by default.
+pub const REQUESTS_PER_SEC_PER_VM: u32 = 200;
+/// Requests a VM may make at once, by default.
+pub const REQUEST_BURST_PER_VM: u32 = 400;
+/// Requests per second on the admin socket, past its burst.
+pub const ADMIN_REQUESTS_PER_SEC: u32 = 50;
+/// Requests at once on the admin socket.
+pub const ADMIN_REQUEST_BURST: u32 = 200;
+
+/// A token bucket: `burst` tokens, refilled at `per_second`; each request
+/// (or log line) takes one.
+#[derive(Debug)]
+pub struct RateBudget {
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+    burst: u32,
+    per_second: u32,
+}
+
+impl RateBudget {
+    /// A full bucket of `burst`, refilled at `per_second`.
+    pub fn new(burst: u32, per_second: u32) -> RateBudget {
+        RateBudget {
+            bucket: std::sync::Mutex::new((f64::from(burst), std::time::Instant::now())),
+            burst,
+            per_second,
+        }
+    }
+
+    /// Takes a token at `now`, if there is one.
+    pub fn take(&self, now: std::time::Instant) -> bool {
+        // Nothing panics while holding it.
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = &mut *b;
+        let elapsed = now.saturating_duration_since(*last);
+        *last = (*last).max(now);
+        *tokens = (*tokens + elapsed.as_secs_f64() * f64::from(self.per_second))
+            .min(f64::from(self.burst));
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Tokens at once.
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
+    /// Tokens per second.
+    pub fn per_second(&self) -> u32 {
+        self.per_second
+    }
+}
+
 /// The connection budget of one VM (or of the admin socket).
 #[derive(Debug, Clone)]
 pub struct Budget {
     open: Arc<AtomicUsize>,
     max: usize,
+    idle: Duration,
 }
 
 impl Budget {
-    /// A budget of `max` connections.
+    /// A budget of `max` connections, each closed after [`IDLE_TIMEOUT`]
+    /// without traffic.
     pub fn new(max: usize) -> Budget {
         Budget {
             open: Arc::new(AtomicUsize::new(0)),
             max,
+            idle: IDLE_TIMEOUT,
         }
+    }
+
+    /// The budget with connections closed after `idle` without traffic.
+    pub fn with_idle(self, idle: Duration) -> Budget {
+        Budget { idle, ..self }
+    }
+
+    /// How long a connection may carry nothing.
+    pub fn idle(&self) -> Duration {
+        self.idle
     }
 
     /// A permit for one more connection, or `None` when `max` are open.
@@ -190,6 +269,25 @@ mod tests {
         drop(p1);
         assert_eq!(b.open(), 1);
         assert!(b.admit().is_some());
+    }
+
+    #[test]
+    fn a_rate_budget_allows_a_burst_then_its_rate() {
+        let t0 = std::time::Instant::now();
+        let b = RateBudget::new(5, 10);
+        assert!((0..5).all(|_| b.take(t0)), "the burst");
+        assert!(!b.take(t0), "then nothing at once");
+        // 10/s: 0.35 s gives 3 tokens, no more.
+        let t1 = t0 + Duration::from_millis(350);
+        assert_eq!((0..10).filter(|_| b.take(t1)).count(), 3);
+        // A long pause fills the bucket to its burst only.
+        let t2 = t1 + Duration::from_secs(3600);
+        assert_eq!((0..100).filter(|_| b.take(t2)).count(), 5);
+        // An older `now` (another thread's) takes nothing and gives nothing.
+        assert!(!b.take(t0));
+        // Two buckets are apart: one spent leaves the other whole.
+        let other = RateBudget::new(5, 10);
+        assert!((0..5).all(|_| other.take(t2)));
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use crate::{
     },
     config::{HostloConfig, NetworkConfig, VmConfig, VmSpec},
     hostlo::{Conflict, Part, PodName, PodView, Port, PortList},
-    names::{IfName, Invalid, NicId, SandboxId, Scope},
+    names::{IfName, Invalid, NicId, Quoted, SandboxId, Scope},
     state::NicRecord,
 };
 
@@ -154,12 +154,70 @@ fn hostlo_ports(ports: &[pb::HostloPort]) -> Result<Vec<Port>, Invalid> {
             let proto = p
                 .protocol
                 .parse()
-                .map_err(|e: nestless_model::PortParseError| {
-                    Invalid::new("ports.protocol", e.to_string())
+                .map_err(|_: nestless_model::PortParseError| {
+                    Invalid::new(
+                        "ports.protocol",
+                        format!("{} is not tcp or udp", Quoted(&p.protocol)),
+                    )
                 })?;
             Ok(Port { port, proto })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------- pages
+
+/// NICs in a page when the client does not say (`page_size` 0).
+pub const DEFAULT_PAGE_SIZE: usize = 128;
+/// Most NICs in a page: 128 NICs with the largest labels a NIC may have
+/// (16 KiB, [`crate::labels`]) and every other field at its longest make
+/// about 2.3 MiB, well inside ttrpc's 4 MiB message limit.
+pub const MAX_PAGE_SIZE: usize = 128;
+
+/// A page of a NIC listing asked for: the NICs after id `after` (from the
+/// first: `None`), at most `size` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    /// The last NIC id of the previous page.
+    pub after: Option<NicId>,
+    /// How many at most.
+    pub size: usize,
+}
+
+impl PageRequest {
+    /// Checks `page_size` and `page_token` (fields `page_size`,
+    /// `page_token`). The token is the last NIC id of the previous page
+    /// (clients take it as opaque); a size past [`MAX_PAGE_SIZE`] is cut to
+    /// it, 0 is [`DEFAULT_PAGE_SIZE`].
+    pub fn parse(page_size: u32, page_token: &str) -> Result<PageRequest, Invalid> {
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(page_token.parse::<NicId>().map_err(|_| {
+                Invalid::new(
+                    "page_token",
+                    format!(
+                        "{} is not a page token of this listing (give the next_page_token of the previous reply, or none)",
+                        Quoted(page_token)
+                    ),
+                )
+            })?)
+        };
+        let size = match page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        Ok(PageRequest { after, size })
+    }
+}
+
+/// The `next_page_token` of a page: its last NIC's id when more follow,
+/// else empty.
+pub fn next_page_token(page: &[NicRecord], more: bool) -> String {
+    match page.last() {
+        Some(r) if more => r.id.to_string(),
+        _ => String::new(),
+    }
 }
 
 // ---------------------------------------------------------------- replies
@@ -508,7 +566,7 @@ mod tests {
         let long = "x".repeat(129);
         let net65 = "n".repeat(65);
         let key254 = "k".repeat(254);
-        let many: Vec<(String, String)> = (0..17).map(|i| (format!("k{i}"), "v".into())).collect();
+        let many: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         for (req, field) in [
             (attach("", "", &[]), "sandbox_id"),
@@ -772,5 +830,221 @@ mod tests {
             })),
             "pod"
         );
+    }
+
+    /// Issue 11, item 4: a refusal's reply quotes at most a bounded part of
+    /// any field: a 1 MiB value in each string field of each request gives
+    /// a status text of a few hundred bytes, saying the value's length.
+    #[test]
+    fn refusals_quote_at_most_a_bounded_part_of_a_field() {
+        let huge = "\u{1}".repeat(1 << 20);
+        let huge_name = "X".repeat(1 << 20);
+        let status = |e: Invalid| -> String {
+            match crate::error::AgentError::from(e).to_ttrpc() {
+                ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let mut texts: Vec<(&str, String)> = Vec::new();
+        for (name, value) in [("control", &huge), ("long", &huge_name)] {
+            let v = value.clone();
+            let attach = |f: &dyn Fn(&mut pb::AttachNicRequest)| {
+                let mut r = pb::AttachNicRequest {
+                    sandbox_id: "sb".into(),
+                    ..Default::default()
+                };
+                f(&mut r);
+                status(AttachRequest::try_from(&r).unwrap_err())
+            };
+            texts.push((name, attach(&|r| r.sandbox_id = v.clone())));
+            texts.push((name, attach(&|r| r.scope = v.clone())));
+            texts.push((name, attach(&|r| r.interface = v.clone())));
+            texts.push((name, attach(&|r| r.network = v.clone())));
+            texts.push((
+                name,
+                attach(&|r| {
+                    r.labels.insert(v.clone(), "v".into());
+                }),
+            ));
+            texts.push((
+                name,
+                attach(&|r| {
+                    r.labels.insert("k".into(), v.clone());
+                }),
+            ));
+            let detach = |r: pb::DetachNicRequest| status(NicSelector::try_from(&r).unwrap_err());
+            texts.push((
+                name,
+                detach(pb::DetachNicRequest {
+                    nic_id: v.clone(),
+                    ..Default::default()
+                }),
+            ));
+            texts.push((
+                name,
+                detach(pb::DetachNicRequest {
+                    sandbox_id: "sb".into(),
+                    scope: v.clone(),
+                    ..Default::default()
+                }),
+            ));
+            texts.push((
+                name,
+                detach(pb::DetachNicRequest {
+                    sandbox_id: "sb".into(),
+                    interface: v.clone(),
+                    ..Default::default()
+                }),
+            ));
+            let hostlo: [Invalid; 5] = [
+                HostloJoin::try_from(&pb::HostloJoinRequest {
+                    pod: v.clone(),
+                    sandbox_id: "sb".into(),
+                    ..Default::default()
+                })
+                .unwrap_err(),
+                HostloJoin::try_from(&pb::HostloJoinRequest {
+                    pod: "p".into(),
+                    sandbox_id: v.clone(),
+                    ..Default::default()
+                })
+                .unwrap_err(),
+                HostloPart::try_from(&pb::HostloLeaveRequest {
+                    pod: v.clone(),
+                    ..Default::default()
+                })
+                .unwrap_err(),
+                HostloWatch::try_from(&pb::HostloWatchRequest {
+                    pod: v.clone(),
+                    ..Default::default()
+                })
+                .unwrap_err(),
+                HostloPublish::try_from(&pb::HostloPublishRequest {
+                    pod: "p".into(),
+                    ports: vec![pb::HostloPort {
+                        port: 80,
+                        protocol: v.clone(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .unwrap_err(),
+            ];
+            texts.extend(hostlo.into_iter().map(|e| (name, status(e))));
+        }
+        for (name, t) in &texts {
+            assert!(
+                t.len() < 400,
+                "{name}: {} bytes: {}",
+                t.len(),
+                &t[..400.min(t.len())]
+            );
+        }
+        // The values that are quoted say their length.
+        assert!(
+            texts.iter().any(|(_, t)| t.contains("…(1048576 bytes)")),
+            "{texts:?}"
+        );
+        // An unknown VM named in a 1 MiB admin request: bounded too.
+        let cut = crate::error::AgentError::UnknownVm(crate::names::Quoted(&huge_name).to_string());
+        let t = match cut.to_ttrpc() {
+            ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert!(t.len() < 200, "{t}");
+        // And the last bound: any status text is cut.
+        let e = crate::error::AgentError::NicNotFound {
+            vm: "vm".into(),
+            what: huge_name.clone(),
+        };
+        match e.to_ttrpc() {
+            ttrpc::Error::RpcStatus(s) => {
+                assert!(s.message().len() < crate::error::MAX_STATUS_TEXT + 40);
+                assert!(s.message().ends_with("bytes)"), "{}", &s.message()[..100]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn page_requests() {
+        assert_eq!(
+            PageRequest::parse(0, "").unwrap(),
+            PageRequest {
+                after: None,
+                size: DEFAULT_PAGE_SIZE
+            }
+        );
+        assert_eq!(PageRequest::parse(7, "").unwrap().size, 7);
+        assert_eq!(
+            PageRequest::parse(u32::MAX, "").unwrap().size,
+            MAX_PAGE_SIZE
+        );
+        let p = PageRequest::parse(5, "00000000a1").unwrap();
+        assert_eq!(p.after.unwrap().to_string(), "00000000a1");
+        let huge = "z".repeat(1 << 20);
+        for bad in ["x", "00000000A1", "00000000a1/", huge.as_str()] {
+            let e = PageRequest::parse(0, bad).unwrap_err();
+            assert_eq!(e.field, "page_token");
+            let code = crate::error::AgentError::from(e.clone()).code();
+            assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT);
+            assert!(e.reason.len() < 300, "{}", e.reason.len());
+            assert!(e.to_string().starts_with("page_token: "), "{e}");
+        }
+    }
+
+    /// The largest page, of NICs with the largest labels and every field at
+    /// its longest, fits in a ttrpc message (4 MiB) with room to spare.
+    #[test]
+    fn the_largest_page_fits_in_a_message() {
+        use protobuf::Message;
+        let net = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            &format!(
+                "[[network]]\nname = \"{}\"\nbridge = \"br0\"\nsubnet = \"10.9.0.0/24\"\ngateway = \"10.9.0.1\"\nsubnet6 = \"fd00:9::/64\"\ngateway6 = \"fd00:9::1\"\n[[vm]]\nname = \"{}\"\nbackend = \"qemu\"\nqmp_socket = \"/q1\"\ncid = 3\n",
+                "n".repeat(64),
+                "v".repeat(64)
+            ),
+        )
+        .unwrap()
+        .networks
+        .into_values()
+        .next()
+        .unwrap();
+        let rec = |i: usize| crate::state::NicRecord {
+            id: format!("{i:010x}").parse().unwrap(),
+            vm: "v".repeat(64),
+            sandbox_id: "s".repeat(crate::names::MAX_SANDBOX_ID),
+            scope: "c".repeat(76),
+            interface: "i".repeat(15),
+            network: net.name.clone(),
+            mac: nestless_model::MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+            ipv4: "10.9.0.200".parse().unwrap(),
+            ipv6: Some("fd00:9::ffff:ffff:ffff:ffff".parse().unwrap()),
+            state: crate::lifecycle::NicState::Detaching,
+            slot: Some("pci.255".into()),
+            labels: crate::labels::maximal(),
+            created_unix: i64::MAX,
+            hostlo: None,
+            pooled: false,
+        };
+        let page: Vec<_> = (0..MAX_PAGE_SIZE).map(rec).collect();
+        let admin = pb::ListAllNicsResponse {
+            nics: page.iter().map(|r| nic_record(r, Some(&net))).collect(),
+            next_page_token: "0".repeat(10),
+            ..Default::default()
+        };
+        let vm = pb::ListNicsResponse {
+            nics: page.iter().map(|r| nic(r, &net)).collect(),
+            next_page_token: "0".repeat(10),
+            ..Default::default()
+        };
+        for (what, size) in [
+            ("ListAllNics", admin.compute_size()),
+            ("ListNics", vm.compute_size()),
+        ] {
+            eprintln!("{what}: the largest page is {size} bytes");
+            assert!(size < 3 << 20, "{what}: {size} bytes");
+        }
     }
 }

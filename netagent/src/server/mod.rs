@@ -50,7 +50,7 @@ use ttrpc::r#async::transport::Listener;
 
 use self::{
     admin::AdminService,
-    conns::{vm_budget, Budget, Tracked, IDLE_TIMEOUT, MAX_ADMIN_CONNS, MIN_CONNS_PER_VM},
+    conns::{vm_budget, Budget, RateBudget, Tracked, MAX_ADMIN_CONNS, MIN_CONNS_PER_VM},
     refusals::RefusalLog,
     vm::VmService,
 };
@@ -187,7 +187,7 @@ fn admit<S: Io + 'static>(
     what: &str,
 ) -> Option<Conn> {
     match budget.admit() {
-        Some(permit) => Some(Box::new(Tracked::new(stream, permit, IDLE_TIMEOUT))),
+        Some(permit) => Some(Box::new(Tracked::new(stream, permit, budget.idle()))),
         None => {
             refusals.warn(
                 what,
@@ -288,7 +288,13 @@ impl VmListeners {
     pub async fn add(&self, vm: &Vm) -> Result<(), ServeError> {
         let name = vm.config.name.clone();
         // One budget per VM, whichever way it connects.
-        let budget = Budget::new(vm_budget(vm.max_nics()));
+        let cfg = self.agent.config();
+        let budget = Budget::new(
+            cfg.agent
+                .max_connections_per_vm
+                .unwrap_or_else(|| vm_budget(vm.max_nics())),
+        )
+        .with_idle(cfg.agent.idle_timeout);
         let (tx, listener) = channel_listener();
         let mut entry = VmListener {
             task: None,
@@ -309,6 +315,10 @@ impl VmListeners {
         let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
             self.agent.clone(),
             Some(name.clone()),
+            RateBudget::new(
+                cfg.agent.request_burst_per_vm,
+                cfg.agent.requests_per_sec_per_vm,
+            ),
         )));
         let server = match start_server(&format!("VM {name}"), listener, service).await {
             Ok(s) => s,
@@ -421,12 +431,19 @@ pub async fn serve(registry: Arc<Registry>) -> Result<Running, ServeError> {
     let by_cid = registry.listeners().by_cid.clone();
     if let Some(l) = vsock {
         let (unknown_tx, listener) = channel_listener();
-        let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(agent.clone(), None)));
+        let service = agent_ttrpc::create_net_agent(Arc::new(VmService::new(
+            agent.clone(),
+            None,
+            RateBudget::new(
+                cfg.agent.request_burst_per_vm,
+                cfg.agent.requests_per_sec_per_vm,
+            ),
+        )));
         running
             .servers
             .push(start_server("unknown callers", listener, service).await?);
         log::info!("listening on AF_VSOCK port {}", cfg.agent.vsock_port);
-        let unknown_budget = Budget::new(MIN_CONNS_PER_VM);
+        let unknown_budget = Budget::new(MIN_CONNS_PER_VM).with_idle(cfg.agent.idle_timeout);
         running.tasks.push(tokio::spawn(async move {
             let refusals = RefusalLog::default();
             let unknown_refusals = RefusalLog::default();
@@ -486,7 +503,7 @@ pub async fn serve(registry: Arc<Registry>) -> Result<Running, ServeError> {
         tx,
         format!("admin socket {}", path.display()),
         true,
-        Budget::new(MAX_ADMIN_CONNS),
+        Budget::new(MAX_ADMIN_CONNS).with_idle(cfg.agent.idle_timeout),
     ));
     log::info!("admin socket {}", path.display());
     Ok(running)

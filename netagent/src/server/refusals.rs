@@ -6,16 +6,24 @@
 //!
 //! * every request field, and the error text (which may quote a field), is
 //!   cut to [`MAX_LOGGED`] bytes, with an ellipsis and the full length
-//!   ([`Bounded`]): `"aaaa…" (1048576 bytes)`;
+//!   ([`Bounded`]): `"aaaa"…(1048576 bytes)`;
 //! * each VM has a token bucket of log lines ([`RefusalLog`]): a burst of
 //!   [`BURST`], then [`PER_SECOND`] a second. Lines past it are counted,
 //!   not written, and the next line written first says how many were
 //!   dropped.
 //!
-//! The reply to the caller is not cut: it goes back to whoever sent the
-//! request, and costs what the request cost.
+//! The reply to the caller is bounded too (issue 11, item 4): an error
+//! text quotes a request's value through [`crate::names::Quoted`] (at most
+//! [`crate::names::MAX_QUOTED`] bytes of it), and a status message is cut
+//! at [`crate::error::MAX_STATUS_TEXT`] bytes whatever it holds.
 
-use std::{fmt, sync::Mutex, time::Instant};
+use std::{
+    fmt,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use super::conns::RateBudget;
 
 /// Most bytes of one field (or error text) written to the log.
 pub const MAX_LOGGED: usize = 96;
@@ -31,24 +39,8 @@ pub struct Bounded<'a>(pub &'a str);
 
 impl fmt::Display for Bounded<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = self.0;
-        if s.len() <= MAX_LOGGED {
-            return write!(f, "{s:?}");
-        }
-        let mut end = MAX_LOGGED;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        write!(f, "{:?}… ({} bytes)", &s[..end], s.len())
+        crate::names::write_bounded(f, self.0, MAX_LOGGED)
     }
-}
-
-/// A token bucket: `burst` tokens, refilled at `per_second`.
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-    suppressed: u64,
 }
 
 /// What the bucket says about one line.
@@ -66,9 +58,8 @@ pub enum Verdict {
 /// The refusal lines of one VM, rate-limited.
 #[derive(Debug)]
 pub struct RefusalLog {
-    bucket: Mutex<Bucket>,
-    burst: f64,
-    per_second: f64,
+    bucket: RateBudget,
+    suppressed: AtomicU64,
 }
 
 impl Default for RefusalLog {
@@ -81,30 +72,19 @@ impl RefusalLog {
     /// A bucket of `burst` lines, refilled at `per_second`.
     pub fn new(burst: u32, per_second: u32) -> RefusalLog {
         RefusalLog {
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(burst),
-                last: Instant::now(),
-                suppressed: 0,
-            }),
-            burst: f64::from(burst),
-            per_second: f64::from(per_second),
+            bucket: RateBudget::new(burst, per_second),
+            suppressed: AtomicU64::new(0),
         }
     }
 
     /// Whether a line may be written at `now`.
     pub fn verdict(&self, now: Instant) -> Verdict {
-        // Nothing panics while holding it.
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let elapsed = now.saturating_duration_since(b.last);
-        b.last = b.last.max(now);
-        b.tokens = (b.tokens + elapsed.as_secs_f64() * self.per_second).min(self.burst);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if self.bucket.take(now) {
             Verdict::Write {
-                suppressed: std::mem::take(&mut b.suppressed),
+                suppressed: self.suppressed.swap(0, Ordering::AcqRel),
             }
         } else {
-            b.suppressed += 1;
+            self.suppressed.fetch_add(1, Ordering::AcqRel);
             Verdict::Drop
         }
     }
@@ -135,7 +115,7 @@ mod tests {
         let long = "x".repeat(1 << 20);
         let shown = Bounded(&long).to_string();
         assert!(shown.len() < MAX_LOGGED + 40, "{}", shown.len());
-        assert!(shown.ends_with("… (1048576 bytes)"), "{shown}");
+        assert!(shown.ends_with("…(1048576 bytes)"), "{shown}");
         // A multi-byte character across the cut is not split.
         let wide = "é".repeat(MAX_LOGGED);
         let shown = Bounded(&wide).to_string();

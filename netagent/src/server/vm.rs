@@ -20,6 +20,7 @@ use nestless_protos::{agent as pb, agent_ttrpc, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 
 use super::{
+    conns::RateBudget,
     convert,
     refusals::{Bounded, RefusalLog},
 };
@@ -54,16 +55,42 @@ pub struct VmService {
     vm: Option<String>,
     /// The caller's failed requests, logged within bounds.
     refusals: RefusalLog,
+    /// The caller's request budget.
+    rate: RateBudget,
 }
 
 impl VmService {
-    /// The service of VM `vm` (`None`: of callers no VM matches).
-    pub fn new(agent: Arc<Agent>, vm: Option<String>) -> VmService {
+    /// The service of VM `vm` (`None`: of callers no VM matches), with
+    /// request budget `rate`.
+    pub fn new(agent: Arc<Agent>, vm: Option<String>, rate: RateBudget) -> VmService {
         VmService {
             agent,
             vm,
             refusals: RefusalLog::default(),
+            rate,
         }
+    }
+
+    /// Takes a request from the caller's budget, or refuses it
+    /// (`RESOURCE_EXHAUSTED`, logged within bounds).
+    fn admit(&self) -> Result<(), ttrpc::Error> {
+        if self.rate.take(std::time::Instant::now()) {
+            return Ok(());
+        }
+        let who = match &self.vm {
+            Some(vm) => format!("VM {vm}"),
+            None => "an unknown caller".to_string(),
+        };
+        self.refusals.warn(
+            &who,
+            format_args!("{who}: request refused: over its request budget (RESOURCE_EXHAUSTED)"),
+        );
+        Err(AgentError::RequestBudget {
+            who,
+            burst: self.rate.burst(),
+            per_second: self.rate.per_second(),
+        }
+        .to_ttrpc())
     }
 
     fn caller(&self) -> Result<&str, ttrpc::Error> {
@@ -81,6 +108,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         _: pb::HealthRequest,
     ) -> ttrpc::Result<pb::HealthResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let vm = self.agent.vm(vm_name)?;
         Ok(pb::HealthResponse {
@@ -98,6 +126,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::AttachNicRequest,
     ) -> ttrpc::Result<pb::AttachNicResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let attached = async {
             let checked = AttachRequest::try_from(&req)?;
@@ -146,6 +175,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::DetachNicRequest,
     ) -> ttrpc::Result<pb::DetachNicResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let detached = async {
             let which = NicSelector::try_from(&req)?;
@@ -173,6 +203,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::HostloJoinRequest,
     ) -> ttrpc::Result<pb::HostloJoinResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let joined = async {
             let checked = HostloJoin::try_from(&req)?;
@@ -210,6 +241,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::HostloLeaveRequest,
     ) -> ttrpc::Result<pb::HostloLeaveResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let part = HostloPart::try_from(&req)?;
         let vm = vm_name.to_string();
@@ -225,6 +257,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::HostloPublishRequest,
     ) -> ttrpc::Result<pb::HostloPublishResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let publish = HostloPublish::try_from(&req)?;
         let vm = vm_name.to_string();
@@ -243,6 +276,7 @@ impl agent_ttrpc::NetAgent for VmService {
         _: &TtrpcContext,
         req: pb::HostloWatchRequest,
     ) -> ttrpc::Result<pb::HostloWatchResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
         let watch = HostloWatch::try_from(&req)?;
         let view = self.agent.hostlo_watch(vm_name, watch).await?;
@@ -252,18 +286,22 @@ impl agent_ttrpc::NetAgent for VmService {
     async fn list_nics(
         &self,
         _: &TtrpcContext,
-        _: pb::ListNicsRequest,
+        req: pb::ListNicsRequest,
     ) -> ttrpc::Result<pb::ListNicsResponse> {
+        self.admit()?;
         let vm_name = self.caller()?;
-        let nics = self
-            .agent
-            .records(Some(vm_name))
-            .iter()
-            .filter(|r| r.state == NicState::Attached && !r.pooled && r.hostlo.is_none())
-            .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, &n)))
-            .collect();
+        let page = convert::PageRequest::parse(req.page_size, &req.page_token)?;
+        let (records, more) =
+            self.agent
+                .records_page(Some(vm_name), page.after.as_ref(), page.size, |r| {
+                    r.state == NicState::Attached && !r.pooled && r.hostlo.is_none()
+                });
         Ok(pb::ListNicsResponse {
-            nics,
+            nics: records
+                .iter()
+                .filter_map(|r| self.agent.network(&r.network).map(|n| convert::nic(r, &n)))
+                .collect(),
+            next_page_token: convert::next_page_token(&records, more),
             ..Default::default()
         })
     }
