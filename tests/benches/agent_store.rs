@@ -8,7 +8,7 @@
 //! naming the binaries to run). `NESTLESS_BENCH_LEVELS` (default
 //! `100,1000,4000`) sets the NIC counts measured at.
 //!
-//! Rig: one real agent, 20 netns VMs on 4 tenant networks (a /22 and a
+//! Rig: one real agent, 20 netns VMs on 5 tenant networks (a /22 and a
 //! bridge each: a bridge holds at most 1,023 ports), every NIC a real veth
 //! on its bridge. Figures, per store:
 //! * at each level L (NICs held host-wide): 200 attaches, one at a time per
@@ -32,7 +32,7 @@ use nestless_tests::{
 };
 
 const VMS: usize = 20;
-const NETWORKS: usize = 4;
+const NETWORKS: usize = 5;
 const WINDOW_PER_VM: usize = 10;
 const BURST: usize = 120;
 
