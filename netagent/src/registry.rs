@@ -24,7 +24,6 @@
 use std::{
     collections::HashMap,
     fs,
-    io::Write,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -139,16 +138,7 @@ impl VmStore {
             vms: vms.to_vec(),
         })
         .map_err(|e| self.io("encode")(std::io::Error::other(e)))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp).map_err(self.io("create the temporary file of"))?;
-        f.write_all(&text).map_err(self.io("write"))?;
-        f.sync_all().map_err(self.io("fsync"))?;
-        drop(f);
-        fs::rename(&tmp, &self.path).map_err(self.io("rename into"))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io("fsync the directory of"))?;
-        Ok(())
+        crate::state::json::write_atomic(&self.path, &text).map_err(|(op, e)| self.io(op)(e))
     }
 }
 

@@ -98,17 +98,30 @@ impl JsonFile {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = fs::File::create(&tmp).map_err(self.io("create a temporary for"))?;
-        f.write_all(&body).map_err(self.io("write"))?;
-        f.sync_all().map_err(self.io("fsync"))?;
-        drop(f);
-        fs::rename(&tmp, &self.path).map_err(self.io("rename into"))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io("fsync the directory of"))?;
-        Ok(())
+        write_atomic(&self.path, &body).map_err(|(op, e)| self.io(op)(e))
     }
+}
+
+/// Replaces the file at `path` with `body`, atomically and durably: a
+/// temporary file beside it (`<path>.tmp`) is written and fsynced, renamed
+/// over `path`, and the directory is fsynced (a crash leaves the old file
+/// or the new one, whole). The directory must exist.
+///
+/// # Errors
+/// The step that failed (`"write"`, `"rename into"`, ...) and why.
+pub(crate) fn write_atomic(path: &Path, body: &[u8]) -> Result<(), (&'static str, std::io::Error)> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = fs::File::create(&tmp).map_err(|e| ("create a temporary for", e))?;
+    f.write_all(body).map_err(|e| ("write", e))?;
+    f.sync_all().map_err(|e| ("fsync", e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| ("rename into", e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ("fsync the directory of", e))
 }
 
 impl StateStore for JsonFile {
