@@ -6,7 +6,8 @@
 //! `cargo bench -p nestless-tests --bench agent_store` (as root, after
 //! `cargo build --release -p nestless-netagent`, or with `NESTLESS_BIN_DIR`
 //! naming the binaries to run). `NESTLESS_BENCH_LEVELS` (default
-//! `100,1000,4000`) sets the NIC counts measured at.
+//! `100,1000,4000`) sets the NIC counts measured at, `NESTLESS_BENCH_STORES`
+//! (default `json,sqlite`) the stores.
 //!
 //! Rig: one real agent, 20 netns VMs on 5 tenant networks (a /22 and a
 //! bridge each: a bridge holds at most 1,023 ports), every NIC a real veth
@@ -259,9 +260,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let stores = std::env::var("NESTLESS_BENCH_STORES").unwrap_or_else(|_| "json,sqlite".into());
     rt.block_on(async {
-        for store in ["json", "sqlite"] {
-            bench(store, &levels).await;
+        for store in stores.split(',') {
+            bench(store.trim(), &levels).await;
         }
     });
 }
