@@ -102,7 +102,12 @@ pub fn state_path() -> PathBuf {
 /// Writes `data` as the [`state_path`] file, with no database beside it:
 /// every input goes through the import as well as the loader.
 pub fn fresh_state(data: &[u8]) {
-    for name in ["state.db", "state.db-wal", "state.db-shm", "state.json.migrated"] {
+    for name in [
+        "state.db",
+        "state.db-wal",
+        "state.db-shm",
+        "state.json.migrated",
+    ] {
         let _ = std::fs::remove_file(scratch().join(name));
     }
     if std::fs::write(state_path(), data).is_err() {
