@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nestless_fuzz::{agent, exercise, runtime, scratch, state_path};
+use nestless_fuzz::{agent, clear_state, exercise, runtime, scratch};
 use nestless_netagent::{config::Config, ipam::Ipam, stale::StalePolicy};
 
 fuzz_target!(|data: &[u8]| {
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     }
     // Never where the fuzzed text says: the agent writes its state file.
     config.agent.state_dir = scratch().to_path_buf();
-    let _ = std::fs::remove_file(state_path());
+    clear_state();
     // A few VMs are enough to use the config; thousands would only be slow.
     let vms: Vec<String> = config.vms.iter().take(4).map(|v| v.name.clone()).collect();
     let Ok(agent) = agent(config, StalePolicy::Refuse) else {

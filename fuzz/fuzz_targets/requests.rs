@@ -17,7 +17,7 @@ use libfuzzer_sys::{
     arbitrary::{self, Arbitrary, Unstructured},
     fuzz_target,
 };
-use nestless_fuzz::{agent, config, exercise, replies, runtime, state_path, VMS};
+use nestless_fuzz::{agent, clear_state, config, exercise, replies, runtime, VMS};
 use nestless_netagent::{
     agent::{AttachRequest, HostloJoin, HostloPart, HostloPublish, HostloWatch, NicSelector},
     names::Invalid,
@@ -179,7 +179,7 @@ fuzz_target!(|data: &[u8]| {
     if calls.is_empty() {
         return;
     }
-    let _ = std::fs::remove_file(state_path());
+    clear_state();
     let Ok(agent) = agent(config(), StalePolicy::Refuse) else {
         panic!("the agent does not start on an empty state");
     };

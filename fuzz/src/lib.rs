@@ -99,17 +99,25 @@ pub fn state_path() -> PathBuf {
     scratch().join("state.json")
 }
 
-/// Writes `data` as the [`state_path`] file, with no database beside it:
-/// every input goes through the import as well as the loader.
-pub fn fresh_state(data: &[u8]) {
+/// Removes every state file of [`scratch`] (the database, its WAL, a
+/// `state.json` and its imported copy): the next agent starts empty.
+pub fn clear_state() {
     for name in [
         "state.db",
         "state.db-wal",
         "state.db-shm",
+        "state.json",
         "state.json.migrated",
+        "vms.json",
     ] {
         let _ = std::fs::remove_file(scratch().join(name));
     }
+}
+
+/// Writes `data` as the [`state_path`] file, with no database beside it:
+/// every input goes through the import as well as the loader.
+pub fn fresh_state(data: &[u8]) {
+    clear_state();
     if std::fs::write(state_path(), data).is_err() {
         panic!("cannot write {}", state_path().display());
     }

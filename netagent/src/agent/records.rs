@@ -60,7 +60,10 @@ pub(super) struct Records {
     path: PathBuf,
     store: Arc<StdMutex<Store>>,
     /// Requests to the writer thread ([`Writer`]).
-    saves: mpsc::Sender<SaveRequest>,
+    saves: Option<mpsc::Sender<SaveRequest>>,
+    /// The writer thread, joined when the records go: the store is closed
+    /// (and its files left alone) once an agent is dropped.
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Snapshots written (tests: group commit).
     #[cfg(test)]
     writes: Arc<std::sync::atomic::AtomicU64>,
@@ -84,12 +87,11 @@ struct Writer {
 
 impl Writer {
     /// Starts the writer; it ends when the last sender is gone.
-    fn spawn(self) -> Result<(), StateError> {
+    fn spawn(self) -> Result<std::thread::JoinHandle<()>, StateError> {
         let path = StateStore::path(&*self.state).to_path_buf();
         std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || self.run())
-            .map(drop)
             .map_err(|source| StateError::Io {
                 op: "start the writer of",
                 path,
@@ -223,7 +225,7 @@ impl Records {
         let (saves, requests) = mpsc::channel();
         #[cfg(test)]
         let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        Writer {
+        let writer = Writer {
             state,
             store: store.clone(),
             requests,
@@ -231,10 +233,12 @@ impl Records {
             writes: writes.clone(),
         }
         .spawn()?;
+        let writer = Some(writer);
         Ok(Records {
             path,
             store,
-            saves,
+            saves: Some(saves),
+            writer,
             #[cfg(test)]
             writes,
             dropped,
@@ -567,7 +571,11 @@ impl Records {
             path: self.path.clone(),
             source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
         };
-        self.saves.send(reply).map_err(|_| stopped())?;
+        self.saves
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(reply)
+            .map_err(|_| stopped())?;
         done.await.map_err(|_| stopped())??;
         Ok(())
     }
@@ -590,6 +598,17 @@ impl Records {
             .ipam
             .get(network)
             .is_some_and(|i| i.is_leased(addr))
+    }
+}
+
+impl Drop for Records {
+    /// Closes the writer's queue and waits for it to end: the saves asked
+    /// for are made, and the store is closed when this returns.
+    fn drop(&mut self) {
+        drop(self.saves.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
