@@ -445,6 +445,15 @@ impl Registry {
         &self.agent
     }
 
+    /// VM `name`'s quota and warm pool change live: the agent's limits, and
+    /// the VM's connection budget with them.
+    fn set_quota(&self, name: &str, max_nics: u32, warm_pool: u32) {
+        if let Ok(vm) = self.agent.vm(name) {
+            vm.set_quota(max_nics, warm_pool);
+            self.listeners.set_quota(name, max_nics);
+        }
+    }
+
     /// The listeners.
     pub fn listeners(&self) -> &Arc<VmListeners> {
         &self.listeners
@@ -629,9 +638,7 @@ impl Registry {
         if fields.is_empty() {
             self.store.save(&specs)?;
             self.agent.set_config(new);
-            if let Ok(served) = self.agent.vm(&name) {
-                served.set_quota(vm.max_nics, vm.warm_pool);
-            }
+            self.set_quota(&name, vm.max_nics, vm.warm_pool);
             self.bump();
             return Ok((vm, false));
         }
@@ -777,8 +784,8 @@ impl Registry {
             }
         }
         for name in &plan.quota {
-            if let (Ok(vm), Some(c)) = (self.agent.vm(name), new.vm(name)) {
-                vm.set_quota(c.max_nics, c.warm_pool);
+            if let Some(c) = new.vm(name) {
+                self.set_quota(name, c.max_nics, c.warm_pool);
             }
         }
         let mut failed = None;

@@ -652,3 +652,52 @@ async fn force_unregister_during_attaches_leaks_nothing() {
     assert!(left.is_empty(), "links left in the VM namespace: {left:?}");
     assert!(!rsock.exists());
 }
+
+/// A VM's connection budget follows its quota when the quota changes live
+/// (`nestlessctl vm set --max-nics`): one connection per NIC and 16 more
+/// (`vm_budget`). At 100 NICs the 117th connection is refused; after the
+/// quota goes to 200 it is served, with the first 116 still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_quota_change_resizes_the_connection_budget() {
+    use nestless_netagent::server::conns::vm_budget;
+    let rig = rig(1);
+    let ns = Netns::new("qb");
+    let s = sock(&rig, "qb");
+    ok(&add(
+        &rig.agent,
+        "qb",
+        &ns.name,
+        &s.display().to_string(),
+        &["--max-nics", "100"],
+    ));
+    let budget = vm_budget(100);
+    assert_eq!(budget, 116);
+    async fn health(
+        c: nestless_protos::agent_ttrpc::NetAgentClient,
+    ) -> ttrpc::Result<pb::HealthResponse> {
+        c.health(ctx(), &pb::HealthRequest::default()).await
+    }
+    let mut held = Vec::new();
+    for _ in 0..budget - 1 {
+        held.push(tokio::net::UnixStream::connect(&s).await.expect("connect"));
+    }
+    // The last place of the budget: served (so every earlier one was taken).
+    let last = vm_client(&s).await;
+    health(last.clone())
+        .await
+        .expect("the 116th connection is served");
+    // One past the budget: closed by the agent.
+    assert!(
+        health(vm_client(&s).await).await.is_err(),
+        "the 117th connection was served with a budget of 116"
+    );
+    ok(&ctl(&rig.agent, &["vm", "set", "qb", "--max-nics", "200"]));
+    let more = vm_client(&s).await;
+    let h = health(more).await.expect("served once the quota grew");
+    assert_eq!(h.nic_quota, 200);
+    // The first connections were kept all along.
+    health(last)
+        .await
+        .expect("the 116th connection is still served");
+    drop(held);
+}

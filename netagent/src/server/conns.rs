@@ -116,11 +116,12 @@ impl RateBudget {
     }
 }
 
-/// The connection budget of one VM (or of the admin socket).
+/// The connection budget of one VM (or of the admin socket). Clones share
+/// one count and one limit.
 #[derive(Debug, Clone)]
 pub struct Budget {
     open: Arc<AtomicUsize>,
-    max: usize,
+    max: Arc<AtomicUsize>,
     idle: Duration,
 }
 
@@ -130,7 +131,7 @@ impl Budget {
     pub fn new(max: usize) -> Budget {
         Budget {
             open: Arc::new(AtomicUsize::new(0)),
-            max,
+            max: Arc::new(AtomicUsize::new(max)),
             idle: IDLE_TIMEOUT,
         }
     }
@@ -149,7 +150,7 @@ impl Budget {
     pub fn admit(&self) -> Option<Permit> {
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.max()).then_some(n + 1)
             })
             .ok()
             .map(|_| Permit(self.open.clone()))
@@ -162,7 +163,14 @@ impl Budget {
 
     /// The budget.
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Acquire)
+    }
+
+    /// Changes the budget (a VM's quota changed while it is served). A
+    /// smaller budget closes nothing: connections open past it stay, and
+    /// new ones are refused until fewer than `max` are open.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 }
 
@@ -257,6 +265,25 @@ mod tests {
         assert_eq!(vm_budget(1), MIN_CONNS_PER_VM);
         assert_eq!(vm_budget(48), 64);
         assert_eq!(vm_budget(1023), 1039);
+    }
+
+    #[test]
+    fn a_changed_budget_applies_to_every_clone_and_closes_nothing() {
+        let b = Budget::new(2);
+        let served = b.clone();
+        let p1 = served.admit().unwrap();
+        let p2 = served.admit().unwrap();
+        assert!(served.admit().is_none());
+        b.set_max(3);
+        let p3 = served.admit().expect("the grown budget admits one more");
+        assert!(served.admit().is_none());
+        // Shrunk below what is open: nothing closes, nothing new until below.
+        b.set_max(1);
+        assert_eq!(served.open(), 3);
+        drop((p1, p2));
+        assert!(served.admit().is_none(), "1 open of a budget of 1");
+        drop(p3);
+        assert!(served.admit().is_some());
     }
 
     #[test]

@@ -261,6 +261,8 @@ struct VmListener {
     task: Option<JoinHandle<()>>,
     socket: Option<PathBuf>,
     cid: Option<u32>,
+    /// The VM's connection budget (shared by its socket and its CID).
+    budget: Budget,
 }
 
 impl VmListeners {
@@ -300,6 +302,7 @@ impl VmListeners {
             task: None,
             socket: None,
             cid: vm.config.cid,
+            budget: budget.clone(),
         };
         if let Some(path) = &vm.config.unix_socket {
             let l = bind_unix(path, 0o660)?;
@@ -349,6 +352,17 @@ impl VmListeners {
             stop_listener(old);
         }
         Ok(())
+    }
+
+    /// VM `name`'s quota is now `max_nics`: its connection budget follows
+    /// ([`vm_budget`]), unless `max_connections_per_vm` fixes it.
+    pub fn set_quota(&self, name: &str, max_nics: u32) {
+        if self.agent.config().agent.max_connections_per_vm.is_some() {
+            return;
+        }
+        if let Some(l) = self.served().get(name) {
+            l.budget.set_max(vm_budget(max_nics));
+        }
     }
 
     /// Stops serving VM `name`: its socket is closed and removed, its CID
