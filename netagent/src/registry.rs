@@ -555,9 +555,14 @@ impl Registry {
 
     /// Stops serving VM `name`: out of the agent (refused while it has
     /// NICs, unless `force` releases them), socket removed, upkeep
-    /// stopped. Returns how many NICs were released.
+    /// stopped. Returns how many NICs were released. A VM of the
+    /// configuration that is not served (a reload could not bind its
+    /// socket) has nothing to stop.
     async fn stop_vm(&self, name: &str, force: bool) -> Result<usize, RegistryError> {
-        let released = self.agent.remove_vm(name, force).await?;
+        let released = match self.agent.remove_vm(name, force).await {
+            Err(AgentError::UnknownVm(_)) => 0,
+            other => other?,
+        };
         self.listeners.remove(name);
         if let Some(t) = self
             .upkeep
@@ -749,12 +754,20 @@ impl Registry {
         let old = self.agent.config();
         let file = Config::load(&old.path)?;
         let new = file.with_registered(self.store.path(), old.registered())?;
-        let plan = plan_reload(
+        let mut plan = plan_reload(
             &old,
             &new,
             |vm| self.agent.nic_count(vm),
             |net| self.agent.network_nic_count(net),
         )?;
+        // A VM that an earlier reload could not serve (its socket could not
+        // be bound) is tried again, changed or not.
+        for vm in &new.vms {
+            let planned = plan.add.contains(&vm.name) || plan.restart.contains(&vm.name);
+            if !planned && self.agent.vm(&vm.name).is_err() {
+                plan.add.push(vm.name.clone());
+            }
+        }
         for w in &new.warnings {
             log::warn!("{w}");
         }

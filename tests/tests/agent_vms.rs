@@ -701,3 +701,103 @@ async fn a_live_quota_change_resizes_the_connection_budget() {
         .expect("the 116th connection is still served");
     drop(held);
 }
+
+/// A reload that passes its checks but cannot serve one VM (a file that is
+/// not a socket is in the way of its socket) applies the rest, says which
+/// VM and why in `last_reload_error`, and leaves that VM unserved; the next
+/// reload tries it again (once the path is free it is served), and a VM
+/// left unserved can be removed from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_applied_reload_names_the_vm_and_the_next_one_retries_it() {
+    let rig = rig(1);
+    let (good, blocked) = (Netns::new("pg"), Netns::new("pb"));
+    let dir = rig.agent.dir.path();
+    let bridge = rig.bridge.name.clone();
+    let text = |vms: &[(&str, &Netns)]| {
+        let mut entries = vm_entry("vm0", &rig.vms[0].name, dir) + "network = \"test\"\n";
+        for (name, ns) in vms {
+            entries += &(vm_entry(name, &ns.name, dir) + "network = \"test\"\n");
+        }
+        config_text(&rig, &[("test", &bridge, &rig.net)], &entries)
+    };
+    let in_the_way = sock(&rig, "blocked");
+    std::fs::write(&in_the_way, "not a socket").unwrap();
+
+    let before = status(&rig.agent).await;
+    std::fs::write(
+        &rig.agent.config,
+        text(&[("good", &good), ("blocked", &blocked)]),
+    )
+    .unwrap();
+    sighup(&rig.agent);
+    let partial = wait_status(&rig.agent, "partial reload", |s| {
+        s.config_generation > before.config_generation
+    })
+    .await;
+    let e = &partial.last_reload_error;
+    assert!(
+        e.contains(&in_the_way.display().to_string()) && e.contains("not a socket"),
+        "{e}"
+    );
+    let c = vm_client(&sock(&rig, "good")).await;
+    let n = c
+        .attach_nic(ctx(), &attach_req("sb-good"))
+        .await
+        .expect("the VM that could be served is")
+        .nic
+        .unwrap();
+    assert!(has_mac(&good, &n.mac));
+
+    // The path is freed: the next reload (same file) serves the VM.
+    std::fs::remove_file(&in_the_way).unwrap();
+    sighup(&rig.agent);
+    let retried = wait_status(&rig.agent, "retrying reload", |s| {
+        s.config_generation > partial.config_generation
+    })
+    .await;
+    assert_eq!(retried.last_reload_error, "", "{retried:?}");
+    let b = vm_client(&in_the_way).await;
+    b.health(ctx(), &pb::HealthRequest::default())
+        .await
+        .expect("served once its socket could be bound");
+    drop(b);
+
+    // Blocked again and reloaded unserved; then removed from the file.
+    std::fs::write(&rig.agent.config, text(&[("good", &good)])).unwrap();
+    sighup(&rig.agent);
+    let removed = wait_status(&rig.agent, "removing reload", |s| {
+        s.config_generation > retried.config_generation
+    })
+    .await;
+    assert_eq!(removed.last_reload_error, "", "{removed:?}");
+    std::fs::write(&in_the_way, "not a socket").unwrap();
+    std::fs::write(
+        &rig.agent.config,
+        text(&[("good", &good), ("blocked", &blocked)]),
+    )
+    .unwrap();
+    sighup(&rig.agent);
+    let again = wait_status(&rig.agent, "partial reload again", |s| {
+        s.config_generation > removed.config_generation
+    })
+    .await;
+    assert!(
+        again.last_reload_error.contains("not a socket"),
+        "{again:?}"
+    );
+    std::fs::write(&rig.agent.config, text(&[("good", &good)])).unwrap();
+    sighup(&rig.agent);
+    let gone = wait_status(&rig.agent, "removing the unserved VM", |s| {
+        s.config_generation > again.config_generation
+    })
+    .await;
+    assert_eq!(
+        gone.last_reload_error, "",
+        "an unserved VM could not be removed: {gone:?}"
+    );
+    assert!(vm(&vms(&rig.agent), "blocked").is_none());
+    assert!(
+        in_the_way.exists(),
+        "the file in the way is not the agent's to remove"
+    );
+}
