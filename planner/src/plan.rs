@@ -31,10 +31,11 @@ pub struct PlanConfig {
     /// Limits of the exact part (set cover, column generation, MILP), per plan of a
     /// client; `None` keeps the heuristic alone (and the demand bound).
     pub exact: Option<Limits>,
-    /// Run-wide budget of the exact part in [`plan_all`] (wall clock, all threads
-    /// together): the exact part takes clients smallest first, each within `exact` and
-    /// within its share of what is left; a client reached after the budget keeps its
-    /// heuristic plans and the demand bound. `None`: no budget (each client gets `exact`).
+    /// Run-wide budget of the exact part in [`plan_all`] (wall clock from the start of
+    /// the exact phase): the exact part takes clients with the fewest item classes first,
+    /// each within `exact` and the end of the budget; a client reached after the budget
+    /// keeps its heuristic plans and the demand bound. `None`: no budget (each client gets
+    /// `exact`).
     pub exact_budget: Option<std::time::Duration>,
 }
 
@@ -644,7 +645,7 @@ pub fn plan_whole(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Option<
 pub struct RunStats {
     /// Heuristic phase (both plans of every client, largest clients first), seconds.
     pub heuristic_s: f64,
-    /// Exact phase (smallest clients first, under the budget), seconds.
+    /// Exact phase (fewest classes first, under the budget), seconds.
     pub exact_s: f64,
     /// Clients whose exact part ran (within their share of the budget).
     pub exact_clients: usize,
@@ -690,11 +691,11 @@ fn par_map<T: Send>(
 ///
 /// 1. The heuristic's plans and the demand bound of every client, largest clients first
 ///    (so that the longest come first and the threads end together).
-/// 2. The exact part, smallest clients first (they are the cheapest to prove, and most
-///    clients are small), under `cfg.exact_budget`: a client gets `cfg.exact` but at most
-///    its share of the budget left (`left × threads / clients not started`, so time that
-///    small clients do not use passes on to larger ones); a client reached after the
-///    budget keeps its heuristic plans and the demand bound, and its gap says so.
+/// 2. The exact part, clients with the fewest item classes first (its work grows with
+///    them; most clients have few), then the fewest containers, under
+///    `cfg.exact_budget`: a client gets `cfg.exact`, cut at the end of the budget; a
+///    client reached after the budget keeps its heuristic plans and the demand bound, and
+///    its gap says so.
 pub fn plan_all_stats(
     clients: &[Client],
     cat: &Catalogue,
@@ -712,12 +713,29 @@ pub fn plan_all_stats(
             .map(std::sync::Mutex::new)
             .collect();
     let heuristic_s = t0.elapsed().as_secs_f64();
-    order.reverse();
+    // Exact phase: fewest classes first (the cost of the exact part grows with them),
+    // then fewest containers.
+    let key: Vec<(usize, usize)> = heur
+        .iter()
+        .zip(clients)
+        .map(|(h, c)| {
+            let h = h.lock().expect("no panic while holding the lock");
+            let classes = h.as_ref().map_or(0, |h| {
+                h.flat
+                    .items
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            });
+            (classes, c.container_count())
+        })
+        .collect();
+    order.sort_by_key(|&i| (key[i], i));
     let t1 = std::time::Instant::now();
     let end = cfg.exact_budget.map(|b| t1 + b);
     let ran = std::sync::atomic::AtomicUsize::new(0);
     let late = std::sync::atomic::AtomicUsize::new(0);
-    let plans = par_map(n, &order, threads, |k, i| {
+    let plans = par_map(n, &order, threads, |_, i| {
         let h = heur[i]
             .lock()
             .expect("no panic while holding the lock")
@@ -732,8 +750,7 @@ pub fn plan_all_stats(
                     late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     None
                 } else {
-                    let share = left.mul_f64(threads as f64 / (n - k) as f64);
-                    Some(l.within(share))
+                    Some(l.within(left * 2))
                 }
             }
         };

@@ -134,10 +134,10 @@ pub struct Limits {
     /// Branch-and-bound nodes of the MILP (work, not time: the same on a loaded machine).
     pub milp_nodes: u64,
     /// Largest number of item classes for which the exact part runs at all; above it the
-    /// caller keeps its plan and the demand bound. Column generation needs one dual LP
-    /// per round over about `classes × types` columns, and beyond about 20 classes
-    /// `microlp` does not bring the bound within 20 % of the plan in a second, below the
-    /// demand bound (measured: `docs/benchmarks.md`), so the time bought nothing.
+    /// caller keeps its plan and the demand bound. Column generation solves one dual LP
+    /// per round over about `classes × types` columns: beyond ~50 classes `microlp` needs
+    /// most of a second for one round and the bound it reaches stays far below the demand
+    /// bound (measured: `docs/benchmarks.md`), so the time buys nothing.
     pub max_classes: usize,
 }
 
@@ -159,7 +159,7 @@ impl Default for Limits {
 pub const DEFAULT_MILP_NODES: u64 = 500;
 
 /// Default of [`Limits::max_classes`].
-pub const DEFAULT_MAX_CLASSES: usize = 20;
+pub const DEFAULT_MAX_CLASSES: usize = 50;
 
 impl Limits {
     /// Limits for a client's budget of `seconds`: half for each plan, 30 % of that for the
