@@ -10,15 +10,18 @@
 //!
 //! The data is read from `../shared/data` beside the repository (or `NESTLESS_DATA_DIR`).
 //! `NESTLESS_BENCH_LIMIT_MS` sets the exact part's time limit per client (default 1000;
-//! 0: heuristic only), `NESTLESS_BENCH_CONTAINERS` the size of the generated set.
+//! 0: heuristic only), `NESTLESS_BENCH_BUDGET_S` the run-wide budget of the exact part
+//! (default that of `nestlessctl plan`, 20 s; 0: none), `NESTLESS_BENCH_CONTAINERS` the size
+//! of the generated set.
 use std::path::PathBuf;
 use std::time::Instant;
 
 use nestless_planner::catalogue::{load_catalogue, FamilyFilter};
 use nestless_planner::google::{load_google, GoogleOptions, Scale};
 use nestless_planner::model::group_clients;
+use nestless_planner::plan::plan_all_stats;
 use nestless_planner::report::{client_row, summarise, summary_text, ClientRow, Summary};
-use nestless_planner::{plan_all, validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res};
+use nestless_planner::{validate, Catalogue, Client, HostModel, Mode, PlanConfig, Res};
 use rand::{Rng, SeedableRng};
 
 /// `NESTLESS_DATA_DIR` (a relative one from the workspace root), or `../shared/data`
@@ -64,9 +67,19 @@ fn plan(
         cfg.exact =
             (ms > 0).then(|| nestless_planner::setcover::Limits::per_client(ms as f64 / 1e3));
     }
+    if let Some(s) = std::env::var("NESTLESS_BENCH_BUDGET_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        cfg.exact_budget = (s > 0.0).then(|| std::time::Duration::from_secs_f64(s));
+    }
     let t1 = Instant::now();
-    let plans = plan_all(clients, cat, &cfg, threads);
+    let (plans, run) = plan_all_stats(clients, cat, &cfg, threads);
     let plan_s = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "phases: heuristic {:.2} s, exact {:.2} s ({} clients, {} after the budget)",
+        run.heuristic_s, run.exact_s, run.exact_clients, run.out_of_budget
+    );
     for (c, p) in clients.iter().zip(&plans) {
         if let Some(a) = &p.whole {
             validate(c, cat, host, Mode::Whole, a)?;

@@ -12,7 +12,7 @@ use super::catalogue::{load_catalogue, FamilyFilter};
 use super::google::{load_google, GoogleOptions, Scale};
 use super::input::load_pods;
 use super::model::{validate, Catalogue, Client, HostModel, Mode, Res};
-use super::plan::{plan_all, PlanConfig};
+use super::plan::{plan_all_stats, PlanConfig};
 use super::report::{cdf_svg, client_row, summarise, summary_text, table_csv, table_text};
 use super::setcover::Limits;
 
@@ -87,6 +87,12 @@ pub struct PlanArgs {
     /// the heuristic alone, with the demand bound only.
     #[arg(long, default_value_t = 1.0)]
     pub time_limit: f64,
+    /// Budget of the exact part for the whole run, in seconds (all threads together):
+    /// clients are taken smallest first, each within `--time-limit` and its share of what
+    /// is left; clients reached after it keep the heuristic and the demand bound. 0: no
+    /// budget.
+    #[arg(long, default_value_t = crate::plan::DEFAULT_EXACT_BUDGET_S as f64)]
+    pub time_budget: f64,
     /// Worker threads (default: available parallelism).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -217,14 +223,26 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             args.time_limit
         );
     }
+    if !(args.time_budget.is_finite() && args.time_budget >= 0.0 && args.time_budget <= 864_000.0) {
+        bail!(
+            "--time-budget {}: must be a number of seconds from 0 to 864000",
+            args.time_budget
+        );
+    }
     let cfg = PlanConfig {
         host,
         exact: (args.time_limit > 0.0).then(|| Limits::per_client(args.time_limit)),
+        exact_budget: (args.time_budget > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(args.time_budget)),
         ..Default::default()
     };
     let t1 = Instant::now();
-    let plans = plan_all(&clients, &cat, &cfg, threads);
+    let (plans, run) = plan_all_stats(&clients, &cat, &cfg, threads);
     let t_plan = t1.elapsed();
+    eprintln!(
+        "plan phases: heuristic {:.2} s, exact part {:.2} s ({} clients; {} after the budget, with the demand bound only)",
+        run.heuristic_s, run.exact_s, run.exact_clients, run.out_of_budget
+    );
     for (c, p) in clients.iter().zip(&plans) {
         if let Some(a) = &p.whole {
             validate(c, &cat, host, Mode::Whole, a)

@@ -223,7 +223,7 @@ impl<'a> Packer<'a> {
         let openers = self.openers(allowed, ids.len());
         // One VM per item, each of the cheapest type that holds it: the plan every other
         // start must beat, so the result never costs more than it.
-        let mut best: Option<Packing> = {
+        let best: Option<Packing> = {
             let bins: Vec<Bin> = ids
                 .iter()
                 .map(|&i| Bin {
@@ -242,16 +242,23 @@ impl<'a> Packer<'a> {
                 .is_none_or(|b| p.total_cap(cat).fits_in(b))
                 .then_some(p)
         };
+        // The candidates are built without their items (the decisions depend on loads
+        // only); the winner is built again with them.
+        let mut winner: Option<(u64, usize, Rule)> = None;
         for &o in &openers {
             for rule in [Rule::FirstFit, Rule::BestFit] {
-                let p = self.construct(&order, o, rule, allowed);
+                let p = self.construct(&order, o, rule, allowed, false);
                 let fits = bound.is_none_or(|b| p.total_cap(cat).fits_in(b));
-                if fits && best.as_ref().is_none_or(|b| p.cost < b.cost) {
-                    best = Some(p);
+                let to_beat = winner.map_or(best.as_ref().map(|b| b.cost), |w| Some(w.0));
+                if fits && to_beat.is_none_or(|c| p.cost < c) {
+                    winner = Some((p.cost, o, rule));
                 }
             }
         }
-        best
+        match winner {
+            Some((_, o, rule)) => Some(self.construct(&order, o, rule, allowed, true)),
+            None => best,
+        }
     }
 
     /// Opening types: all distinct capacities, or the largest type of each family when
@@ -292,7 +299,15 @@ impl<'a> Packer<'a> {
         out
     }
 
-    fn construct(&self, order: &[usize], o: usize, rule: Rule, allowed: &[usize]) -> Packing {
+    /// `items`: record the items of each bin (otherwise only loads, types and the cost).
+    fn construct(
+        &self,
+        order: &[usize],
+        o: usize,
+        rule: Rule,
+        allowed: &[usize],
+        items: bool,
+    ) -> Packing {
         let cat = self.cat;
         let cap_o = cat.types()[o].cap;
         let mut bins: Vec<(Res, Bin)> = Vec::new();
@@ -349,7 +364,9 @@ impl<'a> Packer<'a> {
             };
             let bin = &mut bins[b].1;
             bin.load = bin.load.plus(r);
-            bin.items.push(i);
+            if items {
+                bin.items.push(i);
+            }
         }
         let mut cost = 0;
         let bins: Vec<Bin> = bins

@@ -31,6 +31,12 @@ pub struct PlanConfig {
     /// Limits of the exact part (set cover, column generation, MILP), per plan of a
     /// client; `None` keeps the heuristic alone (and the demand bound).
     pub exact: Option<Limits>,
+    /// Run-wide budget of the exact part in [`plan_all`] (wall clock from the start of
+    /// the exact phase): the exact part takes clients with the fewest item classes first,
+    /// each within `exact` and the end of the budget; a client reached after the budget
+    /// keeps its heuristic plans and the demand bound. `None`: no budget (each client gets
+    /// `exact`).
+    pub exact_budget: Option<std::time::Duration>,
 }
 
 impl Default for PlanConfig {
@@ -39,6 +45,7 @@ impl Default for PlanConfig {
             host: HostModel::PerFamily,
             search: SearchOptions::default(),
             exact: Some(Limits::default()),
+            exact_budget: Some(std::time::Duration::from_secs(DEFAULT_EXACT_BUDGET_S)),
         }
     }
 }
@@ -92,17 +99,33 @@ impl Flat {
     }
 }
 
+/// Default of [`PlanConfig::exact_budget`], seconds.
+pub const DEFAULT_EXACT_BUDGET_S: u64 = 20;
+
 /// Plans one client: (a), (b) and their bounds. The heuristic gives both plans; the exact
 /// part (see [`setcover`]) then bounds each from below and replaces it by its own solution
-/// when that is cheaper.
+/// when that is cheaper. (No run-wide budget: the client gets `cfg.exact`.)
 pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> ClientPlan {
-    let flat = Flat::new(client);
-    // Large clients: a lighter local search (no pair re-packing, one pass); the exact
-    // part, which works on classes of equal containers, does the rest. (The full search
-    // costs minutes per 10^5 containers of trace-like clients.)
-    let light;
-    let cfg = if flat.items.len() > LIGHT_SEARCH_ITEMS {
-        light = PlanConfig {
+    let h = heuristic(client, cat, cfg);
+    finish(client, cat, cfg, h, cfg.exact)
+}
+
+/// The heuristic's plans of one client and its demand bound, before the exact part.
+struct Heuristic {
+    flat: Flat,
+    single_container: bool,
+    demand_lb: u64,
+    whole: Option<Groups>,
+    hostlo: Option<Groups>,
+}
+
+/// The search options for a client of `items` containers: above
+/// [`LIGHT_SEARCH_ITEMS`], a lighter local search (no pair re-packing, one pass); the
+/// exact part, which works on classes of equal containers, does the rest. (The full
+/// search costs minutes per 10^5 containers of trace-like clients.)
+fn search_for(items: usize, cfg: &PlanConfig) -> PlanConfig {
+    if items > LIGHT_SEARCH_ITEMS {
+        PlanConfig {
             search: SearchOptions {
                 pair_candidates: 0,
                 max_passes: 1,
@@ -110,11 +133,16 @@ pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Client
                 ..cfg.search
             },
             ..*cfg
-        };
-        &light
+        }
     } else {
-        cfg
-    };
+        *cfg
+    }
+}
+
+/// Both heuristic plans (S1 of (b) is the heuristic (a)) and the demand bound.
+fn heuristic(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Heuristic {
+    let flat = Flat::new(client);
+    let cfg = &search_for(flat.items.len(), cfg);
     let single_container = client.pods.iter().all(|p| p.containers.len() <= 1);
     // The demand bound (LP relaxation over capacity), valid for both plans.
     let demand_lb = {
@@ -125,11 +153,42 @@ pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Client
             0
         }
     };
-    let mut whole = plan_whole_flat(&flat, cat, cfg);
+    let whole = plan_whole_flat(&flat, cat, cfg);
+    let hostlo = if single_container {
+        None
+    } else {
+        plan_hostlo_flat(&flat, cat, cfg, whole.as_ref())
+    };
+    Heuristic {
+        flat,
+        single_container,
+        demand_lb,
+        whole,
+        hostlo,
+    }
+}
+
+/// The exact part on the heuristic's plans, within `limits` (`None`: none, the demand
+/// bound only). A plan the demand bound already proves is not searched further.
+fn finish(
+    client: &Client,
+    cat: &Catalogue,
+    cfg: &PlanConfig,
+    h: Heuristic,
+    limits: Option<Limits>,
+) -> ClientPlan {
+    let Heuristic {
+        flat,
+        single_container,
+        demand_lb,
+        mut whole,
+        mut hostlo,
+    } = h;
+    let cfg = &search_for(flat.items.len(), cfg);
     let mut bound_whole = 0;
     if let Some(w) = whole.as_mut() {
         bound_whole = demand_lb.min(w.cost);
-        if let Some(limits) = cfg.exact {
+        if let Some(limits) = limits.filter(|_| bound_whole < w.cost) {
             let (better, lb) = exact_whole(&flat, cat, cfg, w, limits);
             bound_whole = bound_whole.max(lb);
             if let Some(b) = better {
@@ -147,11 +206,16 @@ pub fn plan_client(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Client
             single_container,
         };
     }
-    let mut hostlo = plan_hostlo_flat(&flat, cat, cfg, whole.as_ref());
+    // (a), each VM its own group, is a (b) plan: (b) never costs more.
+    if let Some(w) = whole.as_ref() {
+        if hostlo.as_ref().is_none_or(|h| w.cost < h.cost) {
+            hostlo = Some(w.clone());
+        }
+    }
     let mut bound_hostlo = 0;
     if let Some(h) = hostlo.as_mut() {
         bound_hostlo = demand_lb.min(h.cost);
-        if let Some(limits) = cfg.exact {
+        if let Some(limits) = limits.filter(|_| bound_hostlo < h.cost) {
             let (better, lb) = exact_hostlo(client, &flat, cat, cfg, h, limits);
             bound_hostlo = bound_hostlo.max(lb);
             if let Some(b) = better {
@@ -575,34 +639,137 @@ pub fn plan_whole(client: &Client, cat: &Catalogue, cfg: &PlanConfig) -> Option<
     plan_whole_flat(&flat, cat, cfg).map(|p| to_placement(&p, &flat))
 }
 
-/// Plans clients on `threads` threads, largest clients first; results in input order.
+/// What [`plan_all_stats`] did: the time of each phase and how many clients the exact
+/// part reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RunStats {
+    /// Heuristic phase (both plans of every client, largest clients first), seconds.
+    pub heuristic_s: f64,
+    /// Exact phase (fewest classes first, under the budget), seconds.
+    pub exact_s: f64,
+    /// Clients whose exact part ran (within their share of the budget).
+    pub exact_clients: usize,
+    /// Clients reached after the budget was spent: heuristic plans, demand bound.
+    pub out_of_budget: usize,
+}
+
+/// Plans clients on `threads` threads; results in input order. See [`plan_all_stats`].
 pub fn plan_all(
     clients: &[Client],
     cat: &Catalogue,
     cfg: &PlanConfig,
     threads: usize,
 ) -> Vec<ClientPlan> {
-    let mut order: Vec<usize> = (0..clients.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(clients[i].container_count()));
+    plan_all_stats(clients, cat, cfg, threads).0
+}
+
+/// `f(k, order[k])` for every `k` on `threads` threads, which take the next `k` as they
+/// become free; results by `order[k]` (the client index).
+fn par_map<T: Send>(
+    n: usize,
+    order: &[usize],
+    threads: usize,
+    f: impl Fn(usize, usize) -> T + Sync,
+) -> Vec<Option<T>> {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<Option<ClientPlan>>> =
-        std::sync::Mutex::new(vec![None; clients.len()]);
+    let results: std::sync::Mutex<Vec<Option<T>>> =
+        std::sync::Mutex::new((0..n).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&i) = order.get(k) else { break };
-                let plan = plan_client(&clients[i], cat, cfg);
-                results.lock().expect("no panic while holding the lock")[i] = Some(plan);
+                let out = f(k, i);
+                results.lock().expect("no panic while holding the lock")[i] = Some(out);
             });
         }
     });
-    results
-        .into_inner()
-        .expect("threads joined")
+    results.into_inner().expect("threads joined")
+}
+
+/// Plans clients on `threads` threads in two phases; results in input order.
+///
+/// 1. The heuristic's plans and the demand bound of every client, largest clients first
+///    (so that the longest come first and the threads end together).
+/// 2. The exact part, clients with the fewest item classes first (its work grows with
+///    them; most clients have few), then the fewest containers, under
+///    `cfg.exact_budget`: a client gets `cfg.exact`, cut at the end of the budget; a
+///    client reached after the budget keeps its heuristic plans and the demand bound, and
+///    its gap says so.
+pub fn plan_all_stats(
+    clients: &[Client],
+    cat: &Catalogue,
+    cfg: &PlanConfig,
+    threads: usize,
+) -> (Vec<ClientPlan>, RunStats) {
+    let n = clients.len();
+    let threads = threads.max(1);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(clients[i].container_count()));
+    let t0 = std::time::Instant::now();
+    let heur: Vec<std::sync::Mutex<Option<Heuristic>>> =
+        par_map(n, &order, threads, |_, i| heuristic(&clients[i], cat, cfg))
+            .into_iter()
+            .map(std::sync::Mutex::new)
+            .collect();
+    let heuristic_s = t0.elapsed().as_secs_f64();
+    // Exact phase: fewest classes first (the cost of the exact part grows with them),
+    // then fewest containers.
+    let key: Vec<(usize, usize)> = heur
+        .iter()
+        .zip(clients)
+        .map(|(h, c)| {
+            let h = h.lock().expect("no panic while holding the lock");
+            let classes = h.as_ref().map_or(0, |h| {
+                h.flat
+                    .items
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len()
+            });
+            (classes, c.container_count())
+        })
+        .collect();
+    order.sort_by_key(|&i| (key[i], i));
+    let t1 = std::time::Instant::now();
+    let end = cfg.exact_budget.map(|b| t1 + b);
+    let ran = std::sync::atomic::AtomicUsize::new(0);
+    let late = std::sync::atomic::AtomicUsize::new(0);
+    let plans = par_map(n, &order, threads, |_, i| {
+        let h = heur[i]
+            .lock()
+            .expect("no panic while holding the lock")
+            .take()
+            .expect("each client once");
+        let limits = match (cfg.exact, end) {
+            (None, _) => None,
+            (Some(l), None) => Some(l),
+            (Some(l), Some(end)) => {
+                let left = end.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    None
+                } else {
+                    Some(l.within(left * 2))
+                }
+            }
+        };
+        if limits.is_some() {
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        finish(&clients[i], cat, cfg, h, limits)
+    });
+    let stats = RunStats {
+        heuristic_s,
+        exact_s: t1.elapsed().as_secs_f64(),
+        exact_clients: ran.into_inner(),
+        out_of_budget: late.into_inner(),
+    };
+    let plans = plans
         .into_iter()
         .map(|p| p.expect("every client planned"))
-        .collect()
+        .collect();
+    (plans, stats)
 }
 
 /// A plan as host groups of bins whose items are container indices.

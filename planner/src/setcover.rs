@@ -131,6 +131,14 @@ pub struct Limits {
     pub enumerate: usize,
     /// Wall-clock budget of the MILP (within `time`).
     pub milp_time: Duration,
+    /// Branch-and-bound nodes of the MILP (work, not time: the same on a loaded machine).
+    pub milp_nodes: u64,
+    /// Largest number of item classes for which the exact part runs at all; above it the
+    /// caller keeps its plan and the demand bound. Column generation solves one dual LP
+    /// per round over about `classes × types` columns: beyond ~50 classes `microlp` needs
+    /// most of a second for one round and the bound it reaches stays far below the demand
+    /// bound (measured: `docs/benchmarks.md`), so the time buys nothing.
+    pub max_classes: usize,
 }
 
 impl Default for Limits {
@@ -141,19 +149,45 @@ impl Default for Limits {
             rounds: 200,
             enumerate: 5000,
             milp_time: Duration::from_millis(150),
+            milp_nodes: DEFAULT_MILP_NODES,
+            max_classes: DEFAULT_MAX_CLASSES,
         }
     }
 }
 
+/// Default of [`Limits::milp_nodes`].
+pub const DEFAULT_MILP_NODES: u64 = 500;
+
+/// Default of [`Limits::max_classes`].
+pub const DEFAULT_MAX_CLASSES: usize = 50;
+
 impl Limits {
     /// Limits for a client's budget of `seconds`: half for each plan, 30 % of that for the
-    /// MILP.
+    /// MILP, and [`DEFAULT_MILP_NODES`] branch-and-bound nodes per second of the client's
+    /// budget (at least that many).
     pub fn per_client(seconds: f64) -> Self {
         let plan = Duration::from_secs_f64((seconds / 2.0).clamp(0.0, 43_200.0));
         Self {
             time: plan,
             milp_time: plan.mul_f64(0.3),
+            milp_nodes: (DEFAULT_MILP_NODES as f64 * seconds.clamp(1.0, 86_400.0)) as u64,
             ..Default::default()
+        }
+    }
+
+    /// These limits for a client that may use at most `client` seconds in all (both
+    /// plans): each plan's time at most half of it, the MILP's share kept.
+    pub fn within(self, client: Duration) -> Self {
+        let plan = self.time.min(client / 2);
+        let ratio = if self.time.is_zero() {
+            0.0
+        } else {
+            self.milp_time.as_secs_f64() / self.time.as_secs_f64()
+        };
+        Self {
+            time: plan,
+            milp_time: plan.mul_f64(ratio.clamp(0.0, 1.0)),
+            ..self
         }
     }
 }
@@ -411,6 +445,16 @@ pub fn solve(
     let deadline = t0 + limits.time;
     let demand = inst.demand();
     let nk = inst.sizes.len();
+    if nk > limits.max_classes {
+        // Too many classes for the time: no bound from here (the caller's demand bound
+        // stands), no search.
+        return Outcome {
+            lower_bound: 0,
+            solution: None,
+            rounds: 0,
+            converged: false,
+        };
+    }
     let no = inst.options.len();
     let fits = inst.fits(cat);
     let allowed: Vec<Vec<usize>> = (0..inst.linked.len())
@@ -620,10 +664,19 @@ pub fn solve(
     };
     let t_cg = t0.elapsed();
     let milp_deadline = deadline.min(Instant::now() + limits.milp_time);
-    let (solution, milp_bound) = milp(inst, cat, &pool, &fits, &allowed, start, milp_deadline);
+    let (solution, milp_bound, milp_nodes) = milp(
+        inst,
+        cat,
+        &pool,
+        &fits,
+        &allowed,
+        start,
+        milp_deadline,
+        limits.milp_nodes,
+    );
     if std::env::var_os("NESTLESS_SETCOVER_DEBUG").is_some() {
         eprintln!(
-            "setcover: classes {nk} options {no} linked {} rounds {rounds} converged {converged} pool {} complete {complete} lb {:.6} ub {:?} milp {:?} bound {:?} cg {:.3}s (lp {:.3}s) total {:.3}s",
+            "setcover: classes {nk} options {no} linked {} rounds {rounds} converged {converged} pool {} complete {complete} lb {:.6} ub {:?} milp {:?} bound {:?} nodes {milp_nodes} cg {:.3}s (lp {:.3}s) total {:.3}s",
             inst.linked.len(),
             pool.len(),
             best_lb,
@@ -724,7 +777,9 @@ fn dual_prices(
     )
 }
 
-/// The MILP over `pool`, from `start` if given.
+/// The MILP over `pool`, from `start` if given, within `deadline` and `nodes`
+/// branch-and-bound nodes: its solution, its bound, and the nodes it used.
+#[allow(clippy::too_many_arguments)]
 fn milp(
     inst: &Instance,
     cat: &Catalogue,
@@ -733,7 +788,8 @@ fn milp(
     allowed: &[Vec<usize>],
     start: Option<&IntSolution>,
     deadline: Instant,
-) -> (Option<IntSolution>, Option<f64>) {
+    nodes: u64,
+) -> (Option<IntSolution>, Option<f64>, u64) {
     let nk = inst.sizes.len();
     let no = inst.options.len();
     let demand = inst.demand();
@@ -778,7 +834,7 @@ fn milp(
                 e.add(v, 1.0);
             }
             if allowed[g].is_empty() {
-                return (None, None);
+                return (None, None, 0);
             }
             mp.add_constraint(e, ComparisonOp::Eq, *m as f64);
         }
@@ -839,13 +895,15 @@ fn milp(
     let left = deadline.saturating_duration_since(Instant::now());
     let mut opts = SolveOptions::default();
     if left.is_zero() {
-        return (None, None);
+        return (None, None, 0);
     }
     opts.time_limit = Some(left);
+    opts.node_limit = Some(nodes);
     opts.warm_start = warm;
     let Ok(out) = mp.solve_with(opts) else {
-        return (None, None);
+        return (None, None, 0);
     };
+    let used = out.stats().nodes_solved;
     // The solver's bound on this MILP: its optimum when proven, else its best bound.
     let bound = if out.is_optimal() {
         out.solution().map(|s| s.objective())
@@ -853,7 +911,7 @@ fn milp(
         out.stats().best_bound
     };
     let Some(sol) = out.solution() else {
-        return (None, bound);
+        return (None, bound, used);
     };
     let round = |v: Variable| sol.var_value(v).round().max(0.0) as u64;
     let vms: Vec<(Pattern, u64)> = pool
@@ -874,7 +932,7 @@ fn milp(
         .map(|(p, n)| cat.types()[p.ty].price.saturating_mul(*n))
         .fold(0u64, u64::saturating_add);
     let s = IntSolution { vms, members, cost };
-    (check(inst, &s).then_some(s), bound)
+    (check(inst, &s).then_some(s), bound, used)
 }
 
 /// Every maximal pattern (no class below its demand can be added) whose reduced cost

@@ -100,6 +100,7 @@ fn larger_clients_bounds_hold_against_independent_plans() {
                 ..Default::default()
             },
             exact: None,
+            exact_budget: None,
         };
         let (mut n, mut proven_a, mut proven_b, mut better) = (0, 0, 0, 0);
         for _ in 0..30 {

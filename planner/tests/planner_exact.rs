@@ -133,6 +133,7 @@ fn config(host: HostModel, search: SearchOptions, exact: bool) -> PlanConfig {
         } else {
             None
         },
+        ..Default::default()
     }
 }
 
