@@ -68,7 +68,7 @@ pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWat
 pub use recovery::{spawn_upkeep, spawn_vm_upkeep, ReconcileReport};
 
 use crate::{
-    backend::{netns::NetnsBackend, qemu::QemuBackend, VmBackend},
+    backend::{libvirt::LibvirtBackend, netns::NetnsBackend, qemu::QemuBackend, VmBackend},
     config::{BackendConfig, Config, NetworkConfig, VmConfig},
     error::AgentError,
     links::HostLinks,
@@ -78,7 +78,7 @@ use crate::{
 };
 use records::Records;
 
-/// The real backend of `vm`: a QMP client, or a namespace.
+/// The real backend of `vm`: a QMP client, a namespace, or a libvirt domain.
 fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> Arc<dyn VmBackend> {
     match &vm.backend {
         BackendConfig::Qemu {
@@ -94,6 +94,18 @@ fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> A
         BackendConfig::Netns { netns } => {
             Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
         }
+        BackendConfig::Libvirt {
+            uri,
+            domain,
+            persist_nics,
+        } => Arc::new(LibvirtBackend::new(
+            &vm.name,
+            uri,
+            domain,
+            *persist_nics,
+            links.clone(),
+            config.agent.unplug_timeout,
+        )),
     }
 }
 

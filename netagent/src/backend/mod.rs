@@ -8,11 +8,15 @@
 //!   virtio-net-pci device over QMP.
 //! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
 //!   guest end of a veth pair whose host end is on the bridge.
+//! * [`libvirt::LibvirtBackend`]: a tap on the host bridge, hot-plugged
+//!   through libvirt as an unmanaged ethernet interface (XML in [`domxml`]).
 //! * [`fake`] (tests and the `testing` feature): `FakeQemu`, a simulated QEMU
 //!   behind the QMP seam.
 
+pub mod domxml;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod libvirt;
 pub mod netns;
 pub mod qemu;
 
@@ -55,6 +59,14 @@ pub enum BackendError {
         vm: String,
         /// The QMP failure.
         source: QmpError,
+    },
+    /// libvirt failed.
+    #[error("VM {vm}: {source}")]
+    Libvirt {
+        /// The VM.
+        vm: String,
+        /// The libvirt failure.
+        source: libvirt::LibvirtError,
     },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]
@@ -111,6 +123,7 @@ impl BackendError {
         match self {
             BackendError::Qmp { source, .. } => source.is_unavailable(),
             BackendError::Netns { .. } => true,
+            BackendError::Libvirt { source, .. } => source.is_unavailable(),
             _ => false,
         }
     }
@@ -159,7 +172,7 @@ impl BackendEvents {
 /// One VM's way of getting NICs.
 #[async_trait::async_trait]
 pub trait VmBackend: Send + Sync {
-    /// `qemu` or `netns`.
+    /// `qemu`, `netns` or `libvirt`.
     fn kind(&self) -> &'static str;
     /// Creates the host side and plugs the NIC into the VM. On failure it
     /// undoes its own steps before returning.
