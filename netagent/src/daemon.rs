@@ -113,7 +113,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     registry.spawn_upkeep_all();
     let mut upkeep = Vec::new();
     // Domains with the nestless metadata element come and go by themselves.
+    #[cfg(feature = "libvirt")]
     let settings = agent.config().agent.clone();
+    #[cfg(feature = "libvirt")]
     if settings.libvirt_discover {
         log::info!(
             "discovering libvirt domains on {} every {} ms",

@@ -29,6 +29,7 @@ pub mod backend;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+#[cfg(feature = "libvirt")]
 pub mod discover;
 pub mod error;
 pub mod hostlo;

@@ -41,7 +41,9 @@ pub fn virsh(args: &[&str]) -> std::process::Output {
         .arg(URI)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run virsh {args:?}: {e} (apt-get install libvirt-clients)"))
+        .unwrap_or_else(|e| {
+            panic!("cannot run virsh {args:?}: {e} (apt-get install libvirt-clients)")
+        })
 }
 
 /// Runs `virsh ARGS`, which must succeed; returns its stdout.
@@ -176,7 +178,10 @@ impl Domain {
             .expect("spawn vhost-device-vsock");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !d.join("vhost.sock").exists() {
-            assert!(Instant::now() < deadline, "vhost-device-vsock did not listen");
+            assert!(
+                Instant::now() < deadline,
+                "vhost-device-vsock did not listen"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let xml = domain_xml(&name, &d, &image, &b);

@@ -37,7 +37,12 @@ fn detach_req(sb: &str) -> pb::DetachNicRequest {
 }
 
 /// Polls `cond` until it holds; panics with `what` and the agent's log after `timeout`.
-async fn wait_for(agent: &AgentProc, what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+async fn wait_for(
+    agent: &AgentProc,
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(
@@ -69,9 +74,12 @@ fn served(agent: &AgentProc) -> HashSet<String> {
 
 /// Waits until the guest shows (or no longer shows) a link with `mac`.
 async fn guest_has_mac(agent: &AgentProc, dom: &Domain, mac: &str, present: bool) {
-    wait_for(agent, &format!("guest link {mac} present={present}"), SETTLE, || {
-        dom.exec_ok("ip -o link").contains(mac) == present
-    })
+    wait_for(
+        agent,
+        &format!("guest link {mac} present={present}"),
+        SETTLE,
+        || dom.exec_ok("ip -o link").contains(mac) == present,
+    )
     .await;
 }
 
@@ -111,7 +119,10 @@ async fn a_domain_with_metadata_is_served_and_its_nics_follow_libvirt() {
         served(&agent).contains(&dom.name)
     })
     .await;
-    eprintln!("registered {} ms after `virsh start`", t.elapsed().as_millis());
+    eprintln!(
+        "registered {} ms after `virsh start`",
+        t.elapsed().as_millis()
+    );
     let vm = agent
         .ctl_json("vms")
         .as_array()
@@ -143,7 +154,10 @@ async fn a_domain_with_metadata_is_served_and_its_nics_follow_libvirt() {
     assert_eq!(bridge.ports(), vec![tap.clone()]);
     guest_has_mac(&agent, &dom, &nic.mac, true).await;
     // The persistent definition is left alone (persist_nics = false).
-    assert!(!dom.config_xml().contains("ua-nl-"), "NIC in the definition");
+    assert!(
+        !dom.config_xml().contains("ua-nl-"),
+        "NIC in the definition"
+    );
 
     c.detach_nic(ctx(), &detach_req("pod-1")).await.unwrap();
     assert!(dom.agent_aliases().is_empty(), "{}", dom.live_xml());
@@ -185,6 +199,9 @@ async fn a_domain_with_metadata_is_served_and_its_nics_follow_libvirt() {
         .nic
         .unwrap();
     guest_has_mac(&agent, &dom, &n3.mac, true).await;
+    // The agent made the tap persistent: it is the agent's to delete.
+    c.detach_nic(ctx(), &detach_req("pod-3")).await.unwrap();
+    assert!(host_links(&format!("nlh{}", n3.id)).is_empty(), "tap left");
 }
 
 /// A domain without metadata, served as a `[[vm]]` of the file.
@@ -279,7 +296,11 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: detach {id}: {e:?}"));
         }
-        assert!(dom.agent_aliases().is_empty(), "round {round}: {}", dom.live_xml());
+        assert!(
+            dom.agent_aliases().is_empty(),
+            "round {round}: {}",
+            dom.live_xml()
+        );
     }
     eprintln!("{rounds} kills, {interrupted} cut an operation");
 
@@ -288,9 +309,12 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
     c.attach_nic(ctx(), &attach_req("last")).await.unwrap();
     assert!(!agent.records().is_empty());
     dom.destroy();
-    wait_for(&agent, "NICs of the destroyed domain released", SETTLE, || {
-        agent.records().is_empty()
-    })
+    wait_for(
+        &agent,
+        "NICs of the destroyed domain released",
+        SETTLE,
+        || agent.records().is_empty(),
+    )
     .await;
     assert!(agent.leases().is_empty(), "leases: {:?}", agent.leases());
     assert!(bridge.ports().is_empty(), "taps left: {:?}", bridge.ports());

@@ -68,7 +68,7 @@ pub use hostlo::{HostloJoin, HostloPart, HostloPodInfo, HostloPublish, HostloWat
 pub use recovery::{spawn_upkeep, spawn_vm_upkeep, ReconcileReport};
 
 use crate::{
-    backend::{libvirt::LibvirtBackend, netns::NetnsBackend, qemu::QemuBackend, VmBackend},
+    backend::{netns::NetnsBackend, qemu::QemuBackend, VmBackend},
     config::{BackendConfig, Config, NetworkConfig, VmConfig},
     error::AgentError,
     links::HostLinks,
@@ -94,11 +94,12 @@ fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> A
         BackendConfig::Netns { netns } => {
             Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
         }
+        #[cfg(feature = "libvirt")]
         BackendConfig::Libvirt {
             uri,
             domain,
             persist_nics,
-        } => Arc::new(LibvirtBackend::new(
+        } => Arc::new(crate::backend::libvirt::LibvirtBackend::new(
             &vm.name,
             uri,
             domain,
@@ -106,6 +107,13 @@ fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> A
             links.clone(),
             config.agent.unplug_timeout,
         )),
+        // The configuration refuses it in such a build; a VM made by hand
+        // gets a backend that says why it cannot work.
+        #[cfg(not(feature = "libvirt"))]
+        BackendConfig::Libvirt { .. } => Arc::new(crate::backend::Unsupported {
+            vm: vm.name.clone(),
+            kind: "libvirt",
+        }),
     }
 }
 

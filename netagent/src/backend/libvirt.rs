@@ -43,27 +43,18 @@
 //! same QEMU process keeps the domain's id and is not seen (the pods'
 //! NICs stay plugged; the guest gets them back in its root namespace).
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+//!
+//! Without the `libvirt` cargo feature (a static build: libvirt.so cannot be
+//! linked statically) only the error types and pure helpers are here, and
+//! the configuration refuses `backend = "libvirt"`.
 
-use virt::{connect::Connect, domain::Domain, error::ErrorNumber, sys};
-
-use super::{domxml, BackendError, NicPlan, Plugged, VmBackend};
-use crate::{
-    lifecycle::Presence,
-    links::HostLinks,
-    names::{NicId, HOST_IF_PREFIX},
-};
+#[cfg(feature = "libvirt")]
+pub use imp::{Conn, LibvirtBackend};
 
 /// The connection URI when none is configured.
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// How often discovery asks libvirt which domains run.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(1000);
-/// How often an unplug reads the live XML while it waits for the guest.
-const UNPLUG_POLL: Duration = Duration::from_millis(50);
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_millis(1000);
 /// The generation of a domain that does not run (or is not defined).
 pub const STOPPED_GENERATION: u64 = 1;
 
@@ -110,124 +101,6 @@ impl LibvirtError {
     }
 }
 
-fn kind_of(e: &virt::error::Error) -> LibvirtErrorKind {
-    match e.code() {
-        ErrorNumber::NoConnect
-        | ErrorNumber::InvalidConn
-        | ErrorNumber::SystemError
-        | ErrorNumber::Rpc
-        | ErrorNumber::AuthFailed => LibvirtErrorKind::Unreachable,
-        ErrorNumber::NoDomain => LibvirtErrorKind::NoDomain,
-        ErrorNumber::OperationInvalid if e.message().contains("not running") => {
-            LibvirtErrorKind::NotRunning
-        }
-        _ if e.message().contains("No more available PCI slots")
-            || e.message().contains("no free") =>
-        {
-            LibvirtErrorKind::NoSlot
-        }
-        _ => LibvirtErrorKind::Refused,
-    }
-}
-
-/// An open connection, closed when the last user drops it (the `virt`
-/// crate's `Connect` does not close itself).
-struct Owned(Connect);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        let _ = self.0.close();
-    }
-}
-
-/// One libvirt connection, shared by the blocking calls of one VM.
-#[derive(Clone)]
-pub struct Conn {
-    uri: String,
-    conn: Arc<Mutex<Option<Arc<Owned>>>>,
-}
-
-impl Conn {
-    /// A connection to `uri`, opened at first use.
-    pub fn new(uri: &str) -> Conn {
-        Conn {
-            uri: uri.to_string(),
-            conn: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    /// The URI.
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
-    /// The open connection, or a new one (blocking).
-    fn get(&self) -> Result<Arc<Owned>, virt::error::Error> {
-        let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slot.as_ref() {
-            if c.0.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
-        }
-        // libvirt prints every error on stderr unless told otherwise.
-        static QUIET: std::sync::Once = std::sync::Once::new();
-        QUIET.call_once(virt::error::clear_error_callback);
-        let c = Arc::new(Owned(Connect::open(Some(&self.uri))?));
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Forgets the connection (it failed): the next call opens another.
-    fn reset(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Runs `f` on the open connection in a blocking thread.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        op: &'static str,
-        what: &str,
-        f: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
-    ) -> Result<T, LibvirtError> {
-        let this = self.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let c = this.get()?;
-            f(&c.0)
-        })
-        .await;
-        let err = |message: String, kind| LibvirtError {
-            op,
-            domain: what.to_string(),
-            uri: self.uri.clone(),
-            message,
-            kind,
-        };
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let kind = kind_of(&e);
-                if kind == LibvirtErrorKind::Unreachable {
-                    self.reset();
-                }
-                Err(err(e.message().to_string(), kind))
-            }
-            Err(join) => Err(err(
-                format!("the blocking call failed: {join}"),
-                LibvirtErrorKind::Refused,
-            )),
-        }
-    }
-}
-
-/// What the backend learns of its domain in one call.
-#[derive(Debug, Clone)]
-enum DomainState {
-    /// Not defined, or not running.
-    Stopped,
-    /// Running: its generation and live XML.
-    Running { generation: u64, xml: String },
-}
-
 /// The generation of a running domain: its UUID and id (libvirt gives a
 /// new id at each start), never [`STOPPED_GENERATION`] or 0.
 pub fn generation(uuid: &str, id: u32) -> u64 {
@@ -238,310 +111,453 @@ pub fn generation(uuid: &str, id: u32) -> u64 {
     h.finish().max(STOPPED_GENERATION + 1)
 }
 
-fn lookup(c: &Connect, domain: &str) -> Result<Option<Domain>, virt::error::Error> {
-    match Domain::lookup_by_name(c, domain) {
-        Ok(d) => Ok(Some(d)),
-        Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
-        Err(e) => Err(e),
-    }
-}
+#[cfg(feature = "libvirt")]
+mod imp {
+    use std::{
+        collections::{HashMap, HashSet},
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
 
-/// The libvirt backend of one VM.
-pub struct LibvirtBackend {
-    vm: String,
-    domain: String,
-    conn: Conn,
-    links: Arc<dyn HostLinks>,
-    persist_nics: bool,
-    unplug_timeout: Duration,
-}
+    use virt::{connect::Connect, domain::Domain, error::ErrorNumber, sys};
 
-impl LibvirtBackend {
-    /// The backend of VM `vm`, domain `domain` on connection `uri`;
-    /// `persist_nics` also adds its NICs to the domain's persistent
-    /// definition.
-    pub fn new(
-        vm: &str,
-        uri: &str,
-        domain: &str,
-        persist_nics: bool,
-        links: Arc<dyn HostLinks>,
-        unplug_timeout: Duration,
-    ) -> LibvirtBackend {
-        LibvirtBackend {
-            vm: vm.to_string(),
-            domain: domain.to_string(),
-            conn: Conn::new(uri),
-            links,
-            persist_nics,
-            unplug_timeout,
+    use super::{generation, LibvirtError, LibvirtErrorKind, STOPPED_GENERATION};
+    use crate::{
+        backend::{domxml, BackendError, NicPlan, Plugged, VmBackend},
+        lifecycle::Presence,
+        links::HostLinks,
+        names::{NicId, HOST_IF_PREFIX},
+    };
+
+    /// How often an unplug reads the live XML while it waits for the guest.
+    const UNPLUG_POLL: Duration = Duration::from_millis(50);
+
+    fn kind_of(e: &virt::error::Error) -> LibvirtErrorKind {
+        match e.code() {
+            ErrorNumber::NoConnect
+            | ErrorNumber::InvalidConn
+            | ErrorNumber::SystemError
+            | ErrorNumber::Rpc
+            | ErrorNumber::AuthFailed => LibvirtErrorKind::Unreachable,
+            ErrorNumber::NoDomain => LibvirtErrorKind::NoDomain,
+            ErrorNumber::OperationInvalid if e.message().contains("not running") => {
+                LibvirtErrorKind::NotRunning
+            }
+            _ if e.message().contains("No more available PCI slots")
+                || e.message().contains("no free") =>
+            {
+                LibvirtErrorKind::NoSlot
+            }
+            _ => LibvirtErrorKind::Refused,
         }
     }
 
-    fn err(&self, source: LibvirtError) -> BackendError {
-        if source.kind == LibvirtErrorKind::NoSlot {
-            return BackendError::NoFreeSlot {
-                vm: self.vm.clone(),
-                detail: source.to_string(),
-            };
-        }
-        BackendError::Libvirt {
-            vm: self.vm.clone(),
-            source,
+    /// An open connection, closed when the last user drops it (the `virt`
+    /// crate's `Connect` does not close itself).
+    struct Owned(Connect);
+
+    impl Drop for Owned {
+        fn drop(&mut self) {
+            let _ = self.0.close();
         }
     }
 
-    fn not_running(&self, op: &'static str) -> BackendError {
-        BackendError::Libvirt {
-            vm: self.vm.clone(),
-            source: LibvirtError {
-                op,
-                domain: self.domain.clone(),
-                uri: self.conn.uri.clone(),
-                message: "the domain is not running".into(),
-                kind: LibvirtErrorKind::NotRunning,
-            },
-        }
+    /// One libvirt connection, shared by the blocking calls of one VM.
+    #[derive(Clone)]
+    pub struct Conn {
+        uri: String,
+        conn: Arc<Mutex<Option<Arc<Owned>>>>,
     }
 
-    async fn state(&self) -> Result<DomainState, BackendError> {
-        let domain = self.domain.clone();
-        self.conn
-            .run("lookup", &self.domain, move |c| {
-                let Some(d) = lookup(c, &domain)? else {
-                    return Ok(DomainState::Stopped);
-                };
-                if !d.is_active()? {
-                    return Ok(DomainState::Stopped);
+    impl Conn {
+        /// A connection to `uri`, opened at first use.
+        pub fn new(uri: &str) -> Conn {
+            Conn {
+                uri: uri.to_string(),
+                conn: Arc::new(Mutex::new(None)),
+            }
+        }
+
+        /// The URI.
+        pub fn uri(&self) -> &str {
+            &self.uri
+        }
+
+        /// The open connection, or a new one (blocking).
+        fn get(&self) -> Result<Arc<Owned>, virt::error::Error> {
+            let mut slot = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = slot.as_ref() {
+                if c.0.is_alive().unwrap_or(false) {
+                    return Ok(c.clone());
                 }
-                let Some(id) = d.get_id() else {
-                    return Ok(DomainState::Stopped);
+            }
+            // libvirt prints every error on stderr unless told otherwise.
+            static QUIET: std::sync::Once = std::sync::Once::new();
+            QUIET.call_once(virt::error::clear_error_callback);
+            let c = Arc::new(Owned(Connect::open(Some(&self.uri))?));
+            *slot = Some(c.clone());
+            Ok(c)
+        }
+
+        /// Forgets the connection (it failed): the next call opens another.
+        fn reset(&self) {
+            *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+
+        /// Runs `f` on the open connection in a blocking thread.
+        pub async fn run<T: Send + 'static>(
+            &self,
+            op: &'static str,
+            what: &str,
+            f: impl FnOnce(&Connect) -> Result<T, virt::error::Error> + Send + 'static,
+        ) -> Result<T, LibvirtError> {
+            let this = self.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let c = this.get()?;
+                f(&c.0)
+            })
+            .await;
+            let err = |message: String, kind| LibvirtError {
+                op,
+                domain: what.to_string(),
+                uri: self.uri.clone(),
+                message,
+                kind,
+            };
+            match result {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => {
+                    let kind = kind_of(&e);
+                    if kind == LibvirtErrorKind::Unreachable {
+                        self.reset();
+                    }
+                    Err(err(e.message().to_string(), kind))
+                }
+                Err(join) => Err(err(
+                    format!("the blocking call failed: {join}"),
+                    LibvirtErrorKind::Refused,
+                )),
+            }
+        }
+    }
+
+    /// What the backend learns of its domain in one call.
+    #[derive(Debug, Clone)]
+    enum DomainState {
+        /// Not defined, or not running.
+        Stopped,
+        /// Running: its generation and live XML.
+        Running { generation: u64, xml: String },
+    }
+
+    fn lookup(c: &Connect, domain: &str) -> Result<Option<Domain>, virt::error::Error> {
+        match Domain::lookup_by_name(c, domain) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The libvirt backend of one VM.
+    pub struct LibvirtBackend {
+        vm: String,
+        domain: String,
+        conn: Conn,
+        links: Arc<dyn HostLinks>,
+        persist_nics: bool,
+        unplug_timeout: Duration,
+    }
+
+    impl LibvirtBackend {
+        /// The backend of VM `vm`, domain `domain` on connection `uri`;
+        /// `persist_nics` also adds its NICs to the domain's persistent
+        /// definition.
+        pub fn new(
+            vm: &str,
+            uri: &str,
+            domain: &str,
+            persist_nics: bool,
+            links: Arc<dyn HostLinks>,
+            unplug_timeout: Duration,
+        ) -> LibvirtBackend {
+            LibvirtBackend {
+                vm: vm.to_string(),
+                domain: domain.to_string(),
+                conn: Conn::new(uri),
+                links,
+                persist_nics,
+                unplug_timeout,
+            }
+        }
+
+        fn err(&self, source: LibvirtError) -> BackendError {
+            if source.kind == LibvirtErrorKind::NoSlot {
+                return BackendError::NoFreeSlot {
+                    vm: self.vm.clone(),
+                    detail: source.to_string(),
                 };
-                let uuid = d.get_uuid_string()?;
-                let xml = d.get_xml_desc(0)?;
-                Ok(DomainState::Running {
-                    generation: generation(&uuid, id),
-                    xml,
+            }
+            BackendError::Libvirt {
+                vm: self.vm.clone(),
+                source,
+            }
+        }
+
+        fn not_running(&self, op: &'static str) -> BackendError {
+            BackendError::Libvirt {
+                vm: self.vm.clone(),
+                source: LibvirtError {
+                    op,
+                    domain: self.domain.clone(),
+                    uri: self.conn.uri.clone(),
+                    message: "the domain is not running".into(),
+                    kind: LibvirtErrorKind::NotRunning,
+                },
+            }
+        }
+
+        async fn state(&self) -> Result<DomainState, BackendError> {
+            let domain = self.domain.clone();
+            self.conn
+                .run("lookup", &self.domain, move |c| {
+                    let Some(d) = lookup(c, &domain)? else {
+                        return Ok(DomainState::Stopped);
+                    };
+                    if !d.is_active()? {
+                        return Ok(DomainState::Stopped);
+                    }
+                    let Some(id) = d.get_id() else {
+                        return Ok(DomainState::Stopped);
+                    };
+                    let uuid = d.get_uuid_string()?;
+                    let xml = d.get_xml_desc(0)?;
+                    Ok(DomainState::Running {
+                        generation: generation(&uuid, id),
+                        xml,
+                    })
+                })
+                .await
+                .map_err(|e| self.err(e))
+        }
+
+        /// The agent's NICs in the live XML; empty when the domain does not run.
+        async fn live_nics(&self) -> Result<HashSet<NicId>, BackendError> {
+            match self.state().await? {
+                DomainState::Stopped => Ok(HashSet::new()),
+                DomainState::Running { xml, .. } => Ok(self.nics_of(&xml)?.into_iter().collect()),
+            }
+        }
+
+        fn nics_of(&self, xml: &str) -> Result<Vec<NicId>, BackendError> {
+            domxml::agent_nics(&self.domain, xml).map_err(|e| {
+                self.err(LibvirtError {
+                    op: "read the XML",
+                    domain: self.domain.clone(),
+                    uri: self.conn.uri.clone(),
+                    message: e.to_string(),
+                    kind: LibvirtErrorKind::Refused,
                 })
             })
-            .await
-            .map_err(|e| self.err(e))
-    }
-
-    /// The agent's NICs in the live XML; empty when the domain does not run.
-    async fn live_nics(&self) -> Result<HashSet<NicId>, BackendError> {
-        match self.state().await? {
-            DomainState::Stopped => Ok(HashSet::new()),
-            DomainState::Running { xml, .. } => Ok(self.nics_of(&xml)?.into_iter().collect()),
         }
-    }
 
-    fn nics_of(&self, xml: &str) -> Result<Vec<NicId>, BackendError> {
-        domxml::agent_nics(&self.domain, xml).map_err(|e| {
-            self.err(LibvirtError {
-                op: "read the XML",
-                domain: self.domain.clone(),
-                uri: self.conn.uri.clone(),
-                message: e.to_string(),
-                kind: LibvirtErrorKind::Refused,
-            })
-        })
-    }
-
-    /// The agent's NICs in the persistent definition.
-    async fn config_nics(&self) -> Result<HashSet<NicId>, BackendError> {
-        let domain = self.domain.clone();
-        let xml = self
-            .conn
-            .run(
-                "read the definition",
-                &self.domain,
-                move |c| match lookup(c, &domain)? {
-                    Some(d) if d.is_persistent()? => {
-                        d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map(Some)
-                    }
-                    _ => Ok(None),
-                },
-            )
-            .await
-            .map_err(|e| self.err(e))?;
-        match xml {
-            Some(xml) => Ok(self.nics_of(&xml)?.into_iter().collect()),
-            None => Ok(HashSet::new()),
-        }
-    }
-
-    async fn device_call(
-        &self,
-        op: &'static str,
-        xml: String,
-        flags: u32,
-        attach: bool,
-    ) -> Result<(), BackendError> {
-        let domain = self.domain.clone();
-        self.conn
-            .run(op, &self.domain, move |c| {
-                let d = Domain::lookup_by_name(c, &domain)?;
-                if attach {
-                    d.attach_device_flags(&xml, flags)
-                } else {
-                    d.detach_device_flags(&xml, flags)
-                }
-            })
-            .await
-            .map(drop)
-            .map_err(|e| self.err(e))
-    }
-
-    async fn plug_steps(&self, nic: &NicPlan) -> Result<(), BackendError> {
-        let names = nic.id.names();
-        if matches!(self.state().await?, DomainState::Stopped) {
-            return Err(self.not_running("attach"));
-        }
-        let tap = self.links.open_tap(&names.host_if)?;
-        self.links
-            .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
-            .await
-            .map_err(|e| BackendError::joining(&nic.bridge, e))?;
-        // Only now, with the agent's alias on it, may the tap outlive us.
-        self.links.persist_tap(tap, &names.host_if)?;
-        let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
-        if self.persist_nics {
-            flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
-        }
-        self.device_call("attach", domxml::interface_xml(nic), flags, true)
-            .await
-    }
-
-    async fn wait_removed(&self, id: &NicId) -> Result<bool, BackendError> {
-        let deadline = tokio::time::Instant::now() + self.unplug_timeout;
-        loop {
-            if !self.live_nics().await?.contains(id) {
-                return Ok(true);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(UNPLUG_POLL).await;
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl VmBackend for LibvirtBackend {
-    fn kind(&self) -> &'static str {
-        "libvirt"
-    }
-
-    async fn plug(&self, nic: &NicPlan) -> Result<Plugged, BackendError> {
-        if let Err(e) = self.plug_steps(nic).await {
-            if let Err(undo) = self.unplug(&nic.id).await {
-                log::warn!("VM {}: rollback of NIC {} failed: {undo}", self.vm, nic.id);
-            }
-            return Err(e);
-        }
-        Ok(Plugged::default())
-    }
-
-    async fn unplug(&self, id: &NicId) -> Result<(), BackendError> {
-        let names = id.names();
-        if self.live_nics().await?.contains(id) {
-            match self
-                .device_call(
-                    "detach",
-                    domxml::detach_xml(id),
-                    sys::VIR_DOMAIN_AFFECT_LIVE,
-                    false,
+        /// The agent's NICs in the persistent definition.
+        async fn config_nics(&self) -> Result<HashSet<NicId>, BackendError> {
+            let domain = self.domain.clone();
+            let xml = self
+                .conn
+                .run(
+                    "read the definition",
+                    &self.domain,
+                    move |c| match lookup(c, &domain)? {
+                        Some(d) if d.is_persistent()? => {
+                            d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map(Some)
+                        }
+                        _ => Ok(None),
+                    },
                 )
                 .await
-            {
-                Ok(()) => {}
-                // Gone meanwhile (the guest, or a domain that stopped): checked below.
-                Err(e) if e.is_unavailable() => {}
-                Err(BackendError::Libvirt { source, .. })
-                    if source.kind == LibvirtErrorKind::Refused => {}
-                Err(e) => return Err(e),
-            }
-            if !self.wait_removed(id).await? {
-                return Err(BackendError::UnplugTimeout {
-                    vm: self.vm.clone(),
-                    device: domxml::alias(id),
-                    after: self.unplug_timeout,
-                });
+                .map_err(|e| self.err(e))?;
+            match xml {
+                Some(xml) => Ok(self.nics_of(&xml)?.into_iter().collect()),
+                None => Ok(HashSet::new()),
             }
         }
-        if self.persist_nics && self.config_nics().await?.contains(id) {
-            self.device_call(
-                "detach from the definition",
-                domxml::detach_xml(id),
-                sys::VIR_DOMAIN_AFFECT_CONFIG,
-                false,
-            )
-            .await?;
+
+        async fn device_call(
+            &self,
+            op: &'static str,
+            xml: String,
+            flags: u32,
+            attach: bool,
+        ) -> Result<(), BackendError> {
+            let domain = self.domain.clone();
+            self.conn
+                .run(op, &self.domain, move |c| {
+                    let d = Domain::lookup_by_name(c, &domain)?;
+                    if attach {
+                        d.attach_device_flags(&xml, flags)
+                    } else {
+                        d.detach_device_flags(&xml, flags)
+                    }
+                })
+                .await
+                .map(drop)
+                .map_err(|e| self.err(e))
         }
-        self.links.delete(&names.host_if).await?;
-        Ok(())
+
+        async fn plug_steps(&self, nic: &NicPlan) -> Result<(), BackendError> {
+            let names = nic.id.names();
+            if matches!(self.state().await?, DomainState::Stopped) {
+                return Err(self.not_running("attach"));
+            }
+            let tap = self.links.open_tap(&names.host_if)?;
+            self.links
+                .join_bridge(&names.host_if, &nic.bridge, nic.mtu)
+                .await
+                .map_err(|e| BackendError::joining(&nic.bridge, e))?;
+            // Only now, with the agent's alias on it, may the tap outlive us.
+            self.links.persist_tap(tap, &names.host_if)?;
+            let mut flags = sys::VIR_DOMAIN_AFFECT_LIVE;
+            if self.persist_nics {
+                flags |= sys::VIR_DOMAIN_AFFECT_CONFIG;
+            }
+            self.device_call("attach", domxml::interface_xml(nic), flags, true)
+                .await
+        }
+
+        async fn wait_removed(&self, id: &NicId) -> Result<bool, BackendError> {
+            let deadline = tokio::time::Instant::now() + self.unplug_timeout;
+            loop {
+                if !self.live_nics().await?.contains(id) {
+                    return Ok(true);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(false);
+                }
+                tokio::time::sleep(UNPLUG_POLL).await;
+            }
+        }
     }
 
-    /// A NIC is present when the running domain has its interface and the
-    /// host has its tap; a domain that does not run has none.
-    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
-        let unknown = || {
+    #[async_trait::async_trait]
+    impl VmBackend for LibvirtBackend {
+        fn kind(&self) -> &'static str {
+            "libvirt"
+        }
+
+        async fn plug(&self, nic: &NicPlan) -> Result<Plugged, BackendError> {
+            if let Err(e) = self.plug_steps(nic).await {
+                if let Err(undo) = self.unplug(&nic.id).await {
+                    log::warn!("VM {}: rollback of NIC {} failed: {undo}", self.vm, nic.id);
+                }
+                return Err(e);
+            }
+            Ok(Plugged::default())
+        }
+
+        async fn unplug(&self, id: &NicId) -> Result<(), BackendError> {
+            let names = id.names();
+            if self.live_nics().await?.contains(id) {
+                match self
+                    .device_call(
+                        "detach",
+                        domxml::detach_xml(id),
+                        sys::VIR_DOMAIN_AFFECT_LIVE,
+                        false,
+                    )
+                    .await
+                {
+                    Ok(()) => {}
+                    // Gone meanwhile (the guest, or a domain that stopped): checked below.
+                    Err(e) if e.is_unavailable() => {}
+                    Err(BackendError::Libvirt { source, .. })
+                        if source.kind == LibvirtErrorKind::Refused => {}
+                    Err(e) => return Err(e),
+                }
+                if !self.wait_removed(id).await? {
+                    return Err(BackendError::UnplugTimeout {
+                        vm: self.vm.clone(),
+                        device: domxml::alias(id),
+                        after: self.unplug_timeout,
+                    });
+                }
+            }
+            if self.persist_nics && self.config_nics().await?.contains(id) {
+                self.device_call(
+                    "detach from the definition",
+                    domxml::detach_xml(id),
+                    sys::VIR_DOMAIN_AFFECT_CONFIG,
+                    false,
+                )
+                .await?;
+            }
+            self.links.delete(&names.host_if).await?;
+            Ok(())
+        }
+
+        /// A NIC is present when the running domain has its interface and the
+        /// host has its tap; a domain that does not run has none.
+        async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+            let unknown = || {
+                ids.iter()
+                    .map(|id| (id.clone(), Presence::Unknown))
+                    .collect()
+            };
+            let nics = match self.live_nics().await {
+                Ok(n) => n,
+                Err(e) => {
+                    log::warn!("VM {}: cannot read the domain: {e}", self.vm);
+                    return unknown();
+                }
+            };
+            let taps = match self.links.names(HOST_IF_PREFIX).await {
+                Ok(t) => t,
+                Err(e) => {
+                    log::warn!("VM {}: cannot list taps: {e}", self.vm);
+                    return unknown();
+                }
+            };
             ids.iter()
-                .map(|id| (id.clone(), Presence::Unknown))
+                .map(|id| {
+                    let p = if nics.contains(id) && taps.contains(&id.names().host_if) {
+                        Presence::Present
+                    } else {
+                        Presence::Gone
+                    };
+                    (id.clone(), p)
+                })
                 .collect()
-        };
-        let nics = match self.live_nics().await {
-            Ok(n) => n,
-            Err(e) => {
-                log::warn!("VM {}: cannot read the domain: {e}", self.vm);
-                return unknown();
-            }
-        };
-        let taps = match self.links.names(HOST_IF_PREFIX).await {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("VM {}: cannot list taps: {e}", self.vm);
-                return unknown();
-            }
-        };
-        ids.iter()
-            .map(|id| {
-                let p = if nics.contains(id) && taps.contains(&id.names().host_if) {
-                    Presence::Present
-                } else {
-                    Presence::Gone
-                };
-                (id.clone(), p)
-            })
-            .collect()
-    }
-
-    async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
-        let mut ids = self.live_nics().await?;
-        if self.persist_nics {
-            ids.extend(self.config_nics().await?);
         }
-        let known: HashSet<&NicId> = known.iter().collect();
-        let mut out: Vec<NicId> = ids.into_iter().filter(|id| !known.contains(id)).collect();
-        out.sort();
-        Ok(out)
-    }
 
-    /// The domain's generation ([`generation`]) while it runs,
-    /// [`STOPPED_GENERATION`] when it does not (or is not defined); an
-    /// error only when libvirtd cannot be asked.
-    async fn probe(&self) -> Result<u64, BackendError> {
-        match self.state().await? {
-            DomainState::Stopped => Ok(STOPPED_GENERATION),
-            DomainState::Running { generation, .. } => Ok(generation),
+        async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
+            let mut ids = self.live_nics().await?;
+            if self.persist_nics {
+                ids.extend(self.config_nics().await?);
+            }
+            let known: HashSet<&NicId> = known.iter().collect();
+            let mut out: Vec<NicId> = ids.into_iter().filter(|id| !known.contains(id)).collect();
+            out.sort();
+            Ok(out)
+        }
+
+        /// The domain's generation ([`generation`]) while it runs,
+        /// [`STOPPED_GENERATION`] when it does not (or is not defined); an
+        /// error only when libvirtd cannot be asked.
+        async fn probe(&self) -> Result<u64, BackendError> {
+            match self.state().await? {
+                DomainState::Stopped => Ok(STOPPED_GENERATION),
+                DomainState::Running { generation, .. } => Ok(generation),
+            }
         }
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "libvirt"))]
 mod tests {
+    use std::{sync::Arc, time::Duration};
+
     use super::*;
+    use crate::{backend::VmBackend, lifecycle::Presence, links::HostLinks, names::NicId};
 
     #[test]
     fn generations_differ_by_uuid_and_id_and_never_look_stopped() {

@@ -68,6 +68,14 @@ pub enum BackendError {
         /// The libvirt failure.
         source: libvirt::LibvirtError,
     },
+    /// The backend is not built in (a cargo feature left out).
+    #[error("VM {vm}: backend {kind:?} is not built into this nestless-netagent")]
+    Unsupported {
+        /// The VM.
+        vm: String,
+        /// The backend.
+        kind: &'static str,
+    },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]
     NoFreeSlot {
@@ -192,5 +200,45 @@ pub trait VmBackend: Send + Sync {
     /// What the VM reports by itself from now on.
     fn events(&self) -> BackendEvents {
         BackendEvents::none()
+    }
+}
+
+/// The backend of a VM whose backend this build lacks (see
+/// [`BackendError::Unsupported`]): every call fails.
+pub struct Unsupported {
+    /// The VM.
+    pub vm: String,
+    /// The backend it asked for.
+    pub kind: &'static str,
+}
+
+impl Unsupported {
+    fn err(&self) -> BackendError {
+        BackendError::Unsupported {
+            vm: self.vm.clone(),
+            kind: self.kind,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmBackend for Unsupported {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    async fn plug(&self, _: &NicPlan) -> Result<Plugged, BackendError> {
+        Err(self.err())
+    }
+    async fn unplug(&self, _: &NicId) -> Result<(), BackendError> {
+        Err(self.err())
+    }
+    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        ids.iter().map(|i| (i.clone(), Presence::Unknown)).collect()
+    }
+    async fn orphans(&self, _: &[NicId]) -> Result<Vec<NicId>, BackendError> {
+        Err(self.err())
+    }
+    async fn probe(&self) -> Result<u64, BackendError> {
+        Err(self.err())
     }
 }

@@ -152,6 +152,13 @@ impl Checker<'_> {
             libvirt_discover: a.libvirt_discover,
             libvirt_poll: a.libvirt_poll,
         };
+        #[cfg(not(feature = "libvirt"))]
+        if agent.libvirt_discover {
+            return Err(self.err(
+                "agent.libvirt_discover",
+                "this nestless-netagent is built without libvirt (cargo feature \"libvirt\")",
+            ));
+        }
         if raw.network.is_empty() {
             return Err(self.err("network", "at least one [[network]] is required"));
         }
@@ -646,6 +653,14 @@ impl Checker<'_> {
                     "domain, libvirt_uri and persist_nics are only for backend = \"libvirt\"",
                 ));
             }
+            #[cfg(not(feature = "libvirt"))]
+            BackendKind::Libvirt => {
+                return Err(self.err(
+                    format!("{key}.backend"),
+                    "this nestless-netagent is built without libvirt (cargo feature \"libvirt\"; a static build cannot link libvirt.so)",
+                ));
+            }
+            #[cfg(feature = "libvirt")]
             BackendKind::Libvirt => {
                 if v.qmp_socket.is_some() || v.hotplug_slots.is_some() || v.netns.is_some() {
                     return Err(self.err(

@@ -876,6 +876,7 @@ mod tests {
         assert!(err(&dup_name).contains("duplicate VM name"));
     }
 
+    #[cfg(feature = "libvirt")]
     #[test]
     fn libvirt_vms() {
         let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
@@ -997,6 +998,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("registered vm (\"web-1\").max_nics"), "{e}");
+    }
+
+    #[cfg(not(feature = "libvirt"))]
+    #[test]
+    fn libvirt_is_refused_without_the_feature() {
+        let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
+        let e = err(&format!("{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n"));
+        assert!(e.contains("vm[0] (\"a\").backend") && e.contains("without libvirt"), "{e}");
+        let e = err(&format!("[agent]\nlibvirt_discover = true\n{net}"));
+        assert!(e.contains("agent.libvirt_discover"), "{e}");
     }
 
     /// Issue 11, item 8: one VM cannot be given more NICs than a bridge
