@@ -1004,8 +1004,13 @@ mod tests {
     #[test]
     fn libvirt_is_refused_without_the_feature() {
         let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
-        let e = err(&format!("{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n"));
-        assert!(e.contains("vm[0] (\"a\").backend") && e.contains("without libvirt"), "{e}");
+        let e = err(&format!(
+            "{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n"
+        ));
+        assert!(
+            e.contains("vm[0] (\"a\").backend") && e.contains("without libvirt"),
+            "{e}"
+        );
         let e = err(&format!("[agent]\nlibvirt_discover = true\n{net}"));
         assert!(e.contains("agent.libvirt_discover"), "{e}");
     }
