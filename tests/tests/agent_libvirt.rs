@@ -206,6 +206,10 @@ async fn a_domain_with_metadata_is_served_and_its_nics_follow_libvirt() {
 
 /// A domain without metadata, served as a `[[vm]]` of the file.
 fn static_rig(max_nics: u32) -> (Bridge, Domain, AgentProc) {
+    static_rig_with(max_nics, "")
+}
+
+fn static_rig_with(max_nics: u32, extra: &str) -> (Bridge, Domain, AgentProc) {
     require_libvirtd();
     let net = random_subnet();
     let bridge = Bridge::new(Some(&format!("{net}.1/24")));
@@ -215,7 +219,7 @@ fn static_rig(max_nics: u32) -> (Bridge, Domain, AgentProc) {
         AgentProc::agent_section(dir)
             + &network(&bridge, &net)
             + &format!(
-                "[[vm]]\nname = \"lv\"\nbackend = \"libvirt\"\ndomain = \"{}\"\nsocket = \"{}/lv.sock\"\nmax_nics = {max_nics}\n",
+                "[[vm]]\nname = \"lv\"\nbackend = \"libvirt\"\ndomain = \"{}\"\nsocket = \"{}/lv.sock\"\nmax_nics = {max_nics}\n{extra}",
                 dom.name,
                 dir.display()
             )
@@ -323,4 +327,58 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
     let (code, msg) = nestless_tests::agent::status_of(&e);
     assert_eq!(code, ttrpc::Code::UNAVAILABLE, "{msg}");
     assert!(msg.contains("not running"), "{msg}");
+}
+
+/// `persist_nics = true`: a NIC goes into the domain's persistent definition as well as
+/// the live domain, and out of both. Then crash reconcile against libvirt: an interface
+/// with the agent's alias that no record accounts for (live and in the definition, on a
+/// tap the agent did not make) is detached and its tap deleted at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persist_nics_and_orphans_in_libvirt() {
+    let (bridge, dom, mut agent) = static_rig_with(4, "persist_nics = true\n");
+    let c = vm_client(&socket(&agent)).await;
+    let nic = c
+        .attach_nic(ctx(), &attach_req("p1"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let alias = format!("ua-nl-{}", nic.id);
+    assert!(dom.live_xml().contains(&alias), "{}", dom.live_xml());
+    assert!(dom.config_xml().contains(&alias), "{}", dom.config_xml());
+    c.detach_nic(ctx(), &detach_req("p1")).await.unwrap();
+    assert!(!dom.live_xml().contains(&alias), "{}", dom.live_xml());
+    assert!(!dom.config_xml().contains(&alias), "{}", dom.config_xml());
+    assert!(bridge.ports().is_empty(), "{:?}", bridge.ports());
+
+    // An orphan: plugged with the agent's alias behind its back.
+    let id = format!("{:010x}", rand::random::<u64>() & 0xff_ffff_ffff);
+    let tap = format!("nlh{id}");
+    nestless_tests::netenv::check(&[
+        "ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr",
+    ]);
+    nestless_tests::netenv::check(&["ip", "link", "set", &tap, "master", &bridge.name, "up"]);
+    let xml = dom.dir().join("orphan.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<interface type='ethernet'><mac address='52:54:00:9a:00:01'/><target dev='{tap}' managed='no'/>\
+             <model type='virtio'/><alias name='ua-nl-{id}'/></interface>"
+        ),
+    )
+    .unwrap();
+    nestless_tests::libvirt::virsh_ok(&[
+        "attach-device",
+        &dom.name,
+        &xml.display().to_string(),
+        "--live",
+        "--config",
+    ]);
+    assert_eq!(dom.agent_aliases(), vec![id.clone()]);
+    agent.kill9();
+    agent.restart();
+    assert!(dom.agent_aliases().is_empty(), "{}", dom.live_xml());
+    assert!(!dom.config_xml().contains(&id), "{}", dom.config_xml());
+    assert!(host_links(&tap).is_empty(), "orphan tap left");
+    assert!(agent.records().is_empty());
 }
