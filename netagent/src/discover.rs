@@ -15,10 +15,11 @@
 //!   libvirtd unreachable ─▶ nothing changes until it answers again
 //! ```
 //!
-//! The `virt` crate (0.4) does not wrap libvirt's domain event callbacks,
-//! so discovery polls; a domain that stops and starts again between two
-//! polls keeps its registration, and its NICs are released by its
-//! backend's generation (a new domain id) at the next upkeep.
+//! A lifecycle event of libvirt ([`crate::backend::libvirt_events`]) runs a
+//! round at once; the poll is the fallback (events lost with a connection).
+//! A domain that stops and starts again within one round keeps its
+//! registration, and its NICs are released by its backend's generation (a
+//! new domain id) at the next upkeep.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -29,7 +30,7 @@ use std::{
 use tokio::task::JoinHandle;
 
 use crate::{
-    backend::{domxml, libvirt::Conn},
+    backend::{domxml, libvirt::Conn, libvirt_events::DomainEvent},
     config::VmSpec,
     registry::Registry,
 };
@@ -220,11 +221,29 @@ impl Discovery {
 /// Runs discovery on `uri` every `period` until aborted.
 pub fn spawn(registry: Arc<Registry>, uri: &str, period: Duration) -> JoinHandle<()> {
     let mut d = Discovery::new(registry, uri);
+    let mut events = crate::backend::libvirt_events::subscribe(uri);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            // A domain that starts or stops is looked at now, not at the next tick.
+            let lifecycle = async {
+                match events.as_mut() {
+                    Some(rx) => loop {
+                        match rx.recv().await {
+                            Ok(DomainEvent::Lifecycle { .. }) => return,
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    },
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = lifecycle => {}
+            }
             d.round().await;
         }
     })

@@ -308,6 +308,29 @@ async fn kill9_during_attach_detach_loops_leaks_nothing() {
     }
     eprintln!("{rounds} kills, {interrupted} cut an operation");
 
+    // A reboot inside the same QEMU process (libvirt's reboot event): the pods are gone,
+    // so are their NICs.
+    let c = vm_client(&socket(&agent)).await;
+    let r = c
+        .attach_nic(ctx(), &attach_req("before-reset"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    nestless_tests::libvirt::virsh_ok(&["reset", &dom.name]);
+    wait_for(&agent, "NICs of the reset guest released", SETTLE, || {
+        agent.records().is_empty()
+    })
+    .await;
+    assert!(
+        agent.log().contains("the guest restarted"),
+        "released, but not through the reboot event:\n{}",
+        agent.log()
+    );
+    assert!(host_links(&format!("nlh{}", r.id)).is_empty(), "tap left");
+    assert!(dom.agent_aliases().is_empty(), "{}", dom.live_xml());
+    dom.wait_ready(BOOT);
+
     // Destroyed behind the agent's back: its NICs and leases go, its taps too.
     let c = vm_client(&socket(&agent)).await;
     c.attach_nic(ctx(), &attach_req("last")).await.unwrap();

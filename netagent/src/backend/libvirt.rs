@@ -111,6 +111,31 @@ pub fn generation(uuid: &str, id: u32) -> u64 {
     h.finish().max(STOPPED_GENERATION + 1)
 }
 
+/// What a libvirt event tells the backend of domain `domain`: a reboot in place that
+/// the guest restarted; a lifecycle change (started, stopped, ...) or the removal of
+/// one of the agent's devices that its NICs may have changed. `None` for the rest
+/// (other domains' events).
+#[cfg(feature = "libvirt")]
+pub(crate) fn event(
+    ev: &crate::backend::libvirt_events::DomainEvent,
+    domain: &str,
+) -> Option<super::BackendEvent> {
+    use crate::backend::libvirt_events::DomainEvent;
+    if ev.domain() != domain {
+        return None;
+    }
+    match ev {
+        DomainEvent::Reboot { .. } => Some(super::BackendEvent::GuestRestarted),
+        DomainEvent::Lifecycle { .. } => Some(super::BackendEvent::Changed),
+        DomainEvent::DeviceRemoved { alias, .. }
+            if super::domxml::id_from_alias(alias).is_some() =>
+        {
+            Some(super::BackendEvent::Changed)
+        }
+        DomainEvent::DeviceRemoved { .. } => None,
+    }
+}
+
 #[cfg(feature = "libvirt")]
 mod imp {
     use std::{
@@ -123,7 +148,9 @@ mod imp {
 
     use super::{generation, LibvirtError, LibvirtErrorKind, STOPPED_GENERATION};
     use crate::{
-        backend::{domxml, BackendError, NicPlan, Plugged, VmBackend},
+        backend::{
+            domxml, libvirt_events, BackendError, BackendEvents, NicPlan, Plugged, VmBackend,
+        },
         lifecycle::Presence,
         links::HostLinks,
         names::{NicId, HOST_IF_PREFIX},
@@ -425,8 +452,16 @@ mod imp {
                 .await
         }
 
-        async fn wait_removed(&self, id: &NicId) -> Result<bool, BackendError> {
+        /// Waits until the live XML lacks NIC `id`: checked at libvirt's
+        /// `device-removed` event for its alias (`events`, subscribed before the
+        /// detach), and every [`UNPLUG_POLL`] in case an event is lost.
+        async fn wait_removed(
+            &self,
+            id: &NicId,
+            mut events: Option<tokio::sync::broadcast::Receiver<libvirt_events::DomainEvent>>,
+        ) -> Result<bool, BackendError> {
             let deadline = tokio::time::Instant::now() + self.unplug_timeout;
+            let alias = domxml::alias(id);
             loop {
                 if !self.live_nics().await?.contains(id) {
                     return Ok(true);
@@ -434,7 +469,26 @@ mod imp {
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(false);
                 }
-                tokio::time::sleep(UNPLUG_POLL).await;
+                let removed = async {
+                    match events.as_mut() {
+                        Some(rx) => loop {
+                            match rx.recv().await {
+                                Ok(libvirt_events::DomainEvent::DeviceRemoved {
+                                    domain,
+                                    alias: a,
+                                }) if domain == self.domain && a == alias => return,
+                                Ok(_) => {}
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                                Err(_) => std::future::pending::<()>().await,
+                            }
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = removed => {}
+                    _ = tokio::time::sleep(UNPLUG_POLL) => {}
+                }
             }
         }
     }
@@ -458,6 +512,7 @@ mod imp {
         async fn unplug(&self, id: &NicId) -> Result<(), BackendError> {
             let names = id.names();
             if self.live_nics().await?.contains(id) {
+                let events = libvirt_events::subscribe(self.conn.uri());
                 match self
                     .device_call(
                         "detach",
@@ -474,7 +529,7 @@ mod imp {
                         if source.kind == LibvirtErrorKind::Refused => {}
                     Err(e) => return Err(e),
                 }
-                if !self.wait_removed(id).await? {
+                if !self.wait_removed(id, events).await? {
                     return Err(BackendError::UnplugTimeout {
                         vm: self.vm.clone(),
                         device: domxml::alias(id),
@@ -540,6 +595,13 @@ mod imp {
             Ok(out)
         }
 
+        fn events(&self) -> BackendEvents {
+            match libvirt_events::subscribe(self.conn.uri()) {
+                Some(rx) => BackendEvents::libvirt(rx, &self.domain),
+                None => BackendEvents::none(),
+            }
+        }
+
         /// The domain's generation ([`generation`]) while it runs,
         /// [`STOPPED_GENERATION`] when it does not (or is not defined); an
         /// error only when libvirtd cannot be asked.
@@ -569,6 +631,43 @@ mod tests {
         );
         assert_eq!(generation(u, 5), generation(u, 5));
         assert!(generation(u, 1) > STOPPED_GENERATION);
+    }
+
+    #[test]
+    fn events_of_the_domain_map_to_backend_events() {
+        use crate::backend::{libvirt_events::DomainEvent, BackendEvent};
+        let d = |s: &str| s.to_string();
+        let cases = [
+            (
+                DomainEvent::Reboot { domain: d("a") },
+                Some(BackendEvent::GuestRestarted),
+            ),
+            (
+                DomainEvent::Lifecycle {
+                    domain: d("a"),
+                    event: 5,
+                },
+                Some(BackendEvent::Changed),
+            ),
+            (
+                DomainEvent::DeviceRemoved {
+                    domain: d("a"),
+                    alias: d("ua-nl-00000000a1"),
+                },
+                Some(BackendEvent::Changed),
+            ),
+            (
+                DomainEvent::DeviceRemoved {
+                    domain: d("a"),
+                    alias: d("net0"),
+                },
+                None,
+            ),
+            (DomainEvent::Reboot { domain: d("b") }, None),
+        ];
+        for (ev, want) in cases {
+            assert_eq!(event(&ev, "a"), want, "{ev:?}");
+        }
     }
 
     #[tokio::test]

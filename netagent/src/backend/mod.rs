@@ -17,6 +17,8 @@ pub mod domxml;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod libvirt;
+#[cfg(feature = "libvirt")]
+pub mod libvirt_events;
 pub mod netns;
 pub mod qemu;
 
@@ -149,29 +151,66 @@ pub enum BackendEvent {
 }
 
 /// A VM's own reports ([`VmBackend::events`]).
-pub struct BackendEvents(Option<tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>>);
+pub struct BackendEvents(Source);
+
+enum Source {
+    None,
+    Qmp(tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>),
+    #[cfg(feature = "libvirt")]
+    Libvirt {
+        rx: tokio::sync::broadcast::Receiver<libvirt_events::DomainEvent>,
+        domain: String,
+    },
+}
 
 impl BackendEvents {
     /// A backend that reports nothing: [`BackendEvents::next`] never returns.
     pub fn none() -> BackendEvents {
-        BackendEvents(None)
+        BackendEvents(Source::None)
+    }
+
+    /// The reports of a QMP connection.
+    pub fn qmp(rx: tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>) -> BackendEvents {
+        BackendEvents(Source::Qmp(rx))
+    }
+
+    /// The reports libvirt makes about domain `domain`.
+    #[cfg(feature = "libvirt")]
+    pub fn libvirt(
+        rx: tokio::sync::broadcast::Receiver<libvirt_events::DomainEvent>,
+        domain: &str,
+    ) -> BackendEvents {
+        BackendEvents(Source::Libvirt {
+            rx,
+            domain: domain.to_string(),
+        })
     }
 
     /// The next report.
     pub async fn next(&mut self) -> BackendEvent {
         use tokio::sync::broadcast::error::RecvError;
         loop {
-            let Some(rx) = self.0.as_mut() else {
-                return std::future::pending().await;
-            };
-            match rx.recv().await {
-                Ok(ev) => {
-                    if let Some(e) = qemu::event(&ev) {
-                        return e;
+            match &mut self.0 {
+                Source::None => return std::future::pending().await,
+                Source::Qmp(rx) => match rx.recv().await {
+                    Ok(ev) => {
+                        if let Some(e) = qemu::event(&ev) {
+                            return e;
+                        }
                     }
-                }
-                Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
-                Err(RecvError::Closed) => self.0 = None,
+                    Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                    Err(RecvError::Closed) => self.0 = Source::None,
+                },
+                #[cfg(feature = "libvirt")]
+                Source::Libvirt { rx, domain } => match rx.recv().await {
+                    Ok(ev) => {
+                        if let Some(e) = libvirt::event(&ev, domain) {
+                            return e;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                    Err(RecvError::Closed) => self.0 = Source::None,
+                },
             }
         }
     }
