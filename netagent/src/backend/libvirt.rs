@@ -17,8 +17,9 @@
 //! ```
 //!
 //! Unplug: `DetachDeviceFlags` naming the alias, then the live XML is read
-//! until the interface is gone (the guest released it: libvirt's
-//! `device-removed`) or the unplug timeout passes; then the tap is deleted.
+//! at libvirt's `device-removed` event for the alias (the guest released it)
+//! and every 50 ms, until the interface is gone or the unplug timeout
+//! passes; then the tap is deleted.
 //!
 //! Why the agent makes the tap (`managed='no'`) rather than letting libvirt
 //! create one on the bridge: the tap is the NIC's host end for every
@@ -33,16 +34,16 @@
 //! of the VM's own (opened at first use, opened again after a failure), so
 //! that a slow libvirtd or domain holds no lock another VM needs.
 //!
-//! Lifecycle: the `virt` crate (0.4) wraps libvirt's event loop
-//! (`virEventRegisterDefaultImpl`, `virEventRunDefaultImpl`) but not the
-//! domain event callbacks, so the backend polls: [`VmBackend::probe`]
-//! returns a generation made of the domain's UUID and id (a new id at each
-//! start), which the agent's upkeep compares every period (2 s); a domain
-//! that stopped (or is no longer defined) is reachable and has no NIC, so
-//! its records are released by the usual reconcile. A reboot inside the
-//! same QEMU process keeps the domain's id and is not seen (the pods'
-//! NICs stay plugged; the guest gets them back in its root namespace).
-
+//! Lifecycle: [`VmBackend::probe`] returns a generation made of the
+//! domain's UUID and id (a new id at each start), which the agent's upkeep
+//! compares; a domain that stopped (or is no longer defined) is reachable
+//! and has no NIC, so its records are released by the usual reconcile.
+//! libvirt's domain events ([`super::libvirt_events`]: lifecycle, reboot,
+//! device-removed) wake the upkeep at once ([`VmBackend::events`]); a reboot
+//! inside the same QEMU process, which keeps the domain's id, is seen only
+//! through them (`GuestRestarted`: the sandboxes' NICs are released). The
+//! upkeep's period (2 s) and the unplug's poll of the live XML (50 ms) stay
+//! as the fallback for events lost with a connection.
 //!
 //! Without the `libvirt` cargo feature (a static build: libvirt.so cannot be
 //! linked statically) only the error types and pure helpers are here, and
