@@ -171,11 +171,7 @@ mod imp {
             ErrorNumber::OperationInvalid if e.message().contains("not running") => {
                 LibvirtErrorKind::NotRunning
             }
-            _ if e.message().contains("No more available PCI slots")
-                || e.message().contains("no free") =>
-            {
-                LibvirtErrorKind::NoSlot
-            }
+            _ if e.message().contains("No more available PCI slots") => LibvirtErrorKind::NoSlot,
             _ => LibvirtErrorKind::Refused,
         }
     }

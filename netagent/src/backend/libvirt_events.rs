@@ -67,6 +67,8 @@ const CHECK: Duration = Duration::from_secs(1);
 fn event_loop() -> Result<(), String> {
     static LOOP: OnceLock<Result<(), String>> = OnceLock::new();
     LOOP.get_or_init(|| {
+        // libvirt prints every error on stderr unless told otherwise.
+        virt::error::clear_error_callback();
         virt::event::event_register_default_impl().map_err(|e| e.message().to_string())?;
         std::thread::Builder::new()
             .name("libvirt-events".into())
