@@ -27,9 +27,12 @@ COPY shim shim
 COPY tests tests
 # Linked statically (glibc): one shim runs per pod, and keeps no shared library pages
 # resident (see docs/benchmarks.md); the binaries run on any glibc system. --target keeps
-# the flag off build scripts and macros. One build for all four binaries.
+# the flag off build scripts and macros. One build for all four binaries. Without the
+# agent's "libvirt" feature: libvirt.so cannot be linked statically, so this agent serves
+# qemu and netns VMs; a libvirt host builds its agent with libvirt-dev (docs/install.md).
 RUN host=$(rustc -vV | sed -n 's/^host: //p') \
     && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+        --no-default-features \
         --target "$host" -p nestless-netagent -p containerd-shim-nestless-v2 \
     && mkdir -p /out \
     && for b in nestless-netagent nestlessctl containerd-shim-nestless-v2 nestless-cni; do \

@@ -104,7 +104,8 @@ SHIM_SUITES=(shim_ctr shim_cri shim_network shim_task_api shim_podnet_hook)
 DOCKER_SUITES=(docker)
 NEWEST_DOCKER_SUITES=(dockerfile)
 
-# Root tests: namespaces, bridges, taps; real QEMU VMs; everything but the matrix's suites.
+# Root tests: namespaces, bridges, taps; real QEMU VMs; libvirt domains (agent_libvirt, under
+# the libvirtd of the "libvirtd" phase); every tests/tests/*.rs but the matrix's suites.
 integration_tests() {
 	local args=(--lib --bins) t
 	for t in tests/tests/*.rs; do
@@ -237,6 +238,7 @@ fi
 phase "apt packages" install_packages
 phase "rust" install_rust
 phase "vhost-device-vsock" install_vhost_device_vsock
+phase "libvirtd" start_libvirtd
 phase "cargo-fuzz" install_cargo_fuzz
 phase "containerd + Docker versions" fetch_versions
 phase "build" build

@@ -3,7 +3,8 @@
 //! ```text
 //! netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
 //!   ─▶ recover (bridges, reconcile, sweep)
-//!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch ─▶ sd_notify READY=1
+//!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch,
+//!      libvirt discovery (`libvirt_discover`) ─▶ sd_notify READY=1
 //!   ─▶ … SIGHUP ─▶ RELOADING=1 ─▶ the file read again and applied, or refused whole ─▶ READY=1
 //!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
 //! ```
@@ -111,6 +112,22 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let running = server::serve(registry.clone()).await?;
     registry.spawn_upkeep_all();
     let mut upkeep = Vec::new();
+    // Domains with the nestless metadata element come and go by themselves.
+    #[cfg(feature = "libvirt")]
+    let settings = agent.config().agent.clone();
+    #[cfg(feature = "libvirt")]
+    if settings.libvirt_discover {
+        log::info!(
+            "discovering libvirt domains on {} every {} ms",
+            settings.libvirt_uri,
+            settings.libvirt_poll.as_millis()
+        );
+        upkeep.push(crate::discover::spawn(
+            registry.clone(),
+            &settings.libvirt_uri,
+            settings.libvirt_poll,
+        ));
+    }
     // NICs whose host end someone deletes are released at once, rather
     // than at the upkeep's next presence check.
     match deleted_links(HOST_IF_PREFIX) {

@@ -12,7 +12,10 @@
 //!   agent's types, and its replies back; the one place requests are checked.
 //! * [`agent`]: records, leases, per-VM locking, recovery after a crash.
 //! * [`lifecycle`]: the NIC state machine and the recovery table.
-//! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP) and [`backend::netns`].
+//! * [`backend`]: the hot-plug seam; [`backend::qemu`] (QMP),
+//!   [`backend::libvirt`] (libvirt, domain XML in [`backend::domxml`]) and
+//!   [`backend::netns`]; [`discover`]: libvirt domains carrying the nestless
+//!   metadata element, registered while they run.
 //! * [`qmp`], [`links`]: the QMP client and the netlink link seam.
 //! * [`config`], [`state`], [`ipam`], [`names`], [`labels`]: configuration,
 //!   the durable state (SQLite), address allocation, names, label limits;
@@ -26,6 +29,8 @@ pub mod backend;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+#[cfg(feature = "libvirt")]
+pub mod discover;
 pub mod error;
 pub mod hostlo;
 pub mod ipam;

@@ -93,6 +93,10 @@ pub trait HostLinks: Send + Sync {
     /// Opens a tap (non-persistent: it disappears with the last fd) with a
     /// virtio-net header, returning its fd.
     fn open_tap(&self, name: &str) -> Result<OwnedFd, LinkError>;
+    /// Makes the tap of `fd` (opened by [`HostLinks::open_tap`]) persistent
+    /// and closes `fd`: the tap outlives the agent's fd, so that another
+    /// process (libvirt) can open it by name.
+    fn persist_tap(&self, fd: OwnedFd, name: &str) -> Result<(), LinkError>;
     /// Creates the bridge `name` if missing, with no address and no uplink
     /// and the fixed MAC of its name, marks it as the agent's (its owner
     /// alias, so that a sweep finds it after a crash) and sets it up: a
@@ -401,6 +405,10 @@ impl HostLinks for Netlink {
         tap::open(name).map_err(|e| LinkError::new("create tap", name, e))
     }
 
+    fn persist_tap(&self, fd: OwnedFd, name: &str) -> Result<(), LinkError> {
+        tap::persist(&fd).map_err(|e| LinkError::new("make persistent the tap", name, e))
+    }
+
     async fn join_bridge(&self, ifname: &str, bridge: &str, mtu: u32) -> Result<(), LinkError> {
         let br = self.index("find bridge", bridge).await?;
         let idx = self.index("attach to bridge", ifname).await?;
@@ -675,6 +683,17 @@ mod tap {
     }
 
     nix::ioctl_write_int!(tunsetiff, b'T', 202);
+    nix::ioctl_write_int!(tunsetpersist, b'T', 203);
+
+    /// Makes the tap of `fd` persistent (TUNSETPERSIST): it stays when the
+    /// last fd closes, until deleted.
+    pub fn persist(fd: &OwnedFd) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: TUNSETPERSIST takes an integer argument; fd is a tap fd we own.
+        unsafe { tunsetpersist(fd.as_raw_fd(), 1) }
+            .map(drop)
+            .map_err(std::io::Error::from)
+    }
 
     /// Opens (creating if needed) the tap `name`; it lives while the fd does.
     pub fn open(name: &str) -> std::io::Result<OwnedFd> {

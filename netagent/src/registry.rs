@@ -249,6 +249,7 @@ pub fn restart_fields(a: &VmConfig, b: &VmConfig) -> Vec<&'static str> {
         f.push(match b.backend {
             crate::config::BackendConfig::Qemu { .. } => "qmp_socket",
             crate::config::BackendConfig::Netns { .. } => "netns",
+            crate::config::BackendConfig::Libvirt { .. } => "domain",
         });
     }
     if a.network != b.network {

@@ -7,5 +7,6 @@ pub mod docker;
 pub mod dropin;
 pub mod e2e;
 pub mod hostlo;
+pub mod libvirt;
 pub mod netenv;
 pub mod vm;

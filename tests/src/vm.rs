@@ -809,7 +809,7 @@ fn find_program(name: &str, extra: &[PathBuf]) -> Option<PathBuf> {
 }
 
 /// vhost-device-vsock: `NESTLESS_VHOST_DEVICE_VSOCK`, `PATH`, then cargo's bin directory.
-fn find_vhost_device_vsock() -> Result<PathBuf, VmError> {
+pub(crate) fn find_vhost_device_vsock() -> Result<PathBuf, VmError> {
     if let Some(path) = std::env::var_os("NESTLESS_VHOST_DEVICE_VSOCK") {
         return Ok(PathBuf::from(path));
     }

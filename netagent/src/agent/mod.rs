@@ -78,7 +78,7 @@ use crate::{
 };
 use records::Records;
 
-/// The real backend of `vm`: a QMP client, or a namespace.
+/// The real backend of `vm`: a QMP client, a namespace, or a libvirt domain.
 fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> Arc<dyn VmBackend> {
     match &vm.backend {
         BackendConfig::Qemu {
@@ -94,6 +94,26 @@ fn real_backend(config: &Config, vm: &VmConfig, links: &Arc<dyn HostLinks>) -> A
         BackendConfig::Netns { netns } => {
             Arc::new(NetnsBackend::new(&vm.name, netns.clone(), links.clone()))
         }
+        #[cfg(feature = "libvirt")]
+        BackendConfig::Libvirt {
+            uri,
+            domain,
+            persist_nics,
+        } => Arc::new(crate::backend::libvirt::LibvirtBackend::new(
+            &vm.name,
+            uri,
+            domain,
+            *persist_nics,
+            links.clone(),
+            config.agent.unplug_timeout,
+        )),
+        // The configuration refuses it in such a build; a VM made by hand
+        // gets a backend that says why it cannot work.
+        #[cfg(not(feature = "libvirt"))]
+        BackendConfig::Libvirt { .. } => Arc::new(crate::backend::Unsupported {
+            vm: vm.name.clone(),
+            kind: "libvirt",
+        }),
     }
 }
 

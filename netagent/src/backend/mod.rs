@@ -8,11 +8,17 @@
 //!   virtio-net-pci device over QMP.
 //! * [`netns::NetnsBackend`]: the "VM" is a network namespace; the NIC is the
 //!   guest end of a veth pair whose host end is on the bridge.
+//! * [`libvirt::LibvirtBackend`]: a tap on the host bridge, hot-plugged
+//!   through libvirt as an unmanaged ethernet interface (XML in [`domxml`]).
 //! * [`fake`] (tests and the `testing` feature): `FakeQemu`, a simulated QEMU
 //!   behind the QMP seam.
 
+pub mod domxml;
 #[cfg(any(test, feature = "testing"))]
 pub mod fake;
+pub mod libvirt;
+#[cfg(feature = "libvirt")]
+pub mod libvirt_events;
 pub mod netns;
 pub mod qemu;
 
@@ -55,6 +61,22 @@ pub enum BackendError {
         vm: String,
         /// The QMP failure.
         source: QmpError,
+    },
+    /// libvirt failed.
+    #[error("VM {vm}: {source}")]
+    Libvirt {
+        /// The VM.
+        vm: String,
+        /// The libvirt failure.
+        source: libvirt::LibvirtError,
+    },
+    /// The backend is not built in (a cargo feature left out).
+    #[error("VM {vm}: backend {kind:?} is not built into this nestless-netagent")]
+    Unsupported {
+        /// The VM.
+        vm: String,
+        /// The backend.
+        kind: &'static str,
     },
     /// No hot-plug slot is free.
     #[error("VM {vm} has no free hot-plug slot ({detail})")]
@@ -111,6 +133,7 @@ impl BackendError {
         match self {
             BackendError::Qmp { source, .. } => source.is_unavailable(),
             BackendError::Netns { .. } => true,
+            BackendError::Libvirt { source, .. } => source.is_unavailable(),
             _ => false,
         }
     }
@@ -128,29 +151,66 @@ pub enum BackendEvent {
 }
 
 /// A VM's own reports ([`VmBackend::events`]).
-pub struct BackendEvents(Option<tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>>);
+pub struct BackendEvents(Source);
+
+enum Source {
+    None,
+    Qmp(tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>),
+    #[cfg(feature = "libvirt")]
+    Libvirt {
+        rx: tokio::sync::broadcast::Receiver<libvirt_events::DomainEvent>,
+        domain: String,
+    },
+}
 
 impl BackendEvents {
     /// A backend that reports nothing: [`BackendEvents::next`] never returns.
     pub fn none() -> BackendEvents {
-        BackendEvents(None)
+        BackendEvents(Source::None)
+    }
+
+    /// The reports of a QMP connection.
+    pub fn qmp(rx: tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>) -> BackendEvents {
+        BackendEvents(Source::Qmp(rx))
+    }
+
+    /// The reports libvirt makes about domain `domain`.
+    #[cfg(feature = "libvirt")]
+    pub fn libvirt(
+        rx: tokio::sync::broadcast::Receiver<libvirt_events::DomainEvent>,
+        domain: &str,
+    ) -> BackendEvents {
+        BackendEvents(Source::Libvirt {
+            rx,
+            domain: domain.to_string(),
+        })
     }
 
     /// The next report.
     pub async fn next(&mut self) -> BackendEvent {
         use tokio::sync::broadcast::error::RecvError;
         loop {
-            let Some(rx) = self.0.as_mut() else {
-                return std::future::pending().await;
-            };
-            match rx.recv().await {
-                Ok(ev) => {
-                    if let Some(e) = qemu::event(&ev) {
-                        return e;
+            match &mut self.0 {
+                Source::None => return std::future::pending().await,
+                Source::Qmp(rx) => match rx.recv().await {
+                    Ok(ev) => {
+                        if let Some(e) = qemu::event(&ev) {
+                            return e;
+                        }
                     }
-                }
-                Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
-                Err(RecvError::Closed) => self.0 = None,
+                    Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                    Err(RecvError::Closed) => self.0 = Source::None,
+                },
+                #[cfg(feature = "libvirt")]
+                Source::Libvirt { rx, domain } => match rx.recv().await {
+                    Ok(ev) => {
+                        if let Some(e) = libvirt::event(&ev, domain) {
+                            return e;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => return BackendEvent::Changed,
+                    Err(RecvError::Closed) => self.0 = Source::None,
+                },
             }
         }
     }
@@ -159,7 +219,7 @@ impl BackendEvents {
 /// One VM's way of getting NICs.
 #[async_trait::async_trait]
 pub trait VmBackend: Send + Sync {
-    /// `qemu` or `netns`.
+    /// `qemu`, `netns` or `libvirt`.
     fn kind(&self) -> &'static str;
     /// Creates the host side and plugs the NIC into the VM. On failure it
     /// undoes its own steps before returning.
@@ -179,5 +239,45 @@ pub trait VmBackend: Send + Sync {
     /// What the VM reports by itself from now on.
     fn events(&self) -> BackendEvents {
         BackendEvents::none()
+    }
+}
+
+/// The backend of a VM whose backend this build lacks (see
+/// [`BackendError::Unsupported`]): every call fails.
+pub struct Unsupported {
+    /// The VM.
+    pub vm: String,
+    /// The backend it asked for.
+    pub kind: &'static str,
+}
+
+impl Unsupported {
+    fn err(&self) -> BackendError {
+        BackendError::Unsupported {
+            vm: self.vm.clone(),
+            kind: self.kind,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmBackend for Unsupported {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+    async fn plug(&self, _: &NicPlan) -> Result<Plugged, BackendError> {
+        Err(self.err())
+    }
+    async fn unplug(&self, _: &NicId) -> Result<(), BackendError> {
+        Err(self.err())
+    }
+    async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
+        ids.iter().map(|i| (i.clone(), Presence::Unknown)).collect()
+    }
+    async fn orphans(&self, _: &[NicId]) -> Result<Vec<NicId>, BackendError> {
+        Err(self.err())
+    }
+    async fn probe(&self) -> Result<u64, BackendError> {
+        Err(self.err())
     }
 }

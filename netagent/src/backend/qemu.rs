@@ -430,7 +430,7 @@ impl VmBackend for QemuBackend {
     }
 
     fn events(&self) -> BackendEvents {
-        BackendEvents(Some(self.qmp.subscribe()))
+        BackendEvents::qmp(self.qmp.subscribe())
     }
 }
 

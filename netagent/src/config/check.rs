@@ -148,7 +148,17 @@ impl Checker<'_> {
             idle_timeout: a.idle_timeout,
             requests_per_sec_per_vm: a.requests_per_sec_per_vm,
             request_burst_per_vm: a.request_burst_per_vm,
+            libvirt_uri: a.libvirt_uri,
+            libvirt_discover: a.libvirt_discover,
+            libvirt_poll: a.libvirt_poll,
         };
+        #[cfg(not(feature = "libvirt"))]
+        if agent.libvirt_discover {
+            return Err(self.err(
+                "agent.libvirt_discover",
+                "this nestless-netagent is built without libvirt (cargo feature \"libvirt\")",
+            ));
+        }
         if raw.network.is_empty() {
             return Err(self.err("network", "at least one [[network]] is required"));
         }
@@ -247,6 +257,12 @@ impl Checker<'_> {
         } else {
             "socket"
         };
+        if v.discovered && !registered {
+            return Err(self.err(
+                format!("{key}.discovered"),
+                "set by the agent on the domains it discovers, never in the file",
+            ));
+        }
         let mut vm = self.check_vm(key, socket_key, v, agent, networks)?;
         vm.registered = registered;
         if seen
@@ -267,6 +283,7 @@ impl Checker<'_> {
         let endpoint_key = match vm.backend {
             BackendConfig::Qemu { .. } => "qmp_socket",
             BackendConfig::Netns { .. } => "netns",
+            BackendConfig::Libvirt { .. } => "domain",
         };
         let endpoint = vm.backend.endpoint().to_path_buf();
         if let Some(other) = seen.endpoints.insert(endpoint.clone(), vm.name.clone()) {
@@ -622,6 +639,41 @@ impl Checker<'_> {
             ));
         }
         let backend = match v.backend {
+            _ if v.discovered && v.backend != BackendKind::Libvirt => {
+                return Err(self.err(
+                    format!("{key}.discovered"),
+                    "only for backend = \"libvirt\" (set by the agent on the domains it discovers)",
+                ));
+            }
+            BackendKind::Qemu | BackendKind::Netns
+                if v.domain.is_some() || v.libvirt_uri.is_some() || v.persist_nics.is_some() =>
+            {
+                return Err(self.err(
+                    format!("{key}.domain"),
+                    "domain, libvirt_uri and persist_nics are only for backend = \"libvirt\"",
+                ));
+            }
+            #[cfg(not(feature = "libvirt"))]
+            BackendKind::Libvirt => {
+                return Err(self.err(
+                    format!("{key}.backend"),
+                    "this nestless-netagent is built without libvirt (cargo feature \"libvirt\"; a static build cannot link libvirt.so)",
+                ));
+            }
+            #[cfg(feature = "libvirt")]
+            BackendKind::Libvirt => {
+                if v.qmp_socket.is_some() || v.hotplug_slots.is_some() || v.netns.is_some() {
+                    return Err(self.err(
+                        format!("{key}.backend"),
+                        "qmp_socket, hotplug_slots and netns are not for backend = \"libvirt\"",
+                    ));
+                }
+                BackendConfig::Libvirt {
+                    uri: v.libvirt_uri.unwrap_or_else(|| agent.libvirt_uri.clone()),
+                    domain: v.domain.unwrap_or_else(|| v.name.clone()),
+                    persist_nics: v.persist_nics.unwrap_or(false),
+                }
+            }
             BackendKind::Qemu => {
                 if v.netns.is_some() {
                     return Err(self.err(format!("{key}.netns"), "only for backend = \"netns\""));
@@ -689,6 +741,7 @@ impl Checker<'_> {
             unix_socket,
             max_nics: v.max_nics,
             registered: false,
+            discovered: v.discovered,
         })
     }
 }

@@ -226,6 +226,16 @@ pub struct AgentSettings {
     pub requests_per_sec_per_vm: u32,
     /// Requests one VM may make at once.
     pub request_burst_per_vm: u32,
+    /// The libvirt connection URI of `backend = "libvirt"` VMs that give
+    /// none (`libvirt_uri`, default `qemu:///system`), and of discovery.
+    pub libvirt_uri: String,
+    /// Whether running domains carrying the nestless metadata element are
+    /// registered and served by themselves (`libvirt_discover`, default
+    /// false; see [`crate::backend::libvirt::discover`]).
+    pub libvirt_discover: bool,
+    /// How often libvirt is asked which domains run (`libvirt_poll_ms`,
+    /// default 1000).
+    pub libvirt_poll: Duration,
 }
 
 /// An extra route given to NICs of a network.
@@ -355,6 +365,16 @@ pub enum BackendConfig {
         /// Path of the namespace (`/run/netns/NAME` for a bare name).
         netns: PathBuf,
     },
+    /// A libvirt domain: taps on the bridge, handed to libvirt as
+    /// unmanaged `<interface type='ethernet'>` devices.
+    Libvirt {
+        /// libvirt's connection URI.
+        uri: String,
+        /// The domain's name.
+        domain: String,
+        /// Also add the NICs to the domain's persistent definition.
+        persist_nics: bool,
+    },
 }
 
 impl BackendConfig {
@@ -363,6 +383,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Qemu { .. } => "qemu",
             BackendConfig::Netns { .. } => "netns",
+            BackendConfig::Libvirt { .. } => "libvirt",
         }
     }
 
@@ -371,6 +392,7 @@ impl BackendConfig {
         match self {
             BackendConfig::Qemu { qmp_socket, .. } => qmp_socket,
             BackendConfig::Netns { netns } => netns,
+            BackendConfig::Libvirt { domain, .. } => Path::new(domain),
         }
     }
 }
@@ -395,6 +417,9 @@ pub struct VmConfig {
     /// Registered at run time ([`VmSpec`], kept in `vms.json`) rather than a
     /// `[[vm]]` entry of the file.
     pub registered: bool,
+    /// Registered by the agent from a running libvirt domain's nestless
+    /// metadata (and unregistered when the domain stops).
+    pub discovered: bool,
 }
 
 /// A VM registered at run time (`RegisterVm`, `nestlessctl vm add`): the
@@ -407,7 +432,7 @@ pub struct VmConfig {
 pub struct VmSpec {
     /// `name`.
     pub name: String,
-    /// `backend`: `"qemu"` or `"netns"`.
+    /// `backend`: `"qemu"`, `"netns"` or `"libvirt"`.
     pub backend: String,
     /// `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -436,6 +461,18 @@ pub struct VmSpec {
     /// `netns` (netns): a name under `/run/netns` or a path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
+    /// `domain` (libvirt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// `libvirt_uri` (libvirt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_uri: Option<String>,
+    /// `persist_nics` (libvirt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persist_nics: Option<bool>,
+    /// Registered from a domain's metadata by the agent itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discovered: bool,
 }
 
 /// Hostlo settings (`[hostlo]`).
@@ -837,6 +874,145 @@ mod tests {
         );
         let dup_name = format!("{net}[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"x\"\ncid=5\n[[vm]]\nname=\"a\"\nbackend=\"netns\"\nnetns=\"y\"\ncid=6\n");
         assert!(err(&dup_name).contains("duplicate VM name"));
+    }
+
+    #[cfg(feature = "libvirt")]
+    #[test]
+    fn libvirt_vms() {
+        let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
+        let c = parse(&format!(
+            "[agent]\nlibvirt_uri = \"qemu+ssh://h/system\"\nlibvirt_discover = true\nlibvirt_poll_ms = 250\n{net}\
+             [[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n\
+             [[vm]]\nname=\"b\"\nbackend=\"libvirt\"\ndomain=\"dom b\"\nlibvirt_uri=\"qemu:///session\"\npersist_nics=true\ncid=4\n"
+        ))
+        .unwrap();
+        assert!(c.agent.libvirt_discover);
+        assert_eq!(c.agent.libvirt_poll, Duration::from_millis(250));
+        assert_eq!(
+            c.vms[0].backend,
+            BackendConfig::Libvirt {
+                uri: "qemu+ssh://h/system".into(),
+                domain: "a".into(),
+                persist_nics: false
+            }
+        );
+        assert_eq!(
+            c.vms[1].backend,
+            BackendConfig::Libvirt {
+                uri: "qemu:///session".into(),
+                domain: "dom b".into(),
+                persist_nics: true
+            }
+        );
+        let d = parse(&format!(
+            "{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n"
+        ))
+        .unwrap();
+        assert!(!d.agent.libvirt_discover);
+        assert_eq!(
+            d.vms[0].backend,
+            BackendConfig::Libvirt {
+                uri: "qemu:///system".into(),
+                domain: "a".into(),
+                persist_nics: false
+            }
+        );
+        let cases = [
+            (
+                "name=\"a\"\nbackend=\"libvirt\"\ncid=3\nqmp_socket=\"/q\"",
+                ".backend",
+                "not for backend = \"libvirt\"",
+            ),
+            (
+                "name=\"a\"\nbackend=\"libvirt\"\ncid=3\nnetns=\"x\"",
+                ".backend",
+                "not for backend = \"libvirt\"",
+            ),
+            (
+                "name=\"a\"\nbackend=\"qemu\"\nqmp_socket=\"/q\"\ncid=3\ndomain=\"d\"",
+                ".domain",
+                "only for backend = \"libvirt\"",
+            ),
+            (
+                "name=\"a\"\nbackend=\"libvirt\"\ncid=3\ndomain=\"a/b\"",
+                ".domain",
+                "not a libvirt domain name",
+            ),
+            (
+                "name=\"a\"\nbackend=\"libvirt\"\ncid=3\nlibvirt_uri=\"system\"",
+                ".libvirt_uri",
+                "not a libvirt connection URI",
+            ),
+            (
+                "name=\"a\"\nbackend=\"libvirt\"\ncid=3\ndiscovered=true",
+                ".discovered",
+                "never in the file",
+            ),
+            (
+                "name=\"a\"\nbackend=\"libvirt\"",
+                "vm[0] (\"a\")",
+                "needs a cid",
+            ),
+        ];
+        for (vm, key, msg) in cases {
+            let e = err(&format!("{net}[[vm]]\n{vm}\n"));
+            assert!(e.contains(key) && e.contains(msg), "{vm}: {e}");
+        }
+        let e = err(&format!("[agent]\nlibvirt_uri = \"nope\"\n{net}"));
+        assert!(e.contains("agent.libvirt_uri"), "{e}");
+        let two = format!(
+            "{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ndomain=\"d\"\ncid=3\n[[vm]]\nname=\"b\"\nbackend=\"libvirt\"\ndomain=\"d\"\ncid=4\n"
+        );
+        let e = err(&two);
+        assert!(
+            e.contains("vm[1] (\"b\").domain") && e.contains("already VM \"a\""),
+            "{e}"
+        );
+        // A domain's metadata goes through the checks of a registered VM.
+        let xml = |inner: &str| {
+            format!(
+                "<domain><name>web-1</name><metadata><n:vm xmlns:n='{}'>{inner}</n:vm></metadata>\
+                 <devices><vsock model='virtio'><cid address='9'/></vsock></devices></domain>",
+                crate::backend::domxml::METADATA_NS
+            )
+        };
+        let store = Path::new("/s/vms.json");
+        let spec = |inner: &str| {
+            crate::backend::domxml::domain_spec("web-1", &xml(inner), "qemu:///system")
+                .unwrap()
+                .unwrap()
+        };
+        let r = d
+            .with_registered(store, &[spec("<n:max-nics>4</n:max-nics>")])
+            .unwrap();
+        let vm = r.vm("web-1").unwrap();
+        assert!(vm.registered && vm.discovered);
+        assert_eq!((vm.cid, vm.max_nics), (Some(9), 4));
+        let e = d
+            .with_registered(store, &[spec("<n:network>nope</n:network>")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registered vm (\"web-1\").network"), "{e}");
+        let e = d
+            .with_registered(store, &[spec("<n:max-nics>0</n:max-nics>")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registered vm (\"web-1\").max_nics"), "{e}");
+    }
+
+    #[cfg(not(feature = "libvirt"))]
+    #[test]
+    fn libvirt_is_refused_without_the_feature() {
+        let net = with_network("subnet = \"10.88.0.0/16\"\ngateway = \"10.88.0.1\"");
+        let e = err(&format!(
+            "{net}[[vm]]\nname=\"a\"\nbackend=\"libvirt\"\ncid=3\n"
+        ));
+        assert!(
+            e.contains("vm[0] (\"a\").backend") && e.contains("without libvirt"),
+            "{e}"
+        );
+        let e = err(&format!("[agent]\nlibvirt_discover = true\n{net}"));
+        assert!(e.contains("agent.libvirt_discover"), "{e}");
     }
 
     /// Issue 11, item 8: one VM cannot be given more NICs than a bridge

@@ -79,6 +79,11 @@ pub(super) struct RawAgent {
     pub requests_per_sec_per_vm: u32,
     #[serde(deserialize_with = "rate")]
     pub request_burst_per_vm: u32,
+    #[serde(deserialize_with = "libvirt_uri")]
+    pub libvirt_uri: String,
+    pub libvirt_discover: bool,
+    #[serde(rename = "libvirt_poll_ms", deserialize_with = "millis")]
+    pub libvirt_poll: Duration,
 }
 
 impl Default for RawAgent {
@@ -96,6 +101,9 @@ impl Default for RawAgent {
             idle_timeout: crate::server::conns::IDLE_TIMEOUT,
             requests_per_sec_per_vm: crate::server::conns::REQUESTS_PER_SEC_PER_VM,
             request_burst_per_vm: crate::server::conns::REQUEST_BURST_PER_VM,
+            libvirt_uri: crate::backend::libvirt::DEFAULT_URI.into(),
+            libvirt_discover: false,
+            libvirt_poll: crate::backend::libvirt::DEFAULT_POLL,
         }
     }
 }
@@ -145,6 +153,7 @@ pub(super) struct RawRoute {
 pub(super) enum BackendKind {
     Qemu,
     Netns,
+    Libvirt,
 }
 
 impl TryFrom<String> for BackendKind {
@@ -153,7 +162,10 @@ impl TryFrom<String> for BackendKind {
         match s.as_str() {
             "qemu" => Ok(BackendKind::Qemu),
             "netns" => Ok(BackendKind::Netns),
-            other => Err(format!("{other:?} is not \"qemu\" or \"netns\"")),
+            "libvirt" => Ok(BackendKind::Libvirt),
+            other => Err(format!(
+                "{other:?} is not \"qemu\", \"netns\" or \"libvirt\""
+            )),
         }
     }
 }
@@ -180,6 +192,16 @@ pub(super) struct RawVm {
     // netns
     #[serde(default, deserialize_with = "some_netns")]
     pub netns: Option<PathBuf>,
+    // libvirt
+    #[serde(default, deserialize_with = "some_domain")]
+    pub domain: Option<String>,
+    #[serde(default, deserialize_with = "some_libvirt_uri")]
+    pub libvirt_uri: Option<String>,
+    pub persist_nics: Option<bool>,
+    /// Set by the agent on the VMs it registers from a domain's nestless
+    /// metadata ([`crate::backend::libvirt::discover`]).
+    #[serde(default)]
+    pub discovered: bool,
 }
 
 /// A registered VM ([`super::VmSpec`]) through the same schema as a
@@ -321,6 +343,37 @@ fn vm_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
             Ok(s.to_string())
         }
     })
+}
+
+/// A libvirt domain name: what libvirt allows, less control characters
+/// and `/` (it names files under `/etc/libvirt` and `/run/libvirt`).
+fn some_domain<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    parsed(d, |s| {
+        if s.is_empty() || s.len() > 255 || has_control(s) || s.contains('/') {
+            Err(format!(
+                "{s:?} is not a libvirt domain name (1 to 255 characters, no '/' or control character)"
+            ))
+        } else {
+            Ok(Some(s.to_string()))
+        }
+    })
+}
+
+fn check_libvirt_uri(s: &str) -> Result<String, String> {
+    match s.split_once("://") {
+        Some((scheme, _)) if !scheme.is_empty() && !has_control(s) => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not a libvirt connection URI (e.g. \"qemu:///system\")"
+        )),
+    }
+}
+
+fn libvirt_uri<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    parsed(d, check_libvirt_uri)
+}
+
+fn some_libvirt_uri<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    parsed(d, |s| check_libvirt_uri(s).map(Some))
 }
 
 fn ifname<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -91,6 +91,9 @@ impl HostLinks for FakeLinks {
         self.links.lock().unwrap().insert(name.to_string());
         Ok(std::fs::File::open("/dev/null").unwrap().into())
     }
+    fn persist_tap(&self, _fd: OwnedFd, name: &str) -> Result<(), LinkError> {
+        self.call("persist_tap", name)
+    }
     async fn join_bridge(&self, ifname: &str, bridge: &str, _: u32) -> Result<(), LinkError> {
         round_trip().await;
         self.call("join_bridge", &format!("{ifname} {bridge}"))

@@ -400,6 +400,7 @@ pub fn vm_spec(v: &pb::VmSpec) -> VmSpec {
         qmp_socket: path(&v.qmp_socket),
         hotplug_slots: (!v.hotplug_slots.is_empty()).then(|| v.hotplug_slots.clone()),
         netns: text(&v.netns),
+        ..Default::default()
     }
 }
 
