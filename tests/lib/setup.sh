@@ -49,7 +49,8 @@ start_libvirtd() {
 		fi
 	fi
 	local i
-	for i in $(seq 1 100); do
+	# Up to 60 s: libvirtd probes its drivers at start, slowly on a loaded machine.
+	for i in $(seq 1 600); do
 		virsh -c qemu:///system version >/dev/null 2>&1 && return 0
 		sleep 0.1
 	done
