@@ -292,9 +292,45 @@ impl AgentProc {
     }
 }
 
+impl AgentProc {
+    /// Deletes the host links this agent made and a SIGKILL left behind:
+    /// those marked with its owner alias, and Hostlo segments (`nls*`) with
+    /// the MAC the agent gives its own segments (a segment made but not yet
+    /// marked). A VM's veths go with its namespace and taps with QEMU;
+    /// segments would stay on the host for good. Best effort: a test's
+    /// cleanup must not hide its outcome.
+    fn delete_owned_links(&self) {
+        let owner = nestless_netagent::links::owner_alias(&self.state_dir());
+        let Ok(out) = Command::new("ip")
+            .args(["-j", "-d", "link", "show"])
+            .output()
+        else {
+            return;
+        };
+        let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for l in &links {
+            let Some(name) = l["ifname"].as_str() else {
+                continue;
+            };
+            let mine = l["ifalias"].as_str() == Some(owner.as_str())
+                || (name.starts_with(nestless_netagent::names::SEGMENT_PREFIX)
+                    && l["address"].as_str()
+                        == Some(
+                            nestless_netagent::names::owned_bridge_mac(name, &owner)
+                                .to_string()
+                                .as_str(),
+                        ));
+            if mine {
+                let _ = Command::new("ip").args(["link", "del", name]).output();
+            }
+        }
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
         self.kill9();
+        self.delete_owned_links();
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.log());
         }
