@@ -32,7 +32,8 @@
 //! bound) until DAD ends, and unusable for good when it fails. Waiting for the
 //! default DAD (a random delay up to a second, then a second per probe) would
 //! slow every attach, and skipping DAD would hide a duplicate: the pod's
-//! interface gets a DAD of one probe, no initial delay and a 100 ms
+//! interface gets a DAD of three probes ([`DAD_TRANSMITS`]: the first can
+//! be lost before the other end forwards), no initial delay and a 100 ms
 //! retransmission timer while it starts ([`DAD_RETRANS_MS`]; restored
 //! afterwards, as it is the neighbour discovery timer too), and the plug
 //! returns once every address has passed it. A failed DAD fails the plug.
@@ -72,8 +73,17 @@ pub use links::{Addr, Link, NsLinks};
 pub use netlink::Netlink;
 
 /// The IPv6 retransmission timer of a pod interface while its addresses go
-/// through duplicate address detection (one probe, no initial delay).
+/// through duplicate address detection (no initial delay).
 pub const DAD_RETRANS_MS: u32 = 100;
+
+/// Neighbour solicitations each address sends in duplicate address
+/// detection (`dad_transmits`; the kernel's default is 1). The first is
+/// sent the moment the link runs, which can be before the NIC's other end
+/// forwards: a veth's host end joins its bridge's forwarding state only when
+/// the kernel's link watch has handled its carrier, so one probe was lost now
+/// and then on a loaded host and a duplicate went unseen. Three probes,
+/// [`DAD_RETRANS_MS`] apart, give 200 ms for that; DAD takes 300 ms.
+pub const DAD_TRANSMITS: u32 = 3;
 
 /// When each address is announced, after the link runs: three times, so
 /// that a neighbour (or a bridge port) that was not ready for the first
@@ -481,6 +491,13 @@ pub async fn configure(
             &format!("ipv6/conf/{ifname}/keep_addr_on_down"),
             "1",
             "IPv6 addresses are lost when the link goes down",
+        )
+        .await;
+        try_sysctl(
+            ns,
+            &format!("ipv6/conf/{ifname}/dad_transmits"),
+            &DAD_TRANSMITS.to_string(),
+            "a duplicate address may go unseen",
         )
         .await;
         let key = format!("ipv6/neigh/{ifname}/retrans_time_ms");
