@@ -197,6 +197,12 @@ async fn the_plug_returns_once_ipv6_has_passed_dad_with_a_short_timer() {
             .as_deref(),
         Some("0")
     );
+    // More than one probe: the first can be lost before the other end
+    // forwards (cni::a_duplicate_ipv6_address_fails_add_and_check under load).
+    assert_eq!(
+        k.sysctl(POD, "ipv6/conf/eth0/dad_transmits").as_deref(),
+        Some("3")
+    );
     assert_eq!(
         k.sysctl(POD, "ipv6/conf/eth0/ndisc_notify").as_deref(),
         Some("1")
