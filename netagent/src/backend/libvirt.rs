@@ -154,7 +154,7 @@ mod imp {
         },
         lifecycle::Presence,
         links::HostLinks,
-        names::{NicId, HOST_IF_PREFIX},
+        names::NicId,
     };
 
     /// How often an unplug reads the live XML while it waits for the guest.
@@ -548,37 +548,15 @@ mod imp {
         }
 
         /// A NIC is present when the running domain has its interface and the
-        /// host has its tap; a domain that does not run has none.
+        /// host has its tap ([`crate::backend::device_and_tap_presence`]); a
+        /// domain that does not run has none.
         async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
-            let unknown = || {
-                ids.iter()
-                    .map(|id| (id.clone(), Presence::Unknown))
-                    .collect()
-            };
-            let nics = match self.live_nics().await {
-                Ok(n) => n,
-                Err(e) => {
-                    log::warn!("VM {}: cannot read the domain: {e}", self.vm);
-                    return unknown();
-                }
-            };
-            let taps = match self.links.names(HOST_IF_PREFIX).await {
-                Ok(t) => t,
-                Err(e) => {
-                    log::warn!("VM {}: cannot list taps: {e}", self.vm);
-                    return unknown();
-                }
-            };
-            ids.iter()
-                .map(|id| {
-                    let p = if nics.contains(id) && taps.contains(&id.names().host_if) {
-                        Presence::Present
-                    } else {
-                        Presence::Gone
-                    };
-                    (id.clone(), p)
-                })
-                .collect()
+            let nics = self
+                .live_nics()
+                .await
+                .map(|n| move |id: &NicId| n.contains(id));
+            crate::backend::device_and_tap_presence(&self.vm, "the domain", ids, nics, &*self.links)
+                .await
         }
 
         async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {

@@ -139,6 +139,50 @@ impl BackendError {
     }
 }
 
+/// The presence of each of `ids` in a VM that has a device per NIC and a
+/// tap per NIC on the host: `Present` when the VM's own view (`in_vm`, what
+/// the backend read from QEMU or libvirt, or why it could not) has the NIC
+/// and the host has its tap; `Gone` when either lacks it (a device whose
+/// tap someone deleted carries nothing any more); `Unknown` for every NIC
+/// when either could not be read (logged, naming `vm` and `what` was read).
+pub(crate) async fn device_and_tap_presence<E: std::fmt::Display>(
+    vm: &str,
+    what: &str,
+    ids: &[NicId],
+    in_vm: Result<impl Fn(&NicId) -> bool, E>,
+    links: &dyn crate::links::HostLinks,
+) -> HashMap<NicId, Presence> {
+    let unknown = || {
+        ids.iter()
+            .map(|id| (id.clone(), Presence::Unknown))
+            .collect()
+    };
+    let in_vm = match in_vm {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!("VM {vm}: cannot read {what}: {e}");
+            return unknown();
+        }
+    };
+    let taps = match links.names(crate::names::HOST_IF_PREFIX).await {
+        Ok(t) => t,
+        Err(e) => {
+            log::warn!("VM {vm}: cannot list taps: {e}");
+            return unknown();
+        }
+    };
+    ids.iter()
+        .map(|id| {
+            let p = if in_vm(id) && taps.contains(&id.names().host_if) {
+                Presence::Present
+            } else {
+                Presence::Gone
+            };
+            (id.clone(), p)
+        })
+        .collect()
+}
+
 /// What a VM reports by itself, without being asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendEvent {

@@ -35,7 +35,7 @@ use super::{BackendError, BackendEvent, BackendEvents, NicPlan, Plugged, VmBacke
 use crate::{
     lifecycle::Presence,
     links::HostLinks,
-    names::{NicId, NicNames, HOST_IF_PREFIX, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
+    names::{NicId, NicNames, QEMU_DEVICE_PREFIX, QEMU_NETDEV_PREFIX},
     qmp::{
         commands::{
             self, CloseFd, Command, DeviceAddVirtioNet, DeviceDel, GetFd, HumanMonitorCommand,
@@ -370,39 +370,14 @@ impl VmBackend for QemuBackend {
         Ok(())
     }
 
-    /// A NIC is present when QEMU has its device and the host has its tap:
-    /// a device whose tap someone deleted carries nothing any more.
+    /// A NIC is present when QEMU has its device and the host has its tap
+    /// ([`super::device_and_tap_presence`]).
     async fn presence(&self, ids: &[NicId]) -> HashMap<NicId, Presence> {
-        let unknown = || {
-            ids.iter()
-                .map(|id| (id.clone(), Presence::Unknown))
-                .collect()
-        };
-        let devices = match self.devices().await {
-            Ok(d) => d,
-            Err(e) => {
-                log::warn!("VM {}: cannot list devices: {e}", self.vm);
-                return unknown();
-            }
-        };
-        let taps = match self.links.names(HOST_IF_PREFIX).await {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("VM {}: cannot list taps: {e}", self.vm);
-                return unknown();
-            }
-        };
-        ids.iter()
-            .map(|id| {
-                let names = id.names();
-                let p = if devices.contains(&names.device) && taps.contains(&names.host_if) {
-                    Presence::Present
-                } else {
-                    Presence::Gone
-                };
-                (id.clone(), p)
-            })
-            .collect()
+        let devices = self
+            .devices()
+            .await
+            .map(|d| move |id: &NicId| d.contains(&id.names().device));
+        super::device_and_tap_presence(&self.vm, "its devices", ids, devices, &*self.links).await
     }
 
     async fn orphans(&self, known: &[NicId]) -> Result<Vec<NicId>, BackendError> {
