@@ -255,8 +255,8 @@ fn vm_json(v: &pb::VmInfo) -> Value {
 /// entry. The agent checks them as it checks the file, naming the field.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct VmFields {
-    /// "qemu" or "netns" (required by `add`).
-    #[arg(long, value_parser = ["qemu", "netns"])]
+    /// "qemu", "netns" or "libvirt" (required by `add`).
+    #[arg(long, value_parser = ["qemu", "netns", "libvirt"])]
     pub backend: Option<String>,
     /// The VM's network (default: the only one).
     #[arg(long)]
@@ -285,6 +285,17 @@ pub struct VmFields {
     /// Network namespace: a name under /run/netns or a path (netns).
     #[arg(long)]
     pub netns: Option<String>,
+    /// The libvirt domain's name (libvirt; default: the VM's name).
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// The libvirt connection URI (libvirt; default: the agent's
+    /// `libvirt_uri`).
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
+    /// Also put NICs in the domain's persistent definition (libvirt):
+    /// `--persist-nics` or `--persist-nics=false`.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub persist_nics: Option<bool>,
 }
 
 impl VmFields {
@@ -321,6 +332,15 @@ impl VmFields {
         if let Some(n) = &self.netns {
             spec.netns = n.clone();
         }
+        if let Some(d) = &self.domain {
+            spec.domain = d.clone();
+        }
+        if let Some(u) = &self.libvirt_uri {
+            spec.libvirt_uri = u.clone();
+        }
+        if let Some(p) = self.persist_nics {
+            spec.persist_nics = p;
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -334,6 +354,9 @@ impl VmFields {
             && self.qmp_socket.is_none()
             && self.hotplug_slots.is_empty()
             && self.netns.is_none()
+            && self.domain.is_none()
+            && self.libvirt_uri.is_none()
+            && self.persist_nics.is_none()
     }
 }
 
@@ -383,7 +406,7 @@ pub async fn vm_command(client: &AdminClient, cmd: &VmCommand) -> anyhow::Result
         }
         VmCommand::Add { name, fields } => {
             if fields.backend.is_none() {
-                anyhow::bail!("vm add {name}: --backend is required (qemu or netns)");
+                anyhow::bail!("vm add {name}: --backend is required (qemu, netns or libvirt)");
             }
             let mut spec = pb::VmSpec {
                 name: name.clone(),
@@ -509,6 +532,41 @@ mod tests {
         assert_eq!(spec.socket, "/run/b.sock");
         assert_eq!(spec.hotplug_slots, ["rp1"]);
         assert_eq!(spec.max_nics, 8);
+    }
+
+    #[test]
+    fn libvirt_flags_parse_and_apply() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            f: VmFields,
+        }
+        let parse = |args: &[&str]| T::try_parse_from([&["t"], args].concat()).map(|t| t.f);
+        let f = parse(&[
+            "--backend",
+            "libvirt",
+            "--domain",
+            "web 1",
+            "--persist-nics",
+        ])
+        .unwrap();
+        assert_eq!(
+            (f.backend.as_deref(), f.domain.as_deref(), f.persist_nics),
+            (Some("libvirt"), Some("web 1"), Some(true))
+        );
+        let mut spec = pb::VmSpec::default();
+        f.apply(&mut spec);
+        assert_eq!((spec.domain.as_str(), spec.persist_nics), ("web 1", true));
+        let f = parse(&["--persist-nics=false", "--libvirt-uri", "qemu:///session"]).unwrap();
+        assert!(!f.is_empty());
+        f.apply(&mut spec);
+        assert_eq!(
+            (spec.persist_nics, spec.libvirt_uri.as_str()),
+            (false, "qemu:///session")
+        );
+        assert!(parse(&["--persist-nics=maybe"]).is_err());
+        assert!(parse(&["--backend", "xen"]).is_err());
     }
 
     #[test]

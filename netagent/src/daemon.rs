@@ -1,10 +1,12 @@
 //! The daemon's life, from a checked configuration to exit:
 //!
 //! ```text
-//! netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
+//! signal handlers (SIGHUP, SIGTERM, SIGINT: before anything else)
+//!   ─▶ netlink ─▶ Agent (state file loaded; records that do not fit the config: refused)
 //!   ─▶ recover (bridges, reconcile, sweep)
 //!   ─▶ serve (every socket listens) ─▶ upkeep tasks, link-deletion watch,
 //!      libvirt discovery (`libvirt_discover`) ─▶ sd_notify READY=1
+//!      (SIGTERM / SIGINT before this point: start-up stopped, clean exit)
 //!   ─▶ … SIGHUP ─▶ RELOADING=1 ─▶ the file read again and applied, or refused whole ─▶ READY=1
 //!   ─▶ … SIGTERM / SIGINT ─▶ STOPPING=1 ─▶ stop accepting ─▶ drain (≤ 30 s) ─▶ exit
 //! ```
@@ -83,10 +85,82 @@ pub async fn release_stale(config: Config) -> Result<ReconcileReport, DaemonErro
 /// # Errors
 /// See [`DaemonError`]; a signal is a clean exit.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    // Installed first: a SIGHUP during recovery waits for the loop below
-    // (it reloads then), and never kills the agent.
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(DaemonError::Signals)?;
+    // Installed first, before any socket is bound: a signal during
+    // start-up never meets the default action (which would kill the agent
+    // between two steps). SIGTERM and SIGINT stop the start-up where it is
+    // (like a crash there, which the next start recovers from, but with a
+    // clean exit); a SIGHUP waits for the loop below, which reloads then.
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(DaemonError::Signals);
+    use tokio::signal::unix::SignalKind;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (agent, registry, running, upkeep) = tokio::select! {
+        started = start(config) => started?,
+        _ = term.recv() => {
+            log::info!("SIGTERM during start-up: stopping before serving");
+            return Ok(());
+        }
+        _ = int.recv() => {
+            log::info!("SIGINT during start-up: stopping before serving");
+            return Ok(());
+        }
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    log::info!("ready: serving {} VM(s)", agent.vms().len());
+
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                log::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                log::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                log::info!("SIGHUP: reloading {}", agent.config().path.display());
+                // systemd (v253 and newer) terminates a service whose
+                // RELOADING=1 comes without MONOTONIC_USEC: both, or neither.
+                if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading, now]);
+                }
+                // Refused or applied, the outcome is logged and kept by the registry.
+                let _ = registry.reload().await;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+        }
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    registry.stop_upkeep();
+    for t in upkeep {
+        t.abort();
+    }
+    running.stop_accepting();
+    // Let operations in flight finish, so that none is cut between steps.
+    if !agent.drain(DRAIN_TIMEOUT).await {
+        log::warn!(
+            "operations still running after {}s: exiting anyway (the next start recovers them)",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    // NICs stay plugged: they belong to running pods. The state file has them.
+    Ok(())
+}
+
+/// What [`start`] leaves running: the agent, its registry, the listeners
+/// and the background tasks.
+type Started = (
+    Arc<Agent>,
+    Arc<Registry>,
+    server::Running,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+/// The agent's start-up: state loaded, recovery, the listeners bound, the
+/// upkeep, discovery and the link-deletion watch running.
+async fn start(config: Config) -> Result<Started, DaemonError> {
     for w in &config.warnings {
         log::warn!("{w}");
     }
@@ -144,47 +218,5 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             UPKEEP_PERIOD.as_secs()
         ),
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    log::info!("ready: serving {} VM(s)", agent.vms().len());
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(DaemonError::Signals)?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => {
-                log::info!("SIGTERM: shutting down");
-                break;
-            }
-            _ = tokio::signal::ctrl_c() => {
-                log::info!("SIGINT: shutting down");
-                break;
-            }
-            _ = hup.recv() => {
-                log::info!("SIGHUP: reloading {}", agent.config().path.display());
-                // systemd (v253 and newer) terminates a service whose
-                // RELOADING=1 comes without MONOTONIC_USEC: both, or neither.
-                if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading, now]);
-                }
-                // Refused or applied, the outcome is logged and kept by the registry.
-                let _ = registry.reload().await;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            }
-        }
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    registry.stop_upkeep();
-    for t in upkeep {
-        t.abort();
-    }
-    running.stop_accepting();
-    // Let operations in flight finish, so that none is cut between steps.
-    if !agent.drain(DRAIN_TIMEOUT).await {
-        log::warn!(
-            "operations still running after {}s: exiting anyway (the next start recovers them)",
-            DRAIN_TIMEOUT.as_secs()
-        );
-    }
-    // NICs stay plugged: they belong to running pods. The state file has them.
-    Ok(())
+    Ok((agent, registry, running, upkeep))
 }

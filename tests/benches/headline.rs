@@ -49,7 +49,7 @@ use std::{
 
 use nestless_tests::{
     containerd::{run, CRI_HANDLER},
-    e2e::{step, Binaries, Cluster, ClusterOptions, Node, NESTED_HANDLER},
+    e2e::{step, Binaries, Cluster, ClusterOptions, Guest, Node, NESTED_HANDLER},
     vm::GuestCommand,
 };
 use serde_json::Value;

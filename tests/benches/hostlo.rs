@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use nestless_tests::{
     containerd::CRI_HANDLER,
-    e2e::{eventually, step, Cluster, ClusterOptions, Node, Pod},
+    e2e::{eventually, step, Cluster, ClusterOptions, Guest, Node, Pod},
     hostlo::{has_port, in_pod, rr, start_in_pod, start_part, wait_view},
 };
 use serde_json::Value;

@@ -49,6 +49,14 @@ impl AgentProc {
     /// must set `state_dir = "<dir>/state"` and `admin_socket = "<dir>/admin.sock"`
     /// (see [`AgentProc::agent_section`]).
     pub fn start(config: impl FnOnce(&Path) -> String) -> AgentProc {
+        let mut a = AgentProc::start_unready(config);
+        a.wait_ready(Duration::from_secs(30));
+        a
+    }
+
+    /// [`AgentProc::start`] without waiting until it serves: to act on it
+    /// during its start-up.
+    pub fn start_unready(config: impl FnOnce(&Path) -> String) -> AgentProc {
         let dir = tempfile::Builder::new()
             .prefix("nestless-agent-")
             .tempdir()
@@ -62,7 +70,7 @@ impl AgentProc {
             dir,
             child: None,
         };
-        a.spawn(Duration::from_secs(30));
+        a.spawn_child();
         a
     }
 
@@ -75,6 +83,11 @@ impl AgentProc {
     }
 
     fn spawn(&mut self, ready_within: Duration) {
+        self.spawn_child();
+        self.wait_ready(ready_within);
+    }
+
+    fn spawn_child(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -90,7 +103,6 @@ impl AgentProc {
             .spawn()
             .expect("spawn nestless-netagent");
         self.child = Some(child);
-        self.wait_ready(ready_within);
     }
 
     /// Waits until the admin socket accepts connections: the agent binds it
@@ -136,6 +148,15 @@ impl AgentProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits until the agent exits by itself (or by a signal the test sent).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child
+            .take()
+            .expect("agent running")
+            .wait()
+            .expect("wait agent")
     }
 
     /// SIGTERM and wait for a clean exit.

@@ -50,7 +50,7 @@ use crate::{
     agent::AgentProc,
     containerd::{shell_quote, BUSYBOX_IMAGE, RUNTIME},
     netenv::{check, random_subnet, require_root, run, Bridge},
-    vm::{GuestCommand, GuestImage, HostTap, Vm},
+    vm::{ExecOutput, GuestCommand, GuestImage, HostTap, Vm},
 };
 
 /// The vsock port the agent serves (guests dial CID 2 on it).
@@ -497,16 +497,62 @@ impl Node {
         &self.own_mac
     }
 
+    /// The guest links in the VM's root namespace that are neither `lo` nor its own NIC
+    /// (`name mac` per line): hot-plugged NICs that no pod holds.
+    pub fn stray_links(&self) -> Vec<String> {
+        let out = self.sh(
+            "for d in /sys/class/net/*; do n=${d##*/}; [ $n = lo ] || echo $n $(cat $d/address); done",
+        );
+        out.lines()
+            .filter(|l| !l.ends_with(&self.own_mac))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The ids of the devices QEMU has (`query-pci`, all buses), through the harness monitor.
+    pub fn pci_device_ids(&self) -> Vec<String> {
+        fn walk(devs: &[Value], out: &mut Vec<String>) {
+            for d in devs {
+                if let Some(id) = d["qdev_id"].as_str().filter(|s| !s.is_empty()) {
+                    out.push(id.to_owned());
+                }
+                if let Some(children) = d["pci_bridge"]["devices"].as_array() {
+                    walk(children, out);
+                }
+            }
+        }
+        let v = self
+            .vm
+            .qmp()
+            .execute("query-pci", serde_json::json!({}))
+            .expect("query-pci");
+        let mut out = Vec::new();
+        for bus in v.as_array().expect("query-pci returns buses") {
+            walk(bus["devices"].as_array().expect("devices"), &mut out);
+        }
+        out
+    }
+}
+
+/// A guest that runs commands over the harness's vsock exec channel, with
+/// containerd, our shim, CNI plugin and `nestless-cri` in it (a [`Node`] of a
+/// [`Cluster`], a libvirt [`crate::libvirt::Domain`] booted from
+/// [`guest_image`]): what the tests do in it, as a user of the guest would.
+pub trait Guest {
+    /// Runs `cmd` in the guest.
+    fn run(&self, cmd: &GuestCommand) -> ExecOutput;
+
+    /// The guest's name, for messages.
+    fn guest_name(&self) -> &str;
+
     /// Runs a guest shell script that must succeed; on failure the panic carries the
     /// containerd log's tail.
-    pub fn sh(&self, script: &str) -> String {
-        let out = self
-            .vm
-            .run(&GuestCommand::shell(script).timeout(Duration::from_secs(180)));
+    fn sh(&self, script: &str) -> String {
+        let out = self.run(&GuestCommand::shell(script).timeout(Duration::from_secs(180)));
         if !out.success() {
             panic!(
                 "`{script}` in VM {} ended with {:?}\nstdout:\n{}\nstderr:\n{}\ncontainerd log:\n{}",
-                self.vm.name(),
+                self.guest_name(),
                 out.status,
                 out.stdout_str(),
                 out.stderr_str(),
@@ -517,31 +563,32 @@ impl Node {
     }
 
     /// The last lines of the guest's containerd log (which carries the shims' logs).
-    pub fn containerd_log(&self, lines: usize) -> String {
-        self.vm
-            .exec(&format!("tail -n {lines} /var/log/containerd.log"))
-            .stdout_str()
+    fn containerd_log(&self, lines: usize) -> String {
+        self.run(&GuestCommand::shell(format!(
+            "tail -n {lines} /var/log/containerd.log"
+        )))
+        .stdout_str()
     }
 
     /// Runs `nestless-cri ARGS` in the guest and parses its JSON.
     ///
     /// # Panics
     /// When it fails (with its stderr and the containerd log's tail).
-    pub fn cri(&self, args: &[&str]) -> Value {
+    fn cri(&self, args: &[&str]) -> Value {
         let out = self.try_cri(args);
         out.unwrap_or_else(|e| {
             panic!(
                 "nestless-cri {} in VM {}: {e}\ncontainerd log:\n{}",
                 args.join(" "),
-                self.vm.name(),
+                self.guest_name(),
                 self.containerd_log(60)
             )
         })
     }
 
     /// Runs `nestless-cri ARGS` in the guest; its JSON, or its error text.
-    pub fn try_cri(&self, args: &[&str]) -> Result<Value, String> {
-        let out = self.vm.run(
+    fn try_cri(&self, args: &[&str]) -> Result<Value, String> {
+        let out = self.run(
             &GuestCommand::new("nestless-cri")
                 .args(args.iter().copied())
                 .timeout(Duration::from_secs(240)),
@@ -554,7 +601,7 @@ impl Node {
     }
 
     /// Imports the busybox and pause images into containerd's `k8s.io` namespace.
-    pub fn import_images(&self) {
+    fn import_images(&self) {
         self.sh(&format!(
             "ctr -n {K8S_NS} images import /usr/share/nestless/images/pause.tar >/tmp/i1 2>&1 & \
              ctr -n {K8S_NS} images import /usr/share/nestless/images/busybox.tar >/tmp/i2 2>&1; \
@@ -563,7 +610,7 @@ impl Node {
     }
 
     /// The pid of a runc container's init (a ctr container or a CRI sandbox).
-    pub fn init_pid(&self, id: &str) -> u32 {
+    fn init_pid(&self, id: &str) -> u32 {
         let state = self.sh(&format!(
             "runc --root /run/containerd/runc/{K8S_NS} state {id}"
         ));
@@ -576,7 +623,7 @@ impl Node {
 
     /// Runs a shell script in the network namespace of process `pid` (from the VM's root:
     /// the VM's programs, the pod's network).
-    pub fn in_netns(&self, pid: u32, script: &str) -> String {
+    fn in_netns(&self, pid: u32, script: &str) -> String {
         self.sh(&format!(
             "nsenter -t {pid} -n sh -c {}",
             shell_quote(script)
@@ -585,7 +632,7 @@ impl Node {
 
     /// The global IPv6 address of `eth0` in the network namespace of `pid`, and the
     /// flags `ip` shows for it (`tentative`, `dadfailed` when DAD has not passed).
-    pub fn eth0_ipv6(&self, pid: u32) -> (String, String) {
+    fn eth0_ipv6(&self, pid: u32) -> (String, String) {
         let out = self.in_netns(pid, "/usr/bin/ip -o -6 addr show dev eth0 scope global");
         let line = out
             .lines()
@@ -602,7 +649,7 @@ impl Node {
     }
 
     /// The IPv4 address of `eth0` in the network namespace of `pid`.
-    pub fn eth0_ipv4(&self, pid: u32) -> String {
+    fn eth0_ipv4(&self, pid: u32) -> String {
         let out = self.in_netns(pid, "/usr/bin/ip -o -4 addr show dev eth0");
         out.split_whitespace()
             .skip_while(|w| *w != "inet")
@@ -614,7 +661,7 @@ impl Node {
 
     /// Starts a pod with `ctr run -d --runtime io.containerd.nestless.v2` (its own netns:
     /// the shim asks the agent for its NIC) running `script` in busybox.
-    pub fn ctr_pod(&self, id: &str, script: &str) -> Pod {
+    fn ctr_pod(&self, id: &str, script: &str) -> Pod {
         self.sh(&format!(
             "ctr -n {K8S_NS} run -d --runtime {RUNTIME} {BUSYBOX_IMAGE} {id} sh -c {}",
             shell_quote(script)
@@ -629,7 +676,7 @@ impl Node {
     }
 
     /// Kills and deletes a ctr pod (the shim releases its NIC on delete).
-    pub fn ctr_delete(&self, id: &str) {
+    fn ctr_delete(&self, id: &str) {
         self.sh(&format!(
             "ctr -n {K8S_NS} task kill -s SIGKILL {id}; \
              ctr -n {K8S_NS} task rm -f {id} >/dev/null 2>&1; ctr -n {K8S_NS} container rm {id}"
@@ -639,12 +686,12 @@ impl Node {
     /// Creates a pod through CRI with runtime `handler` (port mappings for the nested
     /// baseline, as `nestless-cri runp --port` takes them: `C:H`, `C:H/udp`), starts a busybox container in it running `script`; returns the
     /// pod and RunPodSandbox's duration in ms as the client in the guest measured it.
-    pub fn cri_pod(&self, name: &str, handler: &str, ports: &[&str], script: &str) -> (Pod, f64) {
+    fn cri_pod(&self, name: &str, handler: &str, ports: &[&str], script: &str) -> (Pod, f64) {
         self.cri_pod_annotated(name, handler, ports, &[], script)
     }
 
     /// [`Node::cri_pod`] with pod annotations (`K=V`), as Kubernetes passes a pod's.
-    pub fn cri_pod_annotated(
+    fn cri_pod_annotated(
         &self,
         name: &str,
         handler: &str,
@@ -699,45 +746,29 @@ impl Node {
     }
 
     /// StopPodSandbox then RemovePodSandbox (CNI DEL releases the NIC, then the shim).
-    pub fn cri_delete(&self, pod: &str) {
+    fn cri_delete(&self, pod: &str) {
         self.cri(&["stopp", pod]);
         self.cri(&["rmp", pod]);
     }
+}
 
-    /// The guest links in the VM's root namespace that are neither `lo` nor its own NIC
-    /// (`name mac` per line): hot-plugged NICs that no pod holds.
-    pub fn stray_links(&self) -> Vec<String> {
-        let out = self.sh(
-            "for d in /sys/class/net/*; do n=${d##*/}; [ $n = lo ] || echo $n $(cat $d/address); done",
-        );
-        out.lines()
-            .filter(|l| !l.ends_with(&self.own_mac))
-            .map(str::to_owned)
-            .collect()
+impl Guest for Node {
+    fn run(&self, cmd: &GuestCommand) -> ExecOutput {
+        self.vm.run(cmd)
     }
 
-    /// The ids of the devices QEMU has (`query-pci`, all buses), through the harness monitor.
-    pub fn pci_device_ids(&self) -> Vec<String> {
-        fn walk(devs: &[Value], out: &mut Vec<String>) {
-            for d in devs {
-                if let Some(id) = d["qdev_id"].as_str().filter(|s| !s.is_empty()) {
-                    out.push(id.to_owned());
-                }
-                if let Some(children) = d["pci_bridge"]["devices"].as_array() {
-                    walk(children, out);
-                }
-            }
-        }
-        let v = self
-            .vm
-            .qmp()
-            .execute("query-pci", serde_json::json!({}))
-            .expect("query-pci");
-        let mut out = Vec::new();
-        for bus in v.as_array().expect("query-pci returns buses") {
-            walk(bus["devices"].as_array().expect("devices"), &mut out);
-        }
-        out
+    fn guest_name(&self) -> &str {
+        self.vm.name()
+    }
+}
+
+impl Guest for crate::libvirt::Domain {
+    fn run(&self, cmd: &GuestCommand) -> ExecOutput {
+        crate::libvirt::Domain::run(self, cmd)
+    }
+
+    fn guest_name(&self) -> &str {
+        &self.name
     }
 }
 

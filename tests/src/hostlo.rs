@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::e2e::Guest;
 use crate::{
     containerd::{shell_quote, CRI_HANDLER},
     e2e::{eventually, Cluster, Node, Pod},

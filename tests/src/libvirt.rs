@@ -82,6 +82,7 @@ pub struct DomainBuilder {
     metadata: Option<String>,
     persistent: bool,
     memory_mib: u32,
+    image: Option<GuestImage>,
 }
 
 impl Default for DomainBuilder {
@@ -91,6 +92,7 @@ impl Default for DomainBuilder {
             metadata: None,
             persistent: true,
             memory_mib: 512,
+            image: None,
         }
     }
 }
@@ -110,6 +112,19 @@ impl DomainBuilder {
         self
     }
 
+    /// Boots `image` (default: the minimal image), e.g. the end-to-end one
+    /// with containerd ([`crate::e2e::guest_image`]).
+    pub fn image(mut self, image: GuestImage) -> Self {
+        self.image = Some(image);
+        self
+    }
+
+    /// Guest memory in MiB (default 512; containerd and a pod want 1024).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
     /// Defined then started (default), or created transient.
     pub fn persistent(mut self, yes: bool) -> Self {
         self.persistent = yes;
@@ -117,7 +132,7 @@ impl DomainBuilder {
     }
 }
 
-/// A libvirt domain running the minimal guest image.
+/// A libvirt domain running a guest image (the minimal one unless told).
 pub struct Domain {
     /// The domain's name (random).
     pub name: String,
@@ -161,7 +176,7 @@ impl Domain {
     /// Starts a domain in `dir` (from [`domain_dir`]).
     pub fn start(b: DomainBuilder, dir: tempfile::TempDir) -> Domain {
         require_libvirtd();
-        let image = GuestImage::minimal();
+        let image = b.image.clone().unwrap_or_else(GuestImage::minimal);
         let name = format!("nltest-{}", crate::netenv::suffix());
         let vhost_bin = find_vhost_device_vsock().unwrap_or_else(|e| panic!("{}", chain(&e)));
         let d = dir.path().to_path_buf();
@@ -227,7 +242,12 @@ impl Domain {
 
     /// Runs `script` in the guest.
     pub fn exec(&self, script: &str) -> ExecOutput {
-        exec::run(&self.vsock_uds(), &GuestCommand::shell(script))
+        self.run(&GuestCommand::shell(script))
+    }
+
+    /// Runs `cmd` in the guest.
+    pub fn run(&self, cmd: &GuestCommand) -> ExecOutput {
+        exec::run(&self.vsock_uds(), cmd)
             .unwrap_or_else(|e| panic!("exec in domain {}: {}", self.name, chain(&e)))
     }
 

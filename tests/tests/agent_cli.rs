@@ -532,3 +532,46 @@ fn check_config_refuses_what_the_kernel_refuses() {
         }
     }
 }
+
+/// A SIGTERM (or SIGINT) during start-up is a clean exit (status 0, said in
+/// the log), never the signal's default action: the handlers are installed
+/// before anything else. The agent is held in recovery by a VM whose QMP
+/// socket accepts and never greets; the test signals it once that socket
+/// has the agent's connection. (Found as a flake: a SIGTERM sent as soon as
+/// the admin socket answered killed the agent, whose handler came later.)
+#[test]
+fn a_signal_during_start_up_is_a_clean_exit() {
+    require_root();
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let net = random_subnet();
+        let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+        let qmp_dir = tempfile::tempdir().unwrap();
+        let qmp = qmp_dir.path().join("stuck.qmp");
+        let listener = std::os::unix::net::UnixListener::bind(&qmp).unwrap();
+        let mut agent = AgentProc::start_unready(|dir| {
+            AgentProc::agent_section(dir)
+                + "qmp_timeout_ms = 60000\n"
+                + &format!(
+                    "[[network]]\nname = \"n\"\nbridge = \"{}\"\nsubnet = \"{net}.0/24\"\ngateway = \"{net}.1\"\n\
+                     [[vm]]\nname = \"vm0\"\nbackend = \"qemu\"\nqmp_socket = \"{}\"\nsocket = \"{}/vm0.sock\"\n",
+                    bridge.name,
+                    qmp.display(),
+                    dir.display()
+                )
+        });
+        // The agent is in recovery, waiting for the QMP greeting.
+        let (_conn, _) = listener.accept().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid() as i32), sig).unwrap();
+        let status = agent.wait_exit();
+        let log = agent.log();
+        assert!(status.success(), "{sig}: exited {status}:\n{log}");
+        assert!(
+            log.contains(&format!("{} during start-up", sig.as_str())),
+            "{log}"
+        );
+        assert!(!agent.dir.path().join("vm0.sock").exists(), "{log}");
+    }
+}

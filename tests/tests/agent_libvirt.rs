@@ -405,3 +405,186 @@ async fn persist_nics_and_orphans_in_libvirt() {
     assert!(host_links(&tap).is_empty(), "orphan tap left");
     assert!(agent.records().is_empty());
 }
+
+/// `nestlessctl ARGS --socket <admin>`: (success, stdout + stderr).
+fn ctl(agent: &AgentProc, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(nestless_tests::agent::bin_path("nestlessctl"))
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.admin)
+        .output()
+        .expect("run nestlessctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Issue 13, item 1 with item 2: a libvirt domain registered at run time with
+/// `nestlessctl vm add --backend libvirt --domain D --persist-nics` is served at once,
+/// through libvirt (the NIC in the live and the persistent XML); it survives a kill -9
+/// of the agent with its NIC; a change of a serving field is refused while it has
+/// NICs; `vm rm --force` takes the NIC out of both XMLs, deletes the tap and the
+/// socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libvirt_domain_registered_with_nestlessctl() {
+    require_libvirtd();
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let dom = Domain::start(Domain::builder().root_ports(4), domain_dir());
+    dom.wait_ready(BOOT);
+    let mut agent = AgentProc::start(|dir| AgentProc::agent_section(dir) + &network(&bridge, &net));
+    let sock = agent.dir.path().join("reg.sock");
+    let sock_s = sock.display().to_string();
+
+    // A libvirt-only key on another backend: refused, naming the key.
+    let (ok, out) = ctl(
+        &agent,
+        &[
+            "vm",
+            "add",
+            "reg",
+            "--backend",
+            "qemu",
+            "--qmp-socket",
+            "/nonexistent.qmp",
+            "--domain",
+            &dom.name,
+        ],
+    );
+    assert!(!ok && out.contains("domain"), "{out}");
+    let (ok, out) = ctl(
+        &agent,
+        &[
+            "vm",
+            "add",
+            "reg",
+            "--backend",
+            "libvirt",
+            "--domain",
+            &dom.name,
+            "--vm-socket",
+            &sock_s,
+            "--max-nics",
+            "3",
+            "--persist-nics",
+        ],
+    );
+    assert!(ok, "{out}");
+    let vm = agent
+        .ctl_json("vms")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "reg")
+        .cloned()
+        .expect("reg listed");
+    assert_eq!(
+        (vm["backend"].as_str(), vm["source"].as_str()),
+        (Some("libvirt"), Some("registered")),
+        "{vm}"
+    );
+    let c = vm_client(&sock).await;
+    let nic = c
+        .attach_nic(ctx(), &attach_req("p1"))
+        .await
+        .unwrap()
+        .nic
+        .unwrap();
+    let alias = format!("ua-nl-{}", nic.id);
+    assert!(dom.live_xml().contains(&alias), "{}", dom.live_xml());
+    assert!(dom.config_xml().contains(&alias), "{}", dom.config_xml());
+    guest_has_mac(&agent, &dom, &nic.mac, true).await;
+
+    let (ok, out) = ctl(&agent, &["vm", "set", "reg", "--persist-nics=false"]);
+    assert!(!ok && out.contains("1 NIC(s)"), "{out}");
+
+    // Durable: after kill -9 the registration and the NIC are back.
+    agent.kill9();
+    agent.restart();
+    assert!(served(&agent).contains("reg"));
+    let recs = agent.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["state"], "attached", "{recs:?}");
+    assert_eq!(dom.agent_aliases(), vec![nic.id.clone()]);
+
+    let (ok, out) = ctl(&agent, &["vm", "rm", "reg"]);
+    assert!(
+        !ok && out.contains("1 NIC(s)") && out.contains("force"),
+        "{out}"
+    );
+    let (ok, out) = ctl(&agent, &["vm", "rm", "reg", "--force"]);
+    assert!(ok && out.contains("1 NIC(s) released"), "{out}");
+    assert!(dom.agent_aliases().is_empty(), "{}", dom.live_xml());
+    assert!(!dom.config_xml().contains(&alias), "{}", dom.config_xml());
+    assert!(bridge.ports().is_empty(), "{:?}", bridge.ports());
+    assert!(!sock.exists(), "{} left", sock.display());
+    assert!(agent.records().is_empty());
+}
+
+/// Issue 13, end to end under libvirt: a CRI pod (RunPodSandbox through containerd's CRI
+/// in the domain, nestless-cni asking the agent over vsock) gets the NIC the agent
+/// hot-plugged through libvirt: the pod's `eth0` has the leased address, `virsh
+/// domiflist` lists the tap; StopPodSandbox + RemovePodSandbox take it out of the
+/// domain XML, and the tap, the record and the lease go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cri_pod_in_a_libvirt_domain_gets_its_nic_through_nestless_cni() {
+    use nestless_tests::e2e::{guest_image, Guest, BOOT_TIMEOUT};
+    require_libvirtd();
+    let image = guest_image();
+    let net = random_subnet();
+    let bridge = Bridge::new(Some(&format!("{net}.1/24")));
+    let dom = Domain::start(
+        Domain::builder()
+            .image(image)
+            .memory_mib(1024)
+            .root_ports(4),
+        domain_dir(),
+    );
+    let agent = AgentProc::start(|dir| {
+        // TCG guests under load take seconds to release a device.
+        AgentProc::agent_section(dir).replacen(
+            "unplug_timeout_ms = 5000",
+            "unplug_timeout_ms = 20000",
+            1,
+        ) + &network(&bridge, &net)
+            + &format!(
+                "[[vm]]\nname = \"lv\"\nbackend = \"libvirt\"\ndomain = \"{}\"\nvsock_uds = \"{}\"\nmax_nics = 4\n",
+                dom.name,
+                dom.vsock_uds().display()
+            )
+    });
+    dom.wait_ready(BOOT_TIMEOUT);
+    dom.import_images();
+    let (pod, ms) = dom.cri_pod(
+        "web",
+        nestless_tests::containerd::CRI_HANDLER,
+        &[],
+        "sleep 3600",
+    );
+    eprintln!("RunPodSandbox in the libvirt domain: {ms:.0} ms");
+    let recs = agent.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let rec = &recs[0];
+    assert_eq!(rec["sandbox_id"], pod.id.as_str(), "{rec}");
+    assert_eq!(rec["state"], "attached", "{rec}");
+    assert_eq!(
+        rec["ipv4"],
+        pod.ip.as_str(),
+        "the pod's eth0 has the leased address"
+    );
+    let id = rec["id"].as_str().unwrap().to_string();
+    let iflist = nestless_tests::libvirt::virsh_ok(&["domiflist", &dom.name]);
+    assert!(iflist.contains(&format!("nlh{id}")), "{iflist}");
+    assert_eq!(dom.agent_aliases(), vec![id.clone()]);
+
+    dom.cri_delete(&pod.id);
+    assert!(dom.agent_aliases().is_empty(), "{}", dom.live_xml());
+    assert!(host_links(&format!("nlh{id}")).is_empty(), "tap left");
+    assert!(agent.records().is_empty());
+    assert!(agent.leases().is_empty());
+}

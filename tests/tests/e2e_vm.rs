@@ -28,8 +28,8 @@ use std::{
 use nestless_tests::{
     containerd::{random_name, CRI_HANDLER, RUNTIME},
     e2e::{
-        eventually, http_get, httpd_script, records, step, Cluster, ClusterOptions, Node, Pod,
-        K8S_NS,
+        eventually, http_get, httpd_script, records, step, Cluster, ClusterOptions, Guest, Node,
+        Pod, K8S_NS,
     },
     netenv::{check, run},
 };

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use nestless_tests::{
-    e2e::{step, Cluster, ClusterOptions, Pod},
+    e2e::{step, Cluster, ClusterOptions, Guest, Pod},
     hostlo::{
         has_port, http_get, in_pod, rr, start_in_pod, start_part, start_part_declaring, view,
         wait_view,

@@ -400,6 +400,9 @@ pub fn vm_spec(v: &pb::VmSpec) -> VmSpec {
         qmp_socket: path(&v.qmp_socket),
         hotplug_slots: (!v.hotplug_slots.is_empty()).then(|| v.hotplug_slots.clone()),
         netns: text(&v.netns),
+        domain: text(&v.domain),
+        libvirt_uri: text(&v.libvirt_uri),
+        persist_nics: v.persist_nics.then_some(true),
         ..Default::default()
     }
 }
@@ -423,6 +426,9 @@ pub fn vm_spec_pb(v: &VmSpec) -> pb::VmSpec {
         qmp_socket: path(&v.qmp_socket),
         hotplug_slots: v.hotplug_slots.clone().unwrap_or_default(),
         netns: v.netns.clone().unwrap_or_default(),
+        domain: v.domain.clone().unwrap_or_default(),
+        libvirt_uri: v.libvirt_uri.clone().unwrap_or_default(),
+        persist_nics: v.persist_nics.unwrap_or(false),
         ..Default::default()
     }
 }
@@ -463,6 +469,28 @@ mod tests {
     use super::*;
     use crate::{config::Config, lifecycle::NicState};
     use std::path::Path;
+
+    #[test]
+    fn a_libvirt_vm_spec_keeps_its_keys_both_ways() {
+        let spec = VmSpec {
+            name: "web".into(),
+            backend: "libvirt".into(),
+            domain: Some("web-dom".into()),
+            libvirt_uri: Some("qemu:///session".into()),
+            persist_nics: Some(true),
+            cid: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(vm_spec(&vm_spec_pb(&spec)), spec);
+        // persist_nics = false is its default: left out, as in the file.
+        let off = pb::VmSpec {
+            name: "web".into(),
+            backend: "libvirt".into(),
+            ..Default::default()
+        };
+        let back = vm_spec(&off);
+        assert_eq!((back.domain, back.persist_nics), (None, None));
+    }
 
     #[test]
     fn nic_carries_addresses_routes_and_mtu() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nestless_tests::{
     containerd::CRI_HANDLER,
-    e2e::{eventually, http_get, httpd_script, step, Cluster, ClusterOptions},
+    e2e::{eventually, http_get, httpd_script, step, Cluster, ClusterOptions, Guest},
 };
 
 const BODY: &str = "hello from a pod with its own host-provided NIC";
