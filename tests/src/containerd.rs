@@ -446,8 +446,20 @@ imports = ["{dropin}"]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/opt"
-"#,
+{nri}"#,
             version = generation.number(),
+            // containerd 2.x starts NRI by default on one host-wide socket
+            // (/var/run/nri/nri.sock): a second containerd running beside it
+            // (the tests run two at once) fails "address already in use".
+            // Each gets its own, as it gets its own gRPC socket. 1.x has NRI
+            // off by default.
+            nri = match generation {
+                Generation::V3 => format!(
+                    "\n[plugins.\"io.containerd.nri.v1.nri\"]\n  socket_path = \"{}/nri.sock\"\n",
+                    dir.display()
+                ),
+                Generation::V2 => String::new(),
+            },
             root = dir.join("root").display(),
             state = dir.join("state").display(),
             dropin = dropin.display(),

@@ -573,3 +573,35 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     c.ctr_ok(&ns, &["container", "rm", "orphan"]);
     assert_clean(&c, &ns);
 }
+
+/// Two containerds side by side (the suites run two tests at once) each
+/// serve on sockets of their own. On 2.x that includes NRI's: its default is
+/// one host-wide socket (`/var/run/nri/nri.sock`), and a second containerd
+/// starting beside the first could fail "bind: address already in use" (a
+/// CRI test of CI run B, 2026-11-30). Both must answer.
+#[test]
+fn two_containerds_side_by_side_each_serve_on_sockets_of_their_own() {
+    let (a, b) = thread::scope(|s| {
+        let a = s.spawn(|| Containerd::start(Options::default()));
+        let b = s.spawn(|| Containerd::start(Options::default()));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for c in [&a, &b] {
+        c.ctr("default", &["version"]).ok();
+        let config = std::fs::read_to_string(c.dir().join("config.toml")).unwrap();
+        if config.starts_with("version = 3") {
+            // NRI starts with the CRI plugin, just after the gRPC socket answers.
+            let nri = c.dir().join("nri.sock");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !nri.exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} has no NRI socket of its own",
+                    c.dir().display()
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert_ne!(a.dir(), b.dir());
+}
